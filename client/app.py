@@ -1,0 +1,63 @@
+"""Flower ClientApp: train only the LoRA factors the strategy names (FedSVD: B) under DP-SGD."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import training as t
+from common import contract
+from common.config import AppConfig
+from common.evaluation import evaluate as evaluate_model
+from privacy import make_private
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Load global adapter → freeze all but the named factors → DP-SGD steps → reply."""
+    cfg = AppConfig.from_run_config(context.run_config)
+    data = t.load_local_data(cfg, *t.node_partition(context))
+    model, layout = t.build_global_model(cfg, data.num_labels, msg.content[contract.ARRAYS])
+    factors = t.parse_factors(msg.content[contract.CONFIG])
+    n, q = len(data.train), t.sample_rate(cfg, len(data.train))
+    sigma = t.noise_multiplier(cfg, context, q)
+    ledger = t.load_ledger(context, cfg.privacy.accountant)
+    steps = cfg.train.local_steps
+    exhausted = cfg.privacy.is_private and ledger.epsilon_after(
+        noise_multiplier=sigma, sample_rate=q, steps=steps, delta=cfg.privacy.delta
+    ) > cfg.privacy.epsilon
+    loss, moved = float("nan"), 0.0
+    if not exhausted:
+        trainable = layout.set_trainable(model, factors, cfg.lora.train_head)
+        before = layout.tensors(factors, head=False)
+        private = make_private(
+            module=model, optimizer=torch.optim.SGD(trainable, lr=cfg.train.learning_rate),
+            data_loader=torch.utils.data.DataLoader(data.train, batch_size=cfg.train.batch_size),
+            noise_multiplier=sigma, max_grad_norm=cfg.privacy.max_grad_norm, ledger=ledger,
+            grad_sample_mode=cfg.privacy.grad_sample_mode,
+        )
+        loss = t.run_local_steps(private, steps)
+        private.record_into(ledger)
+        t.store_ledger(context, ledger, sigma)
+        moved = t.moved_norm(before, layout)
+    arrays = ArrayRecord(torch_state_dict=layout.tensors(factors, head=cfg.lora.train_head))
+    metrics = t.train_reply_metrics(num_examples=n, loss=loss, ledger=ledger, cfg=cfg,
+                                    sigma=sigma, steps=0 if exhausted else steps,
+                                    exhausted=exhausted, moved=moved)
+    return Message(RecordDict({contract.ARRAYS: arrays, contract.METRICS: metrics}),
+                   reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Accuracy and loss of the global adapter on this node's test partition."""
+    cfg = AppConfig.from_run_config(context.run_config)
+    data = t.load_local_data(cfg, *t.node_partition(context))
+    model, _ = t.build_global_model(cfg, data.num_labels, msg.content[contract.ARRAYS])
+    loss, accuracy = evaluate_model(model, data.test)
+    metrics = MetricRecord({contract.NUM_EXAMPLES: len(data.test), contract.LOSS: loss,
+                            contract.ACCURACY: accuracy})
+    return Message(RecordDict({contract.METRICS: metrics}), reply_to=msg)

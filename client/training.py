@@ -1,0 +1,159 @@
+"""The steps of one client round, each a small function used by :mod:`client.app`."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from peft import PeftModel
+from torch.utils.data import DataLoader, TensorDataset
+
+from common import contract
+from common.adapter import AdapterLayout
+from common.config import AppConfig
+from common.contract import Factor
+from common.data import encode, load_corpus, load_partition
+from common.model import build_model, load_tokenizer
+from privacy import PrivacyLedger, PrivateTraining, calibrate_noise
+
+LEDGER_RECORD = "privacy-ledger"  # Context.state ConfigRecord holding the accountant history
+NOISE_KEY = "noise-multiplier"
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """A node's tokenized partition."""
+
+    train: TensorDataset
+    test: TensorDataset
+    num_labels: int
+
+
+@functools.lru_cache(maxsize=4)
+def load_local_data(cfg: AppConfig, partition_id: int, num_partitions: int) -> LocalData:
+    """Tokenized train/test partition of this node (cached per process across rounds)."""
+    corpus = load_corpus(cfg.data, cfg.seed)
+    train, test = load_partition(cfg.data, cfg.seed, partition_id, num_partitions)
+    tokenizer = load_tokenizer(cfg.model)
+    return LocalData(encode(train, tokenizer, cfg.model.max_length),
+                     encode(test, tokenizer, cfg.model.max_length), corpus.num_labels)
+
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """(partition-id, num-partitions) from the node config, with a clear error if absent."""
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as exc:
+        raise ValueError(f"node config lacks {exc}: start the SuperNode with "
+                         "--node-config 'partition-id=<i> num-partitions=<n>'") from exc
+
+
+def device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_global_model(cfg: AppConfig, num_labels: int,
+                       arrays: ArrayRecord) -> tuple[PeftModel, AdapterLayout]:
+    """Fresh LoRA model on this node's device, with the server's global adapter loaded."""
+    model = build_model(cfg.model, cfg.lora, num_labels=num_labels, seed=cfg.seed, device=device())
+    layout = AdapterLayout.from_model(model)
+    layout.load(arrays.to_torch_state_dict())
+    return model, layout
+
+
+def parse_factors(config: ConfigRecord) -> tuple[Factor, ...]:
+    """Which LoRA factors the strategy asks this client to train (FedSVD: only B)."""
+    raw = str(config.get(contract.TRAIN_FACTORS, "B"))
+    factors = tuple(f.strip() for f in raw.split(",") if f.strip())
+    if not factors or any(f not in ("A", "B") for f in factors):
+        raise ValueError(f"{contract.TRAIN_FACTORS}={raw!r}: expected 'B', 'A' or 'A,B'")
+    return factors  # type: ignore[return-value]
+
+
+def load_ledger(context: Context, accountant: str) -> PrivacyLedger:
+    """The node's privacy ledger, kept in ``Context.state`` across rounds."""
+    record = context.state.config_records.get(LEDGER_RECORD)
+    return PrivacyLedger.from_dict(accountant, dict(record) if record else {})
+
+
+def store_ledger(context: Context, ledger: PrivacyLedger, noise_multiplier: float) -> None:
+    """Persist the ledger (and σ) in ``Context.state``."""
+    if ledger.history:
+        context.state.config_records[LEDGER_RECORD] = ConfigRecord(
+            {**ledger.to_dict(), NOISE_KEY: noise_multiplier}
+        )
+
+
+def noise_multiplier(cfg: AppConfig, context: Context, sample_rate: float) -> float:
+    """σ for the whole run, computed once from (ε, δ, q, rounds × local steps), then reused."""
+    record = context.state.config_records.get(LEDGER_RECORD)
+    if record is not None and NOISE_KEY in record:
+        return float(record[NOISE_KEY])
+    return calibrate_noise(
+        target_epsilon=cfg.privacy.epsilon, target_delta=cfg.privacy.delta,
+        sample_rate=sample_rate, steps=cfg.strategy.num_rounds * cfg.train.local_steps,
+        accountant=cfg.privacy.accountant,
+    )
+
+
+def sample_rate(cfg: AppConfig, num_examples: int) -> float:
+    """Poisson sampling rate q = 1 / ⌈n / batch size⌉, exactly as Opacus' DPDataLoader uses it."""
+    if num_examples == 0:
+        raise ValueError("this node's partition is empty: nothing to train on")
+    return 1.0 / math.ceil(num_examples / cfg.train.batch_size)
+
+
+def _batches(loader: DataLoader) -> Iterator:
+    while True:
+        yield from loader
+
+
+def run_local_steps(private: PrivateTraining, steps: int) -> float:
+    """``steps`` DP-SGD steps on Poisson batches; return the mean training loss."""
+    private.module.train()
+    dev = device()
+    losses: list[float] = []
+    batches = _batches(private.data_loader)
+    for _ in range(steps):
+        input_ids, mask, labels = (t.to(dev) for t in next(batches))
+        private.optimizer.zero_grad(set_to_none=True)
+        logits = private.module(input_ids=input_ids, attention_mask=mask).logits
+        loss = private.criterion(logits, labels)
+        loss.backward()
+        private.optimizer.step()  # with an empty Poisson batch Opacus still adds the noise
+        if labels.numel():
+            losses.append(float(loss.item()))
+    return sum(losses) / len(losses) if losses else math.nan
+
+
+def moved_norm(before: dict[str, torch.Tensor], layout: AdapterLayout) -> float:
+    """||after − before||_F over the trained tensors; raise if nothing changed (Opacus #820)."""
+    after = layout.all_parameters()
+    norm = math.sqrt(sum(
+        float((after[k].detach().cpu() - v).double().pow(2).sum()) for k, v in before.items()
+    ))
+    if norm == 0.0:
+        raise RuntimeError("local training did not change the trained LoRA factors: the "
+                           "optimizer is not updating them (see opacus issue #820)")
+    return norm
+
+
+def train_reply_metrics(*, num_examples: int, loss: float, ledger: PrivacyLedger,
+                        cfg: AppConfig, sigma: float, steps: int, exhausted: bool,
+                        moved: float) -> MetricRecord:
+    """The MetricRecord of a train reply (see :mod:`common.contract`)."""
+    return MetricRecord({
+        contract.NUM_EXAMPLES: num_examples,
+        contract.TRAIN_LOSS: loss,
+        contract.EPSILON: ledger.epsilon(cfg.privacy.delta) if cfg.privacy.is_private else math.inf,
+        contract.DELTA: cfg.privacy.delta,
+        contract.NOISE_MULTIPLIER: sigma,
+        contract.STEPS: steps,
+        contract.BUDGET_EXHAUSTED: int(exhausted),
+        contract.B_DELTA_NORM: moved,
+    })

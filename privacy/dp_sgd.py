@@ -1,0 +1,64 @@
+"""DP-SGD set-up for one round of local training, with the ledger carried across rounds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from privacy.accounting import PrivacyLedger
+
+
+@dataclass
+class PrivateTraining:
+    """What the local training loop needs: module, optimizer, Poisson loader, criterion."""
+
+    module: nn.Module
+    optimizer: Optimizer
+    data_loader: DataLoader
+    criterion: nn.Module
+    engine: PrivacyEngine | None
+
+    def record_into(self, ledger: PrivacyLedger) -> None:
+        """Copy the steps taken in this round (the engine's accountant) back into ``ledger``."""
+        if self.engine is not None:
+            ledger.history = list(self.engine.accountant.history)
+
+
+def make_private(
+    *,
+    module: nn.Module,
+    optimizer: Optimizer,
+    data_loader: DataLoader,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    ledger: PrivacyLedger,
+    grad_sample_mode: str = "hooks",
+) -> PrivateTraining:
+    """Wrap for DP-SGD: Poisson sampling, per-sample clipping to C, Gaussian noise σ·C.
+
+    The optimizer must already hold only the trainable parameters (A frozen before this call),
+    so per-sample gradients are computed for those alone. The engine's accountant starts from
+    ``ledger``'s history, so its ε after this round is cumulative. With ``noise_multiplier = 0``
+    (ε = inf) the same loop runs with Poisson batches but no clipping, no noise, no accounting.
+    """
+    criterion: nn.Module = nn.CrossEntropyLoss()
+    if noise_multiplier == 0:
+        loader = DPDataLoader.from_data_loader(data_loader)
+        return PrivateTraining(module, optimizer, loader, criterion, engine=None)
+    engine = PrivacyEngine(accountant=ledger.accountant)
+    engine.accountant.history = list(ledger.history)
+    wrapped = engine.make_private(
+        module=module, optimizer=optimizer, data_loader=data_loader, criterion=criterion,
+        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        poisson_sampling=True, grad_sample_mode=grad_sample_mode,
+    )
+    if grad_sample_mode == "ghost":  # ghost clipping needs the criterion it returns
+        module, optimizer, criterion, loader = wrapped
+    else:
+        module, optimizer, loader = wrapped
+    return PrivateTraining(module, optimizer, loader, criterion, engine)

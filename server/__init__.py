@@ -1,0 +1,1 @@
+"""The Flower ServerApp: initial adapter, strategy run, global evaluation, results."""

@@ -1,0 +1,54 @@
+"""Server-side evaluation of the global adapter on the held-out test split, every round."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.common.logger import log
+from peft import PeftModel
+from torch.utils.data import TensorDataset
+
+from common import contract
+from common.adapter import AdapterLayout
+from common.evaluation import evaluate
+
+
+class GlobalEvaluator:
+    """``evaluate_fn`` for ``Strategy.start``: accuracy and loss of the global model.
+
+    Rounds before ``final_round`` use a fixed random subset of the test split (fast); the
+    final round uses the whole split. Each call also records wall time since start.
+    """
+
+    def __init__(self, model: PeftModel, layout: AdapterLayout, *, subset: TensorDataset,
+                 full: TensorDataset, final_round: int, strategy) -> None:
+        self.model, self.layout = model, layout
+        self.subset, self.full, self.final_round = subset, full, final_round
+        self.strategy = strategy  # reads its ``last_round_metrics`` for the per-round log line
+        self.rows: list[dict[str, float]] = []
+        self._t0 = time.monotonic()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Load ``arrays`` into the model and evaluate it."""
+        self.layout.load(arrays.to_torch_state_dict())
+        data = self.full if server_round == self.final_round else self.subset
+        loss, accuracy = evaluate(self.model, data)
+        metrics = MetricRecord({contract.ACCURACY: accuracy, contract.LOSS: loss,
+                                "eval-examples": len(data)})
+        train = dict(self.strategy.last_round_metrics or {}) if server_round else {}
+        row = {"round": server_round, "wall-seconds": time.monotonic() - self._t0,
+               contract.ACCURACY: accuracy, contract.LOSS: loss, "eval-examples": len(data),
+               **train}
+        self.rows.append(row)
+        log(INFO, "round %d | test accuracy %.4f | test loss %.4f | client ε mean %s max %s "
+            "| MB up %.2f down %.2f | %.0f s", server_round, accuracy, loss,
+            _fmt(train.get("epsilon-mean")), _fmt(train.get("epsilon-max")),
+            train.get("bytes-up", 0) / 1e6, train.get("bytes-down", 0) / 1e6,
+            row["wall-seconds"])
+        return metrics
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -1,0 +1,1 @@
+"""Run the Flower app as simulations: the default run, experiment configs, sweeps."""

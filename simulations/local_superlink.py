@@ -1,0 +1,96 @@
+"""Start a private simulation SuperLink, ``flwr run`` the app on it, and stop it by PID.
+
+``flwr run .`` against the ``:local:`` address starts a detached SuperLink that outlives the
+command and, by default, ``uv sync``s the app's dependencies into a fresh venv (which would
+fetch CUDA torch). Here the SuperLink is our own child process, on free loopback ports, with
+runtime dependency installation off, and it is always stopped when the run ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+CONNECTION = "sim"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"flower-superlink did not open port {port} within {timeout:.0f} s")
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else name
+
+
+@contextlib.contextmanager
+def simulation_superlink(flwr_home: Path | None = None) -> Iterator[dict[str, str]]:
+    """Run a simulation SuperLink for the duration of the block; yield the env for ``flwr``."""
+    home = Path(flwr_home or tempfile.mkdtemp(prefix="flwr-home-"))
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()  # since flwr 1.40 one HTTP port serves the Control, Fleet and Runtime APIs
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = {**os.environ, "FLWR_HOME": str(home),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    log = (home / "superlink.log").open("w")
+    proc = subprocess.Popen(
+        [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+         "--host", "127.0.0.1", "--port", str(port), "--database", str(home / "state.db")],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        _wait_for_port(port, proc)
+        yield env
+    finally:
+        _stop_group(proc)
+        log.close()
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the SuperLink's process group (it spawns the apps and Ray), then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def flwr_run(app_dir: Path, *, run_config: str = "", num_supernodes: int = 6,
+             cpus_per_client: int = 1, flwr_home: Path | None = None,
+             timeout: float | None = None) -> int:
+    """``flwr run <app_dir> --stream`` on a private SuperLink; return flwr's exit code."""
+    federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
+    cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
+           "--federation-config", federation]
+    if run_config:
+        cmd += ["--run-config", run_config]
+    with simulation_superlink(flwr_home) as env:
+        return subprocess.run(cmd, env=env, cwd=app_dir, timeout=timeout).returncode

@@ -1,0 +1,5 @@
+"""Server-side federated strategies (Flower ``Strategy`` subclasses)."""
+
+from strategies.fedsvd import FedSVD
+
+__all__ = ["FedSVD"]

@@ -1,0 +1,53 @@
+"""Aggregation of the clients' train-reply metrics, and communication accounting."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from common import contract
+
+
+def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted mean of the train loss; mean and max of the clients' cumulative ε.
+
+    ``records`` are replies of clients that trained this round; weights are ``weight_key``.
+    """
+    metrics = [next(iter(r.metric_records.values())) for r in records]
+    weights = [float(m[weight_key]) for m in metrics]
+    total = sum(weights)
+    eps = [float(m[contract.EPSILON]) for m in metrics]
+    return MetricRecord({
+        contract.TRAIN_LOSS: sum(w * float(m[contract.TRAIN_LOSS])
+                                 for w, m in zip(weights, metrics, strict=True)) / total,
+        "epsilon-mean": sum(eps) / len(eps),
+        "epsilon-max": max(eps),
+        contract.NOISE_MULTIPLIER: max(float(m[contract.NOISE_MULTIPLIER]) for m in metrics),
+        "clients-trained": len(records),
+        weight_key: total,
+    })
+
+
+def reply_bytes(replies: Iterable[Message]) -> int:
+    """Bytes of all ArrayRecords carried by ``replies`` (the upload of one round)."""
+    return sum(
+        record.count_bytes()
+        for msg in replies if not msg.has_error()
+        for record in msg.content.array_records.values()
+    )
+
+
+def broadcast_bytes(arrays: ArrayRecord, num_nodes: int) -> int:
+    """Bytes of the global arrays sent to ``num_nodes`` clients (the download of one round)."""
+    return arrays.count_bytes() * num_nodes
+
+
+def is_budget_exhausted(msg: Message) -> bool:
+    """Whether a train reply says the client refused to train because its ε is spent."""
+    if msg.has_error():
+        return False
+    for record in msg.content.metric_records.values():
+        if int(record.get(contract.BUDGET_EXHAUSTED, 0)):
+            return True
+    return False

@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny randomly initialised BERT and a tiny CSV text-classification task."""
+
+from __future__ import annotations
+
+import shutil
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from flwr.common.config import flatten_dict
+from flwr.supercore.task_identity import TaskIdentity
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPICS = {
+    "space": "orbit rocket nasa launch shuttle moon planet satellite",
+    "sport": "game team score season player coach league goal",
+    "tech": "computer software chip memory disk driver windows program",
+}
+
+
+def default_run_config() -> dict:
+    """The flat run config of pyproject.toml, as Flower hands it to the apps."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return flatten_dict(pyproject["tool"]["flwr"]["app"]["config"])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT with the MiniLM tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from common.config import ModelConfig
+    from common.model import resolve_model_path
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    minilm = resolve_model_path(ModelConfig())
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json"):
+        shutil.copy(minilm / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory) -> Path:
+    """300 short texts over 3 topics, with topic words plus shared filler words."""
+    rng = np.random.default_rng(0)
+    filler = "the a of and to in is it that for on with".split()
+    rows = []
+    for i in range(300):
+        topic = list(TOPICS)[i % 3]
+        words = list(rng.choice(TOPICS[topic].split(), 4)) + list(rng.choice(filler, 4))
+        rng.shuffle(words)
+        rows.append({"body": " ".join(words), "topic": topic})
+    path = tmp_path_factory.mktemp("data") / "topics.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture()
+def tiny_run_config(tiny_model_dir, tiny_csv, tmp_path) -> dict:
+    """Default run config pointed at the tiny model and data, scaled down to run in seconds."""
+    cfg = default_run_config()
+    cfg.update({
+        "model.path": str(tiny_model_dir), "model.max-length": 16,
+        "data.source": str(tiny_csv), "data.text-column": "body", "data.label-column": "topic",
+        "data.max-eval-examples": 40, "data.partitioner": "iid",
+        "train.batch-size": 8, "train.local-steps": 2, "strategy.num-rounds": 2,
+        "lora.r": 4, "lora.alpha": 4, "output.dir": str(tmp_path / "results"),
+    })
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Flower's per-process task identity, which building any Message needs."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None

@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from opacus.accountants import RDPAccountant
+
+from client import training as t
+from client.app import train
+from common import contract
+from common.adapter import AdapterLayout
+from common.config import AppConfig
+from common.model import build_model
+from privacy import PrivacyLedger, make_private
+
+NODE = {"partition-id": 0, "num-partitions": 2}
+
+
+def _global_arrays(cfg: AppConfig, num_labels: int) -> ArrayRecord:
+    model = build_model(cfg.model, cfg.lora, num_labels=num_labels, seed=cfg.seed)
+    layout = AdapterLayout.from_model(model)
+    with torch.no_grad():  # a non-zero B, as after a few rounds
+        for pair in layout.pairs:
+            pair.B.normal_(0, 0.1)
+    return ArrayRecord(torch_state_dict=layout.tensors())
+
+
+def _train_message(arrays: ArrayRecord) -> Message:
+    content = RecordDict({contract.ARRAYS: arrays,
+                          contract.CONFIG: ConfigRecord({contract.TRAIN_FACTORS: "B"})})
+    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_local_training_changes_b_and_only_b(tiny_run_config, train_head):
+    cfg = AppConfig.from_run_config({**tiny_run_config, "lora.train-head": train_head})
+    data = t.load_local_data(cfg, 0, 2)
+    model = build_model(cfg.model, cfg.lora, num_labels=data.num_labels, seed=0)
+    layout = AdapterLayout.from_model(model)
+    trainable = layout.set_trainable(model, ("B",), train_head)
+    expected = {id(p.B) for p in layout.pairs} | ({id(p) for p in layout.head.values()}
+                                                   if train_head else set())
+    assert {id(p) for p in trainable} == expected
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    private = make_private(
+        module=model, optimizer=torch.optim.SGD(trainable, lr=0.5),
+        data_loader=torch.utils.data.DataLoader(data.train, batch_size=8),
+        noise_multiplier=1.0, max_grad_norm=1.0, ledger=PrivacyLedger(),
+    )
+    assert {id(p) for g in private.optimizer.param_groups for p in g["params"]} == expected
+    t.run_local_steps(private, 3)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    b_names = {k for k in before if ".lora_B." in k}
+    head_names = {k for k in before if "classifier.modules_to_save" in k}
+    assert b_names <= changed
+    assert changed == (b_names | head_names if train_head else b_names)
+
+
+def test_reported_epsilon_is_cumulative_and_matches_an_independent_accountant(
+        tiny_run_config, task_identity):
+    run_config = {**tiny_run_config, "strategy.num-rounds": 3, "privacy.epsilon": 4.0}
+    cfg = AppConfig.from_run_config(run_config)
+    context = Context(run_id=1, node_id=1, node_config=NODE, state=RecordDict(),
+                      run_config=run_config)
+    data = t.load_local_data(cfg, 0, 2)
+    arrays = _global_arrays(cfg, data.num_labels)
+    q = 1 / math.ceil(len(data.train) / cfg.train.batch_size)
+    independent = RDPAccountant()
+    for _ in range(3):
+        reply = train(_train_message(arrays), context)
+        metrics = reply.content[contract.METRICS]
+        assert metrics[contract.BUDGET_EXHAUSTED] == 0
+        assert metrics[contract.B_DELTA_NORM] > 0
+        for _ in range(cfg.train.local_steps):
+            independent.step(noise_multiplier=metrics[contract.NOISE_MULTIPLIER], sample_rate=q)
+        assert metrics[contract.EPSILON] == pytest.approx(independent.get_epsilon(1e-5), rel=1e-9)
+        sent = set(reply.content[contract.ARRAYS].keys())
+        assert sent and all(k.endswith(".lora_B") or contract.is_head_key(k) for k in sent)
+    assert metrics[contract.EPSILON] <= 4.0
+    refused = train(_train_message(arrays), context).content[contract.METRICS]
+    assert refused[contract.BUDGET_EXHAUSTED] == 1 and refused[contract.STEPS] == 0
+    assert refused[contract.EPSILON] == metrics[contract.EPSILON]  # nothing more was spent
+
+
+def test_non_private_run_takes_the_same_path_without_noise(tiny_run_config, task_identity):
+    run_config = {**tiny_run_config, "privacy.epsilon": math.inf}
+    context = Context(run_id=1, node_id=1, node_config=NODE, state=RecordDict(),
+                      run_config=run_config)
+    cfg = AppConfig.from_run_config(run_config)
+    arrays = _global_arrays(cfg, t.load_local_data(cfg, 0, 2).num_labels)
+    metrics = train(_train_message(arrays), context).content[contract.METRICS]
+    assert metrics[contract.NOISE_MULTIPLIER] == 0 and math.isinf(metrics[contract.EPSILON])
+    assert metrics[contract.B_DELTA_NORM] > 0
