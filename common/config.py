@@ -36,7 +36,7 @@ class StrategyConfig:
     """Server-side federation settings."""
 
     name: str = "fedsvd"
-    num_rounds: int = 15
+    num_rounds: int = 10
     fraction_train: float = 0.5
     min_train_nodes: int = 2
     fraction_evaluate: float = 0.0
@@ -103,7 +103,7 @@ class DataConfig:
     test_fraction: float = 0.2
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
-    max_eval_examples: int = 2000  # per-round server evaluation; the last round uses all
+    max_eval_examples: int = 1000  # per-round server evaluation; the last round uses all
 
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
@@ -130,8 +130,8 @@ class TrainConfig:
     """Local DP-SGD schedule of one client in one round."""
 
     local_steps: int = 10
-    batch_size: int = 64  # expected (Poisson) batch size; sample rate q = batch_size / n_local
-    learning_rate: float = 0.5
+    batch_size: int = 32  # expected Poisson batch; sample rate q = 1 / ceil(n_local / batch)
+    learning_rate: float = 1.0
 
     def problems(self) -> list[str]:
         """Return one line per invalid field."""

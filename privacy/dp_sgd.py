@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from opacus import PrivacyEngine
@@ -11,6 +12,10 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from privacy.accounting import PrivacyLedger
+
+# Expected with frozen inputs (only LoRA B and the head need gradients): Opacus' hooks fire on
+# module outputs. Not a problem, but repeated on every step of every client.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 
 @dataclass
@@ -50,7 +55,9 @@ def make_private(
     if noise_multiplier == 0:
         loader = DPDataLoader.from_data_loader(data_loader)
         return PrivateTraining(module, optimizer, loader, criterion, engine=None)
-    engine = PrivacyEngine(accountant=ledger.accountant)
+    with warnings.catch_warnings():  # the "Secure RNG turned off" notice, once per round
+        warnings.simplefilter("ignore", UserWarning)
+        engine = PrivacyEngine(accountant=ledger.accountant)
     engine.accountant.history = list(ledger.history)
     wrapped = engine.make_private(
         module=module, optimizer=optimizer, data_loader=data_loader, criterion=criterion,

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 CONNECTION = "sim"
@@ -46,8 +46,17 @@ def _bin(name: str) -> str:
 
 @contextlib.contextmanager
 def simulation_superlink(flwr_home: Path | None = None) -> Iterator[dict[str, str]]:
-    """Run a simulation SuperLink for the duration of the block; yield the env for ``flwr``."""
-    home = Path(flwr_home or tempfile.mkdtemp(prefix="flwr-home-"))
+    """Run a simulation SuperLink for the duration of the block; yield the env for ``flwr``.
+
+    ``flwr_home`` (default: a temporary folder, removed afterwards) receives ``config.toml``
+    with one connection to this SuperLink, its database and its log.
+    """
+    if flwr_home is None:
+        with tempfile.TemporaryDirectory(prefix="flwr-home-") as tmp:
+            with simulation_superlink(Path(tmp)) as env:
+                yield env
+        return
+    home = Path(flwr_home)
     home.mkdir(parents=True, exist_ok=True)
     port = _free_port()  # since flwr 1.40 one HTTP port serves the Control, Fleet and Runtime APIs
     (home / "config.toml").write_text(
@@ -83,14 +92,18 @@ def _stop_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def flwr_run(app_dir: Path, *, run_config: str = "", num_supernodes: int = 6,
+def flwr_run(app_dir: Path, *, run_config: Sequence[str] | str = (), num_supernodes: int = 6,
              cpus_per_client: int = 1, flwr_home: Path | None = None,
              timeout: float | None = None) -> int:
-    """``flwr run <app_dir> --stream`` on a private SuperLink; return flwr's exit code."""
+    """``flwr run <app_dir> --stream`` on a private SuperLink; return flwr's exit code.
+
+    ``run_config``: override strings ("k=v k2=v2") or .toml files, passed as ``--run-config``.
+    """
     federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
     cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
            "--federation-config", federation]
-    if run_config:
-        cmd += ["--run-config", run_config]
+    for overrides in [run_config] if isinstance(run_config, str) else run_config:
+        if overrides:
+            cmd += ["--run-config", overrides]
     with simulation_superlink(flwr_home) as env:
         return subprocess.run(cmd, env=env, cwd=app_dir, timeout=timeout).returncode

@@ -15,7 +15,8 @@ def test_pyproject_defaults_build_and_validate():
     assert cfg.data.partitioner == "dirichlet" and cfg.data.dirichlet_alpha == 0.5
 
 
-def test_every_dataclass_field_is_a_pyproject_key():
+def test_dataclass_defaults_equal_the_pyproject_defaults():
+    assert AppConfig().to_dict() == AppConfig.from_run_config(default_run_config()).to_dict()
     assert set(AppConfig().to_dict()) == set(default_run_config())
 
 
