@@ -39,11 +39,6 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> 
     raise TimeoutError(f"flower-superlink did not open port {port} within {timeout:.0f} s")
 
 
-def _bin(name: str) -> str:
-    candidate = Path(sys.executable).with_name(name)
-    return str(candidate) if candidate.exists() else name
-
-
 @contextlib.contextmanager
 def simulation_superlink(flwr_home: Path | None = None) -> Iterator[dict[str, str]]:
     """Run a simulation SuperLink for the duration of the block; yield the env for ``flwr``.
@@ -63,11 +58,12 @@ def simulation_superlink(flwr_home: Path | None = None) -> Iterator[dict[str, st
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
         f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    env = {**os.environ, "FLWR_HOME": str(home),
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "FLWR_HOME": str(home),  # it spawns flower-superexec
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     log = (home / "superlink.log").open("w")
     proc = subprocess.Popen(
-        [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+        ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
          "--host", "127.0.0.1", "--port", str(port), "--database", str(home / "state.db")],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -100,7 +96,7 @@ def flwr_run(app_dir: Path, *, run_config: Sequence[str] | str = (), num_superno
     ``run_config``: override strings ("k=v k2=v2") or .toml files, passed as ``--run-config``.
     """
     federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
-    cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
+    cmd = ["flwr", "run", str(app_dir), CONNECTION, "--stream",
            "--federation-config", federation]
     for overrides in [run_config] if isinstance(run_config, str) else run_config:
         if overrides:
