@@ -103,7 +103,7 @@ class DataConfig:
     test_fraction: float = 0.2
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
-    max_eval_examples: int = 1000  # per-round server evaluation; the last round uses all
+    max_eval_examples: int = 500  # per-round server evaluation; the last round uses all
 
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
