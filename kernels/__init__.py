@@ -1,6 +1,17 @@
-"""Batched, device-agnostic low-rank decompositions for every LoRA layer at once (torch only)."""
+"""Batched, device-agnostic low-rank decompositions for every LoRA layer at once (torch only).
+
+- :func:`refactorize` (L, m, r) / (L, r, n) stacks -> B' = UΣ, A' = Vᵀ with B'A' = BA (FedSVD).
+- :func:`refactorize_pairs` the same on a name -> (B, A) mapping of mixed shapes.
+- :func:`lowrank_svd` truncated SVD of B A; :func:`refactorize_householder` the robust path.
+- :func:`top_components` / :func:`add_source` merge several deltas by their top SVD components.
+
+None of them forms an m × n matrix; big factors stay float32 (float64 if given), cores are float64.
+"""
 
 from kernels.grouping import group_by_shape, refactorize_pairs
-from kernels.lowrank import lowrank_svd, refactorize
+from kernels.lowrank import lowrank_svd, refactorize_householder
+from kernels.merge import SVDFactors, add_source, top_components
+from kernels.refactor import refactorize
 
-__all__ = ["group_by_shape", "lowrank_svd", "refactorize", "refactorize_pairs"]
+__all__ = ["SVDFactors", "add_source", "group_by_shape", "lowrank_svd", "refactorize",
+           "refactorize_householder", "refactorize_pairs", "top_components"]

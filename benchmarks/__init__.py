@@ -1,0 +1,1 @@
+"""Benchmarks (scripts, not tests): each prints ratios against the obvious alternative."""
