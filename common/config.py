@@ -41,6 +41,8 @@ class StrategyConfig:
     min_train_nodes: int = 2
     fraction_evaluate: float = 0.0
     svd_period: int = 1
+    min_valid_replies: int = 1  # fewer valid trained replies in a round: no update
+    max_norm_ratio: float = 10.0  # reject a reply array with norm > this × median; 0/inf: off
 
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
@@ -54,6 +56,10 @@ class StrategyConfig:
         _check(p, 0 <= self.fraction_evaluate <= 1, "strategy.fraction-evaluate",
                self.fraction_evaluate, "must be in [0, 1]")
         _check(p, self.svd_period >= 1, "strategy.svd-period", self.svd_period, "must be >= 1")
+        _check(p, self.min_valid_replies >= 1, "strategy.min-valid-replies",
+               self.min_valid_replies, "must be >= 1")
+        _check(p, self.max_norm_ratio == 0 or self.max_norm_ratio >= 1, "strategy.max-norm-ratio",
+               self.max_norm_ratio, "must be 0 (off), >= 1, or inf (off)")
         return p
 
 

@@ -20,10 +20,12 @@ from strategies import FedSVD
 app = ServerApp()
 
 
-def build_strategy(cfg: StrategyConfig, lora_modules: list[str]) -> FedSVD:
-    """The configured strategy."""
+def build_strategy(cfg: StrategyConfig, lora_modules: list[str], *, train_head: bool) -> FedSVD:
+    """The configured strategy; ``train_head``: whether client replies carry the head."""
     return FedSVD(
-        lora_modules, svd_period=cfg.svd_period, fraction_train=cfg.fraction_train,
+        lora_modules, svd_period=cfg.svd_period, train_head=train_head,
+        min_valid_replies=cfg.min_valid_replies, max_norm_ratio=cfg.max_norm_ratio,
+        fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate, min_train_nodes=cfg.min_train_nodes,
         min_available_nodes=cfg.min_train_nodes,
         min_evaluate_nodes=1 if cfg.fraction_evaluate else 0,
@@ -41,7 +43,7 @@ def main(grid: Grid, context: Context) -> None:
     full_test = encode(corpus.test, tokenizer, cfg.model.max_length)
     subset = encode(eval_subset(corpus.test, cfg.data.max_eval_examples, cfg.seed), tokenizer,
                     cfg.model.max_length)
-    strategy = build_strategy(cfg.strategy, layout.modules)
+    strategy = build_strategy(cfg.strategy, layout.modules, train_head=cfg.lora.train_head)
     evaluator = GlobalEvaluator(model, layout, subset=subset, full=full_test,
                                 final_round=cfg.strategy.num_rounds, strategy=strategy)
     result = strategy.start(

@@ -42,12 +42,3 @@ def broadcast_bytes(arrays: ArrayRecord, num_nodes: int) -> int:
     """Bytes of the global arrays sent to ``num_nodes`` clients (the download of one round)."""
     return arrays.count_bytes() * num_nodes
 
-
-def is_budget_exhausted(msg: Message) -> bool:
-    """Whether a train reply says the client refused to train because its ε is spent."""
-    if msg.has_error():
-        return False
-    for record in msg.content.metric_records.values():
-        if int(record.get(contract.BUDGET_EXHAUSTED, 0)):
-            return True
-    return False

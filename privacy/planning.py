@@ -1,0 +1,205 @@
+"""Privacy planning: from a budget to σ, and from σ to the ε a client spends round by round.
+
+    python -m privacy.planning --epsilon 6 --examples 1885 --local-steps 10 --rounds 10
+    python -m privacy.planning --sigma 1.1 --examples 1885 --batch-size 32 --rounds 10
+
+A client holds n examples and runs K DP-SGD steps per round, each on a Poisson batch with
+sample rate q = 1 / ⌈n / batch⌉ (the rate Opacus' ``DPDataLoader`` uses), for at most R rounds.
+
+Without amplification (the default, for an untrusted server) the plan assumes the client may
+be sampled in every round: R · K steps of the subsampled Gaussian mechanism, accounted by an
+Opacus accountant (``rdp`` or ``prv``). This is what the clients of this project do: they
+calibrate σ for R · K steps and their ledger counts every step they actually take. Client
+sampling by the server is not counted: a client cannot verify that it was sampled at random
+and in secret.
+
+With amplification (``--amplification``, only if the server is trusted to sample each client
+independently with probability p per round and to keep that choice secret), one round is the
+mechanism "with probability p, run the K steps; otherwise touch nothing of this client". Its
+Rényi divergence is bounded by joint convexity of exp((α − 1) D_α):
+
+    ε_round(α) ≤ log(1 − p + p · exp((α − 1) · K · ε_SGM(α; q, σ))) / (α − 1),
+
+composed over R rounds and converted to (ε, δ) by Opacus' RDP conversion. The bound is sound
+for any base mechanism, and it is loose: it gains about a factor p, not the p² of a Gaussian
+subsampled at rate p · q per step. It needs the ``rdp`` accountant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+from privacy.accounting import calibrate_noise
+
+ORDERS = RDPAccountant.DEFAULT_ALPHAS
+
+
+def sample_rate(examples: int, batch_size: int) -> float:
+    """Poisson sampling rate q = 1 / ⌈n / batch⌉, exactly as Opacus' DPDataLoader uses it."""
+    if examples < 1:
+        raise ValueError(f"examples={examples}: a client needs at least one example")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    return 1.0 / math.ceil(examples / batch_size)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What one client does: q per step, K steps per round, at most R rounds.
+
+    ``participation`` p is the probability that the server samples the client in a round; it
+    only changes the accounting when ``amplification`` is on.
+    """
+
+    sample_rate: float
+    local_steps: int
+    rounds: int
+    participation: float = 1.0
+    amplification: bool = False
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 < self.sample_rate <= 1:
+            problems.append(f"sample_rate={self.sample_rate}: must be in (0, 1]")
+        if self.local_steps < 1:
+            problems.append(f"local_steps={self.local_steps}: must be >= 1")
+        if self.rounds < 1:
+            problems.append(f"rounds={self.rounds}: must be >= 1")
+        if not 0 < self.participation <= 1:
+            problems.append(f"participation={self.participation}: must be in (0, 1]")
+        if self.accountant not in ("rdp", "prv"):
+            problems.append(f"accountant={self.accountant!r}: 'rdp' or 'prv'")
+        if self.amplification and self.accountant != "rdp":
+            problems.append(f"accountant={self.accountant!r}: amplification by client "
+                            "sampling is only implemented for 'rdp'")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def epsilon_curve(noise_multiplier: float, schedule: Schedule, delta: float) -> list[float]:
+    """ε at ``delta`` after rounds 1..R, for a client that is sampled in every round.
+
+    Without amplification, round r means r · K steps of the subsampled Gaussian. With it, r
+    rounds of the client-sampled mechanism of the module docstring (which already accounts for
+    the rounds the client sat out).
+    """
+    _check_delta(delta)
+    if noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier={noise_multiplier}: must be >= 0")
+    s = schedule
+    if noise_multiplier == 0:
+        return [math.inf] * s.rounds
+    if not s.amplification:
+        curve = []
+        for r in range(1, s.rounds + 1):
+            acc = create_accountant(s.accountant)
+            acc.history = [(noise_multiplier, s.sample_rate, r * s.local_steps)]
+            curve.append(float(acc.get_epsilon(delta=delta)))
+        return curve
+    per_round = _amplified_round_rdp(noise_multiplier, s)
+    return [float(get_privacy_spent(orders=ORDERS, rdp=r * per_round, delta=delta)[0])
+            for r in range(1, s.rounds + 1)]
+
+
+def plan_noise(epsilon: float, schedule: Schedule, delta: float) -> float:
+    """Smallest σ whose ε after all R rounds is at most ``epsilon`` (0 for ε = inf).
+
+    Without amplification this is Opacus' ``get_noise_multiplier`` for R · K steps (what the
+    clients use); with it, a bisection on :func:`epsilon_curve` to 1e-4 relative in σ.
+    """
+    _check_delta(delta)
+    if not epsilon > 0:
+        raise ValueError(f"epsilon={epsilon}: must be > 0 (inf for no privacy)")
+    s = schedule
+    if math.isinf(epsilon):
+        return 0.0
+    if not s.amplification:
+        return calibrate_noise(target_epsilon=epsilon, target_delta=delta,
+                               sample_rate=s.sample_rate, steps=s.rounds * s.local_steps,
+                               accountant=s.accountant)
+
+    def spent(sigma: float) -> float:
+        return epsilon_curve(sigma, s, delta)[-1]
+
+    low, high = 0.0, 1.0
+    while spent(high) > epsilon:
+        low, high = high, 2 * high
+        if high > 1e4:
+            raise ValueError(f"epsilon={epsilon}: unreachable with σ <= 1e4")
+    while high - low > 1e-4 * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if spent(mid) > epsilon else (low, mid)
+    return high
+
+
+def _amplified_round_rdp(noise_multiplier: float, s: Schedule) -> np.ndarray:
+    """RDP of one client-sampled round at every order in ORDERS (module docstring)."""
+    base = s.local_steps * np.asarray(
+        compute_rdp(q=s.sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=ORDERS))
+    alpha = np.asarray(ORDERS, dtype=float)
+    p = s.participation
+    if p == 1:
+        return base
+    log_h = np.logaddexp(math.log1p(-p), math.log(p) + (alpha - 1) * base)
+    return log_h / (alpha - 1)
+
+
+def _check_delta(delta: float) -> None:
+    if not 0 < delta < 1:
+        raise ValueError(f"delta={delta}: must be in (0, 1)")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print σ for a budget (``--epsilon``) or the ε curve of a given ``--sigma``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--epsilon", type=float, help="budget per client for the whole run")
+    target.add_argument("--sigma", type=float, help="noise multiplier to evaluate")
+    parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument("--examples", type=int, required=True, help="examples on the client")
+    parser.add_argument("--batch-size", type=int, default=32, help="expected Poisson batch")
+    parser.add_argument("--local-steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--participation", type=float, default=1.0,
+                        help="probability the server samples the client in a round")
+    parser.add_argument("--amplification", action="store_true",
+                        help="count client sampling as amplification (trusted, secret sampling)")
+    parser.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
+    args = parser.parse_args(argv)
+    # Opacus warns when the best RDP order is its largest one; clients use the same orders,
+    # so the plan matches what they will report.
+    warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    try:
+        schedule = Schedule(sample_rate(args.examples, args.batch_size), args.local_steps,
+                            args.rounds, args.participation, args.amplification,
+                            args.accountant)
+        sigma = (plan_noise(args.epsilon, schedule, args.delta) if args.epsilon is not None
+                 else args.sigma)
+        curve = epsilon_curve(sigma, schedule, args.delta)
+    except ValueError as exc:
+        parser.error(str(exc))
+    amp = (f"amplified by client sampling p = {args.participation}" if args.amplification
+           else "no amplification (sampled every round, worst case)")
+    print(f"q = {schedule.sample_rate:.5f} (n = {args.examples}, batch {args.batch_size}), "
+          f"{args.local_steps} steps/round, {args.rounds} rounds, {args.accountant}, {amp}")
+    print(f"noise multiplier σ = {sigma:.4f}")
+    print("round  epsilon")
+    for r, eps in enumerate(curve, start=1):
+        print(f"{r:5d}  {eps:.4f}")
+    if not args.amplification and args.participation < 1:
+        expected = max(1, round(args.participation * args.rounds))
+        print(f"expected rounds sampled at p = {args.participation}: {expected} "
+              f"-> ε ≈ {curve[expected - 1]:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The privacy planner against Opacus' own accountants and noise calibration."""
+
+import math
+
+import pytest
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from opacus.accountants.utils import get_noise_multiplier
+
+from privacy.planning import ORDERS, Schedule, epsilon_curve, main, plan_noise, sample_rate
+
+DELTA = 1e-5
+
+
+def test_sample_rate_is_the_rate_of_opacus_dp_data_loader():
+    assert sample_rate(1885, 32) == 1 / 59
+    assert sample_rate(32, 32) == 1.0
+    with pytest.raises(ValueError, match="examples=0"):
+        sample_rate(0, 32)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_plan_equals_opacus_get_noise_multiplier(accountant):
+    s = Schedule(sample_rate(1885, 32), local_steps=10, rounds=10, accountant=accountant)
+    want = get_noise_multiplier(target_epsilon=6.0, target_delta=DELTA, sample_rate=1 / 59,
+                                steps=100, accountant=accountant)
+    assert plan_noise(6.0, s, DELTA) == pytest.approx(want)
+
+
+def test_curve_equals_an_independent_accountant_stepped_round_by_round():
+    s = Schedule(1 / 59, local_steps=10, rounds=5)
+    curve = epsilon_curve(1.1, s, DELTA)
+    acc = RDPAccountant()
+    for r in range(5):
+        for _ in range(10):
+            acc.step(noise_multiplier=1.1, sample_rate=1 / 59)
+        assert curve[r] == pytest.approx(acc.get_epsilon(DELTA), rel=1e-9)
+    assert curve == sorted(curve)
+
+
+def test_planned_sigma_meets_the_budget_at_the_last_round():
+    s = Schedule(1 / 59, local_steps=10, rounds=10)
+    sigma = plan_noise(3.0, s, DELTA)
+    assert epsilon_curve(sigma, s, DELTA)[-1] <= 3.0
+    assert epsilon_curve(sigma * 0.98, s, DELTA)[-1] > 3.0
+
+
+def test_amplification_with_participation_one_is_the_plain_rdp_plan():
+    plain = Schedule(1 / 59, 10, 10)
+    amp = Schedule(1 / 59, 10, 10, participation=1.0, amplification=True)
+    assert epsilon_curve(1.0, amp, DELTA) == pytest.approx(epsilon_curve(1.0, plain, DELTA))
+
+
+def test_amplification_is_sound_and_helps():
+    """One step per round: the round mechanism includes a record with probability p·q, whose
+    exact RDP (Opacus' subsampled Gaussian) must lower-bound our convexity bound."""
+    p, q, sigma = 0.3, 0.05, 1.0
+    ours = epsilon_curve(sigma, Schedule(q, 1, 20, participation=p, amplification=True), DELTA)
+    exact = get_privacy_spent(orders=ORDERS, delta=DELTA,
+                              rdp=compute_rdp(q=p * q, noise_multiplier=sigma, steps=20,
+                                              orders=ORDERS))[0]
+    plain = epsilon_curve(sigma, Schedule(q, 1, 20), DELTA)
+    assert exact <= ours[-1] < plain[-1]
+    smaller = epsilon_curve(sigma, Schedule(q, 1, 20, participation=0.1, amplification=True),
+                            DELTA)
+    assert smaller[-1] < ours[-1]
+
+
+def test_amplified_plan_needs_less_noise_and_meets_the_budget():
+    s = Schedule(1 / 59, 10, 10, participation=0.5, amplification=True)
+    sigma = plan_noise(6.0, s, DELTA)
+    assert epsilon_curve(sigma, s, DELTA)[-1] <= 6.0
+    assert sigma < plan_noise(6.0, Schedule(1 / 59, 10, 10), DELTA)
+
+
+def test_no_noise_is_infinite_epsilon_and_inf_budget_is_no_noise():
+    s = Schedule(0.1, 1, 3)
+    assert epsilon_curve(0.0, s, DELTA) == [math.inf] * 3
+    assert plan_noise(math.inf, s, DELTA) == 0.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"sample_rate": 0.0}, "sample_rate=0.0"),
+    ({"participation": 1.5}, "participation=1.5"),
+    ({"accountant": "prv", "amplification": True}, "only implemented for 'rdp'"),
+    ({"rounds": 0}, "rounds=0"),
+])
+def test_bad_schedules_name_the_value(kwargs, match):
+    args = {"sample_rate": 0.1, "local_steps": 1, "rounds": 1} | kwargs
+    with pytest.raises(ValueError, match=match):
+        Schedule(**args)
+
+
+def test_cli_prints_sigma_and_the_curve(capsys):
+    main(["--epsilon", "6", "--examples", "1885", "--rounds", "3", "--participation", "0.5"])
+    out = capsys.readouterr().out
+    sigma = plan_noise(6.0, Schedule(1 / 59, 10, 3), DELTA)
+    assert f"σ = {sigma:.4f}" in out
+    assert out.count("\n") >= 6 and "expected rounds sampled" in out
+    acc = create_accountant("rdp")
+    acc.history = [(sigma, 1 / 59, 30)]
+    assert f"{acc.get_epsilon(DELTA):.4f}" in out
