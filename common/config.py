@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 STRATEGIES = ("fedsvd",)
@@ -29,6 +30,21 @@ class ConfigError(ValueError):
 def _check(problems: list[str], ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         problems.append(f"{key}={value!r}: {allowed}")
+
+
+def _check_file(problems: list[str], key: str, path: str) -> None:
+    _check(problems, Path(path).expanduser().is_file(), key, path, "no such file")
+
+
+def check_delta(delta: float, num_examples: int, where: str) -> None:
+    """Raise ConfigError unless δ < 1/n: a larger δ allows leaking one whole example.
+
+    ``num_examples`` is n, the number of training examples whose privacy δ protects (a
+    client's partition; the server checks the whole training split before round 1).
+    """
+    if num_examples >= 1 and not delta < 1 / num_examples:
+        raise ConfigError([f"privacy.delta={delta!r}: must be < 1/n = {1 / num_examples:.3g} "
+                           f"(n = {num_examples} training examples of {where})"])
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,9 @@ class ModelConfig:
         """Return one line per invalid field."""
         p: list[str] = []
         _check(p, self.max_length >= 8, "model.max-length", self.max_length, "must be >= 8")
+        if self.path:
+            _check(p, (Path(self.path).expanduser() / "config.json").is_file(), "model.path",
+                   self.path, "empty, or a local model folder with a config.json (not found)")
         return p
 
 
@@ -117,9 +136,11 @@ class DataConfig:
         if self.source != "20newsgroups":
             _check(p, self.source.endswith((".csv", ".jsonl", ".json")), "data.source",
                    self.source, "'20newsgroups' or a path to a .csv or .jsonl file")
+            _check_file(p, "data.source", self.source)
         if self.test_source:
             _check(p, self.test_source.endswith((".csv", ".jsonl", ".json")), "data.test-source",
                    self.test_source, "empty or a path to a .csv or .jsonl file")
+            _check_file(p, "data.test-source", self.test_source)
         _check(p, 0 < self.test_fraction < 1, "data.test-fraction", self.test_fraction,
                "must be in (0, 1)")
         _check(p, self.partitioner in PARTITIONERS, "data.partitioner", self.partitioner,

@@ -10,7 +10,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.adapter import AdapterLayout
-from common.config import AppConfig, StrategyConfig
+from common.config import AppConfig, StrategyConfig, check_delta
 from common.data import encode, eval_subset, load_corpus
 from common.model import build_model, load_tokenizer
 from server.evaluation import GlobalEvaluator
@@ -37,6 +37,8 @@ def main(grid: Grid, context: Context) -> None:
     """Initial adapter (B = 0, A = peft init) → strategy rounds → results folder."""
     cfg = AppConfig.from_run_config(context.run_config)
     corpus = load_corpus(cfg.data, cfg.seed)
+    if cfg.privacy.is_private:  # before any training; each client checks its own partition
+        check_delta(cfg.privacy.delta, len(corpus.train), "the whole training split")
     model = build_model(cfg.model, cfg.lora, num_labels=corpus.num_labels, seed=cfg.seed)
     layout = AdapterLayout.from_model(model)
     tokenizer = load_tokenizer(cfg.model)

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from common.config import AppConfig, ConfigError
+from common.config import AppConfig, ConfigError, check_delta
 from tests.conftest import default_run_config
 
 
@@ -39,3 +39,36 @@ def test_all_problems_are_reported_together_with_key_and_value():
 def test_wrong_type_is_rejected():
     with pytest.raises(ConfigError, match="lora.train-head='yes': expected bool"):
         AppConfig.from_run_config({"lora.train-head": "yes"})
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("data.source", "/no/such/notes.csv", "data.source='/no/such/notes.csv': no such file"),
+    ("data.test-source", "/no/such/test.jsonl",
+     "data.test-source='/no/such/test.jsonl': no such file"),
+    ("model.path", "/no/such/model", "model.path='/no/such/model': empty, or a local model"),
+    ("strategy.fraction-train", 0.0, "strategy.fraction-train=0.0: must be in (0, 1]"),
+    ("privacy.delta", 1.0, "privacy.delta=1.0: must be in (0, 1)"),
+    ("privacy.epsilon", 0.0, "privacy.epsilon=0.0: must be > 0"),
+])
+def test_each_invalid_key_is_named_with_its_value_and_what_is_allowed(key, value, fragment):
+    with pytest.raises(ConfigError) as err:
+        AppConfig.from_run_config({**default_run_config(), key: value})
+    assert fragment in str(err.value)
+
+
+def test_existing_local_files_pass(tmp_path):
+    data = tmp_path / "notes.csv"
+    data.write_text("text,label\nhello,a\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cfg = AppConfig.from_run_config({**default_run_config(), "data.source": str(data),
+                                     "model.path": str(model)})
+    assert cfg.data.source == str(data)
+
+
+def test_delta_must_be_below_one_over_n():
+    check_delta(1e-5, 1000, "partition 0")
+    with pytest.raises(ConfigError, match=r"privacy.delta=0.01: must be < 1/n = 0.005 "
+                                          r"\(n = 200 training examples of partition 3\)"):
+        check_delta(0.01, 200, "partition 3")
