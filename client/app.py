@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+from collections.abc import Iterator
+from pathlib import Path
+
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import training as t
 from common import contract
-from common.config import AppConfig
+from common.config import AppConfig, check_delta
 from common.evaluation import evaluate as evaluate_model
-from privacy import make_private
+from privacy import PrivacyLedger, make_private
+
+PRIVACY_STATE_KEY = "privacy-state-file"  # node config: where a SuperNode keeps its ledger
 
 app = ClientApp()
 
@@ -19,10 +26,48 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Load global adapter → freeze all but the named factors → DP-SGD steps → reply."""
     cfg = AppConfig.from_run_config(context.run_config)
+    with node_privacy_state(context, cfg.privacy.accountant):
+        return _train(msg, context, cfg)
+
+
+@contextlib.contextmanager
+def node_privacy_state(context: Context, accountant: str) -> Iterator[None]:
+    """Keep the ledger in the file named by node config ``privacy-state-file``, if any.
+
+    ``Context.state`` lives only as long as the SuperNode process (and one run); the file makes
+    a restarted node (or a later run) continue from every step it has ever taken, so it cannot
+    reset its ε. The file is read into ``Context.state`` before the round and written back
+    atomically after it, under an exclusive lock so concurrent rounds cannot drop steps.
+    """
+    raw = context.node_config.get(PRIVACY_STATE_KEY)
+    if not raw:
+        yield  # simulation: Context.state alone
+        return
+    path = Path(str(raw)).expanduser()
+    if not path.is_absolute():  # the ClientApp's working directory is Flower's, not ours
+        raise ValueError(f"{PRIVACY_STATE_KEY}={raw!r}: must be an absolute path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_name(path.name + ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the lock file closes
+        if path.exists():
+            ledger, sigma = PrivacyLedger.load(path, accountant)
+            t.store_ledger(context, ledger, sigma)
+        try:
+            yield
+        finally:
+            record = context.state.config_records.get(t.LEDGER_RECORD)
+            if record is not None:
+                t.load_ledger(context, accountant).save(
+                    path, noise_multiplier=float(record[t.NOISE_KEY]))
+
+
+def _train(msg: Message, context: Context, cfg: AppConfig) -> Message:
     data = t.load_local_data(cfg, *t.node_partition(context))
     model, layout = t.build_global_model(cfg, data.num_labels, msg.content[contract.ARRAYS])
     factors = t.parse_factors(msg.content[contract.CONFIG])
     n, q = len(data.train), t.sample_rate(cfg, len(data.train))
+    if cfg.privacy.is_private:
+        check_delta(cfg.privacy.delta, n, f"partition {t.node_partition(context)[0]}")
     sigma = t.noise_multiplier(cfg, context, q)
     ledger = t.load_ledger(context, cfg.privacy.accountant)
     steps = cfg.train.local_steps
@@ -42,7 +87,7 @@ def train(msg: Message, context: Context) -> Message:
         loss = t.run_local_steps(private, steps)
         private.record_into(ledger)
         t.store_ledger(context, ledger, sigma)
-        moved = t.moved_norm(before, layout)
+        moved = t.moved_norm(before, layout, factors, require_each=cfg.privacy.is_private)
     arrays = ArrayRecord(torch_state_dict=layout.tensors(factors, head=cfg.lora.train_head))
     metrics = t.train_reply_metrics(num_examples=n, loss=loss, ledger=ledger, cfg=cfg,
                                     sigma=sigma, steps=0 if exhausted else steps,

@@ -13,9 +13,9 @@ from peft import PeftModel
 from torch.utils.data import DataLoader, TensorDataset
 
 from common import contract
-from common.adapter import AdapterLayout
+from common.adapter import AdapterLayout, LoraPair
 from common.config import AppConfig
-from common.contract import Factor
+from common.contract import Factor, lora_key
 from common.data import encode, load_corpus, load_partition
 from common.model import build_model, load_tokenizer
 from privacy import PrivacyLedger, PrivateTraining, calibrate_noise
@@ -70,7 +70,7 @@ def parse_factors(config: ConfigRecord) -> tuple[Factor, ...]:
     """Which LoRA factors the strategy asks this client to train (FedSVD: only B)."""
     raw = str(config.get(contract.TRAIN_FACTORS, "B"))
     factors = tuple(f.strip() for f in raw.split(",") if f.strip())
-    if not factors or any(f not in ("A", "B") for f in factors):
+    if not factors or len(set(factors)) < len(factors) or any(f not in "AB" for f in factors):
         raise ValueError(f"{contract.TRAIN_FACTORS}={raw!r}: expected 'B', 'A' or 'A,B'")
     return factors  # type: ignore[return-value]
 
@@ -131,16 +131,25 @@ def run_local_steps(private: PrivateTraining, steps: int) -> float:
     return sum(losses) / len(losses) if losses else math.nan
 
 
-def moved_norm(before: dict[str, torch.Tensor], layout: AdapterLayout) -> float:
-    """||after − before||_F over the trained tensors; raise if nothing changed (Opacus #820)."""
-    after = layout.all_parameters()
-    norm = math.sqrt(sum(
-        float((after[k].detach().cpu() - v).double().pow(2).sum()) for k, v in before.items()
-    ))
-    if norm == 0.0:
-        raise RuntimeError("local training did not change the trained LoRA factors: the "
+def moved_norm(before: dict[str, torch.Tensor], layout: AdapterLayout,
+               factors: tuple[Factor, ...], *, require_each: bool) -> float:
+    """||after − before||_F over the trained factors; raise if they did not change (Opacus #820).
+
+    ``before`` holds the trained factors (``layout.tensors(factors, head=False)``). With
+    ``require_each`` (DP-SGD: its noise moves every trained tensor) each factor must have moved
+    on its own, so a factor the optimizer silently skips (A next to B) is caught. Without noise
+    A can legitimately stay put (its gradient s·Bᵀ·… is 0 while B = 0), so only the total counts.
+    """
+    def squared_change(pair: LoraPair, f: Factor) -> float:
+        change = pair.factor(f).detach().cpu() - before[lora_key(pair.module, f)]
+        return float(change.double().pow(2).sum())
+
+    by_factor = {f: math.sqrt(sum(squared_change(p, f) for p in layout.pairs)) for f in factors}
+    unmoved = [f for f, norm in by_factor.items() if norm == 0.0]
+    if len(unmoved) == len(factors) or (require_each and unmoved):
+        raise RuntimeError(f"local training did not change LoRA factor(s) {unmoved}: the "
                            "optimizer is not updating them (see opacus issue #820)")
-    return norm
+    return math.sqrt(sum(norm ** 2 for norm in by_factor.values()))
 
 
 def train_reply_metrics(*, num_examples: int, loss: float, ledger: PrivacyLedger,

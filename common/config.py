@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = ("fedsvd",)
+STRATEGIES = ("fedsvd", "ffa", "fedavg", "flora", "fedex", "rolora")
 PARTITIONERS = ("dirichlet", "iid")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
@@ -56,7 +56,7 @@ class StrategyConfig:
     fraction_train: float = 0.5
     min_train_nodes: int = 2
     fraction_evaluate: float = 0.0
-    svd_period: int = 1
+    svd_period: int = 1  # fedsvd only
     min_valid_replies: int = 1  # fewer valid trained replies in a round: no update
     max_norm_ratio: float = 10.0  # reject a reply array with norm > this × median; 0/inf: off
 

@@ -1,9 +1,11 @@
 """The message contract between the server strategy and the clients, defined once.
 
 A train instruction carries one ArrayRecord (``ARRAYS``: the global adapter, keys from
-:func:`lora_key` and :func:`head_key`) and one ConfigRecord (``CONFIG``). A train reply carries
-one ArrayRecord (the factors the client trained, plus the head when it trains) and one
-MetricRecord (``METRICS``) with the keys below.
+:func:`lora_key` and :func:`head_key`, and for the strategies that fold B·A into the base
+weights (FLoRA, FedEx-LoRA) one :func:`base_key` array per LoRA layer) and one ConfigRecord
+(``CONFIG``). A train reply carries one ArrayRecord (the factors named by ``TRAIN_FACTORS``,
+plus the head when it trains) and one MetricRecord (``METRICS``) with the keys below. Base
+arrays only ever travel down: clients never send them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ METRICS = "metrics"
 
 # ConfigRecord keys sent by the strategy.
 SERVER_ROUND = "server-round"
-TRAIN_FACTORS = "train-factors"  # which LoRA factors the client trains and sends back: "B"
+TRAIN_FACTORS = "train-factors"  # LoRA factors the client trains and sends back: "B", "A", "A,B"
 
 # MetricRecord keys of a train reply.
 NUM_EXAMPLES = "num-examples"
@@ -26,18 +28,36 @@ DELTA = "delta"
 NOISE_MULTIPLIER = "noise-multiplier"
 STEPS = "steps"  # DP-SGD steps taken in this round
 BUDGET_EXHAUSTED = "budget-exhausted"  # 1: the client refused to train (next round > ε)
-B_DELTA_NORM = "b-delta-norm"  # ||B_after - B_before||_F, proof that training moved B
+B_DELTA_NORM = "b-delta-norm"  # ||after - before||_F over the trained factors (name kept: B
+# was the only trained factor when the key was introduced)
 
 # MetricRecord keys of an evaluate reply (and of the server-side evaluation).
 ACCURACY = "accuracy"
 LOSS = "loss"
 
 Factor = Literal["A", "B"]
+BASE_PREFIX = "base."
 
 
 def lora_key(module: str, factor: Factor) -> str:
     """Array name of one LoRA factor, e.g. ``bert.encoder.layer.0.attention.self.query.lora_B``."""
     return f"{module}.lora_{factor}"
+
+
+def base_key(module: str) -> str:
+    """Array name of a LoRA layer's dense base-weight residual ΔW, ``base.<module>.weight``.
+
+    ΔW has the (d_out, d_in) orientation of ``nn.Linear.weight`` and is *added* to the freshly
+    loaded pretrained weight ``<module>.base_layer.weight`` (transposed for a peft layer with
+    ``fan_in_fan_out``), so the layer computes (W0 + ΔW) x + s · B (A x). It already carries the
+    LoRA scale s. An absent key means ΔW = 0.
+    """
+    return f"{BASE_PREFIX}{module}.weight"
+
+
+def is_base_key(key: str) -> bool:
+    """Whether an array name is a base-weight residual (see :func:`base_key`)."""
+    return key.startswith(BASE_PREFIX)
 
 
 def head_key(parameter: str) -> str:

@@ -10,8 +10,11 @@ The ledger keeps the accountant's history [(σ, q, steps), ...] across rounds, s
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -86,6 +89,39 @@ class PrivacyLedger:
         rows = zip(data.get("noise-multipliers", []), data.get("sample-rates", []),
                    data.get("steps", []), strict=True)
         return cls(accountant, [(float(s), float(q), int(n)) for s, q, n in rows])
+
+    def save(self, path: str | os.PathLike, *, noise_multiplier: float) -> None:
+        """Write the history and the run's σ to ``path`` as JSON, atomically.
+
+        A temporary file in the same folder is fsync'ed, then renamed over ``path``
+        (``os.replace``), so a crash leaves either the old or the new ledger, never a torn one.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"accountant": self.accountant, "noise-multiplier": float(noise_multiplier),
+                   "history": [{"noise-multiplier": float(s), "sample-rate": float(q),
+                                "steps": int(n)} for s, q, n in self.history]}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with tmp.open("w", encoding="utf-8") as f:
+                json.dump(payload, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, accountant: str) -> tuple[PrivacyLedger, float]:
+        """Inverse of :meth:`save`: (ledger on ``accountant``, σ); raise ValueError if corrupt."""
+        try:
+            payload = json.loads(Path(path).read_text(encoding="utf-8"))
+            history = [(float(e["noise-multiplier"]), float(e["sample-rate"]), int(e["steps"]))
+                       for e in payload["history"]]
+            return cls(accountant, history), float(payload["noise-multiplier"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"privacy state file {path} is unreadable ({exc}); refusing to "
+                             "train with an unknown privacy history") from exc
 
 
 def _epsilon(accountant: str, history: list[HistoryEntry], delta: float) -> float:

@@ -46,10 +46,11 @@ def make_private(
 ) -> PrivateTraining:
     """Wrap for DP-SGD: Poisson sampling, per-sample clipping to C, Gaussian noise σ·C.
 
-    The optimizer must already hold only the trainable parameters (A frozen before this call),
-    so per-sample gradients are computed for those alone. The engine's accountant starts from
-    ``ledger``'s history, so its ε after this round is cumulative. With ``noise_multiplier = 0``
-    (ε = inf) the same loop runs with Poisson batches but no clipping, no noise, no accounting.
+    The optimizer must already hold only the trainable parameters (the LoRA factors not trained
+    this round frozen before this call), so per-sample gradients are computed for those alone.
+    The engine's accountant starts from ``ledger``'s history, so its ε after this round is
+    cumulative. With ``noise_multiplier = 0`` (ε = inf) the same loop runs with Poisson batches
+    but no clipping, no noise, no accounting.
     """
     criterion: nn.Module = nn.CrossEntropyLoss()
     if noise_multiplier == 0:

@@ -1,4 +1,4 @@
-"""Flower ServerApp: FedSVD over DP-SGD clients, with global evaluation and saved results."""
+"""Flower ServerApp: the configured LoRA strategy over DP-SGD clients, evaluation, results."""
 
 from __future__ import annotations
 
@@ -10,25 +10,36 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.adapter import AdapterLayout
-from common.config import AppConfig, StrategyConfig, check_delta
+from common.config import AppConfig, check_delta
 from common.data import encode, eval_subset, load_corpus
 from common.model import build_model, load_tokenizer
 from server.evaluation import GlobalEvaluator
 from server.results import save_run
-from strategies import FedSVD
+from strategies import FedAvgLoRA, FedExLoRA, FedSVD, FFALoRA, FLoRA, LoraStrategy, RoLoRA
 
 app = ServerApp()
 
 
-def build_strategy(cfg: StrategyConfig, lora_modules: list[str], *, train_head: bool) -> FedSVD:
-    """The configured strategy; ``train_head``: whether client replies carry the head."""
-    return FedSVD(
-        lora_modules, svd_period=cfg.svd_period, train_head=train_head,
-        min_valid_replies=cfg.min_valid_replies, max_norm_ratio=cfg.max_norm_ratio,
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate, min_train_nodes=cfg.min_train_nodes,
-        min_available_nodes=cfg.min_train_nodes,
-        min_evaluate_nodes=1 if cfg.fraction_evaluate else 0,
+STRATEGY_CLASSES: dict[str, type[LoraStrategy]] = {
+    "fedsvd": FedSVD, "ffa": FFALoRA, "fedavg": FedAvgLoRA, "flora": FLoRA, "fedex": FedExLoRA,
+    "rolora": RoLoRA,
+}
+
+
+def build_strategy(cfg: AppConfig, layout: AdapterLayout) -> LoraStrategy:
+    """The strategy named by ``strategy.name``, for the LoRA layers of ``layout``."""
+    s = cfg.strategy
+    own = {  # the settings only one method has
+        "fedsvd": {"svd_period": s.svd_period},
+        "flora": {"lora_scale": layout.scale, "seed": cfg.seed},
+        "fedex": {"lora_scale": layout.scale},
+    }.get(s.name, {})
+    return STRATEGY_CLASSES[s.name](
+        layout.modules, **own, train_head=cfg.lora.train_head,
+        min_valid_replies=s.min_valid_replies, max_norm_ratio=s.max_norm_ratio,
+        fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
+        min_train_nodes=s.min_train_nodes, min_available_nodes=s.min_train_nodes,
+        min_evaluate_nodes=1 if s.fraction_evaluate else 0,
     )
 
 
@@ -45,7 +56,7 @@ def main(grid: Grid, context: Context) -> None:
     full_test = encode(corpus.test, tokenizer, cfg.model.max_length)
     subset = encode(eval_subset(corpus.test, cfg.data.max_eval_examples, cfg.seed), tokenizer,
                     cfg.model.max_length)
-    strategy = build_strategy(cfg.strategy, layout.modules, train_head=cfg.lora.train_head)
+    strategy = build_strategy(cfg, layout)
     evaluator = GlobalEvaluator(model, layout, subset=subset, full=full_test,
                                 final_round=cfg.strategy.num_rounds, strategy=strategy)
     result = strategy.start(

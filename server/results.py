@@ -1,4 +1,12 @@
-"""Write a run's results: per-round metrics (CSV), the config (JSON), the peft adapter."""
+"""Write a run's results: per-round metrics (CSV), the config (JSON), the peft adapter.
+
+For FLoRA and FedEx-LoRA the global model is W0 + ΔW + s · B A: part of it (ΔW, the updates
+folded into the base weights) is not a LoRA tensor, and peft's adapter files cannot hold it.
+It is saved next to them as ``adapter/base_delta.safetensors`` (arrays named
+``contract.base_key(module)``, (d_out, d_in), already scaled), and :func:`load_model` applies
+it. ``PeftModel.from_pretrained`` alone loads the LoRA part only: for these methods that is
+not the trained model.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +14,16 @@ import csv
 import json
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 
+from common import contract
 from common.adapter import AdapterLayout
 from common.config import AppConfig
+
+BASE_DELTA_FILE = "base_delta.safetensors"  # ΔW of FLoRA / FedEx-LoRA, beside the peft files
 
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
@@ -26,9 +39,30 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
 
 def save_adapter(model: PeftModel, layout: AdapterLayout, arrays: ArrayRecord,
                  folder: Path) -> None:
-    """Save ``arrays`` as a peft adapter (``adapter_config.json`` + safetensors)."""
-    layout.load(arrays.to_torch_state_dict())
+    """Save ``arrays`` as a peft adapter (``adapter_config.json`` + safetensors), plus ΔW.
+
+    The base-weight residuals of ``arrays`` (FLoRA, FedEx-LoRA) go to ``BASE_DELTA_FILE`` in
+    the same folder; a stale one from an earlier run is removed when there are none.
+    """
+    state = arrays.to_torch_state_dict()
+    layout.load(state)
     model.save_pretrained(folder)
+    deltas = {k: v.contiguous() for k, v in state.items() if contract.is_base_key(k)}
+    path = folder / BASE_DELTA_FILE
+    if deltas:
+        save_file(deltas, path, metadata={
+            "meaning": "add to <module>.base_layer.weight (d_out, d_in); includes alpha / r"})
+    else:
+        path.unlink(missing_ok=True)
+
+
+def load_model(base: torch.nn.Module, folder: Path) -> PeftModel:
+    """The saved global model: the peft adapter in ``folder`` plus its ΔW, if any, on ``base``."""
+    model = PeftModel.from_pretrained(base, folder)
+    path = folder / BASE_DELTA_FILE
+    if path.exists():
+        AdapterLayout.from_model(model).load_base(load_file(path))
+    return model
 
 
 def save_run(folder: Path, cfg: AppConfig, rows: list[dict], *, model: PeftModel,

@@ -9,34 +9,21 @@ runtime dependency installation off, and it is always stopped when the run ends.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
+import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from flwr.common.config import parse_config_args
+
+from deploy.processes import free_port, wait_for_port
+
 CONNECTION = "sim"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"flower-superlink did not open port {port} within {timeout:.0f} s")
 
 
 @contextlib.contextmanager
@@ -53,7 +40,7 @@ def simulation_superlink(flwr_home: Path | None = None) -> Iterator[dict[str, st
         return
     home = Path(flwr_home)
     home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()  # since flwr 1.40 one HTTP port serves the Control, Fleet and Runtime APIs
+    port = free_port()  # since flwr 1.40 one HTTP port serves the Control, Fleet and Runtime APIs
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
         f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
@@ -68,7 +55,7 @@ def simulation_superlink(flwr_home: Path | None = None) -> Iterator[dict[str, st
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        _wait_for_port(port, proc)
+        wait_for_port(port, proc)
         yield env
     finally:
         _stop_group(proc)
@@ -88,6 +75,48 @@ def _stop_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def run_config_args(overrides: Sequence[str]) -> list[str]:
+    """One ``--run-config`` value for ``flwr run``: every override merged, later ones winning.
+
+    Each item is "k=v ..." text or a .toml file. ``flwr run`` takes a .toml file only as its sole
+    ``--run-config``, and when given several it merges them by top-level table, so
+    ``output.dir=…`` then ``output.run-name=…`` would lose ``output.dir``. Merging the flat keys
+    here and passing one string avoids both.
+    """
+    merged: dict = {}
+    for item in overrides:
+        if item.endswith(".toml"):
+            with Path(item).expanduser().open("rb") as f:
+                merged.update(_flatten(tomllib.load(f)))
+        elif item:
+            merged.update(parse_config_args([item]))
+    if not merged:
+        return []
+    return [" ".join(f"{key}={_toml_value(key, value)}" for key, value in merged.items())]
+
+
+def _flatten(table: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _toml_value(key: str, value: object) -> str:
+    """One TOML scalar as flwr's "k=v" parser reads it (no spaces unless double-quoted)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return {math.inf: "inf", -math.inf: "-inf"}.get(value, repr(value))
+    if isinstance(value, str) and '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    raise ValueError(f"{key}={value!r}: only bools, numbers and strings without quotes or "
+                     "backslashes can be passed as run-config overrides")
+
+
 def flwr_run(app_dir: Path, *, run_config: Sequence[str] | str = (), num_supernodes: int = 6,
              cpus_per_client: int = 1, flwr_home: Path | None = None,
              timeout: float | None = None) -> int:
@@ -98,8 +127,7 @@ def flwr_run(app_dir: Path, *, run_config: Sequence[str] | str = (), num_superno
     federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
     cmd = ["flwr", "run", str(app_dir), CONNECTION, "--stream",
            "--federation-config", federation]
-    for overrides in [run_config] if isinstance(run_config, str) else run_config:
-        if overrides:
-            cmd += ["--run-config", overrides]
+    for overrides in run_config_args([run_config] if isinstance(run_config, str) else run_config):
+        cmd += ["--run-config", overrides]
     with simulation_superlink(flwr_home) as env:
         return subprocess.run(cmd, env=env, cwd=app_dir, timeout=timeout).returncode

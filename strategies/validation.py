@@ -8,6 +8,10 @@ global adapter. :meth:`ReplyValidator.screen` sorts a round's replies into
 - ``exhausted``: well-formed replies of clients that refused to train (``budget-exhausted = 1``);
 - ``rejected``: one :class:`Rejection` (node id and reason) per other reply.
 
+What a reply must carry depends on the round: :func:`reply_keys` names the arrays of the
+factors the strategy asked for (``contract.TRAIN_FACTORS``: B, A or both) and the head, so a
+reply that sends the wrong factor is rejected like any other malformed one.
+
 Checks, in order, for each reply: Flower error reply (dropout or ClientApp failure); content;
 exactly one ArrayRecord under ``contract.ARRAYS`` and one MetricRecord under ``contract.METRICS``;
 ``budget-exhausted`` in {0, 1}; then, for clients that trained, every metric finite (ε may be
@@ -82,6 +86,21 @@ class Screening:
 
 class InvalidReply(ValueError):
     """A reply breaks the train-reply contract; the message is the rejection reason."""
+
+
+def reply_keys(global_arrays: ArrayRecord, lora_modules: Iterable[str],
+               factors: Iterable[contract.Factor], *, train_head: bool) -> set[str]:
+    """The array keys a trained reply must carry in a round that trains ``factors``.
+
+    That is ``lora_key(module, f)`` for every LoRA layer and every trained factor, plus the
+    head arrays of ``global_arrays`` when clients train the head. Base-weight residuals
+    (``contract.base_key``) only travel down and are never expected back.
+    """
+    factors = tuple(factors)
+    keys = {contract.lora_key(m, f) for m in lora_modules for f in factors}
+    if train_head:
+        keys |= {k for k in global_arrays.keys() if contract.is_head_key(k)}
+    return keys
 
 
 def expected_arrays(global_arrays: ArrayRecord, keys: Collection[str]) -> dict[str, ArraySpec]:

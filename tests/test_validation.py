@@ -205,7 +205,7 @@ def test_each_bad_reply_is_rejected_with_its_reason_and_logged(case, caplog):
     bad = build(_good_arrays(9), _good_metrics(90), 9)
     strategy = _strategy(svd_period=2)
     # Execute
-    screening = strategy.validator(strategy._global).screen([good[0], bad, good[1]])
+    screening = strategy.validator(strategy._global, 1).screen([good[0], bad, good[1]])
     with caplog.at_level(logging.WARNING, logger="flwr"):
         arrays, metrics = strategy.aggregate_train(1, [good[0], bad, good[1]])
     # Assert: rejected with its reason, logged with the node id, the good ones averaged
@@ -226,7 +226,7 @@ def test_norm_outlier_reason_names_the_norm_and_the_median():
     good = [_good_reply(node) for node in (1, 2, 3)]
     bad = CASES["norm-outlier"][0](_good_arrays(1), _good_metrics(10), 9)
     strategy = _strategy()
-    screening = strategy.validator(strategy._global).screen([*good, bad])
+    screening = strategy.validator(strategy._global, 1).screen([*good, bad])
     norms = sorted(float(np.linalg.norm(_good_arrays(n)[B1].astype(np.float64))) for n in (1, 2, 3))
     huge = 100 * float(np.linalg.norm(_good_arrays(1)[B1].astype(np.float64)))
     assert [r.reason for r in screening.rejected] == [
@@ -239,7 +239,7 @@ def test_norm_check_can_be_switched_off(ratio):
     good = [_good_reply(1), _good_reply(2)]
     bad = CASES["norm-outlier"][0](_good_arrays(9), _good_metrics(90), 9)
     strategy = _strategy(max_norm_ratio=ratio)
-    screening = strategy.validator(strategy._global).screen([*good, bad])
+    screening = strategy.validator(strategy._global, 1).screen([*good, bad])
     assert screening.rejected == [] and len(screening.valid) == 3
 
 
@@ -247,7 +247,7 @@ def test_exhausted_reply_is_skipped_not_rejected():
     exhausted = _reply(5, _good_arrays(5), {**_good_metrics(50), contract.TRAIN_LOSS: math.nan,
                                             contract.BUDGET_EXHAUSTED: 1})
     strategy = _strategy()
-    screening = strategy.validator(strategy._global).screen([_good_reply(1), exhausted])
+    screening = strategy.validator(strategy._global, 1).screen([_good_reply(1), exhausted])
     assert screening.exhausted == [exhausted] and screening.rejected == []
     _, metrics = strategy.aggregate_train(1, [_good_reply(1), exhausted])
     assert metrics["clients-exhausted"] == 1 and metrics["replies-rejected"] == 0
@@ -258,10 +258,10 @@ def test_non_private_replies_with_infinite_epsilon_are_valid():
     replies = [_reply(n, _good_arrays(n), {**_good_metrics(10 * n), contract.EPSILON: math.inf,
                                            contract.NOISE_MULTIPLIER: 0.0}) for n in (1, 2)]
     strategy = _strategy()
-    screening = strategy.validator(strategy._global).screen(replies)
+    screening = strategy.validator(strategy._global, 1).screen(replies)
     assert screening.rejected == [] and len(screening.valid) == 2
     negative = _reply(3, _good_arrays(3), {**_good_metrics(30), contract.EPSILON: -1.0})
-    rejected = strategy.validator(strategy._global).screen([negative]).rejected
+    rejected = strategy.validator(strategy._global, 1).screen([negative]).rejected
     assert [r.reason for r in rejected] == ["metric 'epsilon' is -1.0, expected >= 0"]
 
 
@@ -277,7 +277,7 @@ def test_without_head_training_the_head_must_not_be_sent():
     strategy = _strategy(train_head=False)
     with_head = _good_reply(1)
     no_head = _edited(arrays=lambda a: a.pop(HEAD))(_good_arrays(2), _good_metrics(20), 2)
-    screening = strategy.validator(strategy._global).screen([with_head, no_head])
+    screening = strategy.validator(strategy._global, 1).screen([with_head, no_head])
     assert screening.valid == [no_head]
     assert [r.reason for r in screening.rejected] == [
         "unexpected array(s): ['head.classifier.weight']"]
@@ -463,7 +463,7 @@ def test_fuzz_no_malformed_reply_raises_or_is_aggregated():
         replies.insert(data.draw(st.integers(0, num_good)), bad)
         strategy, reference = _strategy(), _strategy()
         # Execute
-        screening = strategy.validator(strategy._global).screen(replies)
+        screening = strategy.validator(strategy._global, 1).screen(replies)
         arrays, metrics = strategy.aggregate_train(1, replies)
         want_arrays, want_metrics = reference.aggregate_train(1, good)
         # Assert: the bad reply is rejected; the aggregate is that of the good ones alone

@@ -1,0 +1,86 @@
+"""Starting and stopping Flower processes by PID: ports, environment, process trees."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO
+
+import psutil
+
+
+def free_port() -> int:
+    """A TCP port that is free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment for a Flower process: its own FLWR_HOME, the venv's bin on PATH."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "FLWR_HOME": str(home),  # the SuperLink and SuperNodes
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # spawn flower-superexec
+            "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def stop_process_trees(pids: Iterable[int], timeout: float = 20.0) -> None:
+    """SIGTERM processes and all their descendants, then SIGKILL what is left.
+
+    SuperExec and the apps start their own sessions, so a process group does not cover them.
+    """
+    procs: list[psutil.Process] = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(pid)
+            procs += [root, *root.children(recursive=True)]
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def stop_from_pid_files(run_dir: Path) -> list[str]:
+    """Stop the processes named in ``run_dir/pids`` (Flower processes only); return names."""
+    stopped: dict[str, int] = {}
+    for pid_file in (run_dir / "pids").glob("*.pid"):
+        pid = int(pid_file.read_text().split()[0])
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if any("flower-" in part for part in psutil.Process(pid).cmdline()):
+                stopped[pid_file.stem] = pid  # not a PID reused by something else
+        pid_file.unlink()
+    stop_process_trees(pid for name, pid in stopped.items() if name != "superlink")
+    stop_process_trees(pid for name, pid in stopped.items() if name == "superlink")
+    return sorted(stopped)
+
+
+def tee(stream: IO[str], log: IO[str], echo: bool) -> None:
+    """Copy ``stream`` line by line into ``log`` (and stdout if ``echo``)."""
+    for line in stream:
+        log.write(line)
+        if echo:
+            print(line, end="", flush=True)
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, log: Path | None = None,
+                  timeout: float = 90.0) -> None:
+    """Block until something listens on loopback ``port``; raise if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    see = f"; see {log}" if log else ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}{see}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"flower-superlink did not open port {port} within {timeout:.0f} s")

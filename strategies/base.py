@@ -1,0 +1,197 @@
+"""The round every LoRA strategy shares: screen the replies, average them, merge, count bytes.
+
+A strategy is a small subclass of :class:`LoraStrategy` that decides two things:
+
+- :meth:`LoraStrategy.train_factors`: which LoRA factors clients train and send back in a round
+  (sent as ``contract.TRAIN_FACTORS``; the client code path is the same for every method);
+- :meth:`LoraStrategy.merge`: the new global state from the previous one, the weighted means of
+  the valid replies (B̄, Ā, head; p_k = n_k / Σ n) and the replies themselves.
+
+Everything else lives here once: reply screening (:mod:`strategies.validation`; the expected
+arrays follow the round's factors), the ``min_valid_replies`` rule, the weighted mean (Flower's
+``FedAvg``), the train metrics, and the bytes actually sent down and up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common import contract
+from common.contract import Factor
+from kernels import stacked_product
+from strategies.metrics import aggregate_train_metrics, broadcast_bytes, reply_bytes
+from strategies.validation import (
+    DEFAULT_MAX_NORM_RATIO,
+    DEFAULT_MAX_NUM_EXAMPLES,
+    ReplyValidator,
+    Screening,
+    common_metrics,
+    expected_arrays,
+    reply_keys,
+)
+
+State = dict[str, torch.Tensor]  # array name -> tensor, as in ``ArrayRecord.to_torch_state_dict``
+
+
+class LoraStrategy(FedAvg):
+    """Screened, weighted FedAvg over the LoRA factors a round trains, then :meth:`merge`.
+
+    Parameters
+    ----------
+    lora_modules : names of the LoRA layers; their arrays are ``lora_key(module, "A" | "B")``.
+    train_head : whether clients train and send back the head (``lora.train-head``).
+    min_valid_replies : fewest valid trained replies that make an update; fewer: no update.
+    max_norm_ratio : reject a reply array whose norm exceeds this × the round's median
+        (0 or inf: off); see :mod:`strategies.validation`.
+    max_num_examples : the largest plausible ``num-examples`` of one reply.
+    **kwargs : passed to :class:`flwr.serverapp.strategy.FedAvg`.
+    """
+
+    TRAIN_FACTORS: tuple[Factor, ...] = ("A", "B")  # every round, unless train_factors says else
+
+    def __init__(self, lora_modules: Sequence[str], *, train_head: bool = True,
+                 min_valid_replies: int = 1, max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO,
+                 max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES, **kwargs) -> None:
+        kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
+        kwargs.setdefault("arrayrecord_key", contract.ARRAYS)
+        kwargs.setdefault("configrecord_key", contract.CONFIG)
+        super().__init__(**kwargs)
+        if not lora_modules:
+            raise ValueError(f"lora_modules is empty: {type(self).__name__} needs at least one "
+                             "LoRA layer")
+        if min_valid_replies < 1:
+            raise ValueError(f"min_valid_replies={min_valid_replies}: must be >= 1")
+        if not (max_norm_ratio == 0 or max_norm_ratio >= 1):
+            raise ValueError(f"max_norm_ratio={max_norm_ratio}: must be 0 (off), >= 1 or inf")
+        self.lora_modules = list(lora_modules)
+        self.train_head = train_head
+        self.min_valid_replies = min_valid_replies
+        self.max_norm_ratio = max_norm_ratio
+        self.max_num_examples = max_num_examples
+        self.last_round_metrics: MetricRecord | None = None
+        self._global: ArrayRecord | None = None
+        self._bytes_down = 0
+
+    # --- what a method decides ------------------------------------------------------------------
+
+    def train_factors(self, server_round: int) -> tuple[Factor, ...]:
+        """The LoRA factors clients train and send back in ``server_round``."""
+        return self.TRAIN_FACTORS
+
+    def merge(self, server_round: int, state: State, averaged: State,
+              replies: list[Message]) -> State:
+        """The new global state; by default the weighted means replace what was trained.
+
+        ``state`` is the previous global state, ``averaged`` the weighted means (p_k) of the
+        arrays of the valid ``replies`` (the round's factors and the head).
+        """
+        return {**state, **averaged}
+
+    def describe(self) -> str:
+        """One line on the method for :meth:`summary`."""
+        return f"train {'+'.join(self.TRAIN_FACTORS)}, average them"
+
+    # --- the shared round -----------------------------------------------------------------------
+
+    def summary(self) -> None:
+        """Log the strategy settings."""
+        log(INFO, "\t├──> %s: %d LoRA layers, %s", type(self).__name__, len(self.lora_modules),
+            self.describe())
+        log(INFO, "\t├──> replies: need %d valid, reject array norms > %g × median",
+            self.min_valid_replies, self.max_norm_ratio)
+        super().summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Sample clients as FedAvg does; name the factors they train and send back."""
+        self._global = arrays
+        config[contract.TRAIN_FACTORS] = ",".join(self.train_factors(server_round))
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._bytes_down = broadcast_bytes(arrays, len(messages))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen the replies, take the weighted means of the valid ones, :meth:`merge`."""
+        replies = list(replies)
+        if self._global is None:
+            log(WARNING, "aggregate_train: no global adapter (configure_train was not called)")
+            self.last_round_metrics = None
+            return None, None
+        screening = self.validator(self._global, server_round).screen(replies)
+        _log_screening(screening)
+        counts = {
+            "bytes-up": reply_bytes(m for m in replies if m.has_content()),
+            "bytes-down": self._bytes_down,
+            "clients-exhausted": len(screening.exhausted),
+            "replies-rejected": screening.num_rejected,
+            "replies-failed": screening.num_failed,
+        }
+        if len(screening.valid) < self.min_valid_replies:
+            log(WARNING, "aggregate_train: %d valid trained repl(ies), min_valid_replies=%d: "
+                "no update this round; the global adapter is unchanged",
+                len(screening.valid), self.min_valid_replies)
+            self.last_round_metrics = MetricRecord({**counts, "clients-trained": 0})
+            return None, None
+        averaged, metrics = super().aggregate_train(server_round, common_metrics(screening.valid))
+        state = self.merge(server_round, self._global.to_torch_state_dict(),
+                           averaged.to_torch_state_dict(), screening.valid)
+        metrics = MetricRecord({**(metrics or {}), **counts})
+        self.last_round_metrics = metrics
+        return ArrayRecord(torch_state_dict=state), metrics
+
+    def validator(self, global_arrays: ArrayRecord, server_round: int) -> ReplyValidator:
+        """The reply check of a round: its factors and the head, shaped as in ``global_arrays``."""
+        keys = reply_keys(global_arrays, self.lora_modules, self.train_factors(server_round),
+                          train_head=self.train_head)
+        return ReplyValidator(expected_arrays(global_arrays, keys),
+                              max_norm_ratio=self.max_norm_ratio,
+                              max_num_examples=self.max_num_examples)
+
+    # --- helpers for methods that need each client's factors ------------------------------------
+
+    def client_weights(self, replies: list[Message]) -> torch.Tensor:
+        """p_k = n_k / Σ n over ``replies`` (float64, (K,)), the weights of the means."""
+        n = torch.tensor([float(m.content[contract.METRICS][self.weighted_by_key])
+                          for m in replies], dtype=torch.float64)
+        return n / n.sum()
+
+    def product_sum(self, module: str, replies: list[Message],
+                    weights: torch.Tensor) -> torch.Tensor:
+        """Σ_k p_k B_k A_k of one LoRA layer over ``replies`` by stacking; (d_out, d_in) float64."""
+        arrays = [m.content[contract.ARRAYS] for m in replies]
+
+        def stack(factor: Factor) -> torch.Tensor:
+            key = contract.lora_key(module, factor)
+            return torch.stack([torch.from_numpy(a[key].numpy()) for a in arrays])
+
+        return stacked_product(stack("B"), stack("A"), weights)  # (K, m, r) and (K, r, n)
+
+
+def fold_into_base(state: State, module: str, delta: torch.Tensor) -> None:
+    """ΔW_module ← ΔW_module + ``delta`` in ``state`` (ΔW absent: 0), added in float64.
+
+    ``delta`` is (d_out, d_in) and already carries the LoRA scale s; ΔW is stored in float32.
+    """
+    key = contract.base_key(module)
+    previous = state.get(key)
+    total = delta.double() if previous is None else previous.double() + delta.double()
+    state[key] = total.to(torch.float32)
+
+
+def _log_screening(screening: Screening) -> None:
+    """One WARNING per rejected reply; one INFO line for clients whose budget is spent."""
+    for rejection in screening.rejected:
+        log(WARNING, "aggregate_train: rejected the reply of node %d: %s",
+            rejection.node_id, rejection.reason)
+    if screening.exhausted:
+        log(INFO, "aggregate_train: %d client(s) skipped the round: privacy budget spent",
+            len(screening.exhausted))

@@ -1,0 +1,298 @@
+"""Baseline strategies (FFA-LoRA, FedAvg-LoRA, FLoRA, FedEx-LoRA, RoLoRA) on fake replies.
+
+Each test builds a global state and client replies by hand, runs one round of the strategy
+without a Flower runtime, and checks the new global state against the method's formula,
+computed densely in float64.
+"""
+
+import tomllib
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.config import flatten_dict
+
+from common import contract
+from common.config import STRATEGIES, AppConfig
+from kernels import stacked_product
+from server.app import STRATEGY_CLASSES, build_strategy
+from strategies import FedAvgLoRA, FedExLoRA, FedSVD, FFALoRA, FLoRA, RoLoRA
+from tests.conftest import ROOT, default_run_config
+
+MODULES = ["enc.0.query", "enc.1.value"]
+SHAPES = {"enc.0.query": (7, 5), "enc.1.value": (4, 6)}  # (d_out, d_in)
+R, SCALE = 3, 2.0
+HEAD = contract.head_key("classifier.weight")
+N = (30, 90)  # num-examples of the two replies: p = (0.25, 0.75)
+P = np.array(N, dtype=np.float64) / sum(N)
+
+
+def a_key(m):
+    return contract.lora_key(m, "A")
+
+
+def b_key(m):
+    return contract.lora_key(m, "B")
+
+
+class FakeGrid:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get_node_ids(self):
+        return list(range(1, self.n + 1))
+
+
+def _tensor(rng, shape) -> torch.Tensor:
+    return torch.tensor(rng.normal(size=shape), dtype=torch.float32)
+
+
+def _global(rng, *, base: bool = False) -> dict[str, torch.Tensor]:
+    """A and B non-zero (as after some rounds), a head, and optionally a ΔW per layer."""
+    state = {}
+    for m, (rows, cols) in SHAPES.items():
+        state[a_key(m)] = _tensor(rng, (R, cols))
+        state[b_key(m)] = _tensor(rng, (rows, R))
+        if base:
+            state[contract.base_key(m)] = _tensor(rng, (rows, cols))
+    state[HEAD] = _tensor(rng, (2, 3))
+    return state
+
+
+def _client_arrays(rng, factors: str) -> dict[str, torch.Tensor]:
+    arrays = {HEAD: _tensor(rng, (2, 3))}
+    for m, (rows, cols) in SHAPES.items():
+        if "A" in factors:
+            arrays[a_key(m)] = _tensor(rng, (R, cols))
+        if "B" in factors:
+            arrays[b_key(m)] = _tensor(rng, (rows, R))
+    return arrays
+
+
+def _reply(node: int, arrays: dict, n: int) -> Message:
+    metrics = MetricRecord({contract.NUM_EXAMPLES: n, contract.TRAIN_LOSS: 1.0,
+                            contract.EPSILON: 2.0, contract.NOISE_MULTIPLIER: 0.9,
+                            contract.BUDGET_EXHAUSTED: 0})
+    content = RecordDict({contract.ARRAYS: ArrayRecord(torch_state_dict=arrays),
+                          contract.METRICS: metrics})
+    instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(content, reply_to=instruction)
+
+
+def _make(cls, **kwargs):
+    if cls in (FLoRA, FedExLoRA):
+        kwargs.setdefault("lora_scale", SCALE)
+    return cls(MODULES, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2, **kwargs)
+
+
+def _round(strategy, state, server_round=1, sent=None, seed=1):
+    """configure_train + aggregate_train with two replies; return what a test checks."""
+    messages = list(strategy.configure_train(server_round, ArrayRecord(torch_state_dict=state),
+                                             ConfigRecord(), FakeGrid(2)))
+    factors = messages[0].content[contract.CONFIG][contract.TRAIN_FACTORS]
+    rng = np.random.default_rng(seed)
+    sent = sent or [_client_arrays(rng, factors) for _ in N]
+    replies = [_reply(k + 1, arrays, n) for k, (arrays, n) in enumerate(zip(sent, N, strict=True))]
+    arrays, metrics = strategy.aggregate_train(server_round, replies)
+    return SimpleNamespace(factors=factors, sent=sent, new=arrays.to_torch_state_dict(),
+                           metrics=metrics, messages=messages, replies=replies)
+
+
+def _mean(sent, key) -> torch.Tensor:
+    return sum(float(p) * s[key].double() for p, s in zip(P, sent, strict=True))
+
+
+def _exact_update(sent, m) -> torch.Tensor:
+    """s Σ_k p_k B_k A_k, densely in float64."""
+    return SCALE * sum(float(p) * s[b_key(m)].double() @ s[a_key(m)].double()
+                       for p, s in zip(P, sent, strict=True))
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float(torch.linalg.norm(got.double() - want) / torch.linalg.norm(want))
+
+
+def test_ffa_keeps_a_and_averages_b():
+    # Prepare
+    state = _global(np.random.default_rng(0))
+    # Execute
+    out = _round(_make(FFALoRA), state)
+    # Assert
+    assert out.factors == "B"
+    for m in MODULES:
+        assert torch.equal(out.new[a_key(m)], state[a_key(m)])
+        assert torch.allclose(out.new[b_key(m)].double(), _mean(out.sent, b_key(m)), atol=1e-6)
+    assert torch.allclose(out.new[HEAD].double(), _mean(out.sent, HEAD), atol=1e-6)
+    assert not any(contract.is_base_key(k) for k in out.new)
+
+
+def test_fedavg_averages_a_and_b_separately():
+    state = _global(np.random.default_rng(0))
+    out = _round(_make(FedAvgLoRA), state)
+    assert out.factors == "A,B"
+    for m in MODULES:
+        for key in (a_key(m), b_key(m)):
+            assert torch.allclose(out.new[key].double(), _mean(out.sent, key), atol=1e-6)
+    assert set(out.new) == set(state)
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_flora_folds_the_stacked_product_into_the_base_and_restarts_lora(with_base):
+    # Prepare: with_base: ΔW of earlier rounds is already in the global state
+    state = _global(np.random.default_rng(0), base=with_base)
+    # Execute
+    out = _round(_make(FLoRA, seed=5), state, server_round=3)
+    # Assert: ΔW_new − ΔW_old = s Σ p_k B_k A_k; B = 0; A fresh, peft's init range
+    assert out.factors == "A,B"
+    for m, (rows, cols) in SHAPES.items():
+        old = state[contract.base_key(m)].double() if with_base else torch.zeros(rows, cols)
+        delta = out.new[contract.base_key(m)].double() - old
+        assert _rel(delta, _exact_update(out.sent, m)) < 1e-6
+        assert out.new[contract.base_key(m)].dtype == torch.float32
+        assert torch.equal(out.new[b_key(m)], torch.zeros(rows, R))
+        new_a = out.new[a_key(m)]
+        assert new_a.shape == (R, cols) and new_a.dtype == torch.float32
+        assert not torch.equal(new_a, state[a_key(m)])
+        assert all(not torch.equal(new_a, s[a_key(m)]) for s in out.sent)
+        assert float(new_a.abs().max()) <= cols ** -0.5
+    assert torch.allclose(out.new[HEAD].double(), _mean(out.sent, HEAD), atol=1e-6)
+
+
+def test_flora_fresh_a_is_seeded_by_seed_and_round():
+    state = _global(np.random.default_rng(0))
+    first = _round(_make(FLoRA, seed=5), state, server_round=3).new
+    again = _round(_make(FLoRA, seed=5), state, server_round=3, seed=9).new
+    next_round = _round(_make(FLoRA, seed=5), state, server_round=4).new
+    other_seed = _round(_make(FLoRA, seed=6), state, server_round=3).new
+    for m in MODULES:
+        assert torch.equal(first[a_key(m)], again[a_key(m)])  # whatever the clients sent
+        assert not torch.equal(first[a_key(m)], next_round[a_key(m)])
+        assert not torch.equal(first[a_key(m)], other_seed[a_key(m)])
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_fedex_residual_makes_the_global_update_exact(with_base):
+    # Prepare
+    state = _global(np.random.default_rng(0), base=with_base)
+    # Execute
+    out = _round(_make(FedExLoRA), state)
+    # Assert: (ΔW_new − ΔW_old) + s B̄ Ā = s Σ p_k B_k A_k, with B̄, Ā the weighted means
+    assert out.factors == "A,B"
+    for m, (rows, cols) in SHAPES.items():
+        B, A = out.new[b_key(m)].double(), out.new[a_key(m)].double()
+        assert torch.allclose(B, _mean(out.sent, b_key(m)), atol=1e-6)
+        assert torch.allclose(A, _mean(out.sent, a_key(m)), atol=1e-6)
+        old = state[contract.base_key(m)].double() if with_base else torch.zeros(rows, cols)
+        delta = out.new[contract.base_key(m)].double() - old
+        exact = _exact_update(out.sent, m)
+        assert _rel(delta + SCALE * B @ A, exact) < 1e-6
+        assert _rel(SCALE * B @ A, exact) > 1e-3  # without the residual it would be inexact
+
+
+def test_rolora_alternates_b_then_a_and_changes_only_that_factor():
+    # Prepare
+    strategy = _make(RoLoRA)
+    state = _global(np.random.default_rng(0))
+    # Execute: round 1, then round 2 from round 1's result
+    first = _round(strategy, state, server_round=1)
+    second = _round(strategy, first.new, server_round=2)
+    # Assert
+    assert (first.factors, second.factors) == ("B", "A")
+    for m in MODULES:
+        assert torch.equal(first.new[a_key(m)], state[a_key(m)])
+        assert torch.allclose(first.new[b_key(m)].double(), _mean(first.sent, b_key(m)),
+                              atol=1e-6)
+        assert torch.equal(second.new[b_key(m)], first.new[b_key(m)])
+        assert torch.allclose(second.new[a_key(m)].double(), _mean(second.sent, a_key(m)),
+                              atol=1e-6)
+    assert [_make(RoLoRA).train_factors(r) for r in range(1, 6)] == [
+        ("B",), ("A",), ("B",), ("A",), ("B",)]
+
+
+# --- every method: the factors asked for, the validator, bytes ---------------------------------
+
+ALL = {"fedsvd": (FedSVD, ["B", "B"]), "ffa": (FFALoRA, ["B", "B"]),
+       "fedavg": (FedAvgLoRA, ["A,B", "A,B"]), "flora": (FLoRA, ["A,B", "A,B"]),
+       "fedex": (FedExLoRA, ["A,B", "A,B"]), "rolora": (RoLoRA, ["B", "A"])}
+WRONG = {"B": "A", "A": "B", "A,B": "B"}
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_each_strategy_asks_for_its_factors_and_rejects_the_wrong_one(name):
+    cls, factors = ALL[name]
+    for server_round, want in enumerate(factors, start=1):
+        # Prepare: one reply with the factors asked for, one with the wrong factor(s)
+        strategy = _make(cls)
+        state = _global(np.random.default_rng(server_round))
+        messages = list(strategy.configure_train(
+            server_round, ArrayRecord(torch_state_dict=state), ConfigRecord(), FakeGrid(2)))
+        rng = np.random.default_rng(0)
+        good = _reply(1, _client_arrays(rng, want), 10)
+        wrong = _reply(2, _client_arrays(rng, WRONG[want]), 10)
+        # Execute
+        screening = strategy.validator(strategy._global, server_round).screen([good, wrong])
+        # Assert
+        assert [m.content[contract.CONFIG][contract.TRAIN_FACTORS] for m in messages] == [want] * 2
+        assert screening.valid == [good]
+        [rejection] = screening.rejected
+        assert rejection.node_id == 2 and rejection.reason.startswith("array(s) missing")
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_bytes_are_those_of_the_arrays_sent_and_received(name):
+    # Prepare: a state with ΔW for the methods that keep one (it is broadcast)
+    cls, _ = ALL[name]
+    state = _global(np.random.default_rng(0), base=cls in (FLoRA, FedExLoRA))
+    # Execute
+    out = _round(_make(cls), state)
+    # Assert
+    down = sum(m.content[contract.ARRAYS].count_bytes() for m in out.messages)
+    assert down == 2 * ArrayRecord(torch_state_dict=state).count_bytes()
+    assert out.metrics["bytes-down"] == down
+    assert out.metrics["bytes-up"] == sum(m.content[contract.ARRAYS].count_bytes()
+                                          for m in out.replies)
+    lora_only = {k: v for k, v in state.items() if not contract.is_base_key(k)}
+    if cls in (FLoRA, FedExLoRA):
+        assert down > 2 * ArrayRecord(torch_state_dict=lora_only).count_bytes()
+        assert all(contract.base_key(m) in out.new for m in MODULES)  # sent next round
+
+
+def test_registry_covers_every_configured_name_and_passes_the_lora_scale():
+    assert set(STRATEGY_CLASSES) == set(STRATEGIES)
+    layout = SimpleNamespace(modules=MODULES, scale=SCALE)
+    for name in STRATEGIES:
+        cfg = AppConfig.from_run_config({"strategy.name": name, "strategy.svd-period": 2,
+                                         "seed": 4})
+        strategy = build_strategy(cfg, layout)
+        assert type(strategy) is STRATEGY_CLASSES[name] is ALL[name][0]
+        assert strategy.lora_modules == MODULES
+    assert build_strategy(AppConfig.from_run_config({"strategy.name": "flora", "seed": 4}),
+                          layout).seed == 4
+    assert build_strategy(AppConfig.from_run_config({"strategy.name": "fedex"}),
+                          layout).lora_scale == SCALE
+    assert build_strategy(AppConfig.from_run_config({"strategy.svd-period": 2}),
+                          layout).svd_period == 2
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "simulations" / "conf").glob("*.toml")),
+                         ids=lambda p: p.stem)
+def test_every_experiment_override_builds_a_valid_config(path):
+    overrides = flatten_dict(tomllib.loads(path.read_text()))
+    cfg = AppConfig.from_run_config({**default_run_config(), **overrides})
+    assert cfg.strategy.name in STRATEGY_CLASSES
+
+
+def test_stacked_product_equals_the_weighted_sum_of_products():
+    rng = np.random.default_rng(3)
+    B = torch.tensor(rng.normal(size=(4, 6, 2)), dtype=torch.float32)
+    A = torch.tensor(rng.normal(size=(4, 2, 5)), dtype=torch.float32)
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    want = sum(w[k] * B[k].double() @ A[k].double() for k in range(4))
+    got = stacked_product(B, A, w)
+    assert got.dtype == torch.float64 and _rel(got, want) < 1e-12
+    with pytest.raises(ValueError, match="expected B"):
+        stacked_product(B, A.transpose(1, 2), w)
+    with pytest.raises(ValueError, match="expected weights"):
+        stacked_product(B, A, w[:3])

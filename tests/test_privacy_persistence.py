@@ -1,0 +1,91 @@
+"""A SuperNode's privacy ledger in a state file survives restarts (fresh Context, same file)."""
+
+import json
+import math
+
+import pytest
+from flwr.app import Context, RecordDict
+from opacus.accountants import RDPAccountant
+
+from client import training as t
+from client.app import PRIVACY_STATE_KEY, train
+from common import contract
+from common.config import AppConfig
+from privacy import PrivacyLedger
+from tests.test_client import NODE, _global_arrays, _train_message
+
+
+def _fresh_context(run_config: dict, state_file) -> Context:
+    """What a restarted SuperNode has: empty Context.state, the same node config."""
+    return Context(run_id=1, node_id=1, node_config={**NODE, PRIVACY_STATE_KEY: str(state_file)},
+                   state=RecordDict(), run_config=run_config)
+
+
+def test_restarted_node_reports_cumulative_epsilon_and_refuses_past_budget(
+        tiny_run_config, tmp_path):
+    # Prepare: a budget that fits exactly three rounds.
+    run_config = {**tiny_run_config, "strategy.num-rounds": 3, "privacy.epsilon": 4.0}
+    cfg = AppConfig.from_run_config(run_config)
+    data = t.load_local_data(cfg, 0, 2)
+    arrays = _global_arrays(cfg, data.num_labels)
+    q = 1 / math.ceil(len(data.train) / cfg.train.batch_size)
+    state_file = tmp_path / "node-0" / "privacy-state.json"
+    independent = RDPAccountant()
+
+    # Execute: every round on a "restarted" node (a fresh Context), sharing only the file.
+    for _ in range(3):
+        metrics = train(_train_message(arrays), _fresh_context(run_config, state_file)
+                        ).content[contract.METRICS]
+        assert metrics[contract.BUDGET_EXHAUSTED] == 0
+        for _ in range(cfg.train.local_steps):
+            independent.step(noise_multiplier=metrics[contract.NOISE_MULTIPLIER], sample_rate=q)
+        # Assert: ε covers the steps of earlier processes too.
+        assert metrics[contract.EPSILON] == pytest.approx(independent.get_epsilon(1e-5), rel=1e-9)
+    assert metrics[contract.EPSILON] <= 4.0
+    refused = train(_train_message(arrays), _fresh_context(run_config, state_file)
+                    ).content[contract.METRICS]
+    assert refused[contract.BUDGET_EXHAUSTED] == 1 and refused[contract.STEPS] == 0
+    assert refused[contract.EPSILON] == metrics[contract.EPSILON]
+
+    saved = json.loads(state_file.read_text())
+    assert saved["noise-multiplier"] == metrics[contract.NOISE_MULTIPLIER]
+    assert sum(e["steps"] for e in saved["history"]) == 3 * cfg.train.local_steps
+    assert all(e["sample-rate"] == q for e in saved["history"])
+    assert sorted(p.name for p in state_file.parent.iterdir()) == [
+        "privacy-state.json", "privacy-state.json.lock"]  # no temporary file left behind
+
+
+def test_ledger_save_is_atomic_and_round_trips(tmp_path, monkeypatch):
+    path = tmp_path / "state.json"
+    first = PrivacyLedger("rdp", [(1.1, 0.05, 10)])
+    first.save(path, noise_multiplier=1.1)
+    second = PrivacyLedger("rdp", [(1.1, 0.05, 10), (1.1, 0.05, 10)])
+
+    def crash(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("privacy.accounting.os.replace", crash)
+    with pytest.raises(OSError):
+        second.save(path, noise_multiplier=1.1)
+    assert PrivacyLedger.load(path, "rdp") == (first, 1.1)  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+    monkeypatch.undo()
+    second.save(path, noise_multiplier=1.1)
+    assert PrivacyLedger.load(path, "prv") == (PrivacyLedger("prv", second.history), 1.1)
+
+
+def test_unreadable_state_file_refuses_to_train(tiny_run_config, tmp_path):
+    state_file = tmp_path / "privacy-state.json"
+    state_file.write_text("{not json")
+    cfg = AppConfig.from_run_config(tiny_run_config)
+    arrays = _global_arrays(cfg, t.load_local_data(cfg, 0, 2).num_labels)
+    with pytest.raises(ValueError, match="unreadable"):
+        train(_train_message(arrays), _fresh_context(tiny_run_config, state_file))
+    assert state_file.read_text() == "{not json"  # never overwritten
+
+
+def test_relative_state_file_is_rejected(tiny_run_config):
+    cfg = AppConfig.from_run_config(tiny_run_config)
+    arrays = _global_arrays(cfg, t.load_local_data(cfg, 0, 2).num_labels)
+    with pytest.raises(ValueError, match="absolute path"):
+        train(_train_message(arrays), _fresh_context(tiny_run_config, "state.json"))
