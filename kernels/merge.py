@@ -2,11 +2,12 @@
 
 AXIS (arXiv 2508.19353): each source Δ_s = B_s A_s = Σ_i σ_si u_si v_siᵀ gives its rank-one
 triplets to one pool; the top-k triplets are summed, Δ = Σ_(top k) σ u vᵀ, and re-orthogonalized
-by a second SVD, because vectors from different sources are not orthogonal. Here the sum is kept
-factored, Δ = (U_sel Σ_sel) V_selᵀ, and its SVD comes from QRs of the two thin factors and a
-k × k float64 core (:func:`kernels.lowrank_svd`). One more source is folded in by Brand's
-incremental SVD (Brand 2006, Sec. 2): project it on the current bases, QR the residuals and
-take the SVD of a (k + r) × (k + r) core.
+by a second SVD, because vectors from different sources are not orthogonal. Each source's
+triplets come from the FedSVD refactorization (:func:`kernels.refactorize`, r × r Gram cores:
+B' = U Σ, A' = Vᵀ); the sum is kept factored, Δ = (U_sel Σ_sel) V_selᵀ, and its SVD comes from
+QRs of the two thin factors and a k × k float64 core (:func:`kernels.lowrank_svd`). One more
+source is folded in by Brand's incremental SVD (Brand 2006, Sec. 2): project it on the current
+bases, QR the residuals and take the SVD of a (k + r) × (k + r) core.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from kernels.lowrank import check_finite, check_pair, lowrank_svd, work_dtype
+from kernels.refactor import refactorize
 
 RankBy = Literal["sigma", "normalized", "quota"]
 
@@ -106,21 +108,59 @@ def top_components(sources: Sequence[tuple[Tensor, Tensor]], k: int, rank_by: Ra
                              f"first source's (L, m, n) = {tuple(sources[0][0].shape[:2])}, "
                              f"{sources[0][1].shape[2]}")
     work = work_dtype(*(t.dtype for pair in sources for t in pair))
-    parts = [lowrank_svd(B.to(work), A.to(work)) for B, A in sources]  # (L,m,t), (L,t), (L,t,n)
+    parts = [_components(B.to(work), A.to(work)) for B, A in sources]
     m, n = sources[0][0].shape[1], sources[0][1].shape[2]
-    pool = sum(S.shape[1] for _, S, _ in parts)
+    pool = sum(S.shape[1] for _, S, _, _ in parts)
     if not 1 <= k <= min(pool, m, n):
         raise ValueError(f"k={k}: need 1 ≤ k ≤ min(pooled components {pool}, m {m}, n {n})")
-    S_w = [S * abs(w) for (_, S, _), w in zip(parts, weights, strict=True)]
-    U = torch.cat([U * (1.0 if w >= 0 else -1.0) for (U, _, _), w in zip(parts, weights,
-                                                                          strict=True)], dim=2)
-    Vh = torch.cat([Vh for _, _, Vh in parts], dim=1)  # (L, R, n)
+    S_w = [S * abs(w) for (_, S, _, _), w in zip(parts, weights, strict=True)]
     raw = torch.cat(S_w, dim=1)  # (L, R)
-    idx = _top_k(_scores([S for _, S, _ in parts], S_w, k, rank_by), raw, k)  # (L, k)
-    S_sel = torch.gather(raw, 1, idx)  # (L, k)
-    U_sel = torch.gather(U, 2, idx[:, None, :].expand(-1, m, -1))  # (L, m, k)
-    Vh_sel = torch.gather(Vh, 1, idx[:, :, None].expand(-1, -1, n))  # (L, k, n)
-    return SVDFactors(*lowrank_svd(U_sel * S_sel[:, None, :], Vh_sel, k))
+    idx = _top_k(_scores([S for _, S, _, _ in parts], S_w, k, rank_by), raw, k)  # (L, k)
+    B_sel, Vh_sel = _gather_selected(parts, weights, idx)  # (L, m, k), (L, k, n)
+    return SVDFactors(*lowrank_svd(B_sel, Vh_sel, k))
+
+
+def _components(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One source's rank-one components: U diag(S) (L, m, t), S (L, t), Vh (L, t, n), order.
+
+    t = min(m, n, r). FedSVD's refactorization (:func:`kernels.refactorize`: two r × r Grams,
+    float64 cores, one pass over the factors, per-layer Householder fallback) gives B' = U Σ and
+    A' = Vh; S are the column norms of B', sorted descending, and ``order`` (L, t) maps sorted
+    positions to columns (the Gram path may order near-equal σ otherwise). U alone is never
+    needed: the merge sums σ u vᵀ. Several times cheaper than :func:`lowrank_svd`, whose two
+    Householder QRs work in LAPACK panels only r wide.
+    """
+    t = min(B.shape[1], A.shape[2], B.shape[2])
+    B_new, A_new = refactorize(B, A)  # (L, m, r), (L, r, n); beyond t: zero columns / rows
+    B_new, A_new = B_new[:, :, :t], A_new[:, :t]
+    norms = torch.diagonal(B_new.mT @ B_new, dim1=1, dim2=2).sqrt()  # (L, t), one bmm pass
+    S, order = torch.sort(norms, dim=1, descending=True, stable=True)  # (L, t), (L, t)
+    return B_new, S, A_new, order
+
+
+def _gather_selected(parts: list[tuple[Tensor, Tensor, Tensor, Tensor]], weights: list[float],
+                     idx: Tensor) -> tuple[Tensor, Tensor]:
+    """w_s σ u (L, m, k) and vᵀ (L, k, n) of the selected pooled components.
+
+    Pooled index j of source s (offset o_s) is column ``order_s[j − o_s]`` of its U Σ. Only the
+    selected columns and rows are copied, source by source: the sources' factors are never
+    concatenated into (L, m, R).
+    """
+    L, k = idx.shape
+    m, n = parts[0][0].shape[1], parts[0][2].shape[2]
+    B_sel = parts[0][0].new_zeros(L, m, k)
+    Vh_sel = parts[0][2].new_zeros(L, k, n)
+    offset = 0
+    for (US, S, Vh, order), w in zip(parts, weights, strict=True):
+        local = idx - offset  # (L, k)
+        offset += S.shape[1]
+        layer, slot = ((local >= 0) & (local < S.shape[1])).nonzero(as_tuple=True)  # (N,) each
+        if layer.numel() == 0:
+            continue
+        col = order[layer, local[layer, slot]]  # (N,) columns of this source's U Σ
+        B_sel[layer, :, slot] = w * US[layer, :, col]  # (N, m)
+        Vh_sel[layer, slot, :] = Vh[layer, col, :]  # (N, n)
+    return B_sel, Vh_sel
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from logging import INFO
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from common.data import encode, eval_subset, load_corpus
 from common.model import build_model, load_tokenizer
 from server.evaluation import GlobalEvaluator
 from server.results import save_run
+from server.resume import prepare_run
 from strategies import FedAvgLoRA, FedExLoRA, FedSVD, FFALoRA, FLoRA, LoraStrategy, RoLoRA
 
 app = ServerApp()
@@ -45,7 +47,11 @@ def build_strategy(cfg: AppConfig, layout: AdapterLayout) -> LoraStrategy:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Initial adapter (B = 0, A = peft init) → strategy rounds → results folder."""
+    """Initial adapter (B = 0, A = peft init) or the last checkpoint → rounds → results folder.
+
+    A checkpoint is written after every round (:mod:`server.resume`); with ``output.resume``
+    the run continues after the last one.
+    """
     cfg = AppConfig.from_run_config(context.run_config)
     corpus = load_corpus(cfg.data, cfg.seed)
     if cfg.privacy.is_private:  # before any training; each client checks its own partition
@@ -58,13 +64,15 @@ def main(grid: Grid, context: Context) -> None:
                     cfg.model.max_length)
     strategy = build_strategy(cfg, layout)
     evaluator = GlobalEvaluator(model, layout, subset=subset, full=full_test,
-                                final_round=cfg.strategy.num_rounds, strategy=strategy)
-    result = strategy.start(
-        grid=grid, initial_arrays=ArrayRecord(torch_state_dict=layout.tensors()),
-        num_rounds=cfg.strategy.num_rounds, train_config=ConfigRecord(),
-        evaluate_fn=evaluator,
-    )
+                                final_round=cfg.strategy.num_rounds, strategy=strategy,
+                                split=corpus.eval_split)
     folder = Path(cfg.output.dir).expanduser().resolve() / cfg.run_name
+    if cfg.train.deterministic:  # the same clients sampled in the same order, given node ids
+        random.seed(cfg.seed)
+    run, initial = prepare_run(strategy, evaluator, folder, cfg,
+                               ArrayRecord(torch_state_dict=layout.tensors()))
+    result = run.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.num_rounds,
+                       train_config=ConfigRecord(), evaluate_fn=evaluator)
     save_run(folder, cfg, evaluator.rows, model=model, layout=layout,
-             arrays=result.arrays or ArrayRecord(torch_state_dict=layout.tensors()))
+             arrays=result.arrays or initial)
     log(INFO, "results written to %s", folder)

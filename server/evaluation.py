@@ -23,12 +23,22 @@ class GlobalEvaluator:
     """
 
     def __init__(self, model: PeftModel, layout: AdapterLayout, *, subset: TensorDataset,
-                 full: TensorDataset, final_round: int, strategy) -> None:
+                 full: TensorDataset, final_round: int, strategy, split: str = "test") -> None:
         self.model, self.layout = model, layout
         self.subset, self.full, self.final_round = subset, full, final_round
+        self.split = split  # "test", or "validation" when tuning (data.validation-fraction)
         self.strategy = strategy  # reads its ``last_round_metrics`` for the per-round log line
         self.rows: list[dict[str, float]] = []
         self._t0 = time.monotonic()
+
+    def restore(self, rows: list[dict[str, float]]) -> None:
+        """Continue from a checkpoint's rows; wall time goes on from the last row's.
+
+        The time between the crash and the resume is not counted.
+        """
+        self.rows = list(rows)
+        if rows:
+            self._t0 = time.monotonic() - float(rows[-1]["wall-seconds"])
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Load ``arrays`` into the model and evaluate it."""
@@ -39,11 +49,12 @@ class GlobalEvaluator:
                                 "eval-examples": len(data)})
         train = dict(self.strategy.last_round_metrics or {}) if server_round else {}
         row = {"round": server_round, "wall-seconds": time.monotonic() - self._t0,
+               "eval-split": self.split,
                contract.ACCURACY: accuracy, contract.LOSS: loss, "eval-examples": len(data),
                **train}
         self.rows.append(row)
-        log(INFO, "round %d | test accuracy %.4f | test loss %.4f | client ε mean %s max %s "
-            "| MB up %.2f down %.2f | %.0f s", server_round, accuracy, loss,
+        log(INFO, "round %d | %s accuracy %.4f | %s loss %.4f | client ε mean %s max %s "
+            "| MB up %.2f down %.2f | %.0f s", server_round, self.split, accuracy, self.split, loss,
             _fmt(train.get("epsilon-mean")), _fmt(train.get("epsilon-max")),
             train.get("bytes-up", 0) / 1e6, train.get("bytes-down", 0) / 1e6,
             row["wall-seconds"])

@@ -14,6 +14,7 @@ arrays follow the round's factors), the ``min_valid_replies`` rule, the weighted
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
 
@@ -141,9 +142,10 @@ class LoraStrategy(FedAvg):
                 len(screening.valid), self.min_valid_replies)
             self.last_round_metrics = MetricRecord({**counts, "clients-trained": 0})
             return None, None
-        averaged, metrics = super().aggregate_train(server_round, common_metrics(screening.valid))
+        valid = sorted(screening.valid, key=content_digest)  # sums independent of arrival order
+        averaged, metrics = super().aggregate_train(server_round, common_metrics(valid))
         state = self.merge(server_round, self._global.to_torch_state_dict(),
-                           averaged.to_torch_state_dict(), screening.valid)
+                           averaged.to_torch_state_dict(), valid)
         metrics = MetricRecord({**(metrics or {}), **counts})
         self.last_round_metrics = metrics
         return ArrayRecord(torch_state_dict=state), metrics
@@ -174,6 +176,22 @@ class LoraStrategy(FedAvg):
             return torch.stack([torch.from_numpy(a[key].numpy()) for a in arrays])
 
         return stacked_product(stack("B"), stack("A"), weights)  # (K, m, r) and (K, r, n)
+
+
+def content_digest(msg: Message) -> bytes:
+    """SHA-256 of a reply's arrays and metrics: an order of replies that ignores arrival order.
+
+    Float sums depend on their order; sorting the replies by this makes a round's aggregate a
+    function of the replies alone, so a repeated (or resumed) run reproduces it bit for bit.
+    """
+    digest = hashlib.sha256()
+    for _, record in sorted(msg.content.array_records.items()):
+        for key in sorted(record):
+            digest.update(key.encode())
+            digest.update(record[key].data)
+    for _, record in sorted(msg.content.metric_records.items()):
+        digest.update(repr(sorted(record.items())).encode())
+    return digest.digest()
 
 
 def fold_into_base(state: State, module: str, delta: torch.Tensor) -> None:

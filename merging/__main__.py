@@ -1,0 +1,5 @@
+"""``python -m merging``: see :mod:`merging.cli`."""
+
+from merging.cli import main
+
+raise SystemExit(main())

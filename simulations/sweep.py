@@ -1,0 +1,171 @@
+"""Methods × ε × seeds × Dirichlet α, one Flower run per cell: ``python -m simulations.sweep``.
+
+Examples
+--------
+python -m simulations.sweep --tune-lr --lrs 0.25,0.5,1,2   # lr per method, on validation data
+python -m simulations.sweep                                # 6 methods × ε inf,6,3,1 × seeds 0,1,2
+python -m simulations.sweep --methods fedsvd,ffa --epsilons 6,1 --seeds 0,1 --out results/small
+    --run-config "strategy.num-rounds=3 train.local-steps=5 data.max-client-examples=200"
+python -m simulations.sweep --report-only --readme         # CSV, plots, table; table into README
+
+Cells run one at a time (``<out>/<method>-eps<ε>-a<α>-seed<s>/``); complete cells are skipped,
+so the same command resumes a sweep, and a failed cell is logged and reported at the end.
+Scale with ``--run-config``: ``strategy.num-rounds`` (rounds), ``train.local-steps`` (DP-SGD
+steps per client per round), ``model.max-length`` (tokens per example),
+``data.max-client-examples`` (training examples per client, 0 = all),
+``data.max-eval-examples`` (per-round eval subset), ``strategy.fraction-train`` (share of
+clients per round); the number of clients is ``--num-supernodes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from flwr.common.config import parse_config_args
+
+from common.config import STRATEGIES
+from simulations import sweep_lr
+from simulations.local_superlink import run_config_args
+from simulations.sweep_cells import ROOT, Runner, flwr_runner, grid, report_outcomes, run_cells
+from simulations.sweep_report import load_runs, markdown_table, summarize, write_report
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in STRATEGIES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}: one of {STRATEGIES}")
+    return methods
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line; ε and seeds default to the sweep's or, with --tune-lr, the tuning's."""
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", type=_methods, default=list(STRATEGIES),
+                   help=f"comma-separated; default {','.join(STRATEGIES)}")
+    p.add_argument("--epsilons", type=_floats, help="default inf,6,3,1 (--tune-lr: 6)")
+    p.add_argument("--seeds", type=_ints, help="default 0,1,2 (--tune-lr: 0)")
+    p.add_argument("--alphas", type=_floats, default=[0.5], help="Dirichlet α; default 0.5")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "sweep",
+                   help="sweep folder: one sub-folder per cell; default results/sweep")
+    p.add_argument("--run-config", action="append", default=[],
+                   help="'k=v ...' or a .toml file, for every cell (repeatable)")
+    p.add_argument("--num-supernodes", type=int, default=6, help="clients")
+    p.add_argument("--cpus-per-client", type=int, default=1)
+    p.add_argument("--cell-timeout", type=float, help="seconds; a slower cell fails")
+    p.add_argument("--lr-file", default=str(sweep_lr.LR_FILE),
+                   help="learning rate per method; 'none': train.learning-rate for all")
+    p.add_argument("--tune-lr", action="store_true",
+                   help="run --lrs on the validation split, write the best per method")
+    p.add_argument("--lrs", type=_floats, default=[0.25, 0.5, 1.0, 2.0],
+                   help="the grid for --tune-lr; default 0.25,0.5,1,2")
+    p.add_argument("--validation-fraction", type=float, default=0.1,
+                   help="--tune-lr: share of the training data held out; default 0.1")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild CSV, plots and table from the run folders in --out")
+    p.add_argument("--readme", type=Path, nargs="?", const=ROOT / "README.md",
+                   help="also put the table between the README's sweep-table markers")
+    p.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
+    args = p.parse_args(argv)
+    args.epsilons = args.epsilons or ([6.0] if args.tune_lr else [float("inf"), 6.0, 3.0, 1.0])
+    args.seeds = args.seeds if args.seeds is not None else ([0] if args.tune_lr else [0, 1, 2])
+    return args
+
+
+def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
+    """Run the sweep (or tune, or only report); return 1 if a cell failed, else 0."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.report_only:
+        return report(args.out, args.readme)
+    command = shlex.join(["python", "-m", "simulations.sweep", *argv])
+    runner = runner or flwr_runner(num_supernodes=args.num_supernodes,
+                                   cpus_per_client=args.cpus_per_client, timeout=args.cell_timeout)
+    if args.tune_lr:
+        return tune(args, runner, command)
+    cells = grid(args.methods, args.epsilons, args.alphas, args.seeds, _learning_rates(args))
+    if args.dry_run:
+        print("\n".join(f"{c.name}  lr {c.lr if c.lr is not None else '(run config)'}"
+                        for c in cells))
+        return 0
+    outcomes = run_cells(cells, args.out, overrides=args.run_config, runner=runner,
+                         command=command)
+    code = report_outcomes(outcomes)
+    if any(o.status != "failed" for o in outcomes):
+        code = max(code, report(args.out, args.readme))
+    return code
+
+
+def _learning_rates(args: argparse.Namespace) -> dict[str, float] | None:
+    if args.lr_file.lower() in ("", "none"):
+        return None
+    if not Path(args.lr_file).is_file():
+        print(f"[sweep] no {args.lr_file}: every method uses train.learning-rate of the run "
+              "config (run --tune-lr first to tune it on the validation split)")
+        return None
+    if "train.learning-rate" in parse_config_args(run_config_args(args.run_config)):
+        raise SystemExit(f"--run-config sets train.learning-rate and {args.lr_file} sets one "
+                         "per method: pass --lr-file none to use the run config's")
+    return sweep_lr.learning_rates_for(Path(args.lr_file), args.methods)
+
+
+def tune(args: argparse.Namespace, runner: Runner, command: str) -> int:
+    """The learning-rate grid on the validation split; the best rate per method to --lr-file."""
+    cells = sweep_lr.tuning_grid(args.methods, args.epsilons, args.alphas, args.seeds,
+                                 args.lrs, args.validation_fraction)
+    folder = args.out / "lr-tuning"
+    if args.dry_run:
+        print("\n".join(c.name for c in cells))
+        return 0
+    code = report_outcomes(run_cells(cells, folder, overrides=args.run_config, runner=runner,
+                                     command=command))
+    final = load_runs(folder).final
+    final = final[final["run"].isin({c.name for c in cells})]
+    if final.empty:
+        print("[tune] no tuning run completed; nothing written")
+        return 1
+    table = markdown_table(summarize(final, by=("method", "learning_rate", "alpha")),
+                           column="learning_rate")
+    (folder / "results.md").write_text(f"Final validation accuracy\n\n{table}\n")
+    chosen, incomplete = sweep_lr.choose_learning_rates(final, args.lrs)
+    note = {"tuned-on": (f"ε {','.join(f'{e:g}' for e in args.epsilons)}; α "
+                         f"{','.join(f'{a:g}' for a in args.alphas)}; seeds "
+                         f"{','.join(map(str, args.seeds))}; data.validation-fraction "
+                         f"{args.validation_fraction:g}; {datetime.now(UTC):%Y-%m-%d}"),
+            "command": command}
+    if chosen:
+        sweep_lr.write_learning_rates(Path(args.lr_file), chosen, note)
+    print(f"{table}\n\n[tune] chosen: " + ", ".join(
+        f"{m} {t['learning-rate']:g}" for m, t in chosen.items()) + f" -> {args.lr_file}")
+    if incomplete:
+        print(f"[tune] not written (some rate has no complete run): {', '.join(incomplete)}")
+    return 1 if incomplete else code
+
+
+def report(folder: Path, readme: Path | None) -> int:
+    """Build CSV, plots and table from ``folder``; print the table; 1 on a problem."""
+    try:
+        written = write_report(folder, readme=readme)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"[report] {exc}")
+        return 1
+    print(written["table"].read_text())
+    print("[report] wrote " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
