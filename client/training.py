@@ -60,7 +60,8 @@ def device() -> torch.device:
 def build_global_model(cfg: AppConfig, num_labels: int,
                        arrays: ArrayRecord) -> tuple[PeftModel, AdapterLayout]:
     """Fresh LoRA model on this node's device, with the server's global adapter loaded."""
-    model = build_model(cfg.model, cfg.lora, num_labels=num_labels, seed=cfg.seed, device=device())
+    model = build_model(cfg.model, cfg.lora, num_labels=num_labels, seed=cfg.seed, device=device(),
+                        svd_form=cfg.strategy.svd_form)
     layout = AdapterLayout.from_model(model)
     layout.load(arrays.to_torch_state_dict())
     return model, layout
@@ -83,11 +84,11 @@ def seed_local_randomness(cfg: AppConfig, config: ConfigRecord, partition_id: in
 
 
 def parse_factors(config: ConfigRecord) -> tuple[Factor, ...]:
-    """Which LoRA factors the strategy asks this client to train (FedSVD: only B)."""
+    """Which LoRA factors the strategy asks this client to train (FedSVD: only B; merge-sv: S)."""
     raw = str(config.get(contract.TRAIN_FACTORS, "B"))
     factors = tuple(f.strip() for f in raw.split(",") if f.strip())
-    if not factors or len(set(factors)) < len(factors) or any(f not in "AB" for f in factors):
-        raise ValueError(f"{contract.TRAIN_FACTORS}={raw!r}: expected 'B', 'A' or 'A,B'")
+    if not factors or len(set(factors)) < len(factors) or any(f not in "ABS" for f in factors):
+        raise ValueError(f"{contract.TRAIN_FACTORS}={raw!r}: expected 'B', 'A', 'A,B' or 'S'")
     return factors  # type: ignore[return-value]
 
 

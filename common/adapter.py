@@ -1,7 +1,8 @@
 """Explicit names for the adapter's tensors: LoRA pairs (A, B) and the classification head.
 
 The layout is read once from a peft model by module type (``LoraLayer``,
-``ModulesToSaveWrapper``), never by slicing state-dict names. Array names follow
+``ModulesToSaveWrapper``, :class:`~common.singular_values.SingularValueLinear`), never by
+slicing state-dict names. Array names follow
 :mod:`common.contract`. Besides A, B and the head, :meth:`AdapterLayout.load` applies the
 optional base-weight residuals ΔW (``contract.base_key``) of FLoRA and FedEx-LoRA on top of the
 pretrained weights.
@@ -18,6 +19,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 
 from common.contract import Factor, base_key, head_key, lora_key
+from common.singular_values import SingularValueLinear
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,8 @@ class LoraPair:
 
     ``W`` is the frozen base weight (``<module>.base_layer.weight``), (d_out, d_in) like
     ``nn.Linear.weight``, or (d_in, d_out) when ``fan_in_fan_out`` (GPT-2's ``Conv1D``).
+    ``S`` (r,) is set for a layer in SVD form (:mod:`common.singular_values`):
+    W = W0 + s · B diag(S) A.
     """
 
     module: str
@@ -34,10 +38,20 @@ class LoraPair:
     W: torch.nn.Parameter
     scale: float
     fan_in_fan_out: bool = False
+    S: torch.nn.Parameter | None = None
+
+    @property
+    def factor_names(self) -> tuple[Factor, ...]:
+        """The factors this layer has: A, B, and S in SVD form."""
+        return ("A", "B") if self.S is None else ("A", "B", "S")
 
     def factor(self, name: Factor) -> torch.nn.Parameter:
-        """Return A or B by name."""
-        return self.A if name == "A" else self.B
+        """Return A, B or S by name; raise if the layer has no such factor."""
+        param = {"A": self.A, "B": self.B, "S": self.S}.get(name)
+        if param is None:
+            raise ValueError(f"LoRA layer {self.module!r} has no factor {name!r} (it has "
+                             f"{', '.join(self.factor_names)})")
+        return param
 
 
 @dataclass(frozen=True)
@@ -57,10 +71,12 @@ class AdapterLayout:
         head: dict[str, torch.nn.Parameter] = {}
         for name, module in model.base_model.model.named_modules():
             if isinstance(module, LoraLayer) and adapter in module.lora_A:
+                lora_A = module.lora_A[adapter]
                 pairs.append(LoraPair(
-                    name, module.lora_A[adapter].weight, module.lora_B[adapter].weight,
+                    name, lora_A.weight, module.lora_B[adapter].weight,
                     module.get_base_layer().weight, float(module.scaling[adapter]),
                     bool(getattr(module, "fan_in_fan_out", False)),
+                    lora_A.singular_values if isinstance(lora_A, SingularValueLinear) else None,
                 ))
             elif isinstance(module, ModulesToSaveWrapper):
                 for pname, param in module.modules_to_save[adapter].named_parameters():
@@ -83,12 +99,12 @@ class AdapterLayout:
                              "rank or alpha patterns are not supported")
         return scales.pop()
 
-    def tensors(self, factors: Iterable[Factor] = ("A", "B"), head: bool = True) -> dict:
-        """Detached CPU copies of the chosen tensors, keyed by array name."""
-        factors = tuple(factors)
+    def tensors(self, factors: Iterable[Factor] | None = None, head: bool = True) -> dict:
+        """Detached CPU copies of the chosen factors (default: all) and the head, by array name."""
+        chosen = None if factors is None else tuple(factors)
         out: dict[str, torch.Tensor] = {}
         for pair in self.pairs:
-            for f in factors:
+            for f in pair.factor_names if chosen is None else chosen:
                 out[lora_key(pair.module, f)] = pair.factor(f).detach().cpu().clone()
         if head:
             out.update({k: p.detach().cpu().clone() for k, p in self.head.items()})
@@ -96,7 +112,7 @@ class AdapterLayout:
 
     def all_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Every adapter parameter keyed by array name."""
-        params = {lora_key(p.module, f): p.factor(f) for p in self.pairs for f in ("A", "B")}
+        params = {lora_key(p.module, f): p.factor(f) for p in self.pairs for f in p.factor_names}
         params.update(self.head)
         return params
 

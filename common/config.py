@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = ("fedsvd", "ffa", "fedavg", "flora", "fedex", "rolora")
+LORA_METHODS = ("fedsvd", "ffa", "fedavg", "flora", "fedex", "rolora")  # from scratch; the sweep's
+STRATEGIES = (*LORA_METHODS, "merge-sv")  # merge-sv: adapt a merged adapter by its σ alone
 PARTITIONERS = ("dirichlet", "iid")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
@@ -59,6 +60,12 @@ class StrategyConfig:
     svd_period: int = 1  # fedsvd only
     min_valid_replies: int = 1  # fewer valid trained replies in a round: no update
     max_norm_ratio: float = 10.0  # reject a reply array with norm > this × median; 0/inf: off
+    merged_adapter: str = ""  # merge-sv only: the peft adapter folder of `python -m merging`
+
+    @property
+    def svd_form(self) -> bool:
+        """Whether LoRA layers are W0 + s · B diag(σ) A with σ trained alone (merge-sv)."""
+        return self.name == "merge-sv"
 
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
@@ -76,6 +83,9 @@ class StrategyConfig:
                self.min_valid_replies, "must be >= 1")
         _check(p, self.max_norm_ratio == 0 or self.max_norm_ratio >= 1, "strategy.max-norm-ratio",
                self.max_norm_ratio, "must be 0 (off), >= 1, or inf (off)")
+        _check(p, bool(self.merged_adapter) == self.svd_form, "strategy.merged-adapter",
+               self.merged_adapter, "required with strategy.name='merge-sv' (a folder written "
+               "by `python -m merging`), empty with any other strategy")
         return p
 
 

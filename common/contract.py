@@ -18,7 +18,8 @@ METRICS = "metrics"
 
 # ConfigRecord keys sent by the strategy.
 SERVER_ROUND = "server-round"
-TRAIN_FACTORS = "train-factors"  # LoRA factors the client trains and sends back: "B", "A", "A,B"
+TRAIN_FACTORS = "train-factors"  # LoRA factors the client trains and sends back: "B", "A",
+# "A,B", or "S" (the singular values σ of a layer in SVD form, see common.singular_values)
 
 # MetricRecord keys of a train reply.
 NUM_EXAMPLES = "num-examples"
@@ -35,12 +36,15 @@ B_DELTA_NORM = "b-delta-norm"  # ||after - before||_F over the trained factors (
 ACCURACY = "accuracy"
 LOSS = "loss"
 
-Factor = Literal["A", "B"]
+Factor = Literal["A", "B", "S"]  # S: σ (r,) of W = W0 + s · B diag(σ) A (merge-sv)
 BASE_PREFIX = "base."
 
 
 def lora_key(module: str, factor: Factor) -> str:
-    """Array name of one LoRA factor, e.g. ``bert.encoder.layer.0.attention.self.query.lora_B``."""
+    """Array name of one LoRA factor, e.g. ``bert.encoder.layer.0.attention.self.query.lora_B``.
+
+    ``lora_S`` is the (r,) vector σ of a layer in SVD form (:mod:`common.singular_values`).
+    """
     return f"{module}.lora_{factor}"
 
 

@@ -20,6 +20,7 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from common.config import LoraSettings, ModelConfig  # noqa: E402
+from common.singular_values import install_singular_values  # noqa: E402
 
 hf_logging.set_verbosity_error()  # the "classifier MISSING" load report is expected: it is new
 
@@ -56,6 +57,7 @@ def build_model(
     num_labels: int,
     seed: int,
     device: torch.device | str = "cpu",
+    svd_form: bool = False,
 ) -> PeftModel:
     """Pretrained encoder + LoRA on ``lora_cfg.target_modules`` + a new classification head.
 
@@ -63,6 +65,8 @@ def build_model(
     the saved adapter; whether it trains is decided later by the caller. ``seed`` makes the head
     and A initialisation identical on every node. The model is moved to ``device`` *before*
     ``get_peft_model`` (Opacus #820: otherwise LoRA weights can silently never change).
+    With ``svd_form`` every LoRA layer computes W0 + s · B diag(σ) A with a σ (r,) of its own
+    (:func:`common.singular_values.install_singular_values`; the ``merge-sv`` strategy).
     """
     torch.manual_seed(seed)
     base = AutoModelForSequenceClassification.from_pretrained(
@@ -76,4 +80,7 @@ def build_model(
         target_modules=list(lora_cfg.target_modules),
         modules_to_save=HEAD_MODULES,
     )
-    return get_peft_model(base, config)
+    model = get_peft_model(base, config)
+    if svd_form:
+        install_singular_values(model)
+    return model

@@ -11,6 +11,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from privacy import grad_samplers  # noqa: F401  (registers SingularValueLinear with Opacus)
 from privacy.accounting import PrivacyLedger
 
 # Expected with frozen inputs (only LoRA B and the head need gradients): Opacus' hooks fire on

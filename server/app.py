@@ -17,14 +17,24 @@ from common.model import build_model, load_tokenizer
 from server.evaluation import GlobalEvaluator
 from server.results import save_run
 from server.resume import prepare_run
-from strategies import FedAvgLoRA, FedExLoRA, FedSVD, FFALoRA, FLoRA, LoraStrategy, RoLoRA
+from strategies import (
+    FedAvgLoRA,
+    FedExLoRA,
+    FedSVD,
+    FFALoRA,
+    FLoRA,
+    LoraStrategy,
+    MergeSV,
+    RoLoRA,
+)
+from strategies.merge_sv import merged_adapter_state
 
 app = ServerApp()
 
 
 STRATEGY_CLASSES: dict[str, type[LoraStrategy]] = {
     "fedsvd": FedSVD, "ffa": FFALoRA, "fedavg": FedAvgLoRA, "flora": FLoRA, "fedex": FedExLoRA,
-    "rolora": RoLoRA,
+    "rolora": RoLoRA, "merge-sv": MergeSV,
 }
 
 
@@ -47,17 +57,23 @@ def build_strategy(cfg: AppConfig, layout: AdapterLayout) -> LoraStrategy:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Initial adapter (B = 0, A = peft init) or the last checkpoint → rounds → results folder.
+    """Initial adapter or the last checkpoint → rounds → results folder.
 
-    A checkpoint is written after every round (:mod:`server.resume`); with ``output.resume``
-    the run continues after the last one.
+    The initial adapter is B = 0 and peft's A, or for merge-sv the merged adapter in SVD form
+    (:mod:`strategies.merge_sv`). A checkpoint is written after every round
+    (:mod:`server.resume`); with ``output.resume`` the run continues after the last one.
     """
     cfg = AppConfig.from_run_config(context.run_config)
     corpus = load_corpus(cfg.data, cfg.seed)
     if cfg.privacy.is_private:  # before any training; each client checks its own partition
         check_delta(cfg.privacy.delta, len(corpus.train), "the whole training split")
-    model = build_model(cfg.model, cfg.lora, num_labels=corpus.num_labels, seed=cfg.seed)
+    model = build_model(cfg.model, cfg.lora, num_labels=corpus.num_labels, seed=cfg.seed,
+                        svd_form=cfg.strategy.svd_form)
     layout = AdapterLayout.from_model(model)
+    initial_state = layout.tensors()  # B = 0, A = peft's init, the seeded head
+    if cfg.strategy.svd_form:  # merge-sv: U, V and σ of the merged adapter
+        initial_state |= merged_adapter_state(cfg.strategy.merged_adapter, layout.modules,
+                                              cfg.lora.r, layout.scale)
     tokenizer = load_tokenizer(cfg.model)
     full_test = encode(corpus.test, tokenizer, cfg.model.max_length)
     subset = encode(eval_subset(corpus.test, cfg.data.max_eval_examples, cfg.seed), tokenizer,
@@ -70,7 +86,7 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.train.deterministic:  # the same clients sampled in the same order, given node ids
         random.seed(cfg.seed)
     run, initial = prepare_run(strategy, evaluator, folder, cfg,
-                               ArrayRecord(torch_state_dict=layout.tensors()))
+                               ArrayRecord(torch_state_dict=initial_state))
     result = run.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.num_rounds,
                        train_config=ConfigRecord(), evaluate_fn=evaluator)
     save_run(folder, cfg, evaluator.rows, model=model, layout=layout,

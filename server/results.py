@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from common import contract
 from common.adapter import AdapterLayout
 from common.config import AppConfig
+from common.singular_values import fold_singular_values
 
 BASE_DELTA_FILE = "base_delta.safetensors"  # ΔW of FLoRA / FedEx-LoRA, beside the peft files
 
@@ -42,10 +43,13 @@ def save_adapter(model: PeftModel, layout: AdapterLayout, arrays: ArrayRecord,
     """Save ``arrays`` as a peft adapter (``adapter_config.json`` + safetensors), plus ΔW.
 
     The base-weight residuals of ``arrays`` (FLoRA, FedEx-LoRA) go to ``BASE_DELTA_FILE`` in
-    the same folder; a stale one from an earlier run is removed when there are none.
+    the same folder; a stale one from an earlier run is removed when there are none. A model
+    in SVD form (merge-sv) is saved as ordinary LoRA with B diag(σ) as B, and is left so:
+    ``layout`` no longer describes it.
     """
     state = arrays.to_torch_state_dict()
     layout.load(state)
+    fold_singular_values(model)  # merge-sv: B ← B diag(σ), plain LoRA that peft can load
     model.save_pretrained(folder)
     deltas = {k: v.contiguous() for k, v in state.items() if contract.is_base_key(k)}
     path = folder / BASE_DELTA_FILE

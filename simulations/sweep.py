@@ -27,7 +27,7 @@ from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
-from common.config import STRATEGIES
+from common.config import LORA_METHODS, STRATEGIES
 from simulations import sweep_lr
 from simulations.local_superlink import run_config_args
 from simulations.sweep_cells import ROOT, Runner, flwr_runner, grid, report_outcomes, run_cells
@@ -54,8 +54,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """The command line; ε and seeds default to the sweep's or, with --tune-lr, the tuning's."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", type=_methods, default=list(STRATEGIES),
-                   help=f"comma-separated; default {','.join(STRATEGIES)}")
+    p.add_argument("--methods", type=_methods, default=list(LORA_METHODS),
+                   help=f"comma-separated, of {','.join(STRATEGIES)} (merge-sv needs "
+                   f"strategy.merged-adapter); default {','.join(LORA_METHODS)}")
     p.add_argument("--epsilons", type=_floats, help="default inf,6,3,1 (--tune-lr: 6)")
     p.add_argument("--seeds", type=_ints, help="default 0,1,2 (--tune-lr: 0)")
     p.add_argument("--alphas", type=_floats, default=[0.5], help="Dirichlet α; default 0.5")

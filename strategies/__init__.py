@@ -6,6 +6,8 @@ from strategies.fedex import FedExLoRA
 from strategies.fedsvd import FedSVD
 from strategies.ffa import FFALoRA
 from strategies.flora import FLoRA
+from strategies.merge_sv import MergeSV
 from strategies.rolora import RoLoRA
 
-__all__ = ["FFALoRA", "FLoRA", "FedAvgLoRA", "FedExLoRA", "FedSVD", "LoraStrategy", "RoLoRA"]
+__all__ = ["FFALoRA", "FLoRA", "FedAvgLoRA", "FedExLoRA", "FedSVD", "LoraStrategy", "MergeSV",
+           "RoLoRA"]

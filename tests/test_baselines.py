@@ -1,4 +1,5 @@
-"""Baseline strategies (FFA-LoRA, FedAvg-LoRA, FLoRA, FedEx-LoRA, RoLoRA) on fake replies.
+"""Baseline strategies (FFA-LoRA, FedAvg-LoRA, FLoRA, FedEx-LoRA, RoLoRA) and merge-sv on fake
+replies.
 
 Each test builds a global state and client replies by hand, runs one round of the strategy
 without a Flower runtime, and checks the new global state against the method's formula,
@@ -15,10 +16,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common.config import flatten_dict
 
 from common import contract
-from common.config import STRATEGIES, AppConfig
+from common.config import LORA_METHODS, STRATEGIES, AppConfig
 from kernels import stacked_product
 from server.app import STRATEGY_CLASSES, build_strategy
-from strategies import FedAvgLoRA, FedExLoRA, FedSVD, FFALoRA, FLoRA, RoLoRA
+from strategies import FedAvgLoRA, FedExLoRA, FedSVD, FFALoRA, FLoRA, MergeSV, RoLoRA
 from tests.conftest import ROOT, default_run_config
 
 MODULES = ["enc.0.query", "enc.1.value"]
@@ -37,6 +38,10 @@ def b_key(m):
     return contract.lora_key(m, "B")
 
 
+def s_key(m):
+    return contract.lora_key(m, "S")
+
+
 class FakeGrid:
     def __init__(self, n: int) -> None:
         self.n = n
@@ -49,14 +54,16 @@ def _tensor(rng, shape) -> torch.Tensor:
     return torch.tensor(rng.normal(size=shape), dtype=torch.float32)
 
 
-def _global(rng, *, base: bool = False) -> dict[str, torch.Tensor]:
-    """A and B non-zero (as after some rounds), a head, and optionally a ΔW per layer."""
+def _global(rng, *, base: bool = False, svd: bool = False) -> dict[str, torch.Tensor]:
+    """A and B non-zero (as after some rounds), a head, optionally a ΔW or a σ per layer."""
     state = {}
     for m, (rows, cols) in SHAPES.items():
         state[a_key(m)] = _tensor(rng, (R, cols))
         state[b_key(m)] = _tensor(rng, (rows, R))
         if base:
             state[contract.base_key(m)] = _tensor(rng, (rows, cols))
+        if svd:
+            state[s_key(m)] = _tensor(rng, (R,))
     state[HEAD] = _tensor(rng, (2, 3))
     return state
 
@@ -68,6 +75,8 @@ def _client_arrays(rng, factors: str) -> dict[str, torch.Tensor]:
             arrays[a_key(m)] = _tensor(rng, (R, cols))
         if "B" in factors:
             arrays[b_key(m)] = _tensor(rng, (rows, R))
+        if "S" in factors:
+            arrays[s_key(m)] = _tensor(rng, (R,))
     return arrays
 
 
@@ -215,8 +224,9 @@ def test_rolora_alternates_b_then_a_and_changes_only_that_factor():
 
 ALL = {"fedsvd": (FedSVD, ["B", "B"]), "ffa": (FFALoRA, ["B", "B"]),
        "fedavg": (FedAvgLoRA, ["A,B", "A,B"]), "flora": (FLoRA, ["A,B", "A,B"]),
-       "fedex": (FedExLoRA, ["A,B", "A,B"]), "rolora": (RoLoRA, ["B", "A"])}
-WRONG = {"B": "A", "A": "B", "A,B": "B"}
+       "fedex": (FedExLoRA, ["A,B", "A,B"]), "rolora": (RoLoRA, ["B", "A"]),
+       "merge-sv": (MergeSV, ["S", "S"])}
+WRONG = {"B": "A", "A": "B", "A,B": "B", "S": "B"}
 
 
 @pytest.mark.parametrize("name", sorted(ALL))
@@ -225,7 +235,7 @@ def test_each_strategy_asks_for_its_factors_and_rejects_the_wrong_one(name):
     for server_round, want in enumerate(factors, start=1):
         # Prepare: one reply with the factors asked for, one with the wrong factor(s)
         strategy = _make(cls)
-        state = _global(np.random.default_rng(server_round))
+        state = _global(np.random.default_rng(server_round), svd=cls is MergeSV)
         messages = list(strategy.configure_train(
             server_round, ArrayRecord(torch_state_dict=state), ConfigRecord(), FakeGrid(2)))
         rng = np.random.default_rng(0)
@@ -244,7 +254,8 @@ def test_each_strategy_asks_for_its_factors_and_rejects_the_wrong_one(name):
 def test_bytes_are_those_of_the_arrays_sent_and_received(name):
     # Prepare: a state with ΔW for the methods that keep one (it is broadcast)
     cls, _ = ALL[name]
-    state = _global(np.random.default_rng(0), base=cls in (FLoRA, FedExLoRA))
+    state = _global(np.random.default_rng(0), base=cls in (FLoRA, FedExLoRA),
+                    svd=cls is MergeSV)
     # Execute
     out = _round(_make(cls), state)
     # Assert
@@ -263,8 +274,9 @@ def test_registry_covers_every_configured_name_and_passes_the_lora_scale():
     assert set(STRATEGY_CLASSES) == set(STRATEGIES)
     layout = SimpleNamespace(modules=MODULES, scale=SCALE)
     for name in STRATEGIES:
+        merged = {"strategy.merged-adapter": "merged/"} if name not in LORA_METHODS else {}
         cfg = AppConfig.from_run_config({"strategy.name": name, "strategy.svd-period": 2,
-                                         "seed": 4})
+                                         "seed": 4, **merged})
         strategy = build_strategy(cfg, layout)
         assert type(strategy) is STRATEGY_CLASSES[name] is ALL[name][0]
         assert strategy.lora_modules == MODULES
@@ -296,3 +308,24 @@ def test_stacked_product_equals_the_weighted_sum_of_products():
         stacked_product(B, A.transpose(1, 2), w)
     with pytest.raises(ValueError, match="expected weights"):
         stacked_product(B, A, w[:3])
+
+
+def test_merge_sv_averages_sigma_and_keeps_u_and_v():
+    # Prepare: a state in SVD form (U, V, σ per layer)
+    state = _global(np.random.default_rng(0), svd=True)
+    # Execute
+    out = _round(_make(MergeSV), state)
+    # Assert: σ̄ = Σ p_k σ_k, U and V unchanged, so s U diag(σ̄) Vᵀ = Σ p_k s U diag(σ_k) Vᵀ
+    assert out.factors == "S"
+    for m in MODULES:
+        assert torch.equal(out.new[a_key(m)], state[a_key(m)])
+        assert torch.equal(out.new[b_key(m)], state[b_key(m)])
+        assert torch.allclose(out.new[s_key(m)].double(), _mean(out.sent, s_key(m)), atol=1e-6)
+        U, V = state[b_key(m)].double(), state[a_key(m)].double()
+        got = U @ torch.diag(out.new[s_key(m)].double()) @ V
+        want = sum(float(p) * U @ torch.diag(s[s_key(m)].double()) @ V
+                   for p, s in zip(P, out.sent, strict=True))
+        assert _rel(got, want) <= 1e-6
+    assert torch.allclose(out.new[HEAD].double(), _mean(out.sent, HEAD), atol=1e-6)
+    # Each upload is R floats per layer (plus the head), far less than B
+    assert all(set(a) == {HEAD, *map(s_key, MODULES)} for a in out.sent)

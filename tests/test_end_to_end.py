@@ -2,16 +2,20 @@
 
 import csv
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel
+from test_merging import random_pairs, write_adapter
 from transformers import AutoModelForSequenceClassification
 
 from common.config import AppConfig
 from common.data import encode, load_corpus
 from common.evaluation import evaluate
 from common.model import load_tokenizer
+from merging.sources import load_adapter
 from simulations.local_superlink import flwr_run
 from tests.conftest import ROOT
 
@@ -20,29 +24,61 @@ def _toml_overrides(values: dict) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
-def test_two_round_simulation_writes_metrics_and_a_loadable_adapter(tiny_run_config, tmp_path):
+def _run_tiny(tiny_run_config: dict, tmp_path, name: str, **extra) -> tuple[Path, list[dict]]:
+    """`flwr run` of the tiny config (3 nodes) into ``name``; its folder and metrics rows."""
     overrides = {k: tiny_run_config[k] for k in (
         "model.path", "model.max-length", "data.source", "data.text-column",
         "data.label-column", "data.max-eval-examples", "data.partitioner", "train.batch-size",
         "train.local-steps", "strategy.num-rounds", "lora.r", "lora.alpha", "output.dir")}
-    overrides["output.run-name"] = "e2e"
+    overrides |= {**extra, "output.run-name": name}
     code = flwr_run(ROOT, run_config=_toml_overrides(overrides), num_supernodes=3,
                     flwr_home=tmp_path / "flwr-home", timeout=540)
     assert code == 0
-    folder = tmp_path / "results" / "e2e"
+    folder = tmp_path / "results" / name
     rows = list(csv.DictReader((folder / "metrics.csv").open()))
     assert [int(r["round"]) for r in rows] == [0, 1, 2]
     assert all(0 < float(r["epsilon-max"]) <= 6.0 for r in rows[1:])
-    assert all(int(r["bytes-up"]) > 0 and int(r["bytes-down"]) > 0 for r in rows[1:])
+    return folder, rows
 
-    # The saved adapter loads with peft and reproduces the server's final evaluation.
-    cfg = AppConfig.from_run_config(tiny_run_config)
+
+def _peft_evaluation(run_config: dict, adapter: Path) -> tuple[float, float]:
+    """(loss, accuracy) on the test split of the adapter loaded by peft alone."""
+    cfg = AppConfig.from_run_config(run_config)
     corpus = load_corpus(cfg.data, cfg.seed)
     base = AutoModelForSequenceClassification.from_pretrained(
         cfg.model.path, num_labels=corpus.num_labels, ignore_mismatched_sizes=True)
-    model = PeftModel.from_pretrained(base, folder / "adapter")
-    test = encode(corpus.test, load_tokenizer(cfg.model), cfg.model.max_length)
-    loss, accuracy = evaluate(model, test)
+    model = PeftModel.from_pretrained(base, adapter)
+    return evaluate(model, encode(corpus.test, load_tokenizer(cfg.model), cfg.model.max_length))
+
+
+def test_two_round_simulation_writes_metrics_and_a_loadable_adapter(tiny_run_config, tmp_path):
+    folder, rows = _run_tiny(tiny_run_config, tmp_path, "e2e")
+    assert all(int(r["bytes-up"]) > 0 and int(r["bytes-down"]) > 0 for r in rows[1:])
+
+    # The saved adapter loads with peft and reproduces the server's final evaluation.
+    loss, accuracy = _peft_evaluation(tiny_run_config, folder / "adapter")
     assert accuracy == pytest.approx(float(rows[-1]["accuracy"]), abs=1e-9)
     assert loss == pytest.approx(float(rows[-1]["loss"]), rel=1e-5)
     assert torch.isfinite(torch.tensor(loss))
+
+
+def test_merge_sv_simulation_trains_only_sigma_of_the_merged_adapter(tiny_run_config, tmp_path):
+    # Prepare: a rank-4 adapter of the tiny BERT as the merge to adapt
+    pairs = random_pairs(np.random.default_rng(0), 4)
+    merged = write_adapter(tmp_path / "merged", pairs, r=4, alpha=4, head=False)
+    extra = {"strategy.name": "merge-sv", "strategy.merged-adapter": str(merged)}
+    # Execute
+    folder, rows = _run_tiny(tiny_run_config, tmp_path, "merge-sv", **extra)
+    # Assert: clients uploaded σ and the head only (4 layers × r = 4, head (3, 32) + 3)
+    per_client = 4 * (4 * 4 + 3 * 32 + 3)
+    assert all(int(r["bytes-up"]) <= int(r["clients-trained"]) * (per_client + 4096)
+               for r in rows[1:])
+    # The saved adapter is plain LoRA with the merge's subspaces: B A = U diag(σ) Vᵀ lies in
+    # the column space of the merge's B and the row space of its A
+    for module, (B, A) in load_adapter(folder / "adapter").lora.items():
+        U = torch.linalg.svd(pairs[module][0].double())[0][:, :4]
+        V = torch.linalg.svd(pairs[module][1].double().T)[0][:, :4]
+        delta = B.double() @ A.double()
+        assert torch.allclose(U @ (U.T @ delta) @ V @ V.T, delta, atol=1e-5)
+    _, accuracy = _peft_evaluation({**tiny_run_config, **extra}, folder / "adapter")
+    assert accuracy == pytest.approx(float(rows[-1]["accuracy"]), abs=1e-9)

@@ -1,0 +1,93 @@
+"""merge-sv: adapt a merged adapter to a new federation by training only its singular values.
+
+AXIS ("Efficient Multi-Source Knowledge Transfer by Model Merging", 2025), federated and under
+DP. A merge of several source adapters (``python -m merging``) gives, per LoRA layer, a rank-r
+update Δ = U Σ Vᵀ. The federation's model computes W = W0 + s · U diag(σ) Vᵀ with
+U (d_out, r) orthonormal columns and Vᵀ (r, d_in) orthonormal rows frozen (``lora_B``,
+``lora_A``), and σ (r,) initialised to Σ / s (:mod:`common.singular_values`):
+
+1. clients train only σ (r numbers per layer, plus the head when it trains) under the same
+   DP-SGD and accounting as every other method, and upload σ_k;
+2. the server averages σ̄ = Σ_k p_k σ_k, p_k = n_k / Σ n; U and V never change, so the average
+   is exact: Σ_k p_k U diag(σ_k) Vᵀ = U diag(σ̄) Vᵀ.
+
+Each upload is r floats per layer instead of r · d_out (B) or r · (d_in + d_out) (A and B).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from common import contract
+from common.config import ConfigError
+from kernels import group_by_shape, lowrank_svd
+from merging.sources import Pair, SourceError, load_adapter
+from strategies.base import LoraStrategy, State
+
+
+class MergeSV(LoraStrategy):
+    """Train and average the singular values σ of every LoRA layer; U and V stay frozen."""
+
+    TRAIN_FACTORS = ("S",)
+
+    def describe(self) -> str:
+        """One line on the method for ``summary``."""
+        return "train the singular values σ only (U, V of the merge frozen), average them"
+
+
+def svd_form_state(pairs: Mapping[str, Pair], lora_scale: float) -> State:
+    """The SVD-form arrays of updates Δ = B A, one batched :func:`lowrank_svd` per shape group.
+
+    Parameters
+    ----------
+    pairs : module -> (B (d_out, r), A (r, d_in)), the update Δ = B A with any scale included.
+    lora_scale : s of the model that will hold them (``lora.alpha / lora.r``).
+
+    Returns
+    -------
+    State
+        ``lora_B`` = U (d_out, r) orthonormal columns, ``lora_A`` = Vᵀ (r, d_in) orthonormal rows,
+        ``lora_S`` = Σ / s (r,), float32, so that s · U diag(σ) Vᵀ = Δ. Singular values of a
+        rank-deficient Δ are 0 (their vectors are still orthonormal).
+    """
+    state: State = {}
+    for names in group_by_shape(pairs).values():
+        B = torch.stack([pairs[n][0] for n in names]).float()  # (L, d_out, r)
+        A = torch.stack([pairs[n][1] for n in names]).float()  # (L, r, d_in)
+        U, S, Vh = lowrank_svd(B, A)  # (L, d_out, r), (L, r), (L, r, d_in)
+        for i, name in enumerate(names):
+            state[contract.lora_key(name, "B")] = U[i].contiguous()
+            state[contract.lora_key(name, "A")] = Vh[i].contiguous()
+            state[contract.lora_key(name, "S")] = (S[i] / lora_scale).contiguous()
+    return state
+
+
+def merged_adapter_state(folder: str | Path, modules: Sequence[str], rank: int,
+                         lora_scale: float) -> State:
+    """Read a merged peft adapter and return its SVD-form arrays (:func:`svd_form_state`).
+
+    Raises :class:`~common.config.ConfigError` naming ``strategy.merged-adapter`` when the folder
+    is not a LoRA adapter, holds a dense part (``base_delta.safetensors``), targets other modules
+    than ``modules``, or has another rank than ``rank`` (``lora.r``).
+    """
+    key = "strategy.merged-adapter"
+    try:
+        source = load_adapter(Path(folder).expanduser())
+    except SourceError as exc:
+        raise ConfigError([f"{key}={str(folder)!r}: {exc}"]) from exc
+    if source.dense is not None:
+        raise ConfigError([f"{key}={str(folder)!r}: has a dense base_delta part (FLoRA or "
+                           "FedEx-LoRA); merge it first with `python -m merging` to make it LoRA"])
+    missing = sorted(set(modules) - set(source.lora))
+    extra = sorted(set(source.lora) - set(modules))
+    if missing or extra:
+        raise ConfigError([f"{key}={str(folder)!r}: targets other modules than lora.target-"
+                           f"modules (missing {missing[:3]}, extra {extra[:3]})"])
+    ranks = sorted({A.shape[0] for _, A in source.lora.values()})
+    if ranks != [rank]:
+        raise ConfigError([f"{key}={str(folder)!r}: has rank {ranks}, lora.r={rank}: set "
+                           f"lora.r to the merge's rank"])
+    return svd_form_state({m: source.lora[m] for m in modules}, lora_scale)
