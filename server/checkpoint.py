@@ -102,12 +102,17 @@ def load_checkpoint(folder: Path, cfg: AppConfig) -> Checkpoint:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """One line per run-config key (outside ``MAY_DIFFER``) whose value differs."""
+    """One line per run-config key (outside ``MAY_DIFFER``) whose value differs.
+
+    A key the checkpoint lacks counts as its default value (``AppConfig()``): a checkpoint
+    written before a setting existed ran as that default.
+    """
     current = json.loads(json.dumps(current))  # compare as stored: tuples as lists, inf, ...
+    defaults = json.loads(json.dumps(AppConfig().to_dict()))
     missing = object()
     lines = []
     for key in sorted((set(saved) | set(current)) - MAY_DIFFER):
-        old, new = saved.get(key, missing), current.get(key, missing)
+        old, new = saved.get(key, defaults.get(key, missing)), current.get(key, missing)
         if old != new:
             lines.append(f"{key}: checkpoint {_show(old, missing)}, this run {_show(new, missing)}")
     return lines

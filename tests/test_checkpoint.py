@@ -87,6 +87,16 @@ def test_resume_flag_and_results_folder_may_change(tmp_path):
     assert ckpt.load_checkpoint(tmp_path, moved).server_round == 3
 
 
+def test_a_key_added_after_the_checkpoint_counts_as_its_default():
+    saved = {k: v for k, v in _cfg().to_dict().items() if k != "strategy.max-norm-ratio"}
+    assert ckpt.config_differences(saved, _cfg().to_dict()) == []
+    changed = _cfg(**{"strategy.max-norm-ratio": 3.0}).to_dict()
+    assert ckpt.config_differences(saved, changed) == [
+        "strategy.max-norm-ratio: checkpoint 10.0, this run 3.0"]
+    assert ckpt.config_differences({**saved, "lora.gone": 1}, _cfg().to_dict()) == [
+        "lora.gone: checkpoint 1, this run (absent)"]
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="output.resume=true but there is no checkpoint"):
         ckpt.load_checkpoint(tmp_path / "no-run", _cfg(**{"output.resume": True}))
