@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from common.config import STRATEGIES
+from common.config import STRATEGIES, AppConfig
 
 ATTEMPTS_FILE = "sweep-attempts.csv"  # one row per cell run: written by simulations.sweep_cells
 README_START, README_END = "<!-- sweep-table:start -->", "<!-- sweep-table:end -->"
@@ -79,12 +79,17 @@ def _tidy(name: str, config: dict, metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def _check_same_settings(configs: dict[str, dict]) -> None:
-    """A table must not mix scales or models: only VARIED keys (and output.*) may differ."""
+    """A table must not mix scales or models: only VARIED keys (and output.*) may differ.
+
+    A key missing from a run's config.json (written before the setting existed) counts as its
+    default.
+    """
     differing = []
+    defaults = json.loads(json.dumps(AppConfig().to_dict()))
     keys = {k for c in configs.values() for k in c if k not in VARIED and
             not k.startswith("output.")}
     for key in sorted(keys):
-        values = {json.dumps(c.get(key)) for c in configs.values()}
+        values = {json.dumps(c.get(key, defaults.get(key))) for c in configs.values()}
         if len(values) > 1:
             differing.append(f"{key}: {', '.join(sorted(values))}")
     if differing:

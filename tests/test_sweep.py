@@ -197,6 +197,18 @@ def test_runs_with_different_settings_are_not_mixed(tmp_path):
         load_runs(tmp_path)
 
 
+def test_a_setting_missing_from_an_older_run_counts_as_its_default(tmp_path):
+    old = write_run(tmp_path, seed=0)
+    config = json.loads((old / "config.json").read_text())
+    del config["strategy.merged-adapter"]  # written before the key existed
+    (old / "config.json").write_text(json.dumps(config))
+    write_run(tmp_path, seed=1)
+    assert len(load_runs(tmp_path).final) == 2
+    write_run(tmp_path, seed=2, **{"strategy.max-norm-ratio": 3.0})
+    with pytest.raises(ValueError, match="strategy.max-norm-ratio: 10.0, 3.0"):
+        load_runs(tmp_path)
+
+
 def test_readme_markers_replace_only_what_is_between_them():
     text = f"intro\n{README_START}\nold table\n{README_END}\nrest {README_END[:4]}\n"
     assert replace_between_markers(text, "new\n") == \
