@@ -141,6 +141,7 @@ class DataConfig:
     max_eval_examples: int = 500  # per-round server evaluation; the last round uses all
     validation_fraction: float = 0.0  # > 0: carve a validation share out of train, evaluate on it
     max_client_examples: int = 0  # > 0: each client keeps a seeded random subset this large
+    labels: tuple[str, ...] = ()  # keep only these classes ("name" or "prefix*"); (): all
 
     def problems(self) -> list[str]:
         """Return one line per invalid field."""

@@ -53,12 +53,43 @@ class Corpus:
 def load_corpus(cfg: DataConfig, seed: int) -> Corpus:
     """Load ``cfg.source`` (and ``cfg.test_source``) into train and test splits.
 
-    With ``cfg.validation_fraction`` > 0, the held-out split is a validation share of train.
+    With ``cfg.labels`` only those classes are kept (:func:`select_labels`); with
+    ``cfg.validation_fraction`` > 0, the held-out split is a validation share of train.
     """
     corpus = _load_newsgroups() if cfg.source == NEWSGROUPS else _load_table(cfg, seed)
+    if cfg.labels:
+        corpus = select_labels(corpus, cfg.labels)
     if cfg.validation_fraction > 0:
         return carve_validation(corpus, cfg.validation_fraction, seed)
     return corpus
+
+
+def select_labels(corpus: Corpus, patterns: tuple[str, ...]) -> Corpus:
+    """Keep the classes named by ``patterns`` (``"sci.space"``, or a prefix: ``"comp.*"``).
+
+    The kept classes are renumbered 0..k-1 in their original order and every example of the
+    others is dropped from both splits. Raise if a pattern matches no class or fewer than two
+    classes are kept.
+    """
+    def matches(name: str, pattern: str) -> bool:
+        return name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
+
+    unmatched = [p for p in patterns if not any(matches(n, p) for n in corpus.label_names)]
+    if unmatched:
+        raise ValueError(f"data.labels={','.join(patterns)!r}: {unmatched} match no class "
+                         f"(classes: {', '.join(corpus.label_names)})")
+    kept = [i for i, n in enumerate(corpus.label_names) if any(matches(n, p) for p in patterns)]
+    if len(kept) < 2:
+        raise ValueError(f"data.labels={','.join(patterns)!r}: keeps {len(kept)} class; a "
+                         "classifier needs at least 2")
+    new = {old: new for new, old in enumerate(kept)}
+
+    def subset(split: Dataset) -> Dataset:
+        rows = [i for i, label in enumerate(split["label"]) if label in new]
+        return split.select(rows).map(lambda ex: {"label": new[ex["label"]]})
+
+    return Corpus(subset(corpus.train), subset(corpus.test),
+                  tuple(corpus.label_names[i] for i in kept), corpus.eval_split)
 
 
 def carve_validation(corpus: Corpus, fraction: float, seed: int) -> Corpus:

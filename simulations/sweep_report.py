@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +48,11 @@ class Runs:
         return self.tidy[self.tidy["round"] == self.tidy["num_rounds"]].reset_index(drop=True)
 
 
-def load_runs(folder: Path) -> Runs:
-    """Read ``folder/*/config.json`` and ``metrics.csv``; raise if non-VARIED settings differ."""
+def load_runs(folder: Path, also_varied: Collection[str] = ()) -> Runs:
+    """Read ``folder/*/config.json`` and ``metrics.csv`` of every complete run.
+
+    Raise if the runs differ in a setting that is neither in VARIED nor in ``also_varied``.
+    """
     frames, incomplete, configs = [], [], {}
     for run in sorted(p for p in Path(folder).iterdir() if (p / "metrics.csv").is_file()):
         if not (run / "config.json").is_file():
@@ -61,7 +65,7 @@ def load_runs(folder: Path) -> Runs:
             continue
         configs[run.name] = config
         frames.append(_tidy(run.name, config, metrics))
-    _check_same_settings(configs)
+    _check_same_settings(configs, VARIED | set(also_varied))
     tidy = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=[*CONFIG_COLUMNS, "eval_split", *METRIC_COLUMNS, "num_rounds", "run"])
     return Runs(tidy, tuple(incomplete))
@@ -78,7 +82,7 @@ def _tidy(name: str, config: dict, metrics: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _check_same_settings(configs: dict[str, dict]) -> None:
+def _check_same_settings(configs: dict[str, dict], varied: Collection[str]) -> None:
     """A table must not mix scales or models: only VARIED keys (and output.*) may differ.
 
     A key missing from a run's config.json (written before the setting existed) counts as its
@@ -86,7 +90,7 @@ def _check_same_settings(configs: dict[str, dict]) -> None:
     """
     differing = []
     defaults = json.loads(json.dumps(AppConfig().to_dict()))
-    keys = {k for c in configs.values() for k in c if k not in VARIED and
+    keys = {k for c in configs.values() for k in c if k not in varied and
             not k.startswith("output.")}
     for key in sorted(keys):
         values = {json.dumps(c.get(key, defaults.get(key))) for c in configs.values()}

@@ -1,0 +1,226 @@
+"""Leave-one-group-out on 20 Newsgroups: merge adapters of the other groups, adapt by σ only.
+
+``python -m simulations.merge_experiment --target sci [--epsilons inf,6,3] [--seeds 0]``
+
+1. **Sources**: one FedSVD run per other topic group (``data.labels`` = that group's classes,
+   ``--source-epsilon``, default ∞: the sources come from other organisations), each saving a
+   peft adapter: ``<out>/sources/source-<group>/adapter``.
+2. **Merges** of those adapters at rank ``lora.r`` by every ``--merges`` method (``axis``, ours;
+   ``task-arithmetic``, ``ties``, ``peft-svd``): ``<out>/merges/<method>/`` (``python -m
+   merging``; the sources' heads are task-specific and not merged).
+3. **Target federation** (the held-out group), per ε and seed: ``merge-sv-<method>`` (strategy
+   merge-sv from that merge: only σ and the head train) and ``scratch`` (FedSVD from B = 0),
+   same rounds, clients and ε: ``<out>/target-<group>/<method>-eps<ε>-seed<s>/``.
+4. **Report** in ``<out>/target-<group>/``: ``merge.csv`` (one row per run per round),
+   ``summary.csv``, ``results.md`` (final accuracy, mean ± 95 % t-interval over seeds) and
+   ``plots/``.
+
+Finished runs and merges are skipped, so the same command resumes. ``--run-config`` scales
+every run (rounds, local steps, tokens, ...) as in :mod:`simulations.sweep`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import AppConfig
+from common.model import resolve_model_path
+from merging import cli as merging_cli
+from merging.adapter_io import PROVENANCE_FILE
+from simulations.local_superlink import _toml_value
+from simulations.sweep_cells import (
+    ROOT,
+    Runner,
+    cell_config,
+    flwr_runner,
+    is_complete,
+    say,
+)
+from simulations.sweep_report import load_runs, markdown_table, summarize
+
+# 20 Newsgroups topic groups; misc.forsale (one class) is in none: a federation needs 2 classes.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "comp": ("comp.*",),
+    "rec": ("rec.*",),
+    "sci": ("sci.*",),
+    "politics": ("talk.politics.*",),
+    "religion": ("alt.atheism", "soc.religion.christian", "talk.religion.misc"),
+}
+MERGES = merging_cli.METHODS  # axis, task-arithmetic, ties, peft-svd
+SCRATCH = "scratch"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One Flower simulation: its folder's parent, its name and the run-config keys it sets."""
+
+    parent: Path
+    name: str
+    keys: Mapping[str, object]
+
+    @property
+    def folder(self) -> Path:
+        """Where the ServerApp writes it."""
+        return self.parent / self.name
+
+    def items(self, overrides: Sequence[str]) -> list[str]:
+        """``--run-config`` items: the experiment's overrides, then this run's keys."""
+        keys = {**self.keys, "output.dir": str(self.parent.resolve()), "output.run-name": self.name}
+        return [*overrides, " ".join(f"{k}={_toml_value(k, v)}" for k, v in keys.items())]
+
+
+def labels(group: str) -> str:
+    """The ``data.labels`` value of a group."""
+    return ",".join(GROUPS[group])
+
+
+def source_runs(out: Path, target: str, epsilon: float) -> list[Run]:
+    """One FedSVD run per group other than ``target``."""
+    return [Run(out / "sources", f"source-{g}",
+                {"strategy.name": "fedsvd", "data.labels": labels(g),
+                 "privacy.epsilon": float(epsilon), "seed": 0})
+            for g in GROUPS if g != target]
+
+
+def target_runs(out: Path, target: str, merges: Sequence[str], epsilons: Sequence[float],
+                seeds: Sequence[int]) -> list[Run]:
+    """merge-sv from every merge, and FedSVD from scratch, per seed and ε (seeds outermost)."""
+    runs = []
+    for seed in seeds:
+        for epsilon in epsilons:
+            common = {"data.labels": labels(target), "privacy.epsilon": float(epsilon),
+                      "seed": seed}
+            for method in [*(f"merge-sv-{m}" for m in merges), SCRATCH]:
+                keys = {**common, "strategy.name": "fedsvd"} if method == SCRATCH else {
+                    **common, "strategy.name": "merge-sv",
+                    "strategy.merged-adapter": str(merge_folder(out, method).resolve())}
+                runs.append(Run(out / f"target-{target}", f"{method}-eps{epsilon:g}-seed{seed}",
+                                keys))
+    return runs
+
+
+def merge_folder(out: Path, method: str) -> Path:
+    """``<out>/merges/<merge method>`` for a target method ``merge-sv-<merge method>``."""
+    return out / "merges" / method.removeprefix("merge-sv-")
+
+
+def run_all(runs: Sequence[Run], overrides: Sequence[str], runner: Runner) -> list[str]:
+    """Run the incomplete ones in order; return the names of those that failed."""
+    rounds = {r.name: cell_config(r.items(overrides)).strategy.num_rounds for r in runs}
+    failed = []
+    for k, run in enumerate(runs, start=1):
+        if is_complete(run.folder, rounds[run.name]):
+            continue
+        log = run.parent / "logs" / f"{run.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        say(f"[merge-experiment] [{k}/{len(runs)}] {run.name}; log {log}")
+        code = runner(run.items(overrides), log)
+        if code != 0 or not is_complete(run.folder, rounds[run.name]):
+            say(f"[merge-experiment] FAILED {run.name} (exit code {code}; log {log})")
+            failed.append(run.name)
+    return failed
+
+
+def merge_sources(out: Path, sources: Sequence[Run], merges: Sequence[str], rank: int,
+                  model_dir: Path) -> list[str]:
+    """Merge the source adapters by every method; return the methods that failed."""
+    failed = []
+    for method in merges:
+        folder = merge_folder(out, method)
+        if (folder / PROVENANCE_FILE).is_file():
+            continue
+        argv = ["--method", method, "--rank", str(rank), "--base", str(model_dir),
+                "--out", str(folder), *(str(s.folder / "adapter") for s in sources)]
+        say(f"[merge-experiment] python -m merging {shlex.join(argv)}")
+        try:
+            merging_cli.main(argv)
+        except SystemExit as exc:  # the CLI exits 2 on a bad source, naming it
+            say(f"[merge-experiment] merge {method} FAILED (exit {exc.code})")
+            failed.append(method)
+    return failed
+
+
+def method_of(run_name: str) -> str:
+    """``merge-sv-axis-eps6-seed0`` -> ``merge-sv-axis``."""
+    return run_name.rsplit("-eps", 1)[0]
+
+
+def report(folder: Path, command: str) -> Path:
+    """CSV, summary, table and plots of the target runs in ``folder``; return results.md."""
+    from simulations import plots  # matplotlib only when plotting
+
+    runs = load_runs(folder, also_varied=("strategy.merged-adapter",))
+    if runs.final.empty:
+        raise ValueError(f"no complete target run in {folder}")
+    tidy = runs.tidy.assign(method=runs.tidy["run"].map(method_of))
+    tidy.to_csv(folder / "merge.csv", index=False)
+    final = tidy[tidy["round"] == tidy["num_rounds"]]
+    summary = summarize(final)
+    summary.to_csv(folder / "summary.csv", index=False)
+    images = plots.write_all(tidy, summary, folder / "plots")
+    table = markdown_table(summary)
+    text = (f"Final test accuracy on the held-out group (mean ± 95 % t-interval over seeds).\n\n"
+            f"```bash\n{command}\n```\n\n{table}\n\n"
+            + "\n".join(f"![{p.stem}](plots/{p.name})" for p in images) + "\n")
+    (folder / "results.md").write_text(text)
+    return folder / "results.md"
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", choices=sorted(GROUPS), required=True, help="held-out group")
+    p.add_argument("--epsilons", default="inf,6,3", help="target ε values; default inf,6,3")
+    p.add_argument("--seeds", default="0", help="target seeds; default 0")
+    p.add_argument("--merges", default=",".join(MERGES), help=f"default {','.join(MERGES)}")
+    p.add_argument("--source-epsilon", type=float, default=float("inf"),
+                   help="ε of the source runs; default inf")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "merge-loo")
+    p.add_argument("--run-config", action="append", default=[],
+                   help="'k=v ...' or a .toml file, for every run (repeatable)")
+    p.add_argument("--num-supernodes", type=int, default=6, help="clients per federation")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    args.epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.merges = [m.strip() for m in args.merges.split(",") if m.strip()]
+    unknown = sorted(set(args.merges) - set(MERGES))
+    if unknown:
+        p.error(f"--merges: unknown {unknown}; one of {','.join(MERGES)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int:
+    """Sources → merges → target runs → report; 1 if anything failed."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    command = shlex.join(["python", "-m", "simulations.merge_experiment", *argv])
+    target_folder = args.out / f"target-{args.target}"
+    if args.report_only:
+        print(report(target_folder, command).read_text())
+        return 0
+    runner = runner or flwr_runner(num_supernodes=args.num_supernodes)
+    sources = source_runs(args.out, args.target, args.source_epsilon)
+    targets = target_runs(args.out, args.target, args.merges, args.epsilons, args.seeds)
+    cfg: AppConfig = cell_config(sources[0].items(args.run_config))  # validates the overrides
+    failed = run_all(sources, args.run_config, runner)
+    if failed:
+        say(f"[merge-experiment] sources failed: {failed}; no merge without every source")
+        return 1
+    bad_merges = merge_sources(args.out, sources, args.merges, cfg.lora.r,
+                               resolve_model_path(cfg.model))
+    targets = [t for t in targets if not any(t.name.startswith(f"merge-sv-{m}-")
+                                             for m in bad_merges)]
+    failed = run_all(targets, args.run_config, runner)
+    print(report(target_folder, command).read_text())
+    return 1 if failed or bad_merges else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The leave-one-group-out experiment's plan, merges and report, with a fake Flower runner."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+from test_merging import MODULES
+
+from common.config import DataConfig
+from common.data import load_corpus, select_labels
+from simulations import merge_experiment as mx
+from simulations.sweep_cells import cell_config
+
+
+class FakeFlower:
+    """Writes what a finished ServerApp run writes: config.json, metrics.csv, a peft adapter."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def __call__(self, items, log):
+        cfg = cell_config(items)
+        self.calls.append(cfg.to_dict())
+        folder = mx.Path(cfg.output.dir) / cfg.run_name
+        (folder / "adapter").mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
+        final = 0.3 + 0.1 * (cfg.strategy.name == "merge-sv") + 0.01 * cfg.seed
+        with (folder / "metrics.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["round", "accuracy", "loss", "bytes-up", "bytes-down"])
+            for r in range(cfg.strategy.num_rounds + 1):
+                writer.writerow([r, final * r / cfg.strategy.num_rounds, 1.0,
+                                 "" if r == 0 else 1000, "" if r == 0 else 4000])
+        rng = np.random.default_rng(len(self.calls))
+        num_labels = len(cfg.data.labels) + 2  # heads differ between groups, as for real
+        LoraConfig(r=4, lora_alpha=4, target_modules=["query", "value"],
+                   base_model_name_or_path=cfg.model.path,
+                   modules_to_save=["classifier"]).save_pretrained(folder / "adapter")
+        tensors = {"base_model.model.classifier.modules_to_save.default.weight":
+                   torch.zeros(num_labels, 32)}
+        for module in MODULES:
+            tensors[f"base_model.model.{module}.lora_A.weight"] = torch.tensor(
+                rng.normal(size=(4, 32)), dtype=torch.float32)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.tensor(
+                rng.normal(size=(32, 4)), dtype=torch.float32)
+        save_file(tensors, folder / "adapter" / "adapter_model.safetensors")
+        return 0
+
+
+def test_groups_cover_the_newsgroups_classes_but_the_single_forsale_one():
+    corpus = load_corpus(DataConfig(), 0)
+    sizes = {g: select_labels(corpus, pats).num_labels for g, pats in mx.GROUPS.items()}
+    assert sizes == {"comp": 5, "rec": 4, "sci": 4, "politics": 3, "religion": 3}
+    assert sum(sizes.values()) == corpus.num_labels - 1
+
+
+def test_sources_merges_targets_and_report(tiny_run_config, tmp_path):
+    overrides = " ".join(f"{k}={json.dumps(tiny_run_config[k])}" for k in (
+        "model.path", "lora.r", "lora.alpha", "strategy.num-rounds"))
+    fake = FakeFlower()
+    argv = ["--target", "sci", "--epsilons", "inf,3", "--seeds", "0,1", "--out",
+            str(tmp_path), "--run-config", overrides]
+    # Execute
+    code = mx.main(argv, runner=fake)
+    # Assert: 4 sources (not sci), every merge written, 2 ε × 2 seeds × (4 merges + scratch)
+    assert code == 0
+    sources, targets = fake.calls[:4], fake.calls[4:]
+    assert [c["data.labels"] for c in sources] == [mx.labels(g) for g in
+                                                   ("comp", "rec", "politics", "religion")]
+    assert all(c["strategy.name"] == "fedsvd" and c["privacy.epsilon"] == float("inf")
+               for c in sources)
+    for method in mx.MERGES:
+        provenance = json.loads((tmp_path / "merges" / method / "merge.json").read_text())
+        assert len(provenance["sources"]) == 4
+    assert len(targets) == 2 * 2 * 5
+    assert all(c["data.labels"] == "sci.*" for c in targets)
+    merged = {c["strategy.merged-adapter"] for c in targets if c["strategy.name"] == "merge-sv"}
+    assert merged == {str((tmp_path / "merges" / m).resolve()) for m in mx.MERGES}
+    text = (tmp_path / "target-sci" / "results.md").read_text()
+    assert "| merge-sv-axis | 0.4050 ± 0.0635 | 0.4050 ± 0.0635 |" in text
+    assert "| scratch |" in text
+    rows = list(csv.DictReader((tmp_path / "target-sci" / "merge.csv").open()))
+    assert {r["method"] for r in rows} == {*(f"merge-sv-{m}" for m in mx.MERGES), "scratch"}
+    # Resuming runs nothing again
+    again = FakeFlower()
+    assert mx.main(argv, runner=again) == 0 and again.calls == []
+
+
+def test_unknown_merge_method_is_refused():
+    with pytest.raises(SystemExit):
+        mx.parse_args(["--target", "sci", "--merges", "axis,mean"])
