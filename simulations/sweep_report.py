@@ -229,7 +229,8 @@ def write_report(folder: Path, *, readme: Path | None = None) -> dict[str, Path]
     """Write ``sweep.csv``, ``summary.csv``, ``results.md`` and ``plots/`` into ``folder``.
 
     With ``readme``, also the table between its markers (checked first, so a README without
-    them changes nothing) and the plots into ``_static/sweep/`` beside it, linked from there.
+    them changes nothing), and the plots (linked from there) and the two CSVs into
+    ``_static/sweep/`` beside it.
     """
     from simulations import plots  # matplotlib only when plotting
 
@@ -252,8 +253,8 @@ def write_report(folder: Path, *, readme: Path | None = None) -> dict[str, Path]
     if readme:
         static = readme.parent / "_static" / "sweep"
         static.mkdir(parents=True, exist_ok=True)
-        for image in images:
-            (static / image.name).write_bytes(image.read_bytes())
+        for file in [*images, written["tidy"], written["summary"]]:
+            (static / file.name).write_bytes(file.read_bytes())
         links = [f"_static/sweep/{p.name}" for p in images]
         readme.write_text(replace_between_markers(
             readme.read_text(), report_block(summary, runs, images=links, **block)))

@@ -238,6 +238,9 @@ def test_report_writes_csv_plots_table_and_readme(tmp_path):
     assert "**1 h 01 min** (2 cell runs)" in text
     assert "| fedsvd | 0.7000 ± 0.2484 | 0.3000 ± 0.2484 |" in text
     assert "](_static/sweep/bytes_per_round.png)" in text
+    static_csv = pd.read_csv(tmp_path / "_static" / "sweep" / "sweep.csv")
+    assert len(static_csv) == len(pd.read_csv(tmp_path / "sweep" / "sweep.csv"))
+    assert (tmp_path / "_static" / "sweep" / "summary.csv").is_file()
     assert "Final test accuracy" in (folder / "results.md").read_text()
     no_markers = tmp_path / "OTHER.md"
     no_markers.write_text("# nothing to replace\n")
