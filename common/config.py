@@ -61,6 +61,7 @@ class StrategyConfig:
     min_valid_replies: int = 1  # fewer valid trained replies in a round: no update
     max_norm_ratio: float = 10.0  # reject a reply array with norm > this × median; 0/inf: off
     merged_adapter: str = ""  # merge-sv only: the peft adapter folder of `python -m merging`
+    sv_rounds: int = 0  # merge-sv only: σ for this many rounds, then FedSVD; 0: σ every round
 
     @property
     def svd_form(self) -> bool:
@@ -83,6 +84,8 @@ class StrategyConfig:
                self.min_valid_replies, "must be >= 1")
         _check(p, self.max_norm_ratio == 0 or self.max_norm_ratio >= 1, "strategy.max-norm-ratio",
                self.max_norm_ratio, "must be 0 (off), >= 1, or inf (off)")
+        _check(p, self.sv_rounds >= 0, "strategy.sv-rounds", self.sv_rounds,
+               "must be >= 0 (0: merge-sv trains σ every round)")
         _check(p, bool(self.merged_adapter) == self.svd_form, "strategy.merged-adapter",
                self.merged_adapter, "required with strategy.name='merge-sv' (a folder written "
                "by `python -m merging`), empty with any other strategy")

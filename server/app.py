@@ -45,6 +45,7 @@ def build_strategy(cfg: AppConfig, layout: AdapterLayout) -> LoraStrategy:
         "fedsvd": {"svd_period": s.svd_period},
         "flora": {"lora_scale": layout.scale, "seed": cfg.seed},
         "fedex": {"lora_scale": layout.scale},
+        "merge-sv": {"sv_rounds": s.sv_rounds, "svd_period": s.svd_period},
     }.get(s.name, {})
     return STRATEGY_CLASSES[s.name](
         layout.modules, **own, train_head=cfg.lora.train_head,

@@ -12,6 +12,10 @@ U (d_out, r) orthonormal columns and Vᵀ (r, d_in) orthonormal rows frozen (``l
    is exact: Σ_k p_k U diag(σ_k) Vᵀ = U diag(σ̄) Vᵀ.
 
 Each upload is r floats per layer instead of r · d_out (B) or r · (d_in + d_out) (A and B).
+
+With ``sv_rounds`` = N > 0 the federation continues with FedSVD after round N: the server folds
+σ̄ into B (B ← U diag(σ̄), σ ← 1, the same update), and later rounds train B and refactorize
+B̄ A exactly as :class:`~strategies.fedsvd.FedSVD` does (σ stays 1).
 """
 
 from __future__ import annotations
@@ -20,22 +24,58 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from flwr.app import Message
 
 from common import contract
 from common.config import ConfigError
+from common.contract import Factor
 from kernels import group_by_shape, lowrank_svd
 from merging.sources import Pair, SourceError, load_adapter
-from strategies.base import LoraStrategy, State
+from strategies.base import State
+from strategies.fedsvd import FedSVD
 
 
-class MergeSV(LoraStrategy):
-    """Train and average the singular values σ of every LoRA layer; U and V stay frozen."""
+class MergeSV(FedSVD):
+    """Train and average the singular values σ of every LoRA layer; U and V stay frozen.
 
-    TRAIN_FACTORS = ("S",)
+    Parameters
+    ----------
+    lora_modules : names of the LoRA layers.
+    sv_rounds : 0: σ only, every round; N > 0: σ for rounds 1..N, then FedSVD (module docstring).
+    **kwargs : passed to :class:`~strategies.fedsvd.FedSVD` (``svd_period``, screening, sampling).
+    """
+
+    def __init__(self, lora_modules: Sequence[str], sv_rounds: int = 0, **kwargs) -> None:
+        if sv_rounds < 0:
+            raise ValueError(f"sv_rounds={sv_rounds}: must be >= 0 (0: σ only, every round)")
+        super().__init__(lora_modules, **kwargs)
+        self.sv_rounds = sv_rounds
+
+    def trains_sigma(self, server_round: int) -> bool:
+        """Whether clients train σ (else B, as in FedSVD) in ``server_round``."""
+        return self.sv_rounds == 0 or server_round <= self.sv_rounds
+
+    def train_factors(self, server_round: int) -> tuple[Factor, ...]:
+        """σ in the σ rounds, B after them."""
+        return ("S",) if self.trains_sigma(server_round) else ("B",)
+
+    def merge(self, server_round: int, state: State, averaged: State,
+              replies: list[Message]) -> State:
+        """σ̄ replaces σ; after the last σ round σ̄ is folded into B; later rounds are FedSVD's."""
+        if not self.trains_sigma(server_round):
+            return super().merge(server_round, state, averaged, replies)
+        state = {**state, **averaged}
+        if server_round == self.sv_rounds:
+            for module in self.lora_modules:
+                B, S = contract.lora_key(module, "B"), contract.lora_key(module, "S")
+                state[B] = state[B] * state[S].to(state[B].dtype)  # (d_out, r) · diag(σ̄)
+                state[S] = torch.ones_like(state[S])
+        return state
 
     def describe(self) -> str:
         """One line on the method for ``summary``."""
-        return "train the singular values σ only (U, V of the merge frozen), average them"
+        then = f" for {self.sv_rounds} round(s), then FedSVD" if self.sv_rounds else ""
+        return f"train the singular values σ only (U, V of the merge frozen){then}"
 
 
 def svd_form_state(pairs: Mapping[str, Pair], lora_scale: float) -> State:

@@ -329,3 +329,28 @@ def test_merge_sv_averages_sigma_and_keeps_u_and_v():
     assert torch.allclose(out.new[HEAD].double(), _mean(out.sent, HEAD), atol=1e-6)
     # Each upload is R floats per layer (plus the head), far less than B
     assert all(set(a) == {HEAD, *map(s_key, MODULES)} for a in out.sent)
+
+
+def test_merge_sv_folds_sigma_into_b_then_continues_as_fedsvd():
+    # Prepare: σ for one round, then FedSVD
+    state = _global(np.random.default_rng(0), svd=True)
+    strategy = _make(MergeSV, sv_rounds=1)
+    # Execute: round 1 trains σ, round 2 trains B
+    first = _round(strategy, state, server_round=1)
+    second = _round(strategy, first.new, server_round=2, seed=2)
+    # Assert: after round 1 the update is unchanged, now carried by B (σ = 1)
+    assert (first.factors, second.factors) == ("S", "B")
+    for m in MODULES:
+        sigma = _mean(first.sent, s_key(m))
+        want = state[b_key(m)].double() @ torch.diag(sigma) @ state[a_key(m)].double()
+        got = first.new[b_key(m)].double() @ first.new[a_key(m)].double()
+        assert _rel(got, want) <= 1e-6
+        assert torch.equal(first.new[s_key(m)], torch.ones(R))
+        # Round 2 is FedSVD's: B̄ A_prev refactorized, A orthonormal rows, σ still 1
+        A = second.new[a_key(m)].double()
+        assert torch.allclose(A @ A.T, torch.eye(R, dtype=torch.float64), atol=1e-5)
+        want = _mean(second.sent, b_key(m)) @ first.new[a_key(m)].double()
+        assert _rel(second.new[b_key(m)].double() @ A, want) <= 1e-5
+        assert torch.equal(second.new[s_key(m)], torch.ones(R))
+    with pytest.raises(ValueError, match="sv_rounds=-1"):
+        _make(MergeSV, sv_rounds=-1)
