@@ -11,6 +11,9 @@
 3. **Target federation** (the held-out group), per ε and seed: ``merge-sv-<method>`` (strategy
    merge-sv from that merge: only σ and the head train) and ``scratch`` (FedSVD from B = 0),
    same rounds, clients and ε: ``<out>/target-<group>/<method>-eps<ε>-seed<s>/``.
+   With ``--variants noise,half`` the same is repeated with damaged sources (robustness): the
+   first source replaced by Gaussian noise of the same per-layer Frobenius norm, or every
+   source pruned to half its rank (:mod:`merging.perturb`), as ``merge-sv-<method>-<variant>``.
 4. **Report** in ``<out>/target-<group>/``: ``merge.csv`` (one row per run per round),
    ``summary.csv``, ``results.md`` (final accuracy, mean ± 95 % t-interval over seeds) and
    ``plots/``.
@@ -28,10 +31,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from common.config import AppConfig
 from common.model import resolve_model_path
 from merging import cli as merging_cli
+from merging import load_sources
 from merging.adapter_io import PROVENANCE_FILE
+from merging.perturb import half_rank, noise_like, save_source
 from simulations.local_superlink import _toml_value
 from simulations.sweep_cells import (
     ROOT,
@@ -52,6 +59,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "religion": ("alt.atheism", "soc.religion.christian", "talk.religion.misc"),
 }
 MERGES = merging_cli.METHODS  # axis, task-arithmetic, ties, peft-svd
+VARIANTS = ("clean", "noise", "half")  # sources as trained; one replaced by noise; half rank
 SCRATCH = "scratch"
 
 
@@ -87,9 +95,14 @@ def source_runs(out: Path, target: str, epsilon: float) -> list[Run]:
             for g in GROUPS if g != target]
 
 
+def merge_names(merges: Sequence[str], variants: Sequence[str]) -> list[str]:
+    """``axis``, ``axis-noise``, ...: one merge folder per merge method and source variant."""
+    return [m if v == "clean" else f"{m}-{v}" for v in variants for m in merges]
+
+
 def target_runs(out: Path, target: str, merges: Sequence[str], epsilons: Sequence[float],
                 seeds: Sequence[int]) -> list[Run]:
-    """merge-sv from every merge, and FedSVD from scratch, per seed and ε (seeds outermost)."""
+    """merge-sv from every merge (``merge_names``), and FedSVD from scratch, per seed and ε."""
     runs = []
     for seed in seeds:
         for epsilon in epsilons:
@@ -126,22 +139,43 @@ def run_all(runs: Sequence[Run], overrides: Sequence[str], runner: Runner) -> li
     return failed
 
 
-def merge_sources(out: Path, sources: Sequence[Run], merges: Sequence[str], rank: int,
-                  model_dir: Path) -> list[str]:
-    """Merge the source adapters by every method; return the methods that failed."""
+def variant_sources(out: Path, sources: Sequence[Run], variant: str,
+                    model_dir: Path) -> list[Path]:
+    """The source adapter folders of a variant, writing the damaged copies once."""
+    clean = [s.folder / "adapter" for s in sources]
+    if variant == "clean":
+        return clean
+    loaded = load_sources(clean, base=model_dir)
+    paths = []
+    for i, (source, path) in enumerate(zip(loaded, clean, strict=True)):
+        if variant == "noise" and i > 0:  # only the first source is replaced by noise
+            paths.append(path)
+            continue
+        dest = out / f"sources-{variant}" / path.parent.name
+        if not (dest / PROVENANCE_FILE).is_file():
+            pairs = (noise_like(source.lora, torch.Generator().manual_seed(i))
+                     if variant == "noise" else half_rank(source.lora))
+            save_source(dest, source, pairs, op=variant)
+        paths.append(dest)
+    return paths
+
+
+def merge_sources(out: Path, adapters: Sequence[Path], merges: Sequence[str], rank: int,
+                  model_dir: Path, variant: str = "clean") -> list[str]:
+    """Merge the adapters by every method; return the merge names that failed."""
     failed = []
-    for method in merges:
-        folder = merge_folder(out, method)
+    for method, name in zip(merges, merge_names(merges, [variant]), strict=True):
+        folder = out / "merges" / name
         if (folder / PROVENANCE_FILE).is_file():
             continue
         argv = ["--method", method, "--rank", str(rank), "--base", str(model_dir),
-                "--out", str(folder), *(str(s.folder / "adapter") for s in sources)]
+                "--out", str(folder), *map(str, adapters)]
         say(f"[merge-experiment] python -m merging {shlex.join(argv)}")
         try:
             merging_cli.main(argv)
         except SystemExit as exc:  # the CLI exits 2 on a bad source, naming it
-            say(f"[merge-experiment] merge {method} FAILED (exit {exc.code})")
-            failed.append(method)
+            say(f"[merge-experiment] merge {name} FAILED (exit {exc.code})")
+            failed.append(name)
     return failed
 
 
@@ -179,6 +213,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--epsilons", default="inf,6,3", help="target ε values; default inf,6,3")
     p.add_argument("--seeds", default="0", help="target seeds; default 0")
     p.add_argument("--merges", default=",".join(MERGES), help=f"default {','.join(MERGES)}")
+    p.add_argument("--variants", default="clean", help=f"source variants, of "
+                   f"{','.join(VARIANTS)}; default clean")
     p.add_argument("--source-epsilon", type=float, default=float("inf"),
                    help="ε of the source runs; default inf")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "merge-loo")
@@ -190,9 +226,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.merges = [m.strip() for m in args.merges.split(",") if m.strip()]
-    unknown = sorted(set(args.merges) - set(MERGES))
-    if unknown:
-        p.error(f"--merges: unknown {unknown}; one of {','.join(MERGES)}")
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for flag, given, known in (("--merges", args.merges, MERGES),
+                               ("--variants", args.variants, VARIANTS)):
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            p.error(f"{flag}: unknown {unknown}; one of {','.join(known)}")
     return args
 
 
@@ -207,16 +246,19 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
         return 0
     runner = runner or flwr_runner(num_supernodes=args.num_supernodes)
     sources = source_runs(args.out, args.target, args.source_epsilon)
-    targets = target_runs(args.out, args.target, args.merges, args.epsilons, args.seeds)
+    targets = target_runs(args.out, args.target, merge_names(args.merges, args.variants),
+                          args.epsilons, args.seeds)
     cfg: AppConfig = cell_config(sources[0].items(args.run_config))  # validates the overrides
     failed = run_all(sources, args.run_config, runner)
     if failed:
         say(f"[merge-experiment] sources failed: {failed}; no merge without every source")
         return 1
-    bad_merges = merge_sources(args.out, sources, args.merges, cfg.lora.r,
-                               resolve_model_path(cfg.model))
-    targets = [t for t in targets if not any(t.name.startswith(f"merge-sv-{m}-")
-                                             for m in bad_merges)]
+    model_dir = resolve_model_path(cfg.model)
+    bad_merges = [name for variant in args.variants for name in merge_sources(
+        args.out, variant_sources(args.out, sources, variant, model_dir), args.merges,
+        cfg.lora.r, model_dir, variant)]
+    targets = [t for t in targets if method_of(t.name) not in
+               {f"merge-sv-{m}" for m in bad_merges}]
     failed = run_all(targets, args.run_config, runner)
     print(report(target_folder, command).read_text())
     return 1 if failed or bad_merges else 0

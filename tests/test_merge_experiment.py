@@ -93,3 +93,22 @@ def test_sources_merges_targets_and_report(tiny_run_config, tmp_path):
 def test_unknown_merge_method_is_refused():
     with pytest.raises(SystemExit):
         mx.parse_args(["--target", "sci", "--merges", "axis,mean"])
+
+
+def test_robustness_variants_merge_damaged_copies(tiny_run_config, tmp_path):
+    overrides = " ".join(f"{k}={json.dumps(tiny_run_config[k])}" for k in (
+        "model.path", "lora.r", "lora.alpha", "strategy.num-rounds"))
+    fake = FakeFlower()
+    argv = ["--target", "rec", "--epsilons", "3", "--merges", "axis", "--variants",
+            "clean,noise,half", "--out", str(tmp_path), "--run-config", overrides]
+    assert mx.main(argv, runner=fake) == 0
+    targets = [c["output.run-name"] for c in fake.calls[4:]]
+    assert targets == ["merge-sv-axis-eps3-seed0", "merge-sv-axis-noise-eps3-seed0",
+                       "merge-sv-axis-half-eps3-seed0", "scratch-eps3-seed0"]
+    assert [p.name for p in (tmp_path / "sources-noise").iterdir()] == ["source-comp"]
+    assert len(list((tmp_path / "sources-half").iterdir())) == 4
+    noise = json.loads((tmp_path / "merges" / "axis-noise" / "merge.json").read_text())
+    paths = [s["path"] for s in noise["sources"]]
+    assert "sources-noise" in paths[0] and all("sources-noise" not in p for p in paths[1:])
+    merged = {c["strategy.merged-adapter"] for c in fake.calls[4:] if "merged-adapter" in str(c)}
+    assert str((tmp_path / "merges" / "axis-half").resolve()) in merged
