@@ -16,6 +16,8 @@ partition. With C = ``privacy.max-grad-norm`` and σ the run's noise multiplier 
 - ``NSR lora``: noise-to-signal ratio of one DP-SGD step on the LoRA factors,
   σ C √P / ‖Σ_i clip(g_i)|_LoRA‖ with P the number of LoRA parameters trained (the expected
   norm of the Gaussian noise over the norm of the clipped summed gradient);
+- with ``--per-layer``, a second table: the median per-example gradient norm of every LoRA
+  layer's trained factors;
 - ``‖A‖₂``: mean spectral norm of A over layers (FedSVD: 1, orthonormal rows; peft's random
   init: about 0.6 for MiniLM); ∂L/∂B = s Σ_t δ_t (A x_t)ᵀ grows with it.
 
@@ -63,6 +65,7 @@ def diagnose(folder: Path, *, batches: int, partition: int, num_partitions: int)
                                          shuffle=True, generator=torch.Generator().manual_seed(0))
     C, sigma = cfg.privacy.max_grad_norm, _noise_multiplier(checkpoint.rows)
     norms_lora, norms_head, nsr = [], [], []
+    per_layer: dict[str, list[torch.Tensor]] = {pair.module: [] for pair in layout.pairs}
     for step, (input_ids, mask, labels) in enumerate(loader):
         if step == batches:
             break
@@ -80,6 +83,9 @@ def diagnose(folder: Path, *, batches: int, partition: int, num_partitions: int)
         nsr.append(sigma * C * math.sqrt(params) / signal if signal > 0 else math.inf)
         norms_lora.append(sq_lora.sqrt())
         norms_head.append(sq_head.sqrt())
+        for pair in layout.pairs:
+            per_layer[pair.module].append(sum(
+                pair.factor(f).grad_sample.flatten(1).pow(2).sum(1) for f in factors).sqrt())
     g_lora, g_head = torch.cat(norms_lora), torch.cat(norms_head)
     g_total = (g_lora.pow(2) + g_head.pow(2)).sqrt()
     return {
@@ -90,6 +96,8 @@ def diagnose(folder: Path, *, batches: int, partition: int, num_partitions: int)
         "NSR lora": float(torch.tensor(nsr).median()),
         "‖A‖₂": float(torch.stack([torch.linalg.matrix_norm(p.A.detach(), ord=2)
                                     for p in layout.pairs]).mean()),
+        "layers": {module: float(torch.cat(norms).median()) for module, norms in
+                   per_layer.items()},
     }
 
 
@@ -113,6 +121,17 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def layer_table(rows: list[dict]) -> str:
+    """Median per-example gradient norm of each LoRA layer's trained factors, one column a run."""
+    lines = ["| layer | " + " | ".join(r["run"] for r in rows) + " |",
+             "|" + "---|" * (len(rows) + 1)]
+    for module in rows[0]["layers"]:
+        name = module.removeprefix("bert.encoder.layer.").replace(".attention.self", "")
+        lines.append(f"| {name} | " + " | ".join(f"{r['layers'].get(module, math.nan):.3g}"
+                                                  for r in rows) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the table for every run folder given."""
     p = argparse.ArgumentParser(description=__doc__,
@@ -121,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=8, help="batches of train.batch-size")
     p.add_argument("--partition", type=int, default=0, help="the client whose data is used")
     p.add_argument("--num-partitions", type=int, default=6, help="clients of the run")
+    p.add_argument("--per-layer", action="store_true",
+                   help="also the median per-example gradient norm of every LoRA layer")
     args = p.parse_args(argv)
     missing = [str(r) for r in args.runs if not (r / CHECKPOINT_FILE).is_file()]
     if missing:
@@ -129,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [diagnose(r, batches=args.batches, partition=args.partition,
                      num_partitions=args.num_partitions) for r in args.runs]
     print(markdown(rows))
+    if args.per_layer:
+        print("\n" + layer_table(rows))
     return 0
 
 

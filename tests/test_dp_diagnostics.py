@@ -13,7 +13,7 @@ from common.config import AppConfig
 from common.model import build_model
 from kernels import refactorize_pairs
 from server.checkpoint import save_checkpoint
-from simulations.dp_diagnostics import diagnose, markdown
+from simulations.dp_diagnostics import diagnose, layer_table, markdown
 
 
 def _saved_run(folder, run_config, *, sigma: float):
@@ -49,6 +49,10 @@ def test_diagnostics_of_a_saved_run(tiny_run_config, tmp_path, train_head):
     else:
         assert out["‖g‖ head"] == 0 and out["lora share"] == pytest.approx(1.0)
     assert out["run"] in markdown([out])
+    layers = out["layers"]
+    assert len(layers) == 4 and all(v > 0 for v in layers.values())  # 2 layers × query, value
+    table = layer_table([out, out])
+    assert table.count("\n") == 5 and "| 0.query |" in table
 
 
 def test_clipping_share_follows_the_clipping_norm(tiny_run_config, tmp_path):
