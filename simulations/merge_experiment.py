@@ -15,8 +15,9 @@
    first source replaced by Gaussian noise of the same per-layer Frobenius norm, or every
    source pruned to half its rank (:mod:`merging.perturb`), as ``merge-sv-<method>-<variant>``.
 4. **Report** in ``<out>/target-<group>/``: ``merge.csv`` (one row per run per round),
-   ``summary.csv``, ``results.md`` (final accuracy, mean ± 95 % t-interval over seeds) and
-   ``plots/``.
+   ``summary.csv``, ``results.md`` (final accuracy, mean ± 95 % t-interval over seeds, and
+   every command recorded in ``commands.txt`` that ran into the folder) and ``plots/``; with
+   ``--readme``, the same table between the README's ``merge-table`` markers.
 
 Finished runs and merges are skipped, so the same command resumes. ``--run-config`` scales
 every run (rounds, local steps, tokens, ...) as in :mod:`simulations.sweep`.
@@ -48,7 +49,12 @@ from simulations.sweep_cells import (
     is_complete,
     say,
 )
-from simulations.sweep_report import load_runs, markdown_table, summarize
+from simulations.sweep_report import (
+    load_runs,
+    markdown_table,
+    replace_between_markers,
+    summarize,
+)
 
 # 20 Newsgroups topic groups; misc.forsale (one class) is in none: a federation needs 2 classes.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -61,6 +67,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
 MERGES = merging_cli.METHODS  # axis, task-arithmetic, ties, peft-svd
 VARIANTS = ("clean", "noise", "half")  # sources as trained; one replaced by noise; half rank
 SCRATCH = "scratch"
+COMMANDS_FILE = "commands.txt"  # in the target folder: every command that ran into it
+README_MARKERS = ("<!-- merge-table:start -->", "<!-- merge-table:end -->")
 
 
 @dataclass(frozen=True)
@@ -184,24 +192,53 @@ def method_of(run_name: str) -> str:
     return run_name.rsplit("-eps", 1)[0]
 
 
-def report(folder: Path, command: str) -> Path:
-    """CSV, summary, table and plots of the target runs in ``folder``; return results.md."""
+def record_command(folder: Path, command: str) -> None:
+    """Append ``command`` to ``<folder>/commands.txt`` unless it is there already."""
+    path = folder / COMMANDS_FILE
+    known = path.read_text().splitlines() if path.is_file() else []
+    if command not in known:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join([*known, command]) + "\n")
+
+
+def report(folder: Path, readme: Path | None = None) -> Path:
+    """CSV, summary, table and plots of the target runs in ``folder``; return results.md.
+
+    The table lists the commands recorded in ``commands.txt``. With ``readme``, the table also
+    goes between its ``README_MARKERS`` (checked first: a README without them changes nothing)
+    and the CSVs and plots into ``_static/merge-loo/`` beside it, linked from there.
+    """
     from simulations import plots  # matplotlib only when plotting
 
     runs = load_runs(folder, also_varied=("strategy.merged-adapter",))
     if runs.final.empty:
         raise ValueError(f"no complete target run in {folder}")
+    if readme:
+        replace_between_markers(readme.read_text(), "", README_MARKERS)
     tidy = runs.tidy.assign(method=runs.tidy["run"].map(method_of))
     tidy.to_csv(folder / "merge.csv", index=False)
     final = tidy[tidy["round"] == tidy["num_rounds"]]
     summary = summarize(final)
     summary.to_csv(folder / "summary.csv", index=False)
     images = plots.write_all(tidy, summary, folder / "plots")
-    table = markdown_table(summary)
-    text = (f"Final test accuracy on the held-out group (mean ± 95 % t-interval over seeds).\n\n"
-            f"```bash\n{command}\n```\n\n{table}\n\n"
-            + "\n".join(f"![{p.stem}](plots/{p.name})" for p in images) + "\n")
-    (folder / "results.md").write_text(text)
+    commands_file = folder / COMMANDS_FILE
+    commands = commands_file.read_text().splitlines() if commands_file.is_file() else []
+
+    def block(image_folder: str) -> str:
+        return (f"Final test accuracy on the held-out group, round "
+                f"{int(final['num_rounds'].max())} (mean ± 95 % t-interval over seeds; "
+                f"seeds {', '.join(map(str, sorted(final['seed'].unique())))}).\n\n"
+                "```bash\n" + "\n".join(commands) + f"\n```\n\n{markdown_table(summary)}\n\n"
+                + "\n".join(f"![{p.stem}]({image_folder}/{p.name})" for p in images) + "\n")
+
+    (folder / "results.md").write_text(block("plots"))
+    if readme:
+        static = readme.parent / "_static" / "merge-loo"
+        static.mkdir(parents=True, exist_ok=True)
+        for file in [*images, folder / "merge.csv", folder / "summary.csv"]:
+            (static / file.name).write_bytes(file.read_bytes())
+        readme.write_text(replace_between_markers(readme.read_text(), block("_static/merge-loo"),
+                                                  README_MARKERS))
     return folder / "results.md"
 
 
@@ -222,6 +259,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="'k=v ...' or a .toml file, for every run (repeatable)")
     p.add_argument("--num-supernodes", type=int, default=6, help="clients per federation")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--readme", type=Path, nargs="?", const=ROOT / "README.md",
+                   help="also put the table between the README's merge-table markers and "
+                        "the CSVs and plots into _static/merge-loo/ (default README.md)")
     args = p.parse_args(argv)
     args.epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -239,16 +279,18 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
     """Sources → merges → target runs → report; 1 if anything failed."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    command = shlex.join(["python", "-m", "simulations.merge_experiment", *argv])
+    command = shlex.join(["python", "-m", "simulations.merge_experiment",
+                          *_without_report_flags(argv)])
     target_folder = args.out / f"target-{args.target}"
     if args.report_only:
-        print(report(target_folder, command).read_text())
+        print(report(target_folder, args.readme).read_text())
         return 0
     runner = runner or flwr_runner(num_supernodes=args.num_supernodes)
     sources = source_runs(args.out, args.target, args.source_epsilon)
     targets = target_runs(args.out, args.target, merge_names(args.merges, args.variants),
                           args.epsilons, args.seeds)
     cfg: AppConfig = cell_config(sources[0].items(args.run_config))  # validates the overrides
+    record_command(target_folder, command)
     failed = run_all(sources, args.run_config, runner)
     if failed:
         say(f"[merge-experiment] sources failed: {failed}; no merge without every source")
@@ -260,8 +302,24 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
     targets = [t for t in targets if method_of(t.name) not in
                {f"merge-sv-{m}" for m in bad_merges}]
     failed = run_all(targets, args.run_config, runner)
-    print(report(target_folder, command).read_text())
+    print(report(target_folder, args.readme).read_text())
     return 1 if failed or bad_merges else 0
+
+
+def _without_report_flags(argv: Sequence[str]) -> list[str]:
+    """``argv`` without --readme (and its value) and --report-only: the command that ran."""
+    kept, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--report-only" or arg.startswith("--readme="):
+            continue
+        if arg == "--readme":
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            continue
+        kept.append(arg)
+    return kept
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def write_all(tidy: pd.DataFrame, summary: pd.DataFrame, folder: Path) -> list[P
 
 
 def _colors(methods: pd.Series) -> dict[str, tuple]:
-    palette = plt.get_cmap("tab10").colors
+    palette = plt.get_cmap("tab10" if methods.nunique() <= 10 else "tab20").colors
     return {m: palette[i % len(palette)] for i, m in enumerate(method_order(methods))}
 
 

@@ -211,18 +211,19 @@ def report_block(summary: pd.DataFrame, runs: Runs, *, commands: list[str], wall
     return "\n".join(lines).rstrip() + "\n"
 
 
-def replace_between_markers(text: str, block: str) -> str:
-    """``text`` with everything between README_START and README_END replaced by ``block``.
+def replace_between_markers(text: str, block: str,
+                            markers: tuple[str, str] = (README_START, README_END)) -> str:
+    """``text`` with everything between the two ``markers`` replaced by ``block``.
 
     Raises ValueError when the markers are missing, repeated or out of order.
     """
-    starts, ends = text.count(README_START), text.count(README_END)
-    if starts != 1 or ends != 1 or text.index(README_START) > text.index(README_END):
-        raise ValueError(f"README needs exactly one {README_START} followed by one "
-                         f"{README_END} (found {starts} and {ends}); add them where the "
-                         "table should go")
-    pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.DOTALL)
-    return pattern.sub(lambda _: f"{README_START}\n{block.strip()}\n{README_END}", text)
+    start, end = markers
+    starts, ends = text.count(start), text.count(end)
+    if starts != 1 or ends != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"README needs exactly one {start} followed by one {end} (found "
+                         f"{starts} and {ends}); add them where the table should go")
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
+    return pattern.sub(lambda _: f"{start}\n{block.strip()}\n{end}", text)
 
 
 def write_report(folder: Path, *, readme: Path | None = None) -> dict[str, Path]:

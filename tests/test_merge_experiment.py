@@ -90,6 +90,45 @@ def test_sources_merges_targets_and_report(tiny_run_config, tmp_path):
     assert mx.main(argv, runner=again) == 0 and again.calls == []
 
 
+def test_report_lists_every_command_and_fills_the_readme(tiny_run_config, tmp_path):
+    overrides = " ".join(f"{k}={json.dumps(tiny_run_config[k])}" for k in (
+        "model.path", "lora.r", "lora.alpha", "strategy.num-rounds"))
+    out = tmp_path / "loo"
+    common = ["--target", "sci", "--merges", "axis", "--out", str(out), "--run-config", overrides]
+    first, second = [*common, "--epsilons", "3"], [*common, "--epsilons", "6"]
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- merge-table:start -->\nold\n<!-- merge-table:end -->\nend\n")
+    # Execute: two invocations into one target folder, then the report into the README
+    assert mx.main(first, runner=FakeFlower()) == 0
+    assert mx.main(second, runner=FakeFlower()) == 0
+    assert mx.main([*first, "--report-only", "--readme", str(readme)]) == 0
+    # Assert: both commands (once each, without the report flags), both ε, plots copied
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("end\n") and "old" not in text
+    commands = [line for line in text.splitlines() if line.startswith("python -m")]
+    assert commands == [f"python -m simulations.merge_experiment {mx.shlex.join(a)}"
+                        for a in (first, second)]
+    assert "| method | ε = 6 | ε = 3 |" in text and "| merge-sv-axis | 0.4000 | 0.4000 |" in text
+    static = tmp_path / "_static" / "merge-loo"
+    assert {"merge.csv", "summary.csv", "accuracy_vs_round_a0.5.png"} <= {
+        f.name for f in static.iterdir()}
+    assert "![accuracy_vs_round_a0.5](_static/merge-loo/accuracy_vs_round_a0.5.png)" in text
+
+
+def test_report_into_a_readme_without_markers_changes_nothing(tiny_run_config, tmp_path):
+    overrides = " ".join(f"{k}={json.dumps(tiny_run_config[k])}" for k in (
+        "model.path", "lora.r", "lora.alpha", "strategy.num-rounds"))
+    argv = ["--target", "sci", "--merges", "axis", "--epsilons", "3", "--out", str(tmp_path),
+            "--run-config", overrides]
+    assert mx.main(argv, runner=FakeFlower()) == 0
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    with pytest.raises(ValueError, match="merge-table:start"):
+        mx.main([*argv, "--report-only", "--readme", str(readme)])
+    assert readme.read_text() == "no markers here\n"
+    assert not (tmp_path / "_static").exists()
+
+
 def test_unknown_merge_method_is_refused():
     with pytest.raises(SystemExit):
         mx.parse_args(["--target", "sci", "--merges", "axis,mean"])
