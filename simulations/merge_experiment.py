@@ -48,6 +48,7 @@ from simulations.sweep_cells import (
     flwr_runner,
     is_complete,
     say,
+    stale_settings,
 )
 from simulations.sweep_report import (
     load_runs,
@@ -131,8 +132,18 @@ def merge_folder(out: Path, method: str) -> Path:
 
 
 def run_all(runs: Sequence[Run], overrides: Sequence[str], runner: Runner) -> list[str]:
-    """Run the incomplete ones in order; return the names of those that failed."""
-    rounds = {r.name: cell_config(r.items(overrides)).strategy.num_rounds for r in runs}
+    """Run the incomplete ones in order; return the names of those that failed.
+
+    Raises ValueError, before running anything, if a run's folder holds a run made with other
+    settings (e.g. sources of another ``--source-epsilon``): it would be reused silently.
+    """
+    configs = {r.name: cell_config(r.items(overrides)) for r in runs}
+    stale = [f"{r.parent.name}/{r.name}: {'; '.join(keys)}" for r in runs
+             if (keys := stale_settings(r.folder, configs[r.name]))]
+    if stale:
+        raise ValueError("these runs exist with other settings; use another --out or delete "
+                         "them:\n  " + "\n  ".join(stale))
+    rounds = {name: cfg.strategy.num_rounds for name, cfg in configs.items()}
     failed = []
     for k, run in enumerate(runs, start=1):
         if is_complete(run.folder, rounds[run.name]):
@@ -291,7 +302,11 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
                           args.epsilons, args.seeds)
     cfg: AppConfig = cell_config(sources[0].items(args.run_config))  # validates the overrides
     record_command(target_folder, command)
-    failed = run_all(sources, args.run_config, runner)
+    try:
+        failed = run_all(sources, args.run_config, runner)
+    except ValueError as exc:
+        say(f"[merge-experiment] {exc}")
+        return 2
     if failed:
         say(f"[merge-experiment] sources failed: {failed}; no merge without every source")
         return 1
@@ -301,7 +316,11 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
         cfg.lora.r, model_dir, variant)]
     targets = [t for t in targets if method_of(t.name) not in
                {f"merge-sv-{m}" for m in bad_merges}]
-    failed = run_all(targets, args.run_config, runner)
+    try:
+        failed = run_all(targets, args.run_config, runner)
+    except ValueError as exc:
+        say(f"[merge-experiment] {exc}")
+        return 2
     print(report(target_folder, args.readme).read_text())
     return 1 if failed or bad_merges else 0
 

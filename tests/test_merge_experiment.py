@@ -151,3 +151,18 @@ def test_robustness_variants_merge_damaged_copies(tiny_run_config, tmp_path):
     assert "sources-noise" in paths[0] and all("sources-noise" not in p for p in paths[1:])
     merged = {c["strategy.merged-adapter"] for c in fake.calls[4:] if "merged-adapter" in str(c)}
     assert str((tmp_path / "merges" / "axis-half").resolve()) in merged
+
+
+def test_sources_of_another_epsilon_are_not_reused(tiny_run_config, tmp_path, capsys):
+    overrides = " ".join(f"{k}={json.dumps(tiny_run_config[k])}" for k in (
+        "model.path", "lora.r", "lora.alpha", "strategy.num-rounds"))
+    argv = ["--target", "sci", "--merges", "axis", "--epsilons", "3", "--out", str(tmp_path),
+            "--run-config", overrides]
+    assert mx.main(argv, runner=FakeFlower()) == 0
+    # Execute: the same folder, sources now asked for at ε = 6
+    again = FakeFlower()
+    code = mx.main([*argv, "--source-epsilon", "6"], runner=again)
+    # Assert: refused before anything runs, naming the run and the key
+    assert code == 2 and again.calls == []
+    err = capsys.readouterr().out + capsys.readouterr().err
+    assert "sources/source-comp" in err and "privacy.epsilon: inf there, 6.0 now" in err
