@@ -122,6 +122,22 @@ def summarize(final: pd.DataFrame, by: tuple[str, ...] = ("method", "epsilon", "
     return pd.DataFrame(rows, columns=[*by, "n", "mean", "sd", "ci95", "loss"])
 
 
+def paired_differences(final: pd.DataFrame, reference: str = "fedsvd") -> pd.DataFrame:
+    """``reference`` minus every other method, paired by (ε, α, seed): mean ± 95 % t-interval.
+
+    Runs with the same seed share the data partition and the server's client sampling, so the
+    per-seed difference removes that part of the run-to-run spread. One row per method, ε, α
+    with the columns of :func:`summarize` (``mean`` is the mean difference; positive:
+    ``reference`` ahead); empty if ``reference`` has no run.
+    """
+    keys = ["epsilon", "alpha", "seed"]
+    ref = final[final["method"] == reference][[*keys, "accuracy", "loss"]]
+    others = final[final["method"] != reference]
+    paired = others.merge(ref, on=keys, suffixes=("", "_ref"))
+    paired = paired.assign(accuracy=paired["accuracy_ref"] - paired["accuracy"])
+    return summarize(paired)
+
+
 def method_order(methods) -> list[str]:
     """The methods in the README's order (STRATEGIES), unknown names last."""
     return sorted(set(methods), key=lambda m: (STRATEGIES.index(m) if m in STRATEGIES
@@ -203,8 +219,13 @@ def report_block(summary: pd.DataFrame, runs: Runs, *, commands: list[str], wall
         f"split), mean ± 95 % confidence interval (Student t, n − 1 degrees of freedom) over "
         f"seeds {', '.join(map(str, seeds))}; one Flower simulation per cell.", "",
         *produced, "", markdown_table(summary), "",
-        f"Total wall time of the sweep: **{duration(wall)}** ({wall_source}).",
     ]
+    paired = paired_differences(runs.final)
+    if not paired.empty:
+        lines += ["FedSVD minus each method, paired by seed (same data partition and client "
+                  "sampling): mean difference ± 95 % t-interval; positive: FedSVD ahead.", "",
+                  markdown_table(paired), ""]
+    lines.append(f"Total wall time of the sweep: **{duration(wall)}** ({wall_source}).")
     if runs.incomplete:
         lines.append(f"Left out, incomplete: {', '.join(runs.incomplete)}.")
     lines += ["", *(f"![{Path(i).stem}]({i})" for i in images)]

@@ -21,6 +21,7 @@ from simulations.sweep_report import (
     README_START,
     load_runs,
     markdown_table,
+    paired_differences,
     replace_between_markers,
     summarize,
     t_interval,
@@ -188,6 +189,18 @@ def test_tidy_rows_final_accuracies_and_table(tmp_path):
     assert table.splitlines()[0] == "| method | ε = ∞ | ε = 6 |"
     assert "| fedsvd | 0.7000 ± 0.2484 | 0.3000 ± 0.2484 |" in table
     assert "| ffa | 0.6000 ± 0.4303 | 0.1000 (n = 1) |" in table
+
+
+def test_paired_differences_match_per_seed_subtraction_by_hand(tmp_path):
+    runs = load_runs(synthetic_sweep(tmp_path))
+    paired = paired_differences(runs.final).set_index(["method", "epsilon"])
+    # ε = ∞: fedsvd − ffa per seed = 0.1, 0.2, 0.0; ε = 6: only seed 0 is paired (0.2 − 0.1)
+    assert paired.loc[("ffa", INF), "mean"] == pytest.approx(0.1)
+    assert paired.loc[("ffa", INF), "ci95"] == pytest.approx(4.302652729911275 * 0.1 / math.sqrt(3))
+    assert paired.loc[("ffa", 6.0), "mean"] == pytest.approx(0.1)
+    assert paired.loc[("ffa", 6.0), "n"] == 1
+    assert "fedsvd" not in paired.index.get_level_values("method")
+    assert paired_differences(runs.final[runs.final["method"] == "ffa"]).empty
 
 
 def test_runs_with_different_settings_are_not_mixed(tmp_path):
