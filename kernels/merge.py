@@ -67,7 +67,8 @@ def _top_k(scores: Tensor, raw: Tensor, k: int) -> Tensor:
 
 @torch.no_grad()
 def top_components(sources: Sequence[tuple[Tensor, Tensor]], k: int, rank_by: RankBy = "sigma",
-                   weights: Sequence[float] | None = None) -> SVDFactors:
+                   weights: Sequence[float] | None = None,
+                   overwrite_sources: bool = False) -> SVDFactors:
     """Rank-k SVD of the sum of the top-k rank-one components pooled across sources.
 
     Δ = Σ_{(s, i) ∈ top k} w_s σ_si u_si v_siᵀ, returned re-orthogonalized as U diag(S) Vh.
@@ -85,6 +86,11 @@ def top_components(sources: Sequence[tuple[Tensor, Tensor]], k: int, rank_by: Ra
     weights : sequence of float, optional
         w_s, scaling source s (task-arithmetic λ or a data share); default 1. A negative w_s
         subtracts the source.
+    overwrite_sources : bool
+        Let the per-source refactorization write into the sources' own tensors instead of new
+        ones (as SciPy's ``overwrite_a``): for callers that stacked the sources themselves.
+        Saves one allocation of every source's factors, which at 16 sources of RoBERTa-large
+        shapes is 100 MB of first-touch page faults, a third of the merge.
 
     Returns
     -------
@@ -108,7 +114,7 @@ def top_components(sources: Sequence[tuple[Tensor, Tensor]], k: int, rank_by: Ra
                              f"first source's (L, m, n) = {tuple(sources[0][0].shape[:2])}, "
                              f"{sources[0][1].shape[2]}")
     work = work_dtype(*(t.dtype for pair in sources for t in pair))
-    parts = [_components(B.to(work), A.to(work)) for B, A in sources]
+    parts = [_components(B.to(work), A.to(work), overwrite_sources) for B, A in sources]
     m, n = sources[0][0].shape[1], sources[0][1].shape[2]
     pool = sum(S.shape[1] for _, S, _, _ in parts)
     if not 1 <= k <= min(pool, m, n):
@@ -120,7 +126,8 @@ def top_components(sources: Sequence[tuple[Tensor, Tensor]], k: int, rank_by: Ra
     return SVDFactors(*lowrank_svd(B_sel, Vh_sel, k))
 
 
-def _components(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _components(B: Tensor, A: Tensor,
+                overwrite: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One source's rank-one components: U diag(S) (L, m, t), S (L, t), Vh (L, t, n), order.
 
     t = min(m, n, r). FedSVD's refactorization (:func:`kernels.refactorize`: two r × r Grams,
@@ -128,10 +135,10 @@ def _components(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     A' = Vh; S are the column norms of B', sorted descending, and ``order`` (L, t) maps sorted
     positions to columns (the Gram path may order near-equal σ otherwise). U alone is never
     needed: the merge sums σ u vᵀ. Several times cheaper than :func:`lowrank_svd`, whose two
-    Householder QRs work in LAPACK panels only r wide.
+    Householder QRs work in LAPACK panels only r wide. ``overwrite``: write into B and A.
     """
     t = min(B.shape[1], A.shape[2], B.shape[2])
-    B_new, A_new = refactorize(B, A)  # (L, m, r), (L, r, n); beyond t: zero columns / rows
+    B_new, A_new = refactorize(B, A, out=(B, A) if overwrite else None)  # (L, m, r), (L, r, n); beyond t: zero columns / rows
     B_new, A_new = B_new[:, :, :t], A_new[:, :t]
     norms = torch.diagonal(B_new.mT @ B_new, dim1=1, dim2=2).sqrt()  # (L, t), one bmm pass
     S, order = torch.sort(norms, dim=1, descending=True, stable=True)  # (L, t), (L, t)

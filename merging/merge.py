@@ -35,7 +35,8 @@ def map_groups(sources: Sequence[Mapping[str, Pair]], fn: GroupFn) -> dict[str, 
     """Apply ``fn`` once per group of layers with equal (m, n) and per-source ranks.
 
     Each source's layers of a group are stacked to (L, m, r_s), (L, r_s, n); ``fn`` maps the
-    list of stacks to an :class:`SVDFactors`, returned per module as (U diag(S), Vh).
+    list of stacks to an :class:`SVDFactors`, returned per module as (U diag(S), Vh). The
+    stacks are new tensors, owned by ``fn``: it may overwrite them.
     """
     names = list(sources[0])
     for i, source in enumerate(sources[1:], 1):
@@ -64,7 +65,8 @@ def merge_pairs(sources: Sequence[Mapping[str, Pair]], k: int, rank_by: RankBy =
     :func:`kernels.top_components` for ``rank_by`` and ``weights``. A has orthonormal rows, B
     orthogonal columns of norms S (descending).
     """
-    return map_groups(sources, lambda stacks: top_components(stacks, k, rank_by, weights))
+    return map_groups(sources, lambda stacks: top_components(stacks, k, rank_by, weights,
+                                                             overwrite_sources=True))
 
 
 def add_pairs(merged: Mapping[str, Pair], source: Mapping[str, Pair], k: int,

@@ -66,6 +66,18 @@ def test_top_components_matches_dense_pooling(rank_by):
         np.testing.assert_allclose(f.S[layer].double().numpy(), s, rtol=1e-5)
 
 
+def test_sources_are_left_alone_unless_overwrite_is_asked():
+    rng = np.random.default_rng(4)
+    sources = [source(rng, 2, 30, 4, 25), source(rng, 2, 30, 3, 25, scale=2.0)]
+    copies = [(B.clone(), A.clone()) for B, A in sources]
+    kept = top_components(sources, k=5)
+    for (B, A), (B0, A0) in zip(sources, copies, strict=True):
+        assert torch.equal(B, B0) and torch.equal(A, A0)
+    overwritten = top_components(sources, k=5, overwrite_sources=True)
+    np.testing.assert_allclose(product(overwritten).numpy(), product(kept).numpy(), atol=1e-6)
+    assert not torch.equal(sources[0][0], copies[0][0])  # refactorized in place
+
+
 def test_quota_keeps_every_sources_top_components():
     rng = np.random.default_rng(1)
     big, small = source(rng, 1, 20, 4, 18, scale=100.0), source(rng, 1, 20, 4, 18, scale=0.01)
