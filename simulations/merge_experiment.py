@@ -17,7 +17,7 @@
 4. **Report** in ``<out>/target-<group>/``: ``merge.csv`` (one row per run per round),
    ``summary.csv``, ``results.md`` (final accuracy, mean ± 95 % t-interval over seeds, and
    every command recorded in ``commands.txt`` that ran into the folder) and ``plots/``; with
-   ``--readme``, the same table between the README's ``merge-table`` markers.
+   ``--readme``, the same table between the README's ``merge-table:target-<group>`` markers.
 
 Finished runs and merges are skipped, so the same command resumes. ``--run-config`` scales
 every run (rounds, local steps, tokens, ...) as in :mod:`simulations.sweep`.
@@ -69,7 +69,12 @@ MERGES = merging_cli.METHODS  # axis, task-arithmetic, ties, peft-svd
 VARIANTS = ("clean", "noise", "half")  # sources as trained; one replaced by noise; half rank
 SCRATCH = "scratch"
 COMMANDS_FILE = "commands.txt"  # in the target folder: every command that ran into it
-README_MARKERS = ("<!-- merge-table:start -->", "<!-- merge-table:end -->")
+
+
+def readme_markers(target_folder: Path) -> tuple[str, str]:
+    """The README markers of one target's table, e.g. ``<!-- merge-table:target-sci:start -->``."""
+    return (f"<!-- merge-table:{target_folder.name}:start -->",
+            f"<!-- merge-table:{target_folder.name}:end -->")
 
 
 @dataclass(frozen=True)
@@ -216,8 +221,9 @@ def report(folder: Path, readme: Path | None = None) -> Path:
     """CSV, summary, table and plots of the target runs in ``folder``; return results.md.
 
     The table lists the commands recorded in ``commands.txt``. With ``readme``, the table also
-    goes between its ``README_MARKERS`` (checked first: a README without them changes nothing)
-    and the CSVs and plots into ``_static/merge-loo/`` beside it, linked from there.
+    goes between this target's :func:`readme_markers` (checked first: a README without them
+    changes nothing) and the CSVs and plots into ``_static/merge-loo/<folder name>/`` beside it,
+    linked from there.
     """
     from simulations import plots  # matplotlib only when plotting
 
@@ -225,7 +231,7 @@ def report(folder: Path, readme: Path | None = None) -> Path:
     if runs.final.empty:
         raise ValueError(f"no complete target run in {folder}")
     if readme:
-        replace_between_markers(readme.read_text(), "", README_MARKERS)
+        replace_between_markers(readme.read_text(), "", readme_markers(folder))
     tidy = runs.tidy.assign(method=runs.tidy["run"].map(method_of))
     tidy.to_csv(folder / "merge.csv", index=False)
     final = tidy[tidy["round"] == tidy["num_rounds"]]
@@ -244,12 +250,13 @@ def report(folder: Path, readme: Path | None = None) -> Path:
 
     (folder / "results.md").write_text(block("plots"))
     if readme:
-        static = readme.parent / "_static" / "merge-loo"
+        relative = f"_static/merge-loo/{folder.name}"
+        static = readme.parent / relative
         static.mkdir(parents=True, exist_ok=True)
         for file in [*images, folder / "merge.csv", folder / "summary.csv"]:
             (static / file.name).write_bytes(file.read_bytes())
-        readme.write_text(replace_between_markers(readme.read_text(), block("_static/merge-loo"),
-                                                  README_MARKERS))
+        readme.write_text(replace_between_markers(readme.read_text(), block(relative),
+                                                  readme_markers(folder)))
     return folder / "results.md"
 
 
@@ -271,8 +278,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--num-supernodes", type=int, default=6, help="clients per federation")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--readme", type=Path, nargs="?", const=ROOT / "README.md",
-                   help="also put the table between the README's merge-table markers and "
-                        "the CSVs and plots into _static/merge-loo/ (default README.md)")
+                   help="also put the table between the README's merge-table:target-<group> "
+                        "markers and the CSVs and plots into _static/merge-loo/target-<group>/ "
+                        "(default README.md)")
     args = p.parse_args(argv)
     args.epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

@@ -97,7 +97,8 @@ def test_report_lists_every_command_and_fills_the_readme(tiny_run_config, tmp_pa
     common = ["--target", "sci", "--merges", "axis", "--out", str(out), "--run-config", overrides]
     first, second = [*common, "--epsilons", "3"], [*common, "--epsilons", "6"]
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- merge-table:start -->\nold\n<!-- merge-table:end -->\nend\n")
+    readme.write_text("intro\n<!-- merge-table:target-sci:start -->\nold\n"
+                      "<!-- merge-table:target-sci:end -->\nend\n")
     # Execute: two invocations into one target folder, then the report into the README
     assert mx.main(first, runner=FakeFlower()) == 0
     assert mx.main(second, runner=FakeFlower()) == 0
@@ -109,10 +110,11 @@ def test_report_lists_every_command_and_fills_the_readme(tiny_run_config, tmp_pa
     assert commands == [f"python -m simulations.merge_experiment {mx.shlex.join(a)}"
                         for a in (first, second)]
     assert "| method | ε = 6 | ε = 3 |" in text and "| merge-sv-axis | 0.4000 | 0.4000 |" in text
-    static = tmp_path / "_static" / "merge-loo"
+    static = tmp_path / "_static" / "merge-loo" / "target-sci"
     assert {"merge.csv", "summary.csv", "accuracy_vs_round_a0.5.png"} <= {
         f.name for f in static.iterdir()}
-    assert "![accuracy_vs_round_a0.5](_static/merge-loo/accuracy_vs_round_a0.5.png)" in text
+    assert ("![accuracy_vs_round_a0.5](_static/merge-loo/target-sci/accuracy_vs_round_a0.5.png)"
+            in text)
 
 
 def test_report_into_a_readme_without_markers_changes_nothing(tiny_run_config, tmp_path):
@@ -123,7 +125,7 @@ def test_report_into_a_readme_without_markers_changes_nothing(tiny_run_config, t
     assert mx.main(argv, runner=FakeFlower()) == 0
     readme = tmp_path / "README.md"
     readme.write_text("no markers here\n")
-    with pytest.raises(ValueError, match="merge-table:start"):
+    with pytest.raises(ValueError, match="merge-table:target-sci:start"):
         mx.main([*argv, "--report-only", "--readme", str(readme)])
     assert readme.read_text() == "no markers here\n"
     assert not (tmp_path / "_static").exists()
