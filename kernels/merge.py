@@ -138,7 +138,8 @@ def _components(B: Tensor, A: Tensor,
     Householder QRs work in LAPACK panels only r wide. ``overwrite``: write into B and A.
     """
     t = min(B.shape[1], A.shape[2], B.shape[2])
-    B_new, A_new = refactorize(B, A, out=(B, A) if overwrite else None)  # (L, m, r), (L, r, n); beyond t: zero columns / rows
+    # (L, m, r), (L, r, n); beyond t: zero columns / rows
+    B_new, A_new = refactorize(B, A, out=(B, A) if overwrite else None)
     B_new, A_new = B_new[:, :, :t], A_new[:, :t]
     norms = torch.diagonal(B_new.mT @ B_new, dim1=1, dim2=2).sqrt()  # (L, t), one bmm pass
     S, order = torch.sort(norms, dim=1, descending=True, stable=True)  # (L, t), (L, t)

@@ -6,8 +6,9 @@
    ``--source-epsilon``, default ∞: the sources come from other organisations), each saving a
    peft adapter: ``<out>/sources/source-<group>/adapter``.
 2. **Merges** of those adapters at rank ``lora.r`` by every ``--merges`` method (``axis``, ours;
-   ``task-arithmetic``, ``ties``, ``peft-svd``): ``<out>/merges/<method>/`` (``python -m
-   merging``; the sources' heads are task-specific and not merged).
+   ``task-arithmetic``, ``ties``, ``peft-svd``): ``<out>/merges/target-<group>/<method>/``
+   (``python -m merging``; the sources' heads are task-specific and not merged; a saved merge
+   of other sources or rank is refused, not reused).
 3. **Target federation** (the held-out group), per ε and seed: ``merge-sv-<method>`` (strategy
    merge-sv from that merge: only σ and the head train) and ``scratch`` (FedSVD from B = 0),
    same rounds, clients and ε: ``<out>/target-<group>/<method>-eps<ε>-seed<s>/``.
@@ -26,6 +27,7 @@ every run (rounds, local steps, tokens, ...) as in :mod:`simulations.sweep`.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -125,15 +127,30 @@ def target_runs(out: Path, target: str, merges: Sequence[str], epsilons: Sequenc
             for method in [*(f"merge-sv-{m}" for m in merges), SCRATCH]:
                 keys = {**common, "strategy.name": "fedsvd"} if method == SCRATCH else {
                     **common, "strategy.name": "merge-sv",
-                    "strategy.merged-adapter": str(merge_folder(out, method).resolve())}
+                    "strategy.merged-adapter": str(merge_folder(out, target, method).resolve())}
                 runs.append(Run(out / f"target-{target}", f"{method}-eps{epsilon:g}-seed{seed}",
                                 keys))
     return runs
 
 
-def merge_folder(out: Path, method: str) -> Path:
-    """``<out>/merges/<merge method>`` for a target method ``merge-sv-<merge method>``."""
-    return out / "merges" / method.removeprefix("merge-sv-")
+def merge_folder(out: Path, target: str, method: str) -> Path:
+    """``<out>/merges/target-<target>/<merge>`` for ``<merge>`` or ``merge-sv-<merge>``.
+
+    One folder per held-out group: its merges are of the other groups' sources only.
+    """
+    return out / "merges" / f"target-{target}" / method.removeprefix("merge-sv-")
+
+
+def stale_merge(folder: Path, adapters: Sequence[Path], rank: int) -> str | None:
+    """Why the merge saved in ``folder`` is not of ``adapters`` at ``rank``; None if it is."""
+    provenance = json.loads((folder / PROVENANCE_FILE).read_text())
+    there = [str(Path(s["path"]).resolve()) for s in provenance["sources"]]
+    now = [str(path.resolve()) for path in adapters]
+    if there != now:
+        return f"{folder}: merged from {there}, now {now}"
+    if provenance["steps"][-1]["rank"] != rank:
+        return f"{folder}: rank {provenance['steps'][-1]['rank']} there, {rank} now"
+    return None
 
 
 def run_all(runs: Sequence[Run], overrides: Sequence[str], runner: Runner) -> list[str]:
@@ -184,13 +201,20 @@ def variant_sources(out: Path, sources: Sequence[Run], variant: str,
     return paths
 
 
-def merge_sources(out: Path, adapters: Sequence[Path], merges: Sequence[str], rank: int,
-                  model_dir: Path, variant: str = "clean") -> list[str]:
-    """Merge the adapters by every method; return the merge names that failed."""
+def merge_sources(out: Path, target: str, adapters: Sequence[Path], merges: Sequence[str],
+                  rank: int, model_dir: Path, variant: str = "clean") -> list[str]:
+    """Merge the adapters by every method; return the merge names that failed.
+
+    A merge already saved is kept if it is of the same adapters at the same rank; otherwise
+    ValueError (it would be reused silently).
+    """
     failed = []
     for method, name in zip(merges, merge_names(merges, [variant]), strict=True):
-        folder = out / "merges" / name
+        folder = merge_folder(out, target, name)
         if (folder / PROVENANCE_FILE).is_file():
+            if reason := stale_merge(folder, adapters, rank):
+                raise ValueError(f"this merge exists with other settings; use another --out "
+                                 f"or delete it:\n  {reason}")
             continue
         argv = ["--method", method, "--rank", str(rank), "--base", str(model_dir),
                 "--out", str(folder), *map(str, adapters)]
@@ -319,9 +343,13 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
         say(f"[merge-experiment] sources failed: {failed}; no merge without every source")
         return 1
     model_dir = resolve_model_path(cfg.model)
-    bad_merges = [name for variant in args.variants for name in merge_sources(
-        args.out, variant_sources(args.out, sources, variant, model_dir), args.merges,
-        cfg.lora.r, model_dir, variant)]
+    try:
+        bad_merges = [name for variant in args.variants for name in merge_sources(
+            args.out, args.target, variant_sources(args.out, sources, variant, model_dir),
+            args.merges, cfg.lora.r, model_dir, variant)]
+    except ValueError as exc:
+        say(f"[merge-experiment] {exc}")
+        return 2
     targets = [t for t in targets if method_of(t.name) not in
                {f"merge-sv-{m}" for m in bad_merges}]
     try:

@@ -74,12 +74,13 @@ def test_sources_merges_targets_and_report(tiny_run_config, tmp_path):
     assert all(c["strategy.name"] == "fedsvd" and c["privacy.epsilon"] == float("inf")
                for c in sources)
     for method in mx.MERGES:
-        provenance = json.loads((tmp_path / "merges" / method / "merge.json").read_text())
+        provenance = json.loads(
+            (tmp_path / "merges" / "target-sci" / method / "merge.json").read_text())
         assert len(provenance["sources"]) == 4
     assert len(targets) == 2 * 2 * 5
     assert all(c["data.labels"] == "sci.*" for c in targets)
     merged = {c["strategy.merged-adapter"] for c in targets if c["strategy.name"] == "merge-sv"}
-    assert merged == {str((tmp_path / "merges" / m).resolve()) for m in mx.MERGES}
+    assert merged == {str((tmp_path / "merges" / "target-sci" / m).resolve()) for m in mx.MERGES}
     text = (tmp_path / "target-sci" / "results.md").read_text()
     assert "| merge-sv-axis | 0.4050 ± 0.0635 | 0.4050 ± 0.0635 |" in text
     assert "| scratch |" in text
@@ -148,11 +149,12 @@ def test_robustness_variants_merge_damaged_copies(tiny_run_config, tmp_path):
                        "merge-sv-axis-half-eps3-seed0", "scratch-eps3-seed0"]
     assert [p.name for p in (tmp_path / "sources-noise").iterdir()] == ["source-comp"]
     assert len(list((tmp_path / "sources-half").iterdir())) == 4
-    noise = json.loads((tmp_path / "merges" / "axis-noise" / "merge.json").read_text())
+    noise = json.loads((tmp_path / "merges" / "target-rec" / "axis-noise" / "merge.json")
+                       .read_text())
     paths = [s["path"] for s in noise["sources"]]
     assert "sources-noise" in paths[0] and all("sources-noise" not in p for p in paths[1:])
     merged = {c["strategy.merged-adapter"] for c in fake.calls[4:] if "merged-adapter" in str(c)}
-    assert str((tmp_path / "merges" / "axis-half").resolve()) in merged
+    assert str((tmp_path / "merges" / "target-rec" / "axis-half").resolve()) in merged
 
 
 def test_sources_of_another_epsilon_are_not_reused(tiny_run_config, tmp_path, capsys):
@@ -168,3 +170,28 @@ def test_sources_of_another_epsilon_are_not_reused(tiny_run_config, tmp_path, ca
     assert code == 2 and again.calls == []
     err = capsys.readouterr().out + capsys.readouterr().err
     assert "sources/source-comp" in err and "privacy.epsilon: inf there, 6.0 now" in err
+
+
+def test_a_second_target_merges_its_own_sources(tiny_run_config, tmp_path, capsys):
+    overrides = " ".join(f"{k}={json.dumps(tiny_run_config[k])}" for k in (
+        "model.path", "lora.r", "lora.alpha", "strategy.num-rounds"))
+    common = ["--merges", "axis", "--epsilons", "3", "--out", str(tmp_path),
+              "--run-config", overrides]
+    assert mx.main(["--target", "sci", *common], runner=FakeFlower()) == 0
+    # Execute: hold out rec in the same folder (sources comp, politics, religion are reused)
+    fake = FakeFlower()
+    assert mx.main(["--target", "rec", *common], runner=fake) == 0
+    # Assert: only the sci source is new, and rec's merge holds no rec source
+    assert [c["output.run-name"] for c in fake.calls[:1]] == ["source-sci"]
+    provenance = json.loads((tmp_path / "merges" / "target-rec" / "axis" / "merge.json")
+                            .read_text())
+    names = [mx.Path(s["path"]).parent.name for s in provenance["sources"]]
+    assert names == ["source-comp", "source-sci", "source-politics", "source-religion"]
+    # A saved merge of other sources is refused, not reused
+    sci_merge = tmp_path / "merges" / "target-sci" / "axis"
+    (sci_merge / "merge.json").write_text(
+        (tmp_path / "merges" / "target-rec" / "axis" / "merge.json").read_text())
+    again = FakeFlower()
+    assert mx.main(["--target", "sci", *common], runner=again) == 2
+    assert again.calls == []
+    assert "merged from" in capsys.readouterr().out
