@@ -14,7 +14,9 @@
    same rounds, clients and ε: ``<out>/target-<group>/<method>-eps<ε>-seed<s>/``.
    With ``--variants noise,half`` the same is repeated with damaged sources (robustness): the
    first source replaced by Gaussian noise of the same per-layer Frobenius norm, or every
-   source pruned to half its rank (:mod:`merging.perturb`), as ``merge-sv-<method>-<variant>``.
+   source pruned to half its rank (:mod:`merging.perturb`), as ``merge-sv-<method>-<variant>``;
+   ``random`` replaces every source by such noise, a control: σ tuning of a subspace that
+   holds no knowledge, with as few private parameters.
 4. **Report** in ``<out>/target-<group>/``: ``merge.csv`` (one row per run per round),
    ``summary.csv``, ``results.md`` (final accuracy, mean ± 95 % t-interval over seeds, and
    every command recorded in ``commands.txt`` that ran into the folder) and ``plots/``; with
@@ -68,7 +70,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "religion": ("alt.atheism", "soc.religion.christian", "talk.religion.misc"),
 }
 MERGES = merging_cli.METHODS  # axis, task-arithmetic, ties, peft-svd
-VARIANTS = ("clean", "noise", "half")  # sources as trained; one replaced by noise; half rank
+# sources as trained; the first replaced by noise; every one by noise (a control: no knowledge
+# to transfer, only the subspace size); every one pruned to half rank
+VARIANTS = ("clean", "noise", "random", "half")
 SCRATCH = "scratch"
 COMMANDS_FILE = "commands.txt"  # in the target folder: every command that ran into it
 
@@ -192,10 +196,11 @@ def variant_sources(out: Path, sources: Sequence[Run], variant: str,
         if variant == "noise" and i > 0:  # only the first source is replaced by noise
             paths.append(path)
             continue
-        dest = out / f"sources-{variant}" / path.parent.name
+        # one noise copy per source, shared by the noise and random variants
+        dest = out / f"sources-{'noise' if variant == 'random' else variant}" / path.parent.name
         if not (dest / PROVENANCE_FILE).is_file():
-            pairs = (noise_like(source.lora, torch.Generator().manual_seed(i))
-                     if variant == "noise" else half_rank(source.lora))
+            pairs = (half_rank(source.lora) if variant == "half"
+                     else noise_like(source.lora, torch.Generator().manual_seed(i)))
             save_source(dest, source, pairs, op=variant)
         paths.append(dest)
     return paths

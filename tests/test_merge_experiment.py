@@ -157,6 +157,20 @@ def test_robustness_variants_merge_damaged_copies(tiny_run_config, tmp_path):
     assert str((tmp_path / "merges" / "target-rec" / "axis-half").resolve()) in merged
 
 
+def test_random_control_replaces_every_source_by_noise(tiny_run_config, tmp_path):
+    overrides = " ".join(f"{k}={json.dumps(tiny_run_config[k])}" for k in (
+        "model.path", "lora.r", "lora.alpha", "strategy.num-rounds"))
+    argv = ["--target", "sci", "--epsilons", "3", "--merges", "axis", "--variants",
+            "noise,random", "--out", str(tmp_path), "--run-config", overrides]
+    assert mx.main(argv, runner=FakeFlower()) == 0
+    merges = tmp_path / "merges" / "target-sci"
+    noise, random = (json.loads((merges / m / "merge.json").read_text())["sources"]
+                     for m in ("axis-noise", "axis-random"))
+    assert all("sources-noise" in s["path"] for s in random)
+    assert noise[0]["path"] == random[0]["path"]  # the first source's noise copy is shared
+    assert (tmp_path / "target-sci" / "merge-sv-axis-random-eps3-seed0" / "metrics.csv").is_file()
+
+
 def test_sources_of_another_epsilon_are_not_reused(tiny_run_config, tmp_path, capsys):
     overrides = " ".join(f"{k}={json.dumps(tiny_run_config[k])}" for k in (
         "model.path", "lora.r", "lora.alpha", "strategy.num-rounds"))
