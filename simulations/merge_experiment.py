@@ -29,7 +29,6 @@ every run (rounds, local steps, tokens, ...) as in :mod:`simulations.sweep`.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -42,7 +41,7 @@ from common.config import AppConfig
 from common.model import resolve_model_path
 from merging import cli as merging_cli
 from merging import load_sources
-from merging.adapter_io import PROVENANCE_FILE
+from merging.adapter_io import PROVENANCE_FILE, read_provenance
 from merging.perturb import half_rank, noise_like, save_source
 from simulations.local_superlink import _toml_value
 from simulations.sweep_cells import (
@@ -145,9 +144,12 @@ def merge_folder(out: Path, target: str, method: str) -> Path:
     return out / "merges" / f"target-{target}" / method.removeprefix("merge-sv-")
 
 
-def stale_merge(folder: Path, adapters: Sequence[Path], rank: int) -> str | None:
-    """Why the merge saved in ``folder`` is not of ``adapters`` at ``rank``; None if it is."""
-    provenance = json.loads((folder / PROVENANCE_FILE).read_text())
+def stale_merge(folder: Path, provenance: Mapping, adapters: Sequence[Path],
+                rank: int) -> str | None:
+    """Why the merge saved in ``folder`` is not of ``adapters`` at ``rank``; None if it is.
+
+    ``provenance`` is the folder's ``merge.json`` (:func:`merging.adapter_io.read_provenance`).
+    """
     there = [str(Path(s["path"]).resolve()) for s in provenance["sources"]]
     now = [str(path.resolve()) for path in adapters]
     if there != now:
@@ -216,8 +218,8 @@ def merge_sources(out: Path, target: str, adapters: Sequence[Path], merges: Sequ
     failed = []
     for method, name in zip(merges, merge_names(merges, [variant]), strict=True):
         folder = merge_folder(out, target, name)
-        if (folder / PROVENANCE_FILE).is_file():
-            if reason := stale_merge(folder, adapters, rank):
+        if (provenance := read_provenance(folder)) is not None:
+            if reason := stale_merge(folder, provenance, adapters, rank):
                 raise ValueError(f"this merge exists with other settings; use another --out "
                                  f"or delete it:\n  {reason}")
             continue
