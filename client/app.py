@@ -18,6 +18,7 @@ from common.evaluation import evaluate as evaluate_model
 from privacy import PrivacyLedger, make_private
 
 PRIVACY_STATE_KEY = "privacy-state-file"  # node config: where a SuperNode keeps its ledger
+RUN_LEDGER_DIR = "privacy"  # else, under the run's results folder (server.preflight.RESULT_FILES)
 
 app = ClientApp()
 
@@ -26,26 +27,45 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Load global adapter → freeze all but the named factors → DP-SGD steps → reply."""
     cfg = AppConfig.from_run_config(context.run_config)
-    with node_privacy_state(context, cfg.privacy.accountant):
+    with node_privacy_state(context, cfg):
         return _train(msg, context, cfg)
 
 
+def ledger_path(context: Context, cfg: AppConfig) -> Path | None:
+    """The file that keeps this node's privacy ledger, or None (``Context.state`` alone).
+
+    The node config's ``privacy-state-file`` (a deployment: the node's own, across runs), else,
+    when ``output.dir`` is absolute (as ``simulations.run`` passes it), the run's own
+    ``<results folder>/privacy/partition-<id>.json``, so that a resumed simulation goes on
+    counting from every step taken before the crash. A relative ``output.dir`` would resolve
+    against the ClientApp's working directory, which is Flower's, not the server's.
+    """
+    raw = context.node_config.get(PRIVACY_STATE_KEY)
+    if raw:
+        path = Path(str(raw)).expanduser()
+        if not path.is_absolute():  # the ClientApp's working directory is Flower's, not ours
+            raise ValueError(f"{PRIVACY_STATE_KEY}={raw!r}: must be an absolute path")
+        return path
+    if not Path(cfg.output.dir).expanduser().is_absolute():
+        return None
+    partition_id, _ = t.node_partition(context)
+    return cfg.results_folder / RUN_LEDGER_DIR / f"partition-{partition_id}.json"
+
+
 @contextlib.contextmanager
-def node_privacy_state(context: Context, accountant: str) -> Iterator[None]:
-    """Keep the ledger in the file named by node config ``privacy-state-file``, if any.
+def node_privacy_state(context: Context, cfg: AppConfig) -> Iterator[None]:
+    """Keep the ledger in the file of :func:`ledger_path`, if any.
 
     ``Context.state`` lives only as long as the SuperNode process (and one run); the file makes
-    a restarted node (or a later run) continue from every step it has ever taken, so it cannot
+    a restarted node (or a resumed run) continue from every step it has ever taken, so it cannot
     reset its ε. The file is read into ``Context.state`` before the round and written back
     atomically after it, under an exclusive lock so concurrent rounds cannot drop steps.
     """
-    raw = context.node_config.get(PRIVACY_STATE_KEY)
-    if not raw:
-        yield  # simulation: Context.state alone
+    accountant = cfg.privacy.accountant
+    path = ledger_path(context, cfg)
+    if path is None:
+        yield
         return
-    path = Path(str(raw)).expanduser()
-    if not path.is_absolute():  # the ClientApp's working directory is Flower's, not ours
-        raise ValueError(f"{PRIVACY_STATE_KEY}={raw!r}: must be an absolute path")
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.with_name(path.name + ".lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the lock file closes

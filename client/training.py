@@ -16,7 +16,8 @@ from common import contract
 from common.adapter import AdapterLayout, LoraPair
 from common.config import AppConfig
 from common.contract import Factor, lora_key
-from common.data import encode, load_corpus, load_partition
+from common.data import encode, load_corpus, load_partition, partition_problem
+from common.data_files import DataError
 from common.model import build_model, load_tokenizer
 from privacy import PrivacyLedger, PrivateTraining, calibrate_noise
 
@@ -35,9 +36,15 @@ class LocalData:
 
 @functools.lru_cache(maxsize=4)
 def load_local_data(cfg: AppConfig, partition_id: int, num_partitions: int) -> LocalData:
-    """Tokenized train/test partition of this node (cached per process across rounds)."""
+    """Tokenized train/test partition of this node (cached per process across rounds).
+
+    Raise :class:`common.data_files.DataError` if the partition is too small to train.
+    """
     corpus = load_corpus(cfg.data, cfg.seed)
     train, test = load_partition(cfg.data, cfg.seed, partition_id, num_partitions)
+    if problem := partition_problem(cfg.data, len(train), partition_id, num_partitions,
+                                    cfg.train.batch_size):
+        raise DataError([problem])
     tokenizer = load_tokenizer(cfg.model)
     return LocalData(encode(train, tokenizer, cfg.model.max_length),
                      encode(test, tokenizer, cfg.model.max_length), corpus.num_labels)

@@ -7,6 +7,9 @@ collected and raised together as one :class:`ConfigError` before any training st
 
 from __future__ import annotations
 
+import difflib
+import hashlib
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -18,6 +21,13 @@ STRATEGIES = (*LORA_METHODS, "merge-sv")  # merge-sv: adapt a merged adapter by 
 PARTITIONERS = ("dirichlet", "iid")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
+# How the valid replies of a round are combined (strategies.aggregation): the weighted mean, or
+# a robust aggregator of Flower's (flwr.serverapp.strategy) over the same replies.
+AGGREGATIONS = ("mean", "trimmed-mean", "median", "krum", "multi-krum")
+PRODUCT_METHODS = ("flora", "fedex")  # they need every client's B_k A_k: the weighted mean only
+# Settings that the default run name shows in clear; every other non-default one goes into
+# its hash (output.* never: where a run is written is not what it is).
+NAMED_KEYS = ("strategy.name", "privacy.epsilon", "seed")
 
 
 class ConfigError(ValueError):
@@ -59,7 +69,13 @@ class StrategyConfig:
     fraction_evaluate: float = 0.0
     svd_period: int = 1  # fedsvd only
     min_valid_replies: int = 1  # fewer valid trained replies in a round: no update
-    max_norm_ratio: float = 10.0  # reject a reply array with norm > this × median; 0/inf: off
+    max_norm_ratio: float = 10.0  # reject a reply whose update norm > this × the others' median
+    min_update_cosine: float = -0.5  # DP runs: reject an update opposing the others / the state
+    max_weight_ratio: float = 4.0  # cap a reply's num-examples at this × the others' median
+    aggregation: str = "mean"  # or a robust aggregator: trimmed-mean, median, krum, multi-krum
+    trim_fraction: float = 0.2  # trimmed-mean: share cut off each tail (Flower's beta)
+    num_malicious: int = 1  # krum, multi-krum: f, the replies assumed hostile per round
+    stop_on_failed_round: bool = True  # a round where every sampled client failed stops the run
     merged_adapter: str = ""  # merge-sv only: the peft adapter folder of `python -m merging`
     sv_rounds: int = 0  # merge-sv only: σ for this many rounds, then FedSVD; 0: σ every round
 
@@ -84,6 +100,21 @@ class StrategyConfig:
                self.min_valid_replies, "must be >= 1")
         _check(p, self.max_norm_ratio == 0 or self.max_norm_ratio >= 1, "strategy.max-norm-ratio",
                self.max_norm_ratio, "must be 0 (off), >= 1, or inf (off)")
+        _check(p, -1 <= self.min_update_cosine <= 0, "strategy.min-update-cosine",
+               self.min_update_cosine, "must be in [-1, 0] (-1: off)")
+        _check(p, self.max_weight_ratio == 0 or self.max_weight_ratio >= 1,
+               "strategy.max-weight-ratio", self.max_weight_ratio,
+               "must be 0 (off), >= 1, or inf (off)")
+        _check(p, self.aggregation in AGGREGATIONS, "strategy.aggregation", self.aggregation,
+               f"one of {AGGREGATIONS}")
+        _check(p, self.aggregation == "mean" or self.name not in PRODUCT_METHODS,
+               "strategy.aggregation", self.aggregation,
+               f"strategy.name={self.name!r} folds every client's B_k A_k into the base weights "
+               "and needs aggregation='mean'")
+        _check(p, 0 <= self.trim_fraction < 0.5, "strategy.trim-fraction", self.trim_fraction,
+               "must be in [0, 0.5)")
+        _check(p, self.num_malicious >= 0, "strategy.num-malicious", self.num_malicious,
+               "must be >= 0")
         _check(p, self.sv_rounds >= 0, "strategy.sv-rounds", self.sv_rounds,
                "must be >= 0 (0: merge-sv trains σ every round)")
         _check(p, bool(self.merged_adapter) == self.svd_form, "strategy.merged-adapter",
@@ -145,6 +176,8 @@ class DataConfig:
     validation_fraction: float = 0.0  # > 0: carve a validation share out of train, evaluate on it
     max_client_examples: int = 0  # > 0: each client keeps a seeded random subset this large
     labels: tuple[str, ...] = ()  # keep only these classes ("name" or "prefix*"); (): all
+    drop_missing: bool = False  # drop rows with an empty / NaN text or label (logged); else refuse
+    min_test_examples: int = 50  # refuse a smaller test (or validation) split
 
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
@@ -169,6 +202,8 @@ class DataConfig:
                self.validation_fraction, "must be in [0, 1) (0: evaluate on the test split)")
         _check(p, self.max_client_examples >= 0, "data.max-client-examples",
                self.max_client_examples, "must be >= 0 (0: all of a client's partition)")
+        _check(p, self.min_test_examples >= 1, "data.min-test-examples", self.min_test_examples,
+               "must be >= 1")
         return p
 
 
@@ -228,12 +263,19 @@ class OutputConfig:
     """Where the server writes metrics, the config and the final peft adapter."""
 
     dir: str = "results"
-    run_name: str = ""  # empty: "<strategy>-eps<epsilon>-seed<seed>"
+    run_name: str = ""  # empty: "<strategy>-eps<epsilon>-seed<seed>[-<hash of other settings>]"
     resume: bool = False  # continue after the last checkpoint in the run's folder
+    overwrite: bool = False  # replace the results of an earlier run in the same folder
 
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
-        return []
+        p: list[str] = []
+        _check(p, not (self.resume and self.overwrite), "output.overwrite", self.overwrite,
+               "cannot be combined with output.resume=true (resume keeps the run, overwrite "
+               "replaces it)")
+        _check(p, "/" not in self.run_name and self.run_name not in (".", ".."),
+               "output.run-name", self.run_name, "a folder name, not a path (use output.dir)")
+        return p
 
 
 @dataclass(frozen=True)
@@ -260,10 +302,35 @@ class AppConfig:
 
     @property
     def run_name(self) -> str:
-        """Name of this run's results folder."""
-        return self.output.run_name or (
-            f"{self.strategy.name}-eps{self.privacy.epsilon:g}-seed{self.seed}"
-        )
+        """Name of this run's results folder: ``output.run-name``, or one made from the settings.
+
+        The made name is ``<strategy>-eps<ε>-seed<seed>``, followed by ``-<8 hex digits>`` when
+        any other setting (``output.*`` aside) differs from its default: the start of the
+        SHA-256 of those settings, so two different experiments never share a folder.
+        """
+        if self.output.run_name:
+            return self.output.run_name
+        name = f"{self.strategy.name}-eps{self.privacy.epsilon:g}-seed{self.seed}"
+        digest = self.settings_digest()
+        return f"{name}-{digest}" if digest else name
+
+    @property
+    def results_folder(self) -> Path:
+        """``<output.dir>/<run name>``, absolute (a relative ``output.dir``: from the cwd)."""
+        return Path(self.output.dir).expanduser().resolve() / self.run_name
+
+    def settings_digest(self) -> str:
+        """8 hex digits of the settings that differ from the defaults (NAMED_KEYS, output.* aside).
+
+        Empty when there are none.
+        """
+        defaults = AppConfig().to_dict()
+        changed = {k: v for k, v in self.to_dict().items()
+                   if k not in NAMED_KEYS and not k.startswith("output.") and v != defaults[k]}
+        if not changed:
+            return ""
+        text = json.dumps(changed, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> AppConfig:
@@ -277,9 +344,9 @@ class AppConfig:
                 if key == "seed":
                     top["seed"] = value
                 else:
-                    problems.append(f"{key}={value!r}: unknown key")
+                    problems.append(f"{key}={value!r}: unknown key{_closest(key)}")
             elif section not in sections:
-                problems.append(f"{key}={value!r}: unknown section {section!r}")
+                problems.append(f"{key}={value!r}: unknown section {section!r}{_closest(key)}")
             else:
                 sections[section][name.replace("-", "_")] = value
         built: dict[str, Any] = {}
@@ -326,7 +393,7 @@ def _build_section(cls: type, section: str, values: dict[str, Any]) -> tuple[Any
     for name, value in values.items():
         key = f"{section}.{name.replace('_', '-')}"
         if name not in known:
-            problems.append(f"{key}={value!r}: unknown key (allowed: "
+            problems.append(f"{key}={value!r}: unknown key{_closest(key)} (the {section} keys: "
                             f"{', '.join(n.replace('_', '-') for n in known)})")
             continue
         default = known[name].default
@@ -338,6 +405,17 @@ def _build_section(cls: type, section: str, values: dict[str, Any]) -> tuple[Any
         return cls(**kwargs), problems
     except TypeError as exc:  # pragma: no cover - guarded by the checks above
         return cls(), problems + [f"{section}: {exc}"]
+
+
+def valid_keys() -> list[str]:
+    """Every run-config key, as in ``pyproject.toml`` (``seed``, ``lora.r``, ...)."""
+    return list(AppConfig().to_dict())
+
+
+def _closest(key: str) -> str:
+    """``"; did you mean lora.r?"`` for the valid key nearest to ``key``, or ``""``."""
+    matches = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.6)
+    return f"; did you mean {matches[0]}?" if matches else ""
 
 
 def _coerce(value: Any, default: Any) -> Any:

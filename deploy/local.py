@@ -30,16 +30,19 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.run_config import run_config_args
 from deploy import certificates as certs_mod
 from deploy.processes import (
+    failure_lines,
     flower_env,
     free_port,
+    last_run_status,
     stop_from_pid_files,
     stop_process_trees,
     tee,
     wait_for_port,
 )
-from simulations.local_superlink import run_config_args
+from server.preflight import refusal
 
 CONNECTION = "deploy"  # SuperLink connection name in the CLI's config.toml: `flwr run . deploy`
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +61,7 @@ class LocalDeployment:
     certs: Path | None = None
     port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    failure: list[str] = field(default_factory=list)  # why the last run_app failed
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir).resolve()
@@ -155,9 +159,12 @@ class LocalDeployment:
 
     def run_app(self, app_dir: Path, run_config: Sequence[str] = (), *,
                 timeout: float | None = None, echo: bool = False) -> int:
-        """``flwr run <app_dir> deploy --stream``; return its exit code (log: flwr-run.log).
+        """``flwr run <app_dir> deploy --stream``; 0 only if the run completed (flwr-run.log).
 
-        Past ``timeout`` seconds the command is killed and 124 is returned.
+        Past ``timeout`` seconds the command is killed and 124 is returned. ``flwr run`` exits
+        0 even when the ServerApp raised, so the SuperLink is asked for the run's status: a run
+        that did not complete returns flwr's non-zero code or 1, and its reason (lines starting
+        ``[run] FAILED``) is logged last and kept in ``self.failure``.
         """
         cmd = ["flwr", "run", str(Path(app_dir).resolve()), CONNECTION, "--stream"]
         for overrides in run_config_args(run_config):
@@ -177,7 +184,11 @@ class LocalDeployment:
                     proc.kill()
                     proc.wait()
                 copier.join(timeout=10)
-            return code
+            lines = failure_lines(code, last_run_status(flower_env(self.run_dir / "cli"),
+                                                        CONNECTION))
+            self.failure = [f"[run] {line}" for line in lines]
+            log.writelines(f"{line}\n" for line in self.failure)
+            return (code or 1) if lines else 0
 
     def stop(self) -> None:
         """Stop every process started here by PID: SuperNodes (together), then the SuperLink."""
@@ -226,7 +237,7 @@ def start_supernodes(deployment: LocalDeployment, count: int, *, privacy_state: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; return the exit code of ``flwr run``."""
+    """Command line entry point: 0 completed, 2 refused before starting, else the run failed."""
     parser = argparse.ArgumentParser(prog="python -m deploy.local", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=ROOT / "results" / "deploy-local",
@@ -252,13 +263,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.supernodes < 1:
         parser.error("--supernodes must be >= 1")
+    run_config = [f"output.dir={json.dumps(str(args.run_dir.resolve() / 'results'))}",
+                  *args.run_config]
+    if not args.keep_running and (why := refusal(args.app, run_config,
+                                                 num_partitions=args.supernodes)):
+        print(why, file=sys.stderr)
+        return 2
     certs = None
     if not args.insecure:
         certs = args.certs or args.run_dir / "certs"
         if args.certs is None and not (certs / certs_mod.CA_CERT).exists():
             certs_mod.write_all(certs, sans=certs_mod.DEFAULT_SANS, supernodes=args.supernodes)
-    run_config = [f"output.dir={json.dumps(str(args.run_dir.resolve() / 'results'))}",
-                  *args.run_config]
     deployment = LocalDeployment(args.run_dir, certs)
     try:
         deployment.start_superlink()
@@ -270,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             deployment.processes.clear()  # hand them over to the PID files
             return 0
         code = deployment.run_app(args.app, run_config, timeout=args.timeout, echo=True)
-        print(f"flwr run exited with {code}; logs and results in {deployment.run_dir}")
+        print(f"logs and results in {deployment.run_dir}")
+        print("\n".join(deployment.failure) or "[run] completed", flush=True)
         return code
     finally:
         deployment.stop()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -84,3 +86,47 @@ def wait_for_port(port: int, proc: subprocess.Popen, log: Path | None = None,
             return
         time.sleep(0.2)
     raise TimeoutError(f"flower-superlink did not open port {port} within {timeout:.0f} s")
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """What the SuperLink says of a run: ``status`` as ``flwr ls`` prints it, and why."""
+
+    run_id: str
+    status: str  # "finished:completed", "finished:failed", "running", ...
+    details: str = ""
+
+    @property
+    def completed(self) -> bool:
+        """Whether the run finished and its ServerApp returned normally."""
+        return self.status == "finished:completed"
+
+
+def last_run_status(env: Mapping[str, str], connection: str) -> RunStatus | None:
+    """The most recent run of the SuperLink ``connection`` (``flwr ls --format json``).
+
+    ``flwr run --stream`` exits 0 even when the ServerApp raised; the run's status is the
+    only record of the outcome. None when the SuperLink lists no run or cannot be asked.
+    """
+    try:
+        done = subprocess.run(["flwr", "ls", connection, "--format", "json"], env=dict(env),
+                              capture_output=True, text=True, timeout=60, check=False)
+        runs = json.loads(done.stdout)["runs"]
+    except (OSError, subprocess.TimeoutExpired, ValueError, KeyError, TypeError):
+        return None
+    if not runs:
+        return None
+    last = max(runs, key=lambda r: str(r.get("pending-at", "")))
+    return RunStatus(str(last.get("run-id", "")), str(last.get("status", "")),
+                     str(last.get("status-details", "")))
+
+
+def failure_lines(code: int, status: RunStatus | None) -> list[str]:
+    """The last lines a launcher prints when a run did not complete; [] when it did."""
+    if code == 0 and status is not None and status.completed:
+        return []
+    if status is None:
+        return [f"FAILED: flwr run exited with {code} and the SuperLink reports no run"]
+    why = status.details.strip() or "no reason given; see the log above"
+    return [f"FAILED: run {status.run_id} {status.status} (flwr run exited with {code})",
+            *why.splitlines()]

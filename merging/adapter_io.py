@@ -4,7 +4,9 @@ The folder holds ``adapter_model.safetensors`` (peft's key names, B = U diag(S) 
 A = Vh (K, d_in), float32), ``adapter_config.json`` (r = lora_alpha = K, so the scale is 1;
 target modules and base model of the sources) and ``merge.json`` (which sources, weights and
 steps made it). A merge is LoRA only: heads (``modules_to_save``) are task-specific and are not
-merged, and a stale ``base_delta.safetensors`` is removed.
+merged, and a stale ``base_delta.safetensors`` is removed. :func:`save_merged` replaces what
+is in its folder: callers check :func:`adapter_files` first (``python -m merging`` refuses an
+output that is a source, or holds an adapter without ``--force``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,17 @@ from pathlib import Path
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from merging.sources import ADAPTER_WEIGHTS, BASE_DELTA_FILE, PEFT_PREFIX, Pair, Source
+from merging.sources import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    BASE_DELTA_FILE,
+    PEFT_PREFIX,
+    Pair,
+    Source,
+)
 
 PROVENANCE_FILE = "merge.json"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROVENANCE_FILE)  # any of them: an adapter
 
 
 @dataclass(frozen=True)
@@ -49,8 +59,17 @@ def merged_config(sources: Sequence[Source], rank: int) -> LoraConfig:
                                init_lora_weights=True, inference_mode=True)
 
 
+def adapter_files(folder: str | Path) -> list[str]:
+    """Which of :data:`ADAPTER_FILES` ``folder`` holds: empty if none, or if it does not exist."""
+    return [name for name in ADAPTER_FILES if (Path(folder) / name).exists()]
+
+
 def save_merged(folder: str | Path, merged: MergedAdapter) -> Path:
-    """Write ``merged`` into ``folder`` (created; an existing merge there is replaced)."""
+    """Write ``merged`` into ``folder`` (created).
+
+    An adapter already there is replaced and its ``base_delta.safetensors`` deleted: check
+    :func:`adapter_files` first to not overwrite what a user made.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}

@@ -2,11 +2,16 @@
 
     python -m merging --rank K [--rank-by sigma|normalized|quota] [--weights w1,w2,...]
                       [--base MODEL_DIR] [--method axis|task-arithmetic|ties|peft-svd]
-                      --out DIR SRC1 SRC2 ...
-    python -m merging add --into DIR [--rank K] [--weight W] [--base MODEL_DIR] [--out DIR2] SRC
+                      [--force] --out DIR SRC1 SRC2 ...
+    python -m merging add --into DIR [--rank K] [--weight W] [--base MODEL_DIR]
+                          [--out DIR2 | --force] SRC
 
 A source is a peft LoRA adapter folder or a full fine-tuned model folder (``--base`` needed).
 Errors name the source at fault and exit with status 2. No Flower import.
+
+What a user made is never lost by accident: before anything is loaded, an output folder that
+is one of the sources is refused (even with ``--force``), and one that already holds an adapter
+(``--into`` itself for ``add`` without ``--out``) is refused unless ``--force`` is given.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from merging.adapter_io import MergedAdapter, read_provenance, save_merged
+from merging.adapter_io import MergedAdapter, adapter_files, read_provenance, save_merged
 from merging.baselines import load_base_model, peft_svd, task_arithmetic, ties
 from merging.loading import load_sources
 from merging.merge import add_adapter, merge_adapters
@@ -63,7 +68,9 @@ def merge_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", choices=METHODS, default="axis", help="axis (ours) or a "
                         "baseline, each truncated to rank K")
     parser.add_argument("--density", type=float, default=0.2, help="ties: fraction kept")
-    parser.add_argument("--out", required=True, help="output adapter folder")
+    parser.add_argument("--out", required=True, help="output adapter folder (never a source)")
+    parser.add_argument("--force", action="store_true", help="replace an adapter already in "
+                        "--out (a source is never overwritten)")
     _shared(parser)
     return parser
 
@@ -78,9 +85,38 @@ def add_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rank", type=int, help="K (default: the merge's rank; its rank + "
                         "the source's keeps everything)")
     parser.add_argument("--weight", type=float, default=1.0, help="w of the new source")
-    parser.add_argument("--out", help="output folder (default: --into, updated in place)")
+    parser.add_argument("--out", help="output folder (default: --into, updated in place, "
+                        "which needs --force; never SRC)")
+    parser.add_argument("--force", action="store_true", help="update --into in place, or "
+                        "replace an adapter already in --out (SRC is never overwritten)")
     _shared(parser)
     return parser
+
+
+def output_problem(args: argparse.Namespace, add: bool) -> str | None:
+    """Why writing the output of ``args`` would lose what a user made, or None if it is safe.
+
+    Checked before anything is loaded. The output folder (``--out``; ``--into`` for ``add``
+    without ``--out``) must not be a source (resolved paths compared; ``--force`` does not
+    allow it), and must not already hold an adapter unless ``--force`` is given.
+    """
+    out = Path(args.out or args.into) if add else Path(args.out)
+    sources = [("SRC", args.source)] if add else [
+        (f"SRC {i}", s) for i, s in enumerate(args.sources, start=1)]
+    for label, source in sources:
+        if out.resolve() == Path(source).resolve():
+            return (f"--out {out}: is {label} {source}; writing the merge there would "
+                    f"overwrite that source (refused even with --force); pick another --out")
+    if args.force:
+        return None
+    if add and out.resolve() == Path(args.into).resolve():
+        how = "without --out" if args.out is None else "with --out equal to --into"
+        return (f"--into {args.into}: {how} the merge is updated in place, replacing it; "
+                f"pass --force to do so, or --out DIR to write a new folder")
+    if found := adapter_files(out):
+        return (f"--out {out}: already holds an adapter ({', '.join(found)}); pass --force to "
+                f"replace it, or pick another --out")
+    return None
 
 
 def run_merge(args: argparse.Namespace) -> tuple[Path, MergedAdapter]:
@@ -110,11 +146,13 @@ def run_add(args: argparse.Namespace) -> tuple[Path, MergedAdapter]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, merge (or add), save; on a bad source print its error and exit with status 2."""
+    """Parse, merge (or add), save; on a bad source or output print why, exit with status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     add = bool(argv) and argv[0] == "add"
     parser = add_parser() if add else merge_parser()
     args = parser.parse_args(argv[1:] if add else argv)
+    if problem := output_problem(args, add):
+        parser.exit(2, f"{parser.prog}: error: {problem}\n")
     start = time.perf_counter()
     try:
         out, merged = run_add(args) if add else run_merge(args)

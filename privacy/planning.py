@@ -3,6 +3,11 @@
     python -m privacy.planning --epsilon 6 --examples 1885 --local-steps 10 --rounds 10
     python -m privacy.planning --sigma 1.1 --examples 1885 --batch-size 32 --rounds 10
 
+The command line refuses (exit status 2, the flag and value named on the last line) what
+training would refuse: ε <= 0, δ outside (0, 1), δ >= 1/n for a private plan (the rule of
+:func:`common.config.check_delta`), fewer examples than one batch, steps, rounds or batch
+size < 1, and σ that is negative, infinite or NaN.
+
 A client holds n examples and runs K DP-SGD steps per round, each on a Poisson batch with
 sample rate q = 1 / ⌈n / batch⌉ (the rate Opacus' ``DPDataLoader`` uses), for at most R rounds.
 
@@ -37,9 +42,21 @@ import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
+from common.config import (
+    ConfigError,
+    DataConfig,
+    PrivacyConfig,
+    StrategyConfig,
+    TrainConfig,
+    check_delta,
+)
 from privacy.accounting import calibrate_noise
 
 ORDERS = RDPAccountant.DEFAULT_ALPHAS
+# run-config key of a value training checks -> the flag of this command line that sets it
+FLAGS = {"privacy.epsilon": "--epsilon", "privacy.delta": "--delta",
+         "privacy.accountant": "--accountant", "train.local-steps": "--local-steps",
+         "train.batch-size": "--batch-size", "strategy.num-rounds": "--rounds"}
 
 
 def sample_rate(examples: int, batch_size: int) -> float:
@@ -93,8 +110,8 @@ def epsilon_curve(noise_multiplier: float, schedule: Schedule, delta: float) -> 
     the rounds the client sat out).
     """
     _check_delta(delta)
-    if noise_multiplier < 0:
-        raise ValueError(f"noise_multiplier={noise_multiplier}: must be >= 0")
+    if not 0 <= noise_multiplier < math.inf:  # NaN or inf would never return from Opacus
+        raise ValueError(f"noise_multiplier={noise_multiplier}: must be finite and >= 0")
     s = schedule
     if noise_multiplier == 0:
         return [math.inf] * s.rounds
@@ -158,9 +175,55 @@ def _check_delta(delta: float) -> None:
         raise ValueError(f"delta={delta}: must be in (0, 1)")
 
 
+def _as_flag(problem: str) -> str:
+    """``privacy.delta=0.5: must be ...`` (common.config's form) -> ``--delta 0.5: must be ...``."""
+    key, _, rest = problem.partition("=")
+    return f"{FLAGS[key]} {rest}" if key in FLAGS else problem
+
+
+def cli_problems(args: argparse.Namespace) -> list[str]:
+    """What training would refuse in these settings, one line per problem naming the flag.
+
+    The rules are training's own: :meth:`common.config.PrivacyConfig.problems`,
+    :meth:`~common.config.TrainConfig.problems`, ``strategy.num-rounds``,
+    :func:`common.config.check_delta` (δ < 1/n, checked by clients only when ε is finite:
+    here for a finite ``--epsilon`` or a ``--sigma`` > 0) and
+    :func:`common.data.partition_problem` (at least one batch of examples). Plus what only
+    the planner takes: ``--sigma`` finite and >= 0, ``--participation`` in (0, 1].
+    """
+    epsilon = math.inf if args.epsilon is None else args.epsilon
+    problems = [*PrivacyConfig(epsilon=epsilon, delta=args.delta,
+                               accountant=args.accountant).problems(),
+                *TrainConfig(local_steps=args.local_steps, batch_size=args.batch_size).problems(),
+                *StrategyConfig(num_rounds=args.rounds).problems()]
+    problems = [_as_flag(p) for p in problems]
+    if args.sigma is not None and not (math.isfinite(args.sigma) and args.sigma >= 0):
+        problems.append(f"--sigma {args.sigma!r}: must be finite and >= 0 (0: no noise)")
+    if not 0 < args.participation <= 1:
+        problems.append(f"--participation {args.participation!r}: must be in (0, 1]")
+    if args.batch_size >= 1:
+        from common.data import partition_problem  # lazy: it pulls in datasets, transformers
+
+        if partition_problem(DataConfig(), args.examples, 0, 1, args.batch_size):
+            problems.append(f"--examples {args.examples}: fewer than one batch (--batch-size "
+                            f"{args.batch_size}); a client with fewer examples refuses to train")
+    private = math.isfinite(epsilon) if args.sigma is None else args.sigma > 0
+    if private and 0 < args.delta < 1 and args.examples >= 1:
+        try:
+            check_delta(args.delta, args.examples, "this client")
+        except ConfigError as exc:
+            problems += [_as_flag(p) for p in exc.problems]
+    return problems
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Print σ for a budget (``--epsilon``) or the ε curve of a given ``--sigma``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Print σ for a budget (``--epsilon``) or the ε curve of a given ``--sigma``.
+
+    Settings that training refuses (:func:`cli_problems`) exit with status 2 (``parser.error``),
+    the last line of the output naming each flag, its value and the rule.
+    """
+    parser = argparse.ArgumentParser(prog="python -m privacy.planning",
+                                     description=__doc__.splitlines()[0])
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--epsilon", type=float, help="budget per client for the whole run")
     target.add_argument("--sigma", type=float, help="noise multiplier to evaluate")
@@ -175,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="count client sampling as amplification (trusted, secret sampling)")
     parser.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
     args = parser.parse_args(argv)
+    if problems := cli_problems(args):
+        parser.error("; ".join(problems))
     # Opacus warns when the best RDP order is its largest one; clients use the same orders,
     # so the plan matches what they will report.
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")

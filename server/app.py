@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import random
-from logging import INFO
-from pathlib import Path
+from logging import ERROR, INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.adapter import AdapterLayout
-from common.config import AppConfig, check_delta
-from common.data import encode, eval_subset, load_corpus
+from common.config import AppConfig
+from common.data import encode, eval_subset
 from common.model import build_model, load_tokenizer
 from server.evaluation import GlobalEvaluator
+from server.preflight import check_run, clear_results
 from server.results import save_run
 from server.resume import prepare_run
 from strategies import (
@@ -50,24 +50,53 @@ def build_strategy(cfg: AppConfig, layout: AdapterLayout) -> LoraStrategy:
     return STRATEGY_CLASSES[s.name](
         layout.modules, **own, train_head=cfg.lora.train_head,
         min_valid_replies=s.min_valid_replies, max_norm_ratio=s.max_norm_ratio,
+        # The direction screen rests on DP noise: it makes honest updates nearly orthogonal
+        # (cosine ~ 1/√d). Without it, honest clients may disagree in earnest.
+        min_update_cosine=s.min_update_cosine if cfg.privacy.is_private else -1.0,
+        max_weight_ratio=s.max_weight_ratio,
+        aggregation=s.aggregation, trim_fraction=s.trim_fraction, num_malicious=s.num_malicious,
+        stop_on_failed_round=s.stop_on_failed_round,
         fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=s.min_train_nodes, min_available_nodes=s.min_train_nodes,
         min_evaluate_nodes=1 if s.fraction_evaluate else 0,
     )
 
 
+class RunFailed(RuntimeError):
+    """The run cannot produce a result; the message says why.
+
+    Flower records it as the run's ``status-details``, which the launchers print last.
+    """
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Initial adapter or the last checkpoint → rounds → results folder.
+    """Run, and turn any failure into one :class:`RunFailed` line that names its cause."""
+    try:
+        run(grid, context)
+    except RunFailed as exc:
+        log(ERROR, "the run failed: %s", exc)
+        raise
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        log(ERROR, "the run failed: %s", reason)
+        raise RunFailed(reason) from exc
 
-    The initial adapter is B = 0 and peft's A, or for merge-sv the merged adapter in SVD form
+
+def run(grid: Grid, context: Context) -> None:
+    """Check → initial adapter or the last checkpoint → rounds → results folder.
+
+    Nothing trains before :func:`server.preflight.check_run` has passed. The initial adapter is
+    B = 0 and peft's A, or for merge-sv the merged adapter in SVD form
     (:mod:`strategies.merge_sv`). A checkpoint is written after every round
-    (:mod:`server.resume`); with ``output.resume`` the run continues after the last one.
+    (:mod:`server.resume`); with ``output.resume`` the run continues after the last one. A run
+    in which no round updated the global adapter fails instead of saving an untrained one.
     """
     cfg = AppConfig.from_run_config(context.run_config)
-    corpus = load_corpus(cfg.data, cfg.seed)
-    if cfg.privacy.is_private:  # before any training; each client checks its own partition
-        check_delta(cfg.privacy.delta, len(corpus.train), "the whole training split")
+    corpus = check_run(cfg)
+    folder = cfg.results_folder
+    if cfg.output.overwrite and (removed := clear_results(folder)):
+        log(WARNING, "output.overwrite=true: removed %s from %s", ", ".join(removed), folder)
     model = build_model(cfg.model, cfg.lora, num_labels=corpus.num_labels, seed=cfg.seed,
                         svd_form=cfg.strategy.svd_form)
     layout = AdapterLayout.from_model(model)
@@ -83,13 +112,17 @@ def main(grid: Grid, context: Context) -> None:
     evaluator = GlobalEvaluator(model, layout, subset=subset, full=full_test,
                                 final_round=cfg.strategy.num_rounds, strategy=strategy,
                                 split=corpus.eval_split)
-    folder = Path(cfg.output.dir).expanduser().resolve() / cfg.run_name
     if cfg.train.deterministic:  # the same clients sampled in the same order, given node ids
         random.seed(cfg.seed)
-    run, initial = prepare_run(strategy, evaluator, folder, cfg,
-                               ArrayRecord(torch_state_dict=initial_state))
-    result = run.start(grid=grid, initial_arrays=initial, num_rounds=cfg.strategy.num_rounds,
-                       train_config=ConfigRecord(), evaluate_fn=evaluator)
+    checkpointed, initial = prepare_run(strategy, evaluator, folder, cfg,
+                                        ArrayRecord(torch_state_dict=initial_state))
+    result = checkpointed.start(grid=grid, initial_arrays=initial,
+                                num_rounds=cfg.strategy.num_rounds, train_config=ConfigRecord(),
+                                evaluate_fn=evaluator)
+    if not any(row.get("clients-trained", 0) for row in evaluator.rows):
+        raise RunFailed("no round updated the global adapter: every client reply failed, was "
+                        "rejected or had spent its budget (see the WARNING lines above); nothing "
+                        f"was saved to {folder}")
     save_run(folder, cfg, evaluator.rows, model=model, layout=layout,
              arrays=result.arrays or initial)
     log(INFO, "results written to %s", folder)

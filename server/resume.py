@@ -14,7 +14,7 @@ round.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from common.config import AppConfig
-from server.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_rng, save_checkpoint
+from server.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from server.evaluation import GlobalEvaluator
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -105,10 +105,7 @@ def prepare_run(strategy: Strategy, evaluator: GlobalEvaluator, folder: Path, cf
         save_checkpoint(folder, server_round=server_round, arrays=arrays, cfg=cfg,
                         rows=evaluator.rows)
 
-    if not cfg.output.resume:
-        if (folder / CHECKPOINT_FILE).exists():
-            log(WARNING, "output.resume=false: starting afresh; the checkpoint in %s will be "
-                "overwritten", folder)
+    if not cfg.output.resume:  # server.preflight refused a folder that holds results
         return CheckpointedRun(strategy, save=save), initial
     checkpoint = load_checkpoint(folder, cfg)
     evaluator.restore(checkpoint.rows)

@@ -9,19 +9,16 @@ runtime dependency installation off, and it is always stopped when the run ends.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from flwr.common.config import parse_config_args
-
-from deploy.processes import free_port, wait_for_port
+from common.run_config import run_config_args
+from deploy.processes import failure_lines, free_port, last_run_status, wait_for_port
 
 CONNECTION = "sim"
 
@@ -75,54 +72,15 @@ def _stop_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run_config_args(overrides: Sequence[str]) -> list[str]:
-    """One ``--run-config`` value for ``flwr run``: every override merged, later ones winning.
-
-    Each item is "k=v ..." text or a .toml file. ``flwr run`` takes a .toml file only as its sole
-    ``--run-config``, and when given several it merges them by top-level table, so
-    ``output.dir=…`` then ``output.run-name=…`` would lose ``output.dir``. Merging the flat keys
-    here and passing one string avoids both.
-    """
-    merged: dict = {}
-    for item in overrides:
-        if item.endswith(".toml"):
-            with Path(item).expanduser().open("rb") as f:
-                merged.update(_flatten(tomllib.load(f)))
-        elif item:
-            merged.update(parse_config_args([item]))
-    if not merged:
-        return []
-    return [" ".join(f"{key}={_toml_value(key, value)}" for key, value in merged.items())]
-
-
-def _flatten(table: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _toml_value(key: str, value: object) -> str:
-    """One TOML scalar as flwr's "k=v" parser reads it (no spaces unless double-quoted)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return {math.inf: "inf", -math.inf: "-inf"}.get(value, repr(value))
-    if isinstance(value, str) and '"' not in value and "\\" not in value:
-        return f'"{value}"'
-    raise ValueError(f"{key}={value!r}: only bools, numbers and strings without quotes or "
-                     "backslashes can be passed as run-config overrides")
-
-
 def flwr_run(app_dir: Path, *, run_config: Sequence[str] | str = (), num_supernodes: int = 6,
              cpus_per_client: int = 1, flwr_home: Path | None = None,
              timeout: float | None = None) -> int:
-    """``flwr run <app_dir> --stream`` on a private SuperLink; return flwr's exit code.
+    """``flwr run <app_dir> --stream`` on a private SuperLink; 0 only if the run completed.
 
     ``run_config``: override strings ("k=v k2=v2") or .toml files, passed as ``--run-config``.
+    ``flwr run --stream`` exits 0 even when the ServerApp raised, so the run's status is asked
+    of the SuperLink before it stops: a run that did not finish as completed returns flwr's
+    non-zero code or 1, and its reason is printed last (lines starting ``[run] FAILED``).
     """
     federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
     cmd = ["flwr", "run", str(app_dir), CONNECTION, "--stream",
@@ -130,4 +88,9 @@ def flwr_run(app_dir: Path, *, run_config: Sequence[str] | str = (), num_superno
     for overrides in run_config_args([run_config] if isinstance(run_config, str) else run_config):
         cmd += ["--run-config", overrides]
     with simulation_superlink(flwr_home) as env:
-        return subprocess.run(cmd, env=env, cwd=app_dir, timeout=timeout).returncode
+        code = subprocess.run(cmd, env=env, cwd=app_dir, timeout=timeout).returncode
+        lines = failure_lines(code, last_run_status(env, CONNECTION))
+    sys.stdout.flush()
+    for line in lines:
+        print(f"[run] {line}", flush=True)
+    return (code or 1) if lines else 0

@@ -38,16 +38,19 @@ from pathlib import Path
 import torch
 
 from common.config import AppConfig
-from common.model import resolve_model_path
+from common.model_path import resolve_model_path
+from common.run_config import override_text
 from merging import cli as merging_cli
 from merging import load_sources
 from merging.adapter_io import PROVENANCE_FILE, read_provenance
 from merging.perturb import half_rank, noise_like, save_source
-from simulations.local_superlink import _toml_value
+from server.checkpoint import CHECKPOINT_FILE
+from server.preflight import check_run
 from simulations.sweep_cells import (
     ROOT,
     Runner,
     cell_config,
+    failure_reason,
     flwr_runner,
     is_complete,
     say,
@@ -95,10 +98,16 @@ class Run:
         """Where the ServerApp writes it."""
         return self.parent / self.name
 
-    def items(self, overrides: Sequence[str]) -> list[str]:
+    def items(self, overrides: Sequence[str], resume: bool = False) -> list[str]:
         """``--run-config`` items: the experiment's overrides, then this run's keys."""
-        keys = {**self.keys, "output.dir": str(self.parent.resolve()), "output.run-name": self.name}
-        return [*overrides, " ".join(f"{k}={_toml_value(k, v)}" for k, v in keys.items())]
+        keys = {**self.keys, "output.dir": str(self.parent.resolve()), "output.run-name": self.name,
+                **({"output.resume": True} if resume else {})}
+        return [*overrides, override_text(keys)]
+
+    @property
+    def crashed(self) -> bool:
+        """Whether an earlier attempt left a checkpoint to resume from."""
+        return (self.folder / CHECKPOINT_FILE).is_file()
 
 
 def labels(group: str) -> str:
@@ -172,17 +181,28 @@ def run_all(runs: Sequence[Run], overrides: Sequence[str], runner: Runner) -> li
         raise ValueError("these runs exist with other settings; use another --out or delete "
                          "them:\n  " + "\n  ".join(stale))
     rounds = {name: cfg.strategy.num_rounds for name, cfg in configs.items()}
+    todo = [r for r in runs if not is_complete(r.folder, rounds[r.name])]
+    refused = []
+    for run in todo:
+        try:
+            check_run(cell_config(run.items(overrides, resume=run.crashed)))
+        except (ValueError, OSError) as exc:
+            refused.append(f"{run.parent.name}/{run.name}: {exc}")
+    if refused:
+        raise ValueError("these runs would fail; nothing was run:\n  " + "\n  ".join(refused))
     failed = []
     for k, run in enumerate(runs, start=1):
-        if is_complete(run.folder, rounds[run.name]):
+        if run not in todo:
             continue
         log = run.parent / "logs" / f"{run.name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         say(f"[merge-experiment] [{k}/{len(runs)}] {run.name}; log {log}")
-        code = runner(run.items(overrides), log)
+        code = runner(run.items(overrides, resume=run.crashed), log)
         if code != 0 or not is_complete(run.folder, rounds[run.name]):
-            say(f"[merge-experiment] FAILED {run.name} (exit code {code}; log {log})")
-            failed.append(run.name)
+            reason = failure_reason(log)
+            say(f"[merge-experiment] FAILED {run.name} (exit code {code}"
+                f"{': ' + reason if reason else ''}; log {log})")
+            failed.append(f"{run.name}{': ' + reason if reason else ''}")
     return failed
 
 
@@ -326,9 +346,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int:
-    """Sources → merges → target runs → report; 1 if anything failed."""
+    """Sources → merges → target runs → report; 1 if anything failed, 2 if refused."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    try:
+        return _main(args, argv, runner)
+    except (ValueError, OSError) as exc:
+        sys.stdout.flush()
+        print(f"[merge-experiment] error: {exc}\n[merge-experiment] refused: nothing more was "
+              "run", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str], runner: Runner | None) -> int:
     command = shlex.join(["python", "-m", "simulations.merge_experiment",
                           *_without_report_flags(argv)])
     target_folder = args.out / f"target-{args.target}"
@@ -341,31 +371,24 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
                           args.epsilons, args.seeds)
     cfg: AppConfig = cell_config(sources[0].items(args.run_config))  # validates the overrides
     record_command(target_folder, command)
-    try:
-        failed = run_all(sources, args.run_config, runner)
-    except ValueError as exc:
-        say(f"[merge-experiment] {exc}")
-        return 2
+    failed = run_all(sources, args.run_config, runner)
     if failed:
-        say(f"[merge-experiment] sources failed: {failed}; no merge without every source")
+        say("[merge-experiment] FAILED: no merge without every source; failed:\n  "
+            + "\n  ".join(failed))
         return 1
     model_dir = resolve_model_path(cfg.model)
-    try:
-        bad_merges = [name for variant in args.variants for name in merge_sources(
-            args.out, args.target, variant_sources(args.out, sources, variant, model_dir),
-            args.merges, cfg.lora.r, model_dir, variant)]
-    except ValueError as exc:
-        say(f"[merge-experiment] {exc}")
-        return 2
+    bad_merges = [name for variant in args.variants for name in merge_sources(
+        args.out, args.target, variant_sources(args.out, sources, variant, model_dir),
+        args.merges, cfg.lora.r, model_dir, variant)]
     targets = [t for t in targets if method_of(t.name) not in
                {f"merge-sv-{m}" for m in bad_merges}]
-    try:
-        failed = run_all(targets, args.run_config, runner)
-    except ValueError as exc:
-        say(f"[merge-experiment] {exc}")
-        return 2
+    failed = run_all(targets, args.run_config, runner)
     print(report(target_folder, args.readme).read_text())
-    return 1 if failed or bad_merges else 0
+    if failed or bad_merges:
+        say("[merge-experiment] FAILED:\n  " + "\n  ".join(
+            [*failed, *(f"merge {name}" for name in bad_merges)]))
+        return 1
+    return 0
 
 
 def _without_report_flags(argv: Sequence[str]) -> list[str]:

@@ -28,8 +28,8 @@ from pathlib import Path
 from flwr.common.config import parse_config_args
 
 from common.config import LORA_METHODS, STRATEGIES
+from common.run_config import run_config_args
 from simulations import sweep_lr
-from simulations.local_superlink import run_config_args
 from simulations.sweep_cells import ROOT, Runner, flwr_runner, grid, report_outcomes, run_cells
 from simulations.sweep_report import load_runs, markdown_table, summarize, write_report
 
@@ -87,9 +87,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
-    """Run the sweep (or tune, or only report); return 1 if a cell failed, else 0."""
+    """Run the sweep (or tune, or only report); 0, 1 if a cell failed, 2 if refused.
+
+    Refused (nothing run): a cell whose configuration, data or folder would fail; the reasons
+    are the last lines.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    try:
+        return _main(args, argv, runner)
+    except (ValueError, OSError) as exc:
+        sys.stdout.flush()
+        print(f"[sweep] error: {exc}\n[sweep] refused before starting: nothing was run",
+              file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace, argv: list[str], runner: Runner | None) -> int:
     if args.report_only:
         return report(args.out, args.readme)
     command = shlex.join(["python", "-m", "simulations.sweep", *argv])
@@ -103,7 +117,7 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
                         for c in cells))
         return 0
     outcomes = run_cells(cells, args.out, overrides=args.run_config, runner=runner,
-                         command=command)
+                         command=command, num_partitions=args.num_supernodes)
     code = report_outcomes(outcomes)
     if any(o.status != "failed" for o in outcomes):
         code = max(code, report(args.out, args.readme))
@@ -118,7 +132,7 @@ def _learning_rates(args: argparse.Namespace) -> dict[str, float] | None:
               "config (run --tune-lr first to tune it on the validation split)")
         return None
     if "train.learning-rate" in parse_config_args(run_config_args(args.run_config)):
-        raise SystemExit(f"--run-config sets train.learning-rate and {args.lr_file} sets one "
+        raise ValueError(f"--run-config sets train.learning-rate and {args.lr_file} sets one "
                          "per method: pass --lr-file none to use the run config's")
     return sweep_lr.learning_rates_for(Path(args.lr_file), args.methods)
 
@@ -132,7 +146,7 @@ def tune(args: argparse.Namespace, runner: Runner, command: str) -> int:
         print("\n".join(c.name for c in cells))
         return 0
     code = report_outcomes(run_cells(cells, folder, overrides=args.run_config, runner=runner,
-                                     command=command))
+                                     command=command, num_partitions=args.num_supernodes))
     final = load_runs(folder).final
     final = final[final["run"].isin({c.name for c in cells})]
     if final.empty:

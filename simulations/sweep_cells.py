@@ -17,18 +17,17 @@ import os
 import sys
 import tempfile
 import time
-import tomllib
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from flwr.common.config import flatten_dict, parse_config_args
-
 from common.config import AppConfig
+from common.run_config import app_run_config, override_text
 from server.checkpoint import CHECKPOINT_FILE
-from simulations.local_superlink import _toml_value, flwr_run, run_config_args
+from server.preflight import check_run
+from simulations.local_superlink import flwr_run
 from simulations.sweep_report import ATTEMPTS_FILE, duration
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,24 +67,17 @@ class Cell:
         return keys
 
 
-def default_run_config() -> dict:
-    """The flat run config of pyproject.toml, as Flower hands it to the apps."""
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    return flatten_dict(pyproject["tool"]["flwr"]["app"]["config"])
-
-
 def run_config_items(cell: Cell, folder: Path, overrides: Sequence[str],
                      resume: bool = False) -> list[str]:
     """``--run-config`` items of one cell: the sweep's overrides, then the cell's own keys."""
     keys = {**cell.keys(), "output.dir": str(Path(folder).resolve()),
             "output.run-name": cell.name, **({"output.resume": True} if resume else {})}
-    return [*overrides, " ".join(f"{k}={_toml_value(k, v)}" for k, v in keys.items())]
+    return [*overrides, override_text(keys)]
 
 
 def cell_config(items: Sequence[str]) -> AppConfig:
     """The AppConfig the ServerApp will build: pyproject defaults, then ``items``."""
-    return AppConfig.from_run_config({**default_run_config(),
-                                      **parse_config_args(run_config_args(items))})
+    return AppConfig.from_run_config(app_run_config(ROOT, items))
 
 
 def is_complete(run_folder: Path, num_rounds: int) -> bool:
@@ -153,11 +145,14 @@ class Outcome:
 
 
 def run_cells(cells: Sequence[Cell], folder: Path, *, overrides: Sequence[str], runner: Runner,
-              command: str, say: Callable[[str], None] = say) -> list[Outcome]:
+              command: str, say: Callable[[str], None] = say,
+              num_partitions: int | None = None) -> list[Outcome]:
     """Run every incomplete cell in order; a failed cell is logged and the sweep goes on.
 
     All cell configs are built (and validated) first, and complete runs whose config.json
-    differs from the planned one stop the sweep before anything runs.
+    differs from the planned one stop the sweep before anything runs; so does any cell to run
+    that :func:`server.preflight.check_run` refuses (data, partitions of ``num_partitions``
+    SuperNodes, results folder): a ValueError or OSError listing every such cell.
     """
     folder = Path(folder)
     (folder / "logs").mkdir(parents=True, exist_ok=True)
@@ -168,6 +163,17 @@ def run_cells(cells: Sequence[Cell], folder: Path, *, overrides: Sequence[str], 
                          "--out or delete them:\n  " + "\n  ".join(
                              f"{name}: {'; '.join(s)}" for name, s in stale.items()))
     todo = [c for c in cells if not is_complete(folder / c.name, configs[c].strategy.num_rounds)]
+    refused = {}
+    for cell in todo:
+        resume = (folder / cell.name / CHECKPOINT_FILE).is_file()
+        try:
+            check_run(cell_config(run_config_items(cell, folder, overrides, resume)),
+                      num_partitions=num_partitions)
+        except (ValueError, OSError) as exc:
+            refused[cell.name] = str(exc).replace("\n", "\n    ")
+    if refused:
+        raise ValueError("these cells would fail; nothing was run:\n  " + "\n  ".join(
+            f"{name}: {why}" for name, why in refused.items()))
     say(f"[sweep] {len(cells)} cells, {len(cells) - len(todo)} already complete, {len(todo)} to "
         f"run; folder {folder}, logs in {folder / 'logs'}")
     outcomes = {c: Outcome(c, "skipped") for c in cells if c not in todo}
@@ -205,8 +211,20 @@ def _run_one(cell: Cell, folder: Path, overrides: Sequence[str], runner: Runner,
     seconds = time.monotonic() - started
     if code == 0 and is_complete(run_folder, num_rounds):
         return Outcome(cell, "done", seconds, _final_accuracy(run_folder))
-    detail = f" ({why}{'' if code else ', no final round in metrics.csv'}; log {log})"
+    reason = failure_reason(log)
+    detail = (f" ({why}{'' if code else ', no final round in metrics.csv'}"
+              f"{': ' + reason if reason else ''}; log {log})")
     return Outcome(cell, "failed", seconds, detail)
+
+
+def failure_reason(log: Path) -> str:
+    """The reason :func:`simulations.local_superlink.flwr_run` printed last in ``log``."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    reasons = [line.removeprefix("[run] ") for line in lines if line.startswith("[run] ")]
+    return " ".join(reasons[1:3] if len(reasons) > 1 else reasons)
 
 
 def _final_accuracy(run_folder: Path) -> str:

@@ -8,8 +8,11 @@ A strategy is a small subclass of :class:`LoraStrategy` that decides two things:
   the valid replies (B̄, Ā, head; p_k = n_k / Σ n) and the replies themselves.
 
 Everything else lives here once: reply screening (:mod:`strategies.validation`; the expected
-arrays follow the round's factors), the ``min_valid_replies`` rule, the weighted mean (Flower's
-``FedAvg``), the train metrics, and the bytes actually sent down and up.
+arrays follow the round's factors, updates are judged against the state sent), the
+``min_valid_replies`` rule, bounded weights and the aggregator (:mod:`strategies.aggregation`:
+Flower's ``FedAvg`` weighted mean by default), the train metrics, and the bytes actually sent
+down and up. A round in which every sampled client failed stops the run (``RoundFailed``)
+unless ``stop_on_failed_round`` is off.
 """
 
 from __future__ import annotations
@@ -27,18 +30,30 @@ from flwr.serverapp.strategy import FedAvg
 from common import contract
 from common.contract import Factor
 from kernels import stacked_product
+from strategies.aggregation import (
+    DEFAULT_MAX_WEIGHT_RATIO,
+    cap_weights,
+    robust_aggregator,
+    robust_arrays,
+)
 from strategies.metrics import aggregate_train_metrics, broadcast_bytes, reply_bytes
 from strategies.validation import (
     DEFAULT_MAX_NORM_RATIO,
     DEFAULT_MAX_NUM_EXAMPLES,
+    DEFAULT_MIN_UPDATE_COSINE,
     ReplyValidator,
     Screening,
     common_metrics,
     expected_arrays,
     reply_keys,
+    sent_arrays,
 )
 
 State = dict[str, torch.Tensor]  # array name -> tensor, as in ``ArrayRecord.to_torch_state_dict``
+
+
+class RoundFailed(RuntimeError):
+    """Every client sampled in a round failed: the federation cannot train as configured."""
 
 
 class LoraStrategy(FedAvg):
@@ -49,8 +64,17 @@ class LoraStrategy(FedAvg):
     lora_modules : names of the LoRA layers; their arrays are ``lora_key(module, "A" | "B")``.
     train_head : whether clients train and send back the head (``lora.train-head``).
     min_valid_replies : fewest valid trained replies that make an update; fewer: no update.
-    max_norm_ratio : reject a reply array whose norm exceeds this × the round's median
-        (0 or inf: off); see :mod:`strategies.validation`.
+    max_norm_ratio : reject a reply array whose update norm exceeds this × the other replies'
+        median (0 or inf: off); see :mod:`strategies.validation`.
+    min_update_cosine : reject an update whose cosine with the other replies' mean update is
+        below this (-1: off).
+    max_weight_ratio : weigh no reply more than this × the other replies' median
+        ``num-examples`` (0 or inf: off); see :mod:`strategies.aggregation`.
+    aggregation : ``mean`` (FedAvg's weighted mean), ``trimmed-mean``, ``median``, ``krum`` or
+        ``multi-krum`` (Flower's robust strategies); ``trim_fraction`` and ``num_malicious``
+        are their settings.
+    stop_on_failed_round : raise :class:`RoundFailed` when every reply of a round is a Flower
+        error reply (off: keep the global state and go on).
     max_num_examples : the largest plausible ``num-examples`` of one reply.
     **kwargs : passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """
@@ -59,6 +83,10 @@ class LoraStrategy(FedAvg):
 
     def __init__(self, lora_modules: Sequence[str], *, train_head: bool = True,
                  min_valid_replies: int = 1, max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO,
+                 min_update_cosine: float = DEFAULT_MIN_UPDATE_COSINE,
+                 max_weight_ratio: float = DEFAULT_MAX_WEIGHT_RATIO, aggregation: str = "mean",
+                 trim_fraction: float = 0.2, num_malicious: int = 1,
+                 stop_on_failed_round: bool = True,
                  max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES, **kwargs) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         kwargs.setdefault("arrayrecord_key", contract.ARRAYS)
@@ -75,6 +103,13 @@ class LoraStrategy(FedAvg):
         self.train_head = train_head
         self.min_valid_replies = min_valid_replies
         self.max_norm_ratio = max_norm_ratio
+        self.min_update_cosine = min_update_cosine
+        self.max_weight_ratio = max_weight_ratio
+        self.aggregation = aggregation
+        self.aggregator = robust_aggregator(
+            aggregation, trim_fraction=trim_fraction, num_malicious=num_malicious,
+            weighted_by_key=self.weighted_by_key, metrics_fn=self.train_metrics_aggr_fn)
+        self.stop_on_failed_round = stop_on_failed_round
         self.max_num_examples = max_num_examples
         self.last_round_metrics: MetricRecord | None = None
         self._global: ArrayRecord | None = None
@@ -105,8 +140,10 @@ class LoraStrategy(FedAvg):
         """Log the strategy settings."""
         log(INFO, "\t├──> %s: %d LoRA layers, %s", type(self).__name__, len(self.lora_modules),
             self.describe())
-        log(INFO, "\t├──> replies: need %d valid, reject array norms > %g × median",
-            self.min_valid_replies, self.max_norm_ratio)
+        log(INFO, "\t├──> replies: need %d valid, reject updates > %g × the others' median "
+            "norm or at cosine < %g with their mean; weights <= %g × the others' median; %s",
+            self.min_valid_replies, self.max_norm_ratio, self.min_update_cosine,
+            self.max_weight_ratio, self.aggregation)
         super().summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -129,6 +166,8 @@ class LoraStrategy(FedAvg):
             return None, None
         screening = self.validator(self._global, server_round).screen(replies)
         _log_screening(screening)
+        if self.stop_on_failed_round and replies and screening.num_failed == len(replies):
+            raise RoundFailed(_failure_summary(server_round, screening))
         counts = {
             "bytes-up": reply_bytes(m for m in replies if m.has_content()),
             "bytes-down": self._bytes_down,
@@ -143,7 +182,12 @@ class LoraStrategy(FedAvg):
             self.last_round_metrics = MetricRecord({**counts, "clients-trained": 0})
             return None, None
         valid = sorted(screening.valid, key=content_digest)  # sums independent of arrival order
-        averaged, metrics = super().aggregate_train(server_round, common_metrics(valid))
+        valid, counts["weights-capped"] = cap_weights(valid, self.max_weight_ratio,
+                                                      self.weighted_by_key)
+        valid = common_metrics(valid)
+        averaged, metrics = super().aggregate_train(server_round, valid)
+        if self.aggregator is not None:
+            averaged = robust_arrays(self.aggregator, server_round, valid)
         state = self.merge(server_round, self._global.to_torch_state_dict(),
                            averaged.to_torch_state_dict(), valid)
         metrics = MetricRecord({**(metrics or {}), **counts})
@@ -155,7 +199,9 @@ class LoraStrategy(FedAvg):
         keys = reply_keys(global_arrays, self.lora_modules, self.train_factors(server_round),
                           train_head=self.train_head)
         return ReplyValidator(expected_arrays(global_arrays, keys),
+                              sent=sent_arrays(global_arrays, keys),
                               max_norm_ratio=self.max_norm_ratio,
+                              min_update_cosine=self.min_update_cosine,
                               max_num_examples=self.max_num_examples)
 
     # --- helpers for methods that need each client's factors ------------------------------------
@@ -203,6 +249,15 @@ def fold_into_base(state: State, module: str, delta: torch.Tensor) -> None:
     previous = state.get(key)
     total = delta.double() if previous is None else previous.double() + delta.double()
     state[key] = total.to(torch.float32)
+
+
+def _failure_summary(server_round: int, screening: Screening) -> str:
+    """One line: every client of the round failed, and their distinct reasons."""
+    reasons = list(dict.fromkeys(r.reason for r in screening.rejected))
+    shown = "; ".join(reasons[:3]) + (f"; ... ({len(reasons) - 3} more)" if len(reasons) > 3
+                                      else "")
+    return (f"round {server_round}: all {len(screening.rejected)} sampled client(s) failed, so "
+            f"nothing can be trained: {shown}")
 
 
 def _log_screening(screening: Screening) -> None:

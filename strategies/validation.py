@@ -15,22 +15,39 @@ reply that sends the wrong factor is rejected like any other malformed one.
 Checks, in order, for each reply: Flower error reply (dropout or ClientApp failure); content;
 exactly one ArrayRecord under ``contract.ARRAYS`` and one MetricRecord under ``contract.METRICS``;
 ``budget-exhausted`` in {0, 1}; then, for clients that trained, every metric finite (ε may be
-+inf: a non-private client) and ε ≥ 0, the metrics
-the aggregation reads present and scalar, ``num-examples`` an integer in [1, max]; the array keys
-exactly the expected ones, each with the expected shape and dtype (declared and decoded) and
-finite values. Last, across the round: no array (each B, and the head) may have a Frobenius
-norm above ``max_norm_ratio`` × the lower median of that array's norm over the round's
-otherwise valid replies. The check is per array, not on the total, so a blow-up of one layer
-is not diluted by the others; the *lower* median means that with two replies the larger one
-is compared with the smaller. An array whose median norm is 0 has no scale and is not checked.
-It needs no history and no global state.
++inf: a non-private client) and ε ≥ 0, the metrics the aggregation reads present and scalar,
+``num-examples`` an integer in [1, max]; the array keys exactly the expected ones, each with the
+expected shape and dtype (declared and decoded) and finite values.
+
+Last, across the round, on each reply's *update* u_k = X_k − X_sent (X_sent: the array of the
+global state the round sent; a reply is judged by what it changes, so that a reply of −B_sent,
+whose own norm is that of B, is seen as the jump of 2‖B_sent‖ it is):
+
+1. norm: no array's ‖u_k‖_F may exceed ``max_norm_ratio`` × the median of the same array's
+   update norm over the *other* replies (per array, so a blow-up of one layer is not diluted;
+   the median of the others, so that the suspect does not move its own yardstick, and with two
+   replies each is held against the other);
+2. direction, each cosine held to ``min_update_cosine`` (default −0.5): (a) u_k of the LoRA
+   factors (concatenated), and of the head, with the mean update of the other replies (the
+   most opposed reply is left out first, then the rest are compared again): a reply that
+   undoes what the others do (a flipped update) is caught at any norm; (b) the arrays X_k
+   with the arrays as sent, X_sent: below −0.5 only if the reply went back past zero (a
+   reply of −B_sent has cosine −1, at the norm of B). Honest updates share the gradient's
+   direction, and under DP they are nearly orthogonal noise (cosine ≈ ±1/√d for d trained
+   numbers), far from −0.5; an honest reply never reverses the state it was sent. With two
+   replies that point apart, neither can be told from the other and both are left out.
+
+A zero update or a zero reference has no direction and is not checked; (a) needs two replies.
+It needs no history beyond the state that was sent.
 
 The screen never raises: any unexpected failure while reading a reply rejects that reply.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 import statistics
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +58,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from common import contract
 
 DEFAULT_MAX_NORM_RATIO = 10.0
+DEFAULT_MIN_UPDATE_COSINE = -0.5
 DEFAULT_MAX_NUM_EXAMPLES = 10_000_000
 # The metrics that the train-metric aggregation (strategies.metrics) reads from every reply.
 REQUIRED_METRICS = (contract.NUM_EXAMPLES, contract.TRAIN_LOSS, contract.EPSILON,
@@ -109,6 +127,12 @@ def expected_arrays(global_arrays: ArrayRecord, keys: Collection[str]) -> dict[s
             for key, array in global_arrays.items() if key in keys}
 
 
+def sent_arrays(global_arrays: ArrayRecord, keys: Collection[str]) -> dict[str, np.ndarray]:
+    """The values (float64) of the ``keys`` that ``global_arrays`` holds: what was sent."""
+    return {key: array.numpy().astype(np.float64) for key, array in global_arrays.items()
+            if key in keys}
+
+
 @dataclass(frozen=True)
 class ReplyValidator:
     """Checks a round's train replies against what the strategy asked for.
@@ -116,37 +140,45 @@ class ReplyValidator:
     Parameters
     ----------
     expected : every array key a trained reply must carry (no more, no fewer) and its spec.
-    max_norm_ratio : reject an array whose Frobenius norm exceeds this × the round's lower
-        median for that array; 0 or inf disables the check.
+    sent : the arrays of the global state the round sent, by key; a reply's update is its
+        array minus this one (a key absent here: minus 0).
+    max_norm_ratio : reject an array whose update norm exceeds this × the median update norm
+        of that array over the other replies; 0 or inf disables the check.
+    min_update_cosine : reject an update whose cosine with the mean update of the other
+        replies is below this; -1 disables the check.
     max_num_examples : the largest plausible ``num-examples``.
     required_metrics : metric keys a trained reply must carry as finite scalars.
     """
 
     expected: Mapping[str, ArraySpec]
+    sent: Mapping[str, np.ndarray] = field(default_factory=dict)
     max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO
+    min_update_cosine: float = DEFAULT_MIN_UPDATE_COSINE
     max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES
     required_metrics: tuple[str, ...] = REQUIRED_METRICS
 
     def screen(self, replies: Iterable[Message]) -> Screening:
         """Sort ``replies`` into valid, exhausted and rejected; never raises."""
         out = Screening()
-        norms: list[dict[str, float]] = []
+        updates: list[dict[str, np.ndarray]] = []
         for msg in replies:
             try:
                 if _is_exhausted(self._check_structure(msg)):
                     out.exhausted.append(msg)
                     continue
-                norms.append(self._check_trained(msg))
+                updates.append(self._check_trained(msg))
                 out.valid.append(msg)
             except Exception as exc:  # a reply, however broken, must never stop the round
                 out.rejected.append(_rejection(msg, exc))
-        self._drop_norm_outliers(out, norms)
+        updates = self._drop_norm_outliers(out, updates)
+        self._drop_opposed(out, updates)
         return out
 
     def _check_structure(self, msg: Message) -> MetricRecord:
         """Error reply, content, one ArrayRecord and one MetricRecord; return the metrics."""
         if msg.has_error():
-            raise _FailedReply(f"Flower error reply (code {msg.error.code}): {msg.error.reason}")
+            raise _FailedReply(f"Flower error reply (code {msg.error.code}): "
+                               f"{root_cause(msg.error.reason)}")
         if not msg.has_content():
             raise InvalidReply("the reply has no content")
         content = msg.content
@@ -154,13 +186,21 @@ class ReplyValidator:
         _check_record_names("MetricRecord", content.metric_records, contract.METRICS)
         return content.metric_records[contract.METRICS]
 
-    def _check_trained(self, msg: Message) -> dict[str, float]:
-        """Metrics and arrays of a client that trained; return each array's Frobenius norm."""
+    def _check_trained(self, msg: Message) -> dict[str, np.ndarray]:
+        """Metrics and arrays of a client that trained; return each array's update (float64)."""
         content: RecordDict = msg.content
         self._check_metrics(content.metric_records[contract.METRICS])
         arrays = content.array_records[contract.ARRAYS]
         _check_keys(set(arrays.keys()), set(self.expected))
-        return {key: _checked_norm(key, arrays[key], spec) for key, spec in self.expected.items()}
+        updates = {}
+        for key, spec in self.expected.items():
+            values = _checked_values(key, arrays[key], spec).astype(np.float64)
+            if key in self.sent:
+                values -= self.sent[key]
+            if not math.isfinite(float(np.linalg.norm(values))):
+                raise InvalidReply(f"array {key!r} has a non-finite update norm")
+            updates[key] = values
+        return updates
 
     def _check_metrics(self, metrics: MetricRecord) -> None:
         for key, value in metrics.items():
@@ -184,23 +224,89 @@ class ReplyValidator:
             raise InvalidReply(f"metric {contract.NUM_EXAMPLES!r} is {n}, expected 1 to "
                                f"{self.max_num_examples}")
 
-    def _drop_norm_outliers(self, out: Screening, norms: list[dict[str, float]]) -> None:
-        """Move replies with any array norm > ratio × the lower median to ``rejected``."""
-        if not self.max_norm_ratio or math.isinf(self.max_norm_ratio) or len(norms) < 2:
-            return
-        medians = {key: statistics.median_low(n[key] for n in norms) for key in self.expected}
-        kept: list[Message] = []
-        for msg, reply_norms in zip(out.valid, norms, strict=True):
-            too_large = [key for key, median in medians.items()
-                         if median > 0 and reply_norms[key] > self.max_norm_ratio * median]
-            if not too_large:
+    def _drop_norm_outliers(self, out: Screening, updates: list[dict[str, np.ndarray]]
+                            ) -> list[dict[str, np.ndarray]]:
+        """Move replies with an update norm > ratio × the others' median to ``rejected``.
+
+        Returns the updates of the replies kept in ``out.valid``.
+        """
+        if not self.max_norm_ratio or math.isinf(self.max_norm_ratio) or len(updates) < 2:
+            return updates
+        norms = [{key: float(np.linalg.norm(u)) for key, u in update.items()}
+                 for update in updates]
+        kept, kept_updates = [], []
+        for k, (msg, update) in enumerate(zip(out.valid, updates, strict=True)):
+            too_large = None
+            for key in self.expected:
+                median = statistics.median(n[key] for j, n in enumerate(norms) if j != k)
+                if median > 0 and norms[k][key] > self.max_norm_ratio * median:
+                    too_large = (key, median)
+                    break
+            if too_large is None:
                 kept.append(msg)
+                kept_updates.append(update)
                 continue
-            key = too_large[0]
+            key, median = too_large
             out.rejected.append(_rejection(msg, InvalidReply(
-                f"array {key!r} has Frobenius norm {reply_norms[key]:.4g}, more than "
-                f"{self.max_norm_ratio:g} × the round's median {medians[key]:.4g}")))
+                f"array {key!r} changes by {norms[k][key]:.4g} (Frobenius norm of its update), "
+                f"more than {self.max_norm_ratio:g} × the other replies' median "
+                f"{median:.4g}")))
         out.valid = kept
+        return kept_updates
+
+    def _drop_opposed(self, out: Screening, updates: list[dict[str, np.ndarray]]) -> None:
+        """Move replies that undo the sent state or oppose the others' updates to ``rejected``.
+
+        Per group of arrays (the LoRA factors together, the head together: enough numbers that
+        honest noise stays near 0), two cosines are held to ``min_update_cosine``:
+
+        (b) the reply's arrays with the same arrays as sent, X_k · X_sent / (‖X_k‖ ‖X_sent‖):
+            below −0.5 only when the update removed the sent state along its own direction
+            and went on past zero (a reply of −B_sent: −1); checked for each reply alone;
+        (a) the group's update with the mean update of the other replies: the most opposed
+            reply is left out first and the cosines are taken again, so that one hostile
+            reply cannot drag the others' reference below the bar; two replies that oppose
+            each other are both left out (neither can be told from the other).
+        """
+        if self.min_update_cosine <= -1:
+            return
+        limit = f"< strategy.min-update-cosine={self.min_update_cosine:g}"
+        groups = [(group, keys) for group, keys in (
+            ("LoRA factors", [k for k in self.expected if not contract.is_head_key(k)]),
+            ("head", [k for k in self.expected if contract.is_head_key(k)])) if keys]
+        flat = [{group: np.concatenate([u[k].ravel() for k in keys]) for group, keys in groups}
+                for u in updates]
+        sent = {group: np.concatenate([self.sent.get(k, np.zeros(self.expected[k].shape)).ravel()
+                                       for k in keys]) for group, keys in groups}
+        reasons: dict[int, str] = {}
+        for i, reply_flat in enumerate(flat):
+            for group, _ in groups:
+                cosine = _cosine(reply_flat[group] + sent[group], sent[group])
+                if cosine < self.min_update_cosine:
+                    reasons[i] = (f"its {group} point against the state they were sent (cosine "
+                                  f"{cosine:.3f} {limit}): the reply undoes the global model")
+                    break
+        while len(alive := [i for i in range(len(flat)) if i not in reasons]) >= 2:
+            worst, group, cosine = min(
+                ((i, g, _cosine(flat[i][g], np.mean([flat[j][g] for j in alive if j != i],
+                                                    axis=0)))
+                 for i in alive for g, _ in groups), key=lambda t: t[2])
+            if cosine >= self.min_update_cosine:
+                break
+            pair = len(alive) == 2
+            for i in (alive if pair else [worst]):
+                reasons[i] = (f"its update of the {group} points against the other "
+                              f"{'reply' if pair else 'replies'}' mean update (cosine "
+                              f"{cosine:.3f} {limit})")
+        out.rejected += [_rejection(out.valid[i], InvalidReply(why))
+                         for i, why in sorted(reasons.items())]
+        out.valid = [m for i, m in enumerate(out.valid) if i not in reasons]
+
+
+def _cosine(x: np.ndarray, y: np.ndarray) -> float:
+    """The cosine x · y / (‖x‖ ‖y‖); 0 when either is 0 (no direction to compare)."""
+    scale = float(np.linalg.norm(x) * np.linalg.norm(y))
+    return float(np.vdot(x, y)) / scale if scale > 0 else 0.0
 
 
 def common_metrics(replies: list[Message]) -> list[Message]:
@@ -222,6 +328,30 @@ def _with_metrics(msg: Message, keys: set[str]) -> Message:
     content = RecordDict({contract.ARRAYS: msg.content[contract.ARRAYS],
                           contract.METRICS: MetricRecord({k: metrics[k] for k in sorted(keys)})})
     return Message(content=content, metadata=msg.metadata)
+
+
+_EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Exit|Failed))(?:: (.*))?$")
+
+
+def root_cause(reason: str, limit: int = 300) -> str:
+    """The innermost exception of an error reason: ``"IndexError: list index out of range"``.
+
+    A ClientApp that raises reaches the server as a reason holding whole tracebacks (under Ray,
+    two of them, wrapped in ``ClientAppException``); the first ``Name: message`` line that is not
+    a wrapper is the client's own exception. Reasons without one are cut to ``limit`` characters.
+    """
+    lines = reason.splitlines()
+    for i, line in enumerate(lines):
+        match = _EXCEPTION_LINE.match(line)
+        if match and not match.group(1).endswith(("ClientAppException", "RayTaskError")):
+            message = match.group(2) or ""
+            if message.endswith(":"):  # a list of problems follows, one indented line each
+                message += " " + " ".join(
+                    x.strip() for x in itertools.takewhile(
+                        lambda x: x.startswith((" ", "\t")), lines[i + 1:i + 4]))
+            return f"{match.group(1).rsplit('.', 1)[-1]}: {message}".strip()
+    first = " ".join(reason.split())
+    return first if len(first) <= limit else first[:limit] + " ..."
 
 
 class _FailedReply(InvalidReply):
@@ -264,8 +394,8 @@ def _check_keys(got: set[str], expected: set[str]) -> None:
         raise InvalidReply(f"unexpected array(s): {extra}")
 
 
-def _checked_norm(key: str, array: object, spec: ArraySpec) -> float:
-    """Check declared and decoded shape and dtype, and finiteness; return ‖array‖_F."""
+def _checked_values(key: str, array: object, spec: ArraySpec) -> np.ndarray:
+    """Check declared and decoded shape and dtype, and finiteness; return the values."""
     _check_spec(key, "has", tuple(array.shape), str(array.dtype), spec)
     try:
         values = array.numpy()
@@ -275,10 +405,7 @@ def _checked_norm(key: str, array: object, spec: ArraySpec) -> float:
     _check_spec(key, "decodes to", tuple(values.shape), str(values.dtype), spec)
     if not np.isfinite(values).all():
         raise InvalidReply(f"array {key!r} has NaN or Inf values")
-    norm = float(np.linalg.norm(values.astype(np.float64)))  # float64: no overflow to inf
-    if not math.isfinite(norm):
-        raise InvalidReply(f"array {key!r} has a non-finite norm")
-    return norm
+    return values
 
 
 def _check_spec(key: str, verb: str, shape: tuple, dtype: str, spec: ArraySpec) -> None:

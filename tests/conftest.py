@@ -32,7 +32,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from transformers import BertConfig, BertForSequenceClassification
 
     from common.config import ModelConfig
-    from common.model import resolve_model_path
+    from common.model_path import resolve_model_path
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
@@ -68,7 +68,7 @@ def tiny_run_config(tiny_model_dir, tiny_csv, tmp_path) -> dict:
     cfg.update({
         "model.path": str(tiny_model_dir), "model.max-length": 16,
         "data.source": str(tiny_csv), "data.text-column": "body", "data.label-column": "topic",
-        "data.max-eval-examples": 40, "data.partitioner": "iid",
+        "data.max-eval-examples": 40, "data.partitioner": "iid", "data.min-test-examples": 20,
         "train.batch-size": 8, "train.local-steps": 2, "strategy.num-rounds": 2,
         "lora.r": 4, "lora.alpha": 4, "output.dir": str(tmp_path / "results"),
     })

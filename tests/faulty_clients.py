@@ -47,3 +47,13 @@ def train_or_stall(msg: Message, context: Context) -> Message:
     if _node_round(msg, context)[1] >= 3:
         time.sleep(STALL_SECONDS)
     return train(msg, context)
+
+
+always_raises = ClientApp()
+always_raises.evaluate()(evaluate)
+
+
+@always_raises.train()
+def train_never(msg: Message, context: Context) -> Message:
+    """Every client fails every round, as a ClientApp with a bug would."""
+    raise IndexError(f"simulated bug in partition {context.node_config['partition-id']}")

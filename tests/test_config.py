@@ -72,3 +72,35 @@ def test_delta_must_be_below_one_over_n():
     with pytest.raises(ConfigError, match=r"privacy.delta=0.01: must be < 1/n = 0.005 "
                                           r"\(n = 200 training examples of partition 3\)"):
         check_delta(0.01, 200, "partition 3")
+
+
+def test_unknown_keys_are_named_with_the_closest_valid_key():
+    with pytest.raises(ConfigError) as caught:
+        AppConfig.from_run_config({"lora.rr": 4, "privcy.epsilon": 3.0, "sed": 1,
+                                   "strategy.aggregator": "median"})
+    problems = caught.value.problems
+    assert problems[:2] == ["privcy.epsilon=3.0: unknown section 'privcy'; did you mean "
+                            "privacy.epsilon?", "sed=1: unknown key; did you mean seed?"]
+    assert problems[2].startswith("strategy.aggregator='median': unknown key; did you mean "
+                                  "strategy.aggregation?")
+    assert problems[3].startswith("lora.rr=4: unknown key; did you mean lora.r?")
+
+
+def test_default_run_names_differ_between_experiments_and_not_with_output_settings():
+    default = AppConfig()
+    assert default.run_name == "fedsvd-eps6-seed0"
+    lr = AppConfig.from_run_config({"train.learning-rate": 0.5})
+    data = AppConfig.from_run_config({"data.dirichlet-alpha": 0.1})
+    assert lr.run_name.startswith("fedsvd-eps6-seed0-") and len(lr.run_name) == 26
+    assert len({default.run_name, lr.run_name, data.run_name}) == 3
+    again = AppConfig.from_run_config({"train.learning-rate": 0.5, "output.dir": "/elsewhere",
+                                       "output.resume": True})
+    assert again.run_name == lr.run_name  # where it is written is not what it is
+    assert AppConfig.from_run_config({"privacy.epsilon": 3.0}).run_name == "fedsvd-eps3-seed0"
+    named = AppConfig.from_run_config({"output.run-name": "mine", "train.learning-rate": 0.5})
+    assert named.run_name == "mine"
+
+
+def test_resume_and_overwrite_together_are_refused():
+    with pytest.raises(ConfigError, match="output.overwrite=True: cannot be combined"):
+        AppConfig.from_run_config({"output.resume": True, "output.overwrite": True})

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import stat
 
 import psutil
 from cryptography import x509
@@ -32,6 +33,26 @@ def test_certificates_cover_the_sans_and_keys_load_as_flower_reads_them(tmp_path
                           ec.EllipticCurvePrivateKey)  # flower-supernode's loader
         assert try_load_public_key(public)  # what `flwr supernode register` reads
         assert private.stat().st_mode & 0o777 == 0o600
+
+
+def test_force_leaves_every_private_key_owner_only(tmp_path):
+    argv = ["--out", str(tmp_path), "--supernodes", "2"]
+    certificates.main(argv)
+    keys = sorted(tmp_path.glob("*.key"))
+    assert [k.name for k in keys] == ["ca.key", "server.key", "supernode-0.key",
+                                      "supernode-1.key"]
+    old = {k: k.read_bytes() for k in keys}
+    for key in keys:
+        key.chmod(0o644)
+    certificates.main([*argv, "--force"])
+    for key in keys:
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+        assert key.read_bytes() != old[key]  # regenerated
+    for key in keys[2:]:
+        key.chmod(0o644)
+    certificates.main(["--out", str(tmp_path), "--supernodes", "2", "--keys-only", "--force"])
+    assert {k.name: stat.S_IMODE(k.stat().st_mode) for k in keys[2:]} == {
+        "supernode-0.key": 0o600, "supernode-1.key": 0o600}
 
 
 def test_tls_deployment_runs_two_rounds_and_rejects_an_unregistered_supernode(

@@ -1,6 +1,7 @@
-"""python -m merging: merge, add, baselines, and errors that name the bad source."""
+"""python -m merging: merge, add, baselines, errors that name the bad source or output."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ def test_merge_then_add_equals_merging_all_at_once(adapters, tmp_path, capsys):
     a, b, c = (str(p) for p in adapters)
     assert main(["--rank", "7", "--out", str(tmp_path / "inc"), a, b]) == 0
     assert main(["add", "--into", str(tmp_path / "inc"), "--rank", "9", "--weight", "0.5",
-                 c]) == 0
+                 "--force", c]) == 0
     assert main(["--rank", "9", "--weights", "1,1,0.5", "--out", str(tmp_path / "all"),
                  a, b, c]) == 0
     assert "rank-9 LoRA on 4 modules from 3 sources" in capsys.readouterr().out
@@ -85,7 +86,7 @@ def test_mismatched_sources_are_named(adapters, tmp_path, capsys):
                           str(other)], other, "'gpt2'", "--allow-base-mismatch")
     assert main(["--rank", "2", "--allow-base-mismatch", "--out", str(tmp_path / "o"),
                  str(adapters[0]), str(other)]) == 0
-    expect_error(capsys, ["add", "--into", str(tmp_path / "o"), str(wide)], wide)
+    expect_error(capsys, ["add", "--into", str(tmp_path / "o"), "--force", str(wide)], wide)
 
 
 def test_bad_arguments_and_sources(adapters, tmp_path, capsys, tiny_model_dir):
@@ -105,3 +106,69 @@ def test_bad_arguments_and_sources(adapters, tmp_path, capsys, tiny_model_dir):
     expect_error(capsys, ["--rank", "2", "--out", str(tmp_path / "o"), a, str(bad)], bad, "NaN")
     save_file({"x": torch.ones(1)}, adapters[1] / "adapter_model.safetensors")
     expect_error(capsys, ["--rank", "2", "--out", str(tmp_path / "o"), a, b], b, "no LoRA")
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+
+def test_out_equal_to_a_source_is_refused_even_with_force(adapters, tmp_path, capsys):
+    a, b = adapters[0], adapters[1]
+    save_file({"x": torch.ones(2)}, b / "base_delta.safetensors")
+    before = snapshot(b)
+    for force in ([], ["--force"]):
+        err = expect_error(capsys, ["--rank", "2", *force, "--out", str(b), str(a), str(b)],
+                           f"--out {b}", "SRC 2", "--force")
+        assert "refused even with --force" in err
+        # the same folder under another spelling is the same source
+        expect_error(capsys, ["--rank", "2", *force, "--out", str(b / ".." / b.name), str(a),
+                              str(b)], "SRC 2", "refused even with --force")
+    assert snapshot(b) == before  # bytes equal, base_delta.safetensors still there
+    assert (b / "base_delta.safetensors").is_file()
+
+
+def test_an_existing_adapter_needs_force(adapters, tmp_path, capsys):
+    a, b, c = (str(p) for p in adapters)
+    out = tmp_path / "out"
+    assert main(["--rank", "2", "--out", str(out), a, b]) == 0
+    before = snapshot(out)
+    err = expect_error(capsys, ["--rank", "3", "--out", str(out), a, c], f"--out {out}",
+                       "already holds an adapter", "--force")
+    assert "adapter_config.json" in err and "merge.json" in err
+    assert snapshot(out) == before
+    for name in ("adapter_config.json", "merge.json"):  # any one adapter file is enough
+        lone = tmp_path / f"lone-{name}"
+        lone.mkdir()
+        (lone / name).write_text("{}")
+        expect_error(capsys, ["--rank", "2", "--out", str(lone), a, b], name, "--force")
+    assert main(["--rank", "3", "--force", "--out", str(out), a, c]) == 0
+    assert all(B.shape == (32, 3) for B, _ in loaded(out).lora.values())
+    history = json.loads((out / "merge.json").read_text())
+    assert len(history["sources"]) == 2
+    (tmp_path / "empty").mkdir()  # an existing folder without an adapter is fine
+    assert main(["--rank", "2", "--out", str(tmp_path / "empty"), a, b]) == 0
+
+
+def test_add_in_place_needs_force_and_never_writes_the_source(adapters, tmp_path, capsys):
+    a, b, c = (str(p) for p in adapters)
+    merged = tmp_path / "merged"
+    assert main(["--rank", "4", "--out", str(merged), a, b]) == 0
+    before = snapshot(merged)
+    expect_error(capsys, ["add", "--into", str(merged), c], f"--into {merged}", "in place",
+                 "--force", "--out")
+    expect_error(capsys, ["add", "--into", str(merged), "--out", str(merged), c],
+                 f"--into {merged}", "--force")
+    assert snapshot(merged) == before
+    source_before = snapshot(c)
+    for force in ([], ["--force"]):
+        expect_error(capsys, ["add", "--into", str(merged), *force, "--out", c, c],
+                     f"--out {c}", "SRC", "refused even with --force")
+    assert snapshot(c) == source_before
+    assert snapshot(merged) == before
+    assert main(["add", "--into", str(merged), "--out", str(tmp_path / "new"), c]) == 0
+    assert snapshot(merged) == before  # --out elsewhere leaves --into as it was
+    expect_error(capsys, ["add", "--into", str(merged), "--out", str(tmp_path / "new"), c],
+                 "already holds an adapter")
+    assert main(["add", "--into", str(merged), "--force", c]) == 0
+    assert [s["op"] for s in json.loads((merged / "merge.json").read_text())["steps"]] == [
+        "merge", "add"]

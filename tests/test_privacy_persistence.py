@@ -89,3 +89,42 @@ def test_relative_state_file_is_rejected(tiny_run_config):
     arrays = _global_arrays(cfg, t.load_local_data(cfg, 0, 2).num_labels)
     with pytest.raises(ValueError, match="absolute path"):
         train(_train_message(arrays), _fresh_context(tiny_run_config, "state.json"))
+
+
+def _sim_context(run_config: dict) -> Context:
+    """A simulated SuperNode as a (re)started federation has it: no node file, empty state."""
+    return Context(run_id=1, node_id=1, node_config=dict(NODE), state=RecordDict(),
+                   run_config=run_config)
+
+
+def test_resumed_simulation_reports_the_uninterrupted_epsilon(tiny_run_config, tmp_path):
+    # Prepare: the same run twice; absolute output.dir (simulations.run passes one)
+    def config(name: str) -> dict:
+        return {**tiny_run_config, "strategy.num-rounds": 3, "output.run-name": name,
+                "output.dir": str(tmp_path / "results")}
+
+    cfg = AppConfig.from_run_config(config("straight"))
+    arrays = _global_arrays(cfg, t.load_local_data(cfg, 0, 2).num_labels)
+    straight = _sim_context(config("straight"))
+    # Execute: 3 rounds in one federation; 2 rounds, a crash (the federation and its
+    # Context.state are gone), then round 3 in a new federation
+    eps_straight = [train(_train_message(arrays), straight).content[contract.METRICS]
+                    [contract.EPSILON] for _ in range(3)]
+    before_crash = _sim_context(config("resumed"))
+    eps_resumed = [train(_train_message(arrays), before_crash).content[contract.METRICS]
+                   [contract.EPSILON] for _ in range(2)]
+    after_crash = _sim_context({**config("resumed"), "output.resume": True})
+    eps_resumed.append(train(_train_message(arrays), after_crash).content[contract.METRICS]
+                       [contract.EPSILON])
+    # Assert: the same ε every round, from the ledger kept in the run's folder
+    assert eps_resumed == pytest.approx(eps_straight, rel=1e-12)
+    assert eps_straight[0] < eps_straight[1] < eps_straight[2]
+    ledger = tmp_path / "results" / "resumed" / "privacy" / "partition-0.json"
+    assert sum(e["steps"] for e in json.loads(ledger.read_text())["history"]) == 3 * 2
+
+
+def test_with_a_relative_output_dir_the_ledger_stays_in_the_context(tiny_run_config):
+    from client.app import ledger_path
+
+    cfg = AppConfig.from_run_config({**tiny_run_config, "output.dir": "results"})
+    assert ledger_path(_sim_context(tiny_run_config), cfg) is None

@@ -7,6 +7,7 @@ from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
+from common.config import ConfigError, check_delta
 from privacy.planning import ORDERS, Schedule, epsilon_curve, main, plan_noise, sample_rate
 
 DELTA = 1e-5
@@ -100,3 +101,65 @@ def test_cli_prints_sigma_and_the_curve(capsys):
     acc = create_accountant("rdp")
     acc.history = [(sigma, 1 / 59, 30)]
     assert f"{acc.get_epsilon(DELTA):.4f}" in out
+
+
+@pytest.mark.parametrize("sigma", [-1.0, math.inf, math.nan])
+def test_curve_refuses_a_sigma_opacus_cannot_account(sigma):
+    with pytest.raises(ValueError, match="must be finite and >= 0"):
+        epsilon_curve(sigma, Schedule(0.1, 1, 1), DELTA)
+
+
+def refusal(capsys, *argv):
+    with pytest.raises(SystemExit) as exc:
+        main(["--examples", "1885", *argv])
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return exc.value.code, captured.err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epsilon", "6", "--delta", "0.5"],
+     "--delta 0.5: must be < 1/n = 0.000531 (n = 1885 training examples of this client)"),
+    (["--sigma", "1.1", "--delta", "0.001"], "--delta 0.001: must be < 1/n = 0.000531"),
+    (["--epsilon", "0"], "--epsilon 0.0: must be > 0 (or inf)"),
+    (["--epsilon", "-1"], "--epsilon -1.0: must be > 0"),
+    (["--epsilon", "nan"], "--epsilon nan: must be > 0"),
+    (["--epsilon", "6", "--delta", "0"], "--delta 0.0: must be in (0, 1)"),
+    (["--epsilon", "inf", "--delta", "1"], "--delta 1.0: must be in (0, 1)"),
+    (["--sigma", "inf"], "--sigma inf: must be finite and >= 0"),
+    (["--sigma", "nan"], "--sigma nan: must be finite and >= 0"),
+    (["--sigma", "-1"], "--sigma -1.0: must be finite and >= 0"),
+    (["--epsilon", "6", "--rounds", "0"], "--rounds 0: must be >= 1"),
+    (["--epsilon", "6", "--local-steps", "0"], "--local-steps 0: must be >= 1"),
+    (["--epsilon", "6", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["--epsilon", "6", "--batch-size", "4000"], "--examples 1885: fewer than one batch "
+     "(--batch-size 4000)"),
+    (["--epsilon", "6", "--participation", "1.5"], "--participation 1.5: must be in (0, 1]"),
+])
+def test_cli_refuses_what_training_refuses_naming_flag_and_value(capsys, argv, message):
+    code, last = refusal(capsys, *argv)
+    assert code == 2
+    assert last.startswith("python -m privacy.planning: error: ") and message in last, last
+
+
+def test_cli_delta_rule_is_training_s_own(capsys):
+    """The same δ as a client's check_delta: refused iff a client of n examples refuses it."""
+    with pytest.raises(ConfigError):
+        check_delta(1 / 1885, 1885, "partition 0")
+    assert refusal(capsys, "--epsilon", "6", "--delta", str(1 / 1885))[0] == 2
+    check_delta(0.0005, 1885, "partition 0")
+    main(["--examples", "1885", "--epsilon", "6", "--delta", "0.0005", "--rounds", "1"])
+    assert "σ = " in capsys.readouterr().out
+
+
+def test_cli_delta_of_a_non_private_plan_is_not_held_to_one_over_n(capsys):
+    # clients check δ < 1/n only with a finite ε: no noise, nothing for δ to bound
+    for argv in (["--epsilon", "inf"], ["--sigma", "0"]):
+        main(["--examples", "1885", *argv, "--delta", "0.5", "--rounds", "2"])
+        assert "σ = 0.0000" in capsys.readouterr().out
+
+
+def test_cli_lists_every_problem_on_the_last_line(capsys):
+    code, last = refusal(capsys, "--epsilon", "-1", "--delta", "2", "--rounds", "0")
+    assert code == 2
+    assert all(f in last for f in ("--epsilon -1.0", "--delta 2.0", "--rounds 0")), last

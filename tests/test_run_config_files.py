@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from simulations.local_superlink import run_config_args
+from common.run_config import run_config_args
 
 CONF = Path(__file__).resolve().parent.parent / "simulations" / "conf"
 

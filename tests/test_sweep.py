@@ -361,7 +361,8 @@ def test_max_client_examples_takes_a_subset_of_each_partition(tiny_run_config):
 
 TINY_KEYS = ("model.path", "model.max-length", "data.source", "data.text-column",
              "data.label-column", "data.max-eval-examples", "data.partitioner",
-             "train.batch-size", "train.local-steps", "lora.r", "lora.alpha")
+             "train.batch-size", "train.local-steps", "lora.r", "lora.alpha",
+             "data.min-test-examples")
 
 
 def _tiny_sweep_args(tiny_run_config, out: Path, methods: str) -> list[str]:

@@ -193,7 +193,7 @@ CASES = {
     "budget-flag-invalid": (_edited(metrics=lambda m: _set(m, contract.BUDGET_EXHAUSTED, 2)),
                             "metric 'budget-exhausted' is 2, expected 0 or 1"),
     "norm-outlier": (_edited(arrays=lambda a: _set(a, B1, a[B1] * 100)),
-                     "array 'l1.value.lora_B' has Frobenius norm"),
+                     "array 'l1.value.lora_B' changes by"),
 }
 
 
@@ -222,7 +222,8 @@ def test_each_bad_reply_is_rejected_with_its_reason_and_logged(case, caplog):
     assert torch.allclose(new[B1], (b1[0] * 10 + b1[1] * 20) / 30, atol=1e-6)
 
 
-def test_norm_outlier_reason_names_the_norm_and_the_median():
+def test_norm_outlier_reason_names_the_update_norm_and_the_others_median():
+    # B_sent = 0 here, so each update is the reply's B itself
     good = [_good_reply(node) for node in (1, 2, 3)]
     bad = CASES["norm-outlier"][0](_good_arrays(1), _good_metrics(10), 9)
     strategy = _strategy()
@@ -230,8 +231,8 @@ def test_norm_outlier_reason_names_the_norm_and_the_median():
     norms = sorted(float(np.linalg.norm(_good_arrays(n)[B1].astype(np.float64))) for n in (1, 2, 3))
     huge = 100 * float(np.linalg.norm(_good_arrays(1)[B1].astype(np.float64)))
     assert [r.reason for r in screening.rejected] == [
-        f"array 'l1.value.lora_B' has Frobenius norm {huge:.4g}, more than 10 × the round's "
-        f"median {norms[1]:.4g}"]
+        f"array 'l1.value.lora_B' changes by {huge:.4g} (Frobenius norm of its update), more "
+        f"than 10 × the other replies' median {norms[1]:.4g}"]
 
 
 @pytest.mark.parametrize("ratio", [0.0, math.inf])

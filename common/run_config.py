@@ -1,0 +1,70 @@
+"""Run-config overrides as the launchers take them: "k=v ..." text or .toml files, merged.
+
+``flwr run --run-config`` takes a .toml file only as its sole value and merges several values
+by top-level table; :func:`run_config_args` merges the flat keys here and hands Flower one
+string. :func:`app_run_config` is the flat config the apps will receive (pyproject's, then the
+overrides), for checking a run before it starts.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+
+from flwr.common.config import flatten_dict, parse_config_args
+
+
+def run_config_args(overrides: Sequence[str]) -> list[str]:
+    """One ``--run-config`` value for ``flwr run``: every override merged, later ones winning.
+
+    Each item is "k=v ..." text or a .toml file. ``flwr run`` takes a .toml file only as its sole
+    ``--run-config``, and when given several it merges them by top-level table, so
+    ``output.dir=…`` then ``output.run-name=…`` would lose ``output.dir``. Merging the flat keys
+    here and passing one string avoids both.
+    """
+    merged: dict = {}
+    for item in overrides:
+        if item.endswith(".toml"):
+            with Path(item).expanduser().open("rb") as f:
+                merged.update(flatten(tomllib.load(f)))
+        elif item:
+            merged.update(parse_config_args([item]))
+    return [override_text(merged)] if merged else []
+
+
+def flatten(table: dict, prefix: str = "") -> dict:
+    """``{"lora": {"r": 8}}`` -> ``{"lora.r": 8}``."""
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def toml_value(key: str, value: object) -> str:
+    """One TOML scalar as flwr's "k=v" parser reads it (no spaces unless double-quoted)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return {math.inf: "inf", -math.inf: "-inf"}.get(value, repr(value))
+    if isinstance(value, str) and '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    raise ValueError(f"{key}={value!r}: only bools, numbers and strings without quotes or "
+                     "backslashes can be passed as run-config overrides")
+
+
+def override_text(keys: dict[str, object]) -> str:
+    """One "k=v ..." override string of ``keys`` (values through :func:`toml_value`)."""
+    return " ".join(f"{key}={toml_value(key, value)}" for key, value in keys.items())
+
+
+def app_run_config(app_dir: Path, overrides: Sequence[str] | str = ()) -> dict:
+    """The flat run config the apps of ``app_dir`` will get: pyproject's, then ``overrides``."""
+    pyproject = tomllib.loads((Path(app_dir) / "pyproject.toml").read_text())
+    items = [overrides] if isinstance(overrides, str) else overrides
+    return {**flatten_dict(pyproject["tool"]["flwr"]["app"]["config"]),
+            **parse_config_args(run_config_args(items))}

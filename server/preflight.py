@@ -1,0 +1,114 @@
+"""Everything a run needs, checked before it trains: configuration, data, partitions, folder.
+
+The ServerApp runs :func:`check_run` before round 0; the launchers (``simulations.run``,
+``deploy.local``, the sweep and the merge experiment) run :func:`preflight` in their own process
+before they start a SuperLink, so that a bad run is refused in seconds, with every problem named,
+not after Ray has started. What is refused raises a ``ValueError`` or ``OSError`` subclass whose
+message is the whole explanation: :class:`~common.config.ConfigError` (keys and values),
+:class:`~common.data_files.DataError` (files, keys, lines, partitions), :class:`OutputExists`
+and :class:`~server.checkpoint.CheckpointMismatch` (the results folder), ``FileNotFoundError``.
+
+The data and checkpoint modules (torch, datasets) are imported only once the configuration
+itself is valid, so that :func:`refusal` reports a bad key in about a second.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from common.config import AppConfig, check_delta
+from common.model_path import resolve_model_path
+from common.run_config import app_run_config
+
+if TYPE_CHECKING:
+    from common.data import Corpus
+
+# What a run writes into its folder; any of them present means the folder holds a result
+# ("checkpoint.safetensors" is server.checkpoint.CHECKPOINT_FILE; "privacy" the clients' ledgers).
+RESULT_FILES = ("metrics.csv", "config.json", "adapter", "checkpoint.safetensors", "privacy")
+REFUSED = (ValueError, OSError)  # what preflight and check_run raise for input they refuse
+
+
+class OutputExists(ValueError):
+    """The run's folder already holds results, and neither resume nor overwrite was asked."""
+
+
+def check_output_folder(folder: Path, cfg: AppConfig) -> None:
+    """Refuse to write over an earlier run's results unless ``output.overwrite`` says so.
+
+    With ``output.resume`` the folder must hold a checkpoint of the same configuration
+    (:func:`server.checkpoint.load_checkpoint` raises otherwise).
+    """
+    if cfg.output.resume:
+        from server.checkpoint import load_checkpoint
+
+        load_checkpoint(folder, cfg)
+        return
+    existing = [name for name in RESULT_FILES if (folder / name).exists()]
+    if existing and not cfg.output.overwrite:
+        raise OutputExists(
+            f"output: {folder} already holds the results of a run ({', '.join(existing)}); "
+            "set output.resume=true to continue it, output.overwrite=true to replace it, or "
+            "another output.run-name (or output.dir)")
+
+
+def clear_results(folder: Path) -> list[str]:
+    """Remove what an earlier run wrote into ``folder`` (``output.overwrite``); return names.
+
+    Only the files a run writes (``RESULT_FILES``) are removed; anything else is left.
+    """
+    removed = []
+    for name in RESULT_FILES:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def check_run(cfg: AppConfig, *, num_partitions: int | None = None) -> Corpus:
+    """Load and check the data, δ, the model folder and the results folder; return the corpus.
+
+    ``num_partitions`` (known in simulation: the number of SuperNodes): also refuse any
+    partition too small to train. In a deployment each client checks its own.
+    """
+    from common.data import check_partitions, load_corpus
+
+    resolve_model_path(cfg.model)
+    corpus = load_corpus(cfg.data, cfg.seed)
+    if cfg.privacy.is_private:  # each client checks its own partition again
+        check_delta(cfg.privacy.delta, len(corpus.train), "the whole training split")
+    if num_partitions is not None:
+        check_partitions(cfg.data, cfg.seed, num_partitions, cfg.train.batch_size)
+    check_output_folder(cfg.results_folder, cfg)
+    return corpus
+
+
+def preflight(run_config: Mapping[str, Any], *, num_partitions: int | None) -> AppConfig:
+    """Build the run's configuration from its flat run config and :func:`check_run` it.
+
+    Raises what :func:`check_run` raises (``REFUSED``); returns the configuration.
+    """
+    cfg = AppConfig.from_run_config(run_config)
+    check_run(cfg, num_partitions=num_partitions)
+    return cfg
+
+
+def refusal(app_dir: Path, run_config: Sequence[str], *, num_partitions: int | None
+            ) -> str | None:
+    """Why the run of ``app_dir`` with ``run_config`` overrides must not start, or None.
+
+    The launchers print it last and exit with status 2 before starting any SuperLink.
+    """
+    try:
+        preflight(app_run_config(app_dir, run_config), num_partitions=num_partitions)
+    except REFUSED as exc:
+        return f"error: {exc}\nrefused before starting: nothing was run"
+    return None
