@@ -84,9 +84,17 @@ def load_checkpoint(folder: Path, cfg: AppConfig) -> Checkpoint:
         raise FileNotFoundError(
             f"output.resume=true but there is no checkpoint at {path}: nothing to resume. Check "
             "output.dir and output.run-name, or set output.resume=false to start afresh")
-    with safe_open(path, framework="pt") as f:
-        state = json.loads(f.metadata()[METADATA_KEY])
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    try:
+        with safe_open(path, framework="pt") as f:
+            state = json.loads((f.metadata() or {})[METADATA_KEY])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        if not isinstance(state, dict):
+            raise TypeError(f"its {METADATA_KEY!r} header is not a JSON object")
+    except Exception as exc:  # safetensors' own error is neither ValueError nor OSError
+        raise CheckpointMismatch(
+            f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); it cannot be "
+            "resumed: set output.overwrite=true (and output.resume=false) to start afresh"
+        ) from exc
     if state.get("format") != FORMAT:
         raise CheckpointMismatch(f"{path}: checkpoint format {state.get('format')!r}, this code "
                                  f"reads format {FORMAT}")

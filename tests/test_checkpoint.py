@@ -102,6 +102,13 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
         ckpt.load_checkpoint(tmp_path / "no-run", _cfg(**{"output.resume": True}))
 
 
+@pytest.mark.parametrize("content", [b"garbage", b""])
+def test_a_corrupt_checkpoint_is_refused_naming_the_file(tmp_path, content):
+    (tmp_path / ckpt.CHECKPOINT_FILE).write_bytes(content)
+    with pytest.raises(ckpt.CheckpointMismatch, match="is not a readable checkpoint"):
+        ckpt.load_checkpoint(tmp_path, AppConfig())
+
+
 def test_deterministic_training_is_refused_with_a_finite_epsilon():
     with pytest.raises(ConfigError, match="train.deterministic=True with privacy.epsilon=6.0"):
         _cfg(**{"train.deterministic": True})
