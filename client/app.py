@@ -13,12 +13,11 @@ from flwr.clientapp import ClientApp
 
 from client import training as t
 from common import contract
-from common.config import AppConfig, check_delta
+from common.config import RUN_LEDGER_DIR, AppConfig, check_delta
 from common.evaluation import evaluate as evaluate_model
 from privacy import PrivacyLedger, make_private
 
 PRIVACY_STATE_KEY = "privacy-state-file"  # node config: where a SuperNode keeps its ledger
-RUN_LEDGER_DIR = "privacy"  # else, under the run's results folder (server.preflight.RESULT_FILES)
 
 app = ClientApp()
 

@@ -28,6 +28,7 @@ PRODUCT_METHODS = ("flora", "fedex")  # they need every client's B_k A_k: the we
 # Settings that the default run name shows in clear; every other non-default one goes into
 # its hash (output.* never: where a run is written is not what it is).
 NAMED_KEYS = ("strategy.name", "privacy.epsilon", "seed")
+RUN_LEDGER_DIR = "privacy"  # in a run's results folder: the clients' ledgers (client.app)
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,15 @@ def check_delta(delta: float, num_examples: int, where: str) -> None:
     if num_examples >= 1 and not delta < 1 / num_examples:
         raise ConfigError([f"privacy.delta={delta!r}: must be < 1/n = {1 / num_examples:.3g} "
                            f"(n = {num_examples} training examples of {where})"])
+
+
+def fewer_than_one_batch(num_examples: int, batch_size: int) -> bool:
+    """Whether a client of ``num_examples`` cannot train: fewer than one expected batch.
+
+    With fewer, Poisson sampling at rate q = 1 / ⌈n / batch⌉ = 1 puts every example into every
+    step (no subsampling); an empty partition has nothing to train on.
+    """
+    return num_examples < max(batch_size, 1)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ labels, or IID), deterministic in the seed.
 What cannot be trained on is refused with a :class:`common.data_files.DataError` before any
 training: a file that does not parse (:mod:`common.data_files`), a training split with fewer
 than two classes, an evaluation split smaller than ``data.min-test-examples``, and a node's
-partition smaller than one batch (:func:`check_partition`).
+partition smaller than one batch (:func:`partition_problem`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Part
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
-from common.config import DataConfig
+from common.config import DataConfig, fewer_than_one_batch
 from common.data_files import DataError, Table, read_table
 
 NEWSGROUPS = "20newsgroups"
@@ -239,11 +239,9 @@ def partition_problem(cfg: DataConfig, num_examples: int, partition_id: int,
                       num_partitions: int, batch_size: int) -> str | None:
     """Why a partition of ``num_examples`` training examples cannot train, or None.
 
-    A partition needs at least one expected batch: with fewer, Poisson sampling at rate
-    q = 1 / ⌈n / batch⌉ = 1 puts every example into every step (no subsampling), and an empty
-    partition has nothing to train on.
+    It needs at least one expected batch (:func:`common.config.fewer_than_one_batch`).
     """
-    if num_examples >= max(batch_size, 1):
+    if not fewer_than_one_batch(num_examples, batch_size):
         return None
     split = (f"Dirichlet(data.dirichlet-alpha={cfg.dirichlet_alpha:g})"
              if cfg.partitioner == "dirichlet" else cfg.partitioner)

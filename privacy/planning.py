@@ -44,11 +44,11 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from common.config import (
     ConfigError,
-    DataConfig,
     PrivacyConfig,
     StrategyConfig,
     TrainConfig,
     check_delta,
+    fewer_than_one_batch,
 )
 from privacy.accounting import calibrate_noise
 
@@ -188,7 +188,7 @@ def cli_problems(args: argparse.Namespace) -> list[str]:
     :meth:`~common.config.TrainConfig.problems`, ``strategy.num-rounds``,
     :func:`common.config.check_delta` (δ < 1/n, checked by clients only when ε is finite:
     here for a finite ``--epsilon`` or a ``--sigma`` > 0) and
-    :func:`common.data.partition_problem` (at least one batch of examples). Plus what only
+    :func:`common.config.fewer_than_one_batch` (at least one batch of examples). Plus what only
     the planner takes: ``--sigma`` finite and >= 0, ``--participation`` in (0, 1].
     """
     epsilon = math.inf if args.epsilon is None else args.epsilon
@@ -201,11 +201,8 @@ def cli_problems(args: argparse.Namespace) -> list[str]:
         problems.append(f"--sigma {args.sigma!r}: must be finite and >= 0 (0: no noise)")
     if not 0 < args.participation <= 1:
         problems.append(f"--participation {args.participation!r}: must be in (0, 1]")
-    if args.batch_size >= 1:
-        from common.data import partition_problem  # lazy: it pulls in datasets, transformers
-
-        if partition_problem(DataConfig(), args.examples, 0, 1, args.batch_size):
-            problems.append(f"--examples {args.examples}: fewer than one batch (--batch-size "
+    if args.batch_size >= 1 and fewer_than_one_batch(args.examples, args.batch_size):
+        problems.append(f"--examples {args.examples}: fewer than one batch (--batch-size "
                             f"{args.batch_size}); a client with fewer examples refuses to train")
     private = math.isfinite(epsilon) if args.sigma is None else args.sigma > 0
     if private and 0 < args.delta < 1 and args.examples >= 1:

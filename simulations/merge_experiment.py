@@ -45,7 +45,6 @@ from merging import load_sources
 from merging.adapter_io import PROVENANCE_FILE, read_provenance
 from merging.perturb import half_rank, noise_like, save_source
 from server.checkpoint import CHECKPOINT_FILE
-from server.preflight import check_run
 from simulations.sweep_cells import (
     ROOT,
     Runner,
@@ -53,6 +52,7 @@ from simulations.sweep_cells import (
     failure_reason,
     flwr_runner,
     is_complete,
+    refuse_failing_runs,
     say,
     stale_settings,
 )
@@ -182,14 +182,8 @@ def run_all(runs: Sequence[Run], overrides: Sequence[str], runner: Runner) -> li
                          "them:\n  " + "\n  ".join(stale))
     rounds = {name: cfg.strategy.num_rounds for name, cfg in configs.items()}
     todo = [r for r in runs if not is_complete(r.folder, rounds[r.name])]
-    refused = []
-    for run in todo:
-        try:
-            check_run(cell_config(run.items(overrides, resume=run.crashed)))
-        except (ValueError, OSError) as exc:
-            refused.append(f"{run.parent.name}/{run.name}: {exc}")
-    if refused:
-        raise ValueError("these runs would fail; nothing was run:\n  " + "\n  ".join(refused))
+    refuse_failing_runs({f"{run.parent.name}/{run.name}": run.items(overrides, resume=run.crashed)
+                         for run in todo})
     failed = []
     for k, run in enumerate(runs, start=1):
         if run not in todo:

@@ -80,6 +80,23 @@ def cell_config(items: Sequence[str]) -> AppConfig:
     return AppConfig.from_run_config(app_run_config(ROOT, items))
 
 
+def refuse_failing_runs(planned: Mapping[str, Sequence[str]], *,
+                        num_partitions: int | None = None) -> None:
+    """Raise ValueError naming every planned run that :func:`server.preflight.check_run` refuses.
+
+    ``planned``: run name -> its ``--run-config`` items. Nothing is run: a sweep or an
+    experiment stops before its first run rather than in the middle.
+    """
+    refused = []
+    for name, items in planned.items():
+        try:
+            check_run(cell_config(items), num_partitions=num_partitions)
+        except (ValueError, OSError) as exc:
+            refused.append(f"{name}: " + str(exc).replace("\n", "\n    "))
+    if refused:
+        raise ValueError("these runs would fail; nothing was run:\n  " + "\n  ".join(refused))
+
+
 def is_complete(run_folder: Path, num_rounds: int) -> bool:
     """Whether ``run_folder/metrics.csv`` holds the row of round ``num_rounds`` (the last)."""
     try:
@@ -163,17 +180,9 @@ def run_cells(cells: Sequence[Cell], folder: Path, *, overrides: Sequence[str], 
                          "--out or delete them:\n  " + "\n  ".join(
                              f"{name}: {'; '.join(s)}" for name, s in stale.items()))
     todo = [c for c in cells if not is_complete(folder / c.name, configs[c].strategy.num_rounds)]
-    refused = {}
-    for cell in todo:
-        resume = (folder / cell.name / CHECKPOINT_FILE).is_file()
-        try:
-            check_run(cell_config(run_config_items(cell, folder, overrides, resume)),
-                      num_partitions=num_partitions)
-        except (ValueError, OSError) as exc:
-            refused[cell.name] = str(exc).replace("\n", "\n    ")
-    if refused:
-        raise ValueError("these cells would fail; nothing was run:\n  " + "\n  ".join(
-            f"{name}: {why}" for name, why in refused.items()))
+    refuse_failing_runs({c.name: run_config_items(c, folder, overrides,
+                                                  (folder / c.name / CHECKPOINT_FILE).is_file())
+                         for c in todo}, num_partitions=num_partitions)
     say(f"[sweep] {len(cells)} cells, {len(cells) - len(todo)} already complete, {len(todo)} to "
         f"run; folder {folder}, logs in {folder / 'logs'}")
     outcomes = {c: Outcome(c, "skipped") for c in cells if c not in todo}

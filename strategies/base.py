@@ -185,9 +185,11 @@ class LoraStrategy(FedAvg):
         valid, counts["weights-capped"] = cap_weights(valid, self.max_weight_ratio,
                                                       self.weighted_by_key)
         valid = common_metrics(valid)
-        averaged, metrics = super().aggregate_train(server_round, valid)
-        if self.aggregator is not None:
+        if self.aggregator is None:
+            averaged, metrics = super().aggregate_train(server_round, valid)
+        else:
             averaged = robust_arrays(self.aggregator, server_round, valid)
+            metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         state = self.merge(server_round, self._global.to_torch_state_dict(),
                            averaged.to_torch_state_dict(), valid)
         metrics = MetricRecord({**(metrics or {}), **counts})
