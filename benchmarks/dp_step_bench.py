@@ -1,71 +1,159 @@
-"""One client DP-SGD step on LoRA B (+ head) vs the same step without DP, same batch and model.
+"""One client DP-SGD step on LoRA B + head, by path, against today's default, same batch and model.
 
-python -m benchmarks.dp_step_bench [--batch-size 32] [--steps 8] [--device cpu]
+python -m benchmarks.dp_step_bench [--batch-size 32] [--steps 8] [--device cpu] [--max-length 64]
 
-Modes: ``none`` (plain SGD), ``hooks`` (Opacus per-sample gradients by hooks), ``ghost``
-(Opacus ghost clipping, with the criterion make_private returns). Each mode runs in its own
-process so its peak memory (max RSS on CPU, max allocated on CUDA) is its own. Prints the median
-step time, the ratio to ``none``, and the peak memory.
+The batch is real: ``--batch-size`` 20 Newsgroups training texts (the default task), tokenized
+to ``--max-length`` and padded to it, the same for every mode. Modes, each in its own process
+(so its peak memory, max RSS on CPU or max allocated on CUDA, is its own):
+
+- ``none``: plain SGD, no DP (float32, fixed padding);
+- ``hooks``: Opacus per-sample gradients by hooks, float32, padded to ``--max-length``: the
+  default path before dynamic padding and bfloat16 (the reference of the ratios);
+- ``ghost``: Opacus ghost clipping;
+- ``hooks+trim``: the batch cut to its longest example (:mod:`common.batching`);
+- ``hooks+eval``: the frozen encoder without its own dropout (``model.encoder-dropout =
+  false``, :func:`common.model.train_mode`);
+- ``hooks+eval+lora0``: also ``lora.dropout = 0``;
+- ``default``: the default path now: trim, no encoder dropout, ``lora.dropout = 0``, and
+  ``model.compute-dtype = auto`` (bfloat16 only where the device has it natively);
+- ``hooks+bf16``, ``default+bf16``: the frozen encoder under bfloat16 autocast
+  (:mod:`common.precision`), timed only where bfloat16 is native unless ``--emulated-bf16``.
+
+Prints the median step time, examples per second, the ratio to ``hooks``, peak memory, and what
+bounds the step: its FLOPs (counted by ``torch.utils.flop_counter`` on the float32 step) against
+this machine's matmul peak measured in the same run (float32 and bfloat16, a 2048 × 384 × 1536
+product, the shape of the encoder's feed-forward layer at batch 32 × 64 tokens).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
-MODES = ("none", "hooks", "ghost")
+MODES = ("none", "hooks", "ghost", "hooks+trim", "hooks+eval", "hooks+eval+lora0", "default",
+         "hooks+bf16", "default+bf16")
+REFERENCE = "hooks"
 
 
-def run_mode(mode: str, batch_size: int, steps: int, device: str) -> dict:
-    """Time ``steps`` steps of one mode in this process."""
+def real_batch(batch_size: int, max_length: int):
+    """``batch_size`` default-task training texts, tokenized and padded to ``max_length``."""
+    import torch
+
+    from common.config import AppConfig
+    from common.data import encode, load_corpus
+    from common.model import load_tokenizer
+
+    cfg = AppConfig()
+    corpus = load_corpus(cfg.data, cfg.seed)
+    index = torch.randperm(len(corpus.train), generator=torch.Generator().manual_seed(0))
+    texts = corpus.train.select(index[:batch_size].tolist())
+    return encode(texts, load_tokenizer(cfg.model), max_length).tensors, corpus.num_labels
+
+
+def build(mode: str, batch_size: int, device: str, max_length: int):
+    """Model, private wrapper and the batch of one mode."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
     from common.adapter import AdapterLayout
-    from common.config import AppConfig
-    from common.model import build_model
+    from common.batching import collate_trimmed, trim
+    from common.config import AppConfig, LoraSettings
+    from common.model import build_model, train_mode
+    from common.precision import resolve_compute_dtype
     from privacy import PrivacyLedger, make_private
 
     cfg = AppConfig()
-    model = build_model(cfg.model, cfg.lora, num_labels=20, seed=0, device=device)
+    new = mode.startswith("default")
+    lora = LoraSettings(dropout=0.0 if new or "lora0" in mode else 0.05)
+    (input_ids, mask, labels), num_labels = real_batch(batch_size, max_length)
+    model = build_model(cfg.model, lora, num_labels=num_labels, seed=0, device=device)
     layout = AdapterLayout.from_model(model)
     trainable = layout.set_trainable(model, ("B",), train_head=True)
-    gen = torch.Generator().manual_seed(0)
-    n = batch_size * 8
-    data = TensorDataset(torch.randint(1000, 30000, (n, cfg.model.max_length), generator=gen),
-                         torch.ones(n, cfg.model.max_length, dtype=torch.long),
-                         torch.randint(0, 20, (n,), generator=gen))
+    data = TensorDataset(input_ids, mask, labels)
     private = make_private(
         module=model, optimizer=torch.optim.SGD(trainable, lr=0.1),
-        data_loader=DataLoader(data, batch_size=batch_size),
+        data_loader=DataLoader(data, batch_size=batch_size, collate_fn=collate_trimmed),
         noise_multiplier=0.0 if mode == "none" else 1.0, max_grad_norm=2.0,
-        ledger=PrivacyLedger(), grad_sample_mode="hooks" if mode == "none" else mode,
-    )
-    # The same fixed batch for every mode and step (Poisson batch sizes would add noise).
-    input_ids, mask, labels = (t[:batch_size].to(device) for t in data.tensors)
-    private.module.train()  # Opacus captures activations only in training mode
+        ledger=PrivacyLedger(), grad_sample_mode="ghost" if mode == "ghost" else "hooks")
+    batch = (trim(input_ids, mask, labels) if new or "trim" in mode
+             else (input_ids, mask, labels))
+    dtype = (torch.bfloat16 if "bf16" in mode else
+             resolve_compute_dtype("auto", device) if new else torch.float32)
+    train_mode(private.module, encoder_dropout=not (new or "eval" in mode))
+    return private, tuple(t.to(device) for t in batch), dtype
+
+
+def step(private, batch, dtype, device: str) -> None:
+    """One optimizer step on ``batch``."""
+    from common.precision import autocast
+
+    input_ids, mask, labels = batch
+    private.optimizer.zero_grad(set_to_none=True)
+    with autocast(device, dtype):
+        logits = private.module(input_ids=input_ids, attention_mask=mask).logits
+    loss = private.criterion(logits.float(), labels)
+    loss.backward()
+    private.optimizer.step()
+
+
+def run_mode(mode: str, batch_size: int, steps: int, device: str, max_length: int) -> dict:
+    """Time ``steps`` steps of one mode in this process (after two warm-up steps)."""
+    import torch
+
+    private, batch, dtype = build(mode, batch_size, device, max_length)
     times = []
     for i in range(steps + 2):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        private.optimizer.zero_grad(set_to_none=True)
-        loss = private.criterion(private.module(input_ids=input_ids,
-                                                attention_mask=mask).logits, labels)
-        loss.backward()
-        private.optimizer.step()
+        step(private, batch, dtype, device)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        if i >= 2:  # two warm-up steps
+        if i >= 2:
             times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"mode": mode, "median_s": statistics.median(times), "peak_bytes": peak}
+    return {"mode": mode, "median_s": statistics.median(times), "peak_bytes": peak,
+            "tokens": int(batch[0].shape[1])}
+
+
+def step_flops(batch_size: int, device: str, max_length: int) -> float:
+    """FLOPs of one float32 DP-SGD step (hooks), counted by torch's flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    private, batch, dtype = build("hooks", batch_size, device, max_length)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(private, batch, dtype, device)
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(device: str) -> dict[str, float]:
+    """GFLOP/s of a 2048 × 384 × 1536 product, float32 and bfloat16, median of 20."""
+    import torch
+
+    out = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a = torch.randn(2048, 384, dtype=dtype, device=device)
+        b = torch.randn(384, 1536, dtype=dtype, device=device)
+        times = []
+        for i in range(23):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            a @ b
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+        out[name] = 2 * 2048 * 384 * 1536 / statistics.median(times) / 1e9
+    return out
 
 
 def main() -> None:
@@ -74,26 +162,64 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--emulated-bf16", action="store_true",
+                        help="also time the bf16 modes where the device has no native bf16 "
+                        "(about 100x slower than float32 on an AVX2 CPU)")
+    parser.add_argument("--mode", choices=(*MODES, "flops"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.mode:
-        print(json.dumps(run_mode(args.mode, args.batch_size, args.steps, args.device)))
+    if args.mode == "flops":
+        print(json.dumps({"flops": step_flops(args.batch_size, args.device, args.max_length),
+                          "peak": matmul_peak(args.device)}))
         return
-    results = {}
-    for mode in MODES:
+    if args.mode:
+        print(json.dumps(run_mode(args.mode, args.batch_size, args.steps, args.device,
+                                  args.max_length)))
+        return
+
+    def child(mode: str) -> dict:
         out = subprocess.run(
             [sys.executable, "-m", "benchmarks.dp_step_bench", "--mode", mode,
              "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-             "--device", args.device], capture_output=True, text=True, check=True)
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    base = results["none"]["median_s"]
-    print(f"MiniLM + LoRA r=8 (q, v) + head, batch {args.batch_size} x 64 tokens, "
-          f"device {args.device}, median of {args.steps} steps")
-    print(f"{'mode':<8}{'step':>10}{'vs no DP':>10}{'peak memory':>14}")
-    for mode, r in results.items():
-        print(f"{mode:<8}{r['median_s'] * 1e3:>8.0f}ms{r['median_s'] / base:>9.2f}x"
-              f"{r['peak_bytes'] / 2**20:>11.0f} MiB")
+             "--device", args.device, "--max-length", str(args.max_length)],
+            capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
 
+    import torch
+
+    from common.precision import native_bfloat16
+
+    native = native_bfloat16(args.device)
+    modes = [m for m in args.modes.split(",") if m]
+    skipped = [m for m in modes if "bf16" in m and not native and not args.emulated_bf16]
+    results = {mode: child(mode) for mode in modes if mode not in skipped}
+    bound = child("flops")
+    base = results[REFERENCE]["median_s"] if REFERENCE in results else None
+    print(f"MiniLM + LoRA r=8 (q, v) + head, batch {args.batch_size} real 20 Newsgroups texts, "
+          f"max length {args.max_length}, device {args.device}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}, "
+          f"native bfloat16: {'yes' if native else 'no'}; median of {args.steps} steps")
+    print(f"{'mode':<17}{'tokens':>7}{'step':>9}{'examples/s':>12}{'vs hooks':>10}"
+          f"{'peak memory':>13}")
+    for mode, r in results.items():
+        ratio = f"{base / r['median_s']:.2f}x" if base else "-"
+        print(f"{mode:<17}{r['tokens']:>7}{r['median_s'] * 1e3:>7.0f}ms"
+              f"{args.batch_size / r['median_s']:>12.1f}{ratio:>10}"
+              f"{r['peak_bytes'] / 2**20:>9.0f} MiB")
+    for mode in skipped:
+        print(f"{mode:<17}  not timed: {args.device} has no native bfloat16 (see the matmul "
+              "peak below; --emulated-bf16 times it)")
+    flops, peak = bound["flops"], bound["peak"]
+    per_example = flops / args.batch_size / 1e9
+    print(f"bound: a float32 step is {flops / 1e9:.1f} GFLOP ({per_example:.2f} per example, "
+          f"counted); measured matmul peak {peak['float32']:.0f} GFLOP/s float32, "
+          f"{peak['bfloat16']:.0f} GFLOP/s bfloat16")
+    for mode in (REFERENCE, "default"):
+        if mode in results:
+            rate = flops / results[mode]["median_s"] / 1e9
+            print(f"  {mode}: {rate:.0f} GFLOP/s = {rate / peak['float32']:.0%} of the float32 "
+                  "peak")
 
 if __name__ == "__main__":
     main()

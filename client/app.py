@@ -100,11 +100,13 @@ def _train(msg: Message, context: Context, cfg: AppConfig) -> Message:
         before = layout.tensors(factors, head=False)
         private = make_private(
             module=model, optimizer=torch.optim.SGD(trainable, lr=cfg.train.learning_rate),
-            data_loader=torch.utils.data.DataLoader(data.train, batch_size=cfg.train.batch_size),
+            data_loader=t.train_loader(cfg, data.train),
             noise_multiplier=sigma, max_grad_norm=cfg.privacy.max_grad_norm, ledger=ledger,
             grad_sample_mode=cfg.privacy.grad_sample_mode,
+            clip_groups=t.clip_groups(cfg, layout, factors),
         )
-        loss = t.run_local_steps(private, steps)
+        loss = t.run_local_steps(private, steps, t.compute_dtype(cfg),
+                                 encoder_dropout=cfg.model.encoder_dropout)
         private.record_into(ledger)
         t.store_ledger(context, ledger, sigma)
         moved = t.moved_norm(before, layout, factors, require_each=cfg.privacy.is_private)
@@ -122,7 +124,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = AppConfig.from_run_config(context.run_config)
     data = t.load_local_data(cfg, *t.node_partition(context))
     model, _ = t.build_global_model(cfg, data.num_labels, msg.content[contract.ARRAYS])
-    loss, accuracy = evaluate_model(model, data.test)
+    loss, accuracy = evaluate_model(model, data.test, compute_dtype=t.compute_dtype(cfg))
     metrics = MetricRecord({contract.NUM_EXAMPLES: len(data.test), contract.LOSS: loss,
                             contract.ACCURACY: accuracy})
     return Message(RecordDict({contract.METRICS: metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The roll call of seeded client sampling: this node's partition-id (public)."""
+    partition_id, _ = t.node_partition(context)
+    return Message(RecordDict({contract.METRICS: MetricRecord({contract.PARTITION_ID:
+                                                                partition_id})}),
+                   reply_to=msg)

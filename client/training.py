@@ -14,12 +14,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common import contract
 from common.adapter import AdapterLayout, LoraPair
+from common.batching import collate_trimmed
 from common.config import AppConfig
 from common.contract import Factor, lora_key
 from common.data import encode, load_corpus, load_partition, partition_problem
 from common.data_files import DataError
-from common.model import build_model, load_tokenizer
+from common.model import build_model, load_tokenizer, train_mode
+from common.precision import autocast, resolve_compute_dtype
 from privacy import PrivacyLedger, PrivateTraining, calibrate_noise
+from privacy.grouped_clipping import ClipGroup, head_and_adapter_groups
 
 LEDGER_RECORD = "privacy-ledger"  # Context.state ConfigRecord holding the accountant history
 NOISE_KEY = "noise-multiplier"
@@ -137,17 +140,48 @@ def _batches(loader: DataLoader) -> Iterator:
         yield from loader
 
 
-def run_local_steps(private: PrivateTraining, steps: int) -> float:
-    """``steps`` DP-SGD steps on Poisson batches; return the mean training loss."""
-    private.module.train()
+def compute_dtype(cfg: AppConfig) -> torch.dtype:
+    """The frozen encoder's dtype here (``model.compute-dtype``, :mod:`common.precision`)."""
+    return resolve_compute_dtype(cfg.model.compute_dtype, device())
+
+
+def train_loader(cfg: AppConfig, train: TensorDataset) -> DataLoader:
+    """The loader ``make_private`` turns into Poisson batches, each cut to its longest example."""
+    return DataLoader(train, batch_size=cfg.train.batch_size, collate_fn=collate_trimmed)
+
+
+def clip_groups(cfg: AppConfig, layout: AdapterLayout,
+                factors: tuple[Factor, ...]) -> list[ClipGroup] | None:
+    """The head and the trained LoRA factors as two clipping groups, or None (one norm C).
+
+    Only when the head trains and ``privacy.head-clip-share`` > 0 (:mod:`privacy.grouped_clipping`).
+    """
+    share = cfg.privacy.head_clip_share
+    if not (cfg.privacy.is_private and cfg.lora.train_head and share > 0):
+        return None
+    adapter = [pair.factor(f) for pair in layout.pairs for f in factors]
+    return head_and_adapter_groups(list(layout.head.values()), adapter,
+                                   cfg.privacy.max_grad_norm, share)
+
+
+def run_local_steps(private: PrivateTraining, steps: int,
+                    dtype: torch.dtype = torch.float32, *, encoder_dropout: bool = False) -> float:
+    """``steps`` DP-SGD steps on Poisson batches; return the mean training loss.
+
+    The forward runs under ``dtype`` autocast (:mod:`common.precision`: what trains stays
+    float32); the loss, its gradients, clipping and noise are float32. The frozen encoder's
+    dropout is on only with ``encoder_dropout`` (:func:`common.model.train_mode`).
+    """
+    train_mode(private.module, encoder_dropout=encoder_dropout)
     dev = device()
     losses: list[float] = []
     batches = _batches(private.data_loader)
     for _ in range(steps):
         input_ids, mask, labels = (t.to(dev) for t in next(batches))
         private.optimizer.zero_grad(set_to_none=True)
-        logits = private.module(input_ids=input_ids, attention_mask=mask).logits
-        loss = private.criterion(logits, labels)
+        with autocast(dev, dtype):
+            logits = private.module(input_ids=input_ids, attention_mask=mask).logits
+        loss = private.criterion(logits.float(), labels)
         loss.backward()
         private.optimizer.step()  # with an empty Poisson batch Opacus still adds the noise
         if labels.numel():

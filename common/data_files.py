@@ -6,9 +6,10 @@ numbers (1-based, as an editor shows them; a CSV's header is line 1). Checked, i
 - the file exists, is not empty and is UTF-8 text (the line of the first undecodable byte);
 - CSV: it parses (``csv`` module errors name their line), no row has more fields than the
   header; JSON Lines: every non-blank line is one JSON object;
-- the text and label columns exist (the columns found are listed);
-- no row has an empty or missing text or label (their count and first lines), unless
-  ``data.drop-missing`` asks to drop them, which is then logged with the count.
+- the text and label columns exist (the columns found are listed), and the partition column
+  when one is asked for (``data.partitioner = "column"``);
+- no row has an empty or missing text, label or partition value (their count and first lines),
+  unless ``data.drop-missing`` asks to drop them, which is then logged with the count.
 
 Labels are kept as written: a CSV's ``0`` / ``1`` stay ``"0"`` / ``"1"`` (never ``"0.0"``), and
 an integral JSON number ``1`` or ``1.0`` becomes ``"1"``.
@@ -42,20 +43,27 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Table:
-    """The usable rows of a file: ``texts[i]`` labelled ``labels[i]``, from line ``lines[i]``."""
+    """The usable rows of a file: ``texts[i]`` labelled ``labels[i]``, from line ``lines[i]``.
+
+    ``partitions[i]`` is the row's value of the partition column, as text; None when no
+    partition column was asked for.
+    """
 
     path: Path
     texts: list[str]
     labels: list[str]
     lines: list[int]
+    partitions: list[str] | None = None
 
 
 def read_table(path: str, *, key: str, text_column: str, label_column: str,
-               drop_missing: bool = False) -> Table:
+               drop_missing: bool = False, partition_column: str = "") -> Table:
     """Read ``path`` (``.csv``, ``.jsonl`` or ``.json`` lines) into a :class:`Table`.
 
     ``key`` is the run-config key that named the file (``data.source``, ``data.test-source``);
-    every error starts with it. Raise :class:`DataError` listing every problem found.
+    every error starts with it. With ``partition_column`` (``data.partition-column``) that
+    column is read too, into ``Table.partitions``, and checked like the label column. Raise
+    :class:`DataError` listing every problem found.
     """
     file = Path(path).expanduser()
     where = f"{key}={path!r}"
@@ -68,9 +76,10 @@ def read_table(path: str, *, key: str, text_column: str, label_column: str,
     rows = list(records)
     if not rows:
         raise DataError([f"{where}: the file has a header but no rows"])
-    _check_columns(rows, where, text_column=text_column, label_column=label_column)
+    _check_columns(rows, where, text_column=text_column, label_column=label_column,
+                   partition_column=partition_column)
     return _complete_rows(file, rows, where, text_column=text_column, label_column=label_column,
-                          drop_missing=drop_missing)
+                          partition_column=partition_column, drop_missing=drop_missing)
 
 
 def _decode(file: Path, where: str) -> str:
@@ -124,44 +133,50 @@ def _jsonl_records(text: str, where: str) -> Iterator[Record]:
 
 
 def _check_columns(rows: list[Record], where: str, *, text_column: str,
-                   label_column: str) -> None:
+                   label_column: str, partition_column: str = "") -> None:
     columns = list(dict.fromkeys(k for _, row in rows for k in row))
+    asked = [("data.text-column", text_column), ("data.label-column", label_column)]
+    if partition_column:
+        asked.append(("data.partition-column", partition_column))
     problems = [f"{key}={column!r}: no such column in {where.split('=', 1)[1]} (columns: "
                 f"{', '.join(map(str, columns))})"
-                for key, column in (("data.text-column", text_column),
-                                    ("data.label-column", label_column))
-                if column not in columns]
+                for key, column in asked if column not in columns]
     if problems:
         raise DataError(problems)
 
 
 def _complete_rows(file: Path, rows: list[Record], where: str, *, text_column: str,
-                   label_column: str, drop_missing: bool) -> Table:
-    texts, labels, lines = [], [], []
-    missing: dict[str, list[int]] = {"text": [], "label": []}
+                   label_column: str, drop_missing: bool, partition_column: str = "") -> Table:
+    columns = {"text": text_column, "label": label_column}
+    if partition_column:
+        columns["partition"] = partition_column
+    kept: dict[str, list[str]] = {what: [] for what in columns}
+    lines: list[int] = []
+    missing: dict[str, list[int]] = {what: [] for what in columns}
     for number, row in rows:
-        text, label = _cell(row.get(text_column)), _cell(row.get(label_column))
-        if text is None:
-            missing["text"].append(number)
-        if label is None:
-            missing["label"].append(number)
-        if text is not None and label is not None:
-            texts.append(text)
-            labels.append(label)
+        cells = {what: _cell(row.get(column)) for what, column in columns.items()}
+        for what, cell in cells.items():
+            if cell is None:
+                missing[what].append(number)
+        if all(cell is not None for cell in cells.values()):
+            for what, cell in cells.items():
+                kept[what].append(cell)
             lines.append(number)
     gaps = {what: numbers for what, numbers in missing.items() if numbers}
     if gaps and not drop_missing:
         raise DataError([
-            f"{where}: {len(numbers)} row(s) with an empty or missing {what} "
-            f"(data.{what}-column={(text_column if what == 'text' else label_column)!r}), "
-            f"line(s) {_show_lines(numbers)}; fix them, or set data.drop-missing=true to drop "
-            "them" for what, numbers in gaps.items()])
+            f"{where}: {len(numbers)} row(s) with an empty or missing "
+            f"{'partition value' if what == 'partition' else what} "
+            f"(data.{what}-column={columns[what]!r}), line(s) {_show_lines(numbers)}; fix them, "
+            "or set data.drop-missing=true to drop them" for what, numbers in gaps.items()])
     if gaps:
-        dropped = len(rows) - len(texts)
-        log(WARNING, "%s: dropped %d of %d rows with an empty or missing text or label "
+        dropped = len(rows) - len(lines)
+        log(WARNING, "%s: dropped %d of %d rows with an empty or missing %s "
             "(data.drop-missing=true), first lines %s", where, dropped, len(rows),
-            _show_lines(sorted(set(missing["text"]) | set(missing["label"]))))
-    return Table(file, texts, labels, lines)
+            "text, label or partition value" if partition_column else "text or label",
+            _show_lines(sorted(set().union(*missing.values()))))
+    return Table(file, kept["text"], kept["label"], lines,
+                 kept["partition"] if partition_column else None)
 
 
 def _cell(value: Any) -> str | None:

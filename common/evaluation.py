@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from common.batching import length_sorted_batches
+from common.precision import autocast
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: TensorDataset,
-             batch_size: int = 128) -> tuple[float, float]:
-    """Return (mean loss, accuracy) of ``model`` on ``dataset`` (input_ids, mask, labels)."""
+def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
+             compute_dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """Return (mean loss, accuracy) of ``model`` on ``dataset`` (input_ids, mask, labels).
+
+    Examples are visited in length order with each batch cut to its longest example
+    (:func:`common.batching.length_sorted_batches`); the encoder runs under ``compute_dtype``
+    autocast (:mod:`common.precision`), the loss is summed in float32.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
-    for input_ids, mask, labels in DataLoader(dataset, batch_size=batch_size):
+    for input_ids, mask, labels in length_sorted_batches(dataset, batch_size):
         input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits
+        with autocast(device, compute_dtype):
+            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
         total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(-1) == labels).sum().item()
         count += labels.numel()

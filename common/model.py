@@ -9,6 +9,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft.tuners.lora import LoraLayer  # noqa: E402
+from peft.utils import ModulesToSaveWrapper  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -18,6 +20,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from common.config import LoraSettings, ModelConfig  # noqa: E402
 from common.model_path import resolve_model_path  # noqa: E402
+from common.precision import keep_float32  # noqa: E402
 from common.singular_values import install_singular_values  # noqa: E402
 
 hf_logging.set_verbosity_error()  # the "classifier MISSING" load report is expected: it is new
@@ -47,6 +50,8 @@ def build_model(
     ``get_peft_model`` (Opacus #820: otherwise LoRA weights can silently never change).
     With ``svd_form`` every LoRA layer computes W0 + s · B diag(σ) A with a σ (r,) of its own
     (:func:`common.singular_values.install_singular_values`; the ``merge-sv`` strategy).
+    Every module that can train (LoRA A, B, σ and the head) is a float32 island under bfloat16
+    autocast (:func:`common.precision.keep_float32`).
     """
     torch.manual_seed(seed)
     base = AutoModelForSequenceClassification.from_pretrained(
@@ -63,4 +68,38 @@ def build_model(
     model = get_peft_model(base, config)
     if svd_form:
         install_singular_values(model)
+    keep_float32(trainable_modules(model))
     return model
+
+
+def trainable_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose parameters may train: every lora_A, lora_B and the head."""
+    found: list[torch.nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            found += [*module.lora_A.values(), *module.lora_B.values()]
+        elif isinstance(module, ModulesToSaveWrapper):
+            found += list(module.modules_to_save.values())
+    return found
+
+
+def train_mode(model: torch.nn.Module, *, encoder_dropout: bool) -> None:
+    """Training mode for the adapter; the frozen encoder's own dropout only if asked.
+
+    ``model.train()`` turns on every dropout of the pretrained encoder (hidden and attention,
+    0.1 in BERT) besides LoRA's own ``lora.dropout``. Without ``encoder_dropout`` every module
+    but the trainable ones (Opacus captures activations only in training mode) and LoRA's
+    dropout is put back in eval mode, as DP fine-tuning usually runs: the frozen encoder then
+    computes what it computes at evaluation, and a step skips its random masks (about a fifth of
+    a MiniLM step on 2 CPU cores, ``benchmarks/dp_step_bench.py``).
+    """
+    model.train()
+    if encoder_dropout:
+        return
+    keep = {id(m) for m in trainable_modules(model)}
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            keep |= {id(m) for d in module.lora_dropout.values() for m in d.modules()}
+    for module in model.modules():
+        if id(module) not in keep:
+            module.training = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from opacus import PrivacyEngine
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from privacy import grad_samplers  # noqa: F401  (registers SingularValueLinear with Opacus)
 from privacy.accounting import PrivacyLedger
+from privacy.grouped_clipping import ClipGroup, GroupedClipDPOptimizer
 
 # Expected with frozen inputs (only LoRA B and the head need gradients): Opacus' hooks fire on
 # module outputs. Not a problem, but repeated on every step of every client.
@@ -44,8 +46,13 @@ def make_private(
     max_grad_norm: float,
     ledger: PrivacyLedger,
     grad_sample_mode: str = "hooks",
+    clip_groups: Sequence[ClipGroup] | None = None,
 ) -> PrivateTraining:
     """Wrap for DP-SGD: Poisson sampling, per-sample clipping to C, Gaussian noise σ·C.
+
+    With ``clip_groups`` each group of parameters is clipped to its own norm C_g and the noise
+    is σ · √(Σ C_g²) (:mod:`privacy.grouped_clipping`; hooks mode only); ``max_grad_norm`` is
+    then unused.
 
     The optimizer must already hold only the trainable parameters (the LoRA factors not trained
     this round frozen before this call), so per-sample gradients are computed for those alone.
@@ -70,4 +77,14 @@ def make_private(
         module, optimizer, criterion, loader = wrapped
     else:
         module, optimizer, loader = wrapped
+    if clip_groups:
+        if grad_sample_mode != "hooks":
+            raise ValueError(f"grouped clipping needs grad_sample_mode='hooks', not "
+                             f"{grad_sample_mode!r}")
+        optimizer = GroupedClipDPOptimizer(
+            optimizer.original_optimizer, noise_multiplier=noise_multiplier, groups=clip_groups,
+            expected_batch_size=optimizer.expected_batch_size,
+            loss_reduction=optimizer.loss_reduction)
+        optimizer.attach_step_hook(  # as PrivacyEngine.make_private does for its optimizer
+            engine.accountant.get_optimizer_hook_fn(sample_rate=1 / len(data_loader)))
     return PrivateTraining(module, optimizer, loader, criterion, engine)

@@ -13,6 +13,8 @@ from common.adapter import AdapterLayout
 from common.config import AppConfig
 from common.data import encode, eval_subset
 from common.model import build_model, load_tokenizer
+from common.precision import resolve_compute_dtype
+from common.public_head import set_class_name_head
 from server.evaluation import GlobalEvaluator
 from server.preflight import check_run, clear_results
 from server.results import save_run
@@ -28,6 +30,7 @@ from strategies import (
     RoLoRA,
 )
 from strategies.merge_sv import merged_adapter_state
+from strategies.sampling import PartitionSampler
 
 app = ServerApp()
 
@@ -56,6 +59,7 @@ def build_strategy(cfg: AppConfig, layout: AdapterLayout) -> LoraStrategy:
         max_weight_ratio=s.max_weight_ratio,
         aggregation=s.aggregation, trim_fraction=s.trim_fraction, num_malicious=s.num_malicious,
         stop_on_failed_round=s.stop_on_failed_round,
+        sampler=PartitionSampler(cfg.seed) if s.client_sampling == "seeded" else None,
         fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=s.min_train_nodes, min_available_nodes=s.min_train_nodes,
         min_evaluate_nodes=1 if s.fraction_evaluate else 0,
@@ -87,7 +91,8 @@ def run(grid: Grid, context: Context) -> None:
     """Check → initial adapter or the last checkpoint → rounds → results folder.
 
     Nothing trains before :func:`server.preflight.check_run` has passed. The initial adapter is
-    B = 0 and peft's A, or for merge-sv the merged adapter in SVD form
+    B = 0, peft's A and the seeded head (the class-name head with ``lora.head-init``), or for
+    merge-sv the merged adapter in SVD form
     (:mod:`strategies.merge_sv`). A checkpoint is written after every round
     (:mod:`server.resume`); with ``output.resume`` the run continues after the last one. A run
     in which no round updated the global adapter fails instead of saving an untrained one.
@@ -100,18 +105,22 @@ def run(grid: Grid, context: Context) -> None:
     model = build_model(cfg.model, cfg.lora, num_labels=corpus.num_labels, seed=cfg.seed,
                         svd_form=cfg.strategy.svd_form)
     layout = AdapterLayout.from_model(model)
-    initial_state = layout.tensors()  # B = 0, A = peft's init, the seeded head
+    tokenizer = load_tokenizer(cfg.model)
+    if cfg.lora.head_init == "class-names":  # public: the encoder and the class names alone
+        set_class_name_head(model, tokenizer, corpus.label_names)
+    initial_state = layout.tensors()  # B = 0, A = peft's init, the seeded or public head
     if cfg.strategy.svd_form:  # merge-sv: U, V and σ of the merged adapter
         initial_state |= merged_adapter_state(cfg.strategy.merged_adapter, layout.modules,
                                               cfg.lora.r, layout.scale)
-    tokenizer = load_tokenizer(cfg.model)
     full_test = encode(corpus.test, tokenizer, cfg.model.max_length)
     subset = encode(eval_subset(corpus.test, cfg.data.max_eval_examples, cfg.seed), tokenizer,
                     cfg.model.max_length)
     strategy = build_strategy(cfg, layout)
     evaluator = GlobalEvaluator(model, layout, subset=subset, full=full_test,
                                 final_round=cfg.strategy.num_rounds, strategy=strategy,
-                                split=corpus.eval_split)
+                                split=corpus.eval_split, eval_every=cfg.strategy.eval_every,
+                                compute_dtype=resolve_compute_dtype(cfg.model.compute_dtype,
+                                                                    "cpu"))
     if cfg.train.deterministic:  # the same clients sampled in the same order, given node ids
         random.seed(cfg.seed)
     checkpointed, initial = prepare_run(strategy, evaluator, folder, cfg,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from logging import INFO
 
+import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 from peft import PeftModel
@@ -18,14 +19,18 @@ from common.evaluation import evaluate
 class GlobalEvaluator:
     """``evaluate_fn`` for ``Strategy.start``: accuracy and loss of the global model.
 
-    Rounds before ``final_round`` use a fixed random subset of the test split (fast); the
-    final round uses the whole split. Each call also records wall time since start.
+    Round 0 and every ``eval_every``-th round before ``final_round`` use a fixed random subset
+    of the test split (fast); the final round uses the whole split. The other rounds are not
+    evaluated: their row holds the round's training metrics alone. Each row also records wall
+    time since start. The encoder runs under ``compute_dtype`` (:mod:`common.precision`).
     """
 
     def __init__(self, model: PeftModel, layout: AdapterLayout, *, subset: TensorDataset,
-                 full: TensorDataset, final_round: int, strategy, split: str = "test") -> None:
+                 full: TensorDataset, final_round: int, strategy, split: str = "test",
+                 eval_every: int = 1, compute_dtype: torch.dtype = torch.float32) -> None:
         self.model, self.layout = model, layout
         self.subset, self.full, self.final_round = subset, full, final_round
+        self.eval_every, self.compute_dtype = eval_every, compute_dtype
         self.split = split  # "test", or "validation" when tuning (data.validation-fraction)
         self.strategy = strategy  # reads its ``last_round_metrics`` for the per-round log line
         self.rows: list[dict[str, float]] = []
@@ -40,14 +45,26 @@ class GlobalEvaluator:
         if rows:
             self._t0 = time.monotonic() - float(rows[-1]["wall-seconds"])
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Load ``arrays`` into the model and evaluate it."""
+    def evaluates(self, server_round: int) -> bool:
+        """Whether ``server_round`` is evaluated: round 0, every ``eval_every``-th, the last."""
+        return server_round % self.eval_every == 0 or server_round == self.final_round
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Load ``arrays`` into the model and evaluate it (or only record the round's row)."""
+        train = dict(self.strategy.last_round_metrics or {}) if server_round else {}
+        if not self.evaluates(server_round):
+            row = {"round": server_round, "wall-seconds": time.monotonic() - self._t0,
+                   "eval-split": self.split, **train}
+            self.rows.append(row)
+            log(INFO, "round %d | not evaluated (strategy.eval-every=%d) | client ε mean %s "
+                "max %s | %.0f s", server_round, self.eval_every, _fmt(train.get("epsilon-mean")),
+                _fmt(train.get("epsilon-max")), row["wall-seconds"])
+            return None
         self.layout.load(arrays.to_torch_state_dict())
         data = self.full if server_round == self.final_round else self.subset
-        loss, accuracy = evaluate(self.model, data)
+        loss, accuracy = evaluate(self.model, data, compute_dtype=self.compute_dtype)
         metrics = MetricRecord({contract.ACCURACY: accuracy, contract.LOSS: loss,
                                 "eval-examples": len(data)})
-        train = dict(self.strategy.last_round_metrics or {}) if server_round else {}
         row = {"round": server_round, "wall-seconds": time.monotonic() - self._t0,
                "eval-split": self.split,
                contract.ACCURACY: accuracy, contract.LOSS: loss, "eval-examples": len(data),

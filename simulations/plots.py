@@ -57,7 +57,7 @@ def accuracy_vs_round(tidy: pd.DataFrame, colors: dict, path: Path) -> Path:
         for method in method_order(tidy["method"]):
             rows = tidy[(tidy["epsilon"] == eps) & (tidy["method"] == method)]
             if len(rows):
-                mean = rows.groupby("round")["accuracy"].mean()
+                mean = rows.groupby("round")["accuracy"].mean().dropna()  # eval-every > 1
                 ax.plot(mean.index, mean.values, marker=".", color=colors[method], label=method)
         ax.set_title(f"ε = {epsilon_label(eps)}")
         ax.set_xlabel("round")

@@ -7,9 +7,16 @@ python -m simulations.sweep                                # 6 methods × ε inf
 python -m simulations.sweep --methods fedsvd,ffa --epsilons 6,1 --seeds 0,1 --out results/small
     --run-config "strategy.num-rounds=3 train.local-steps=5 data.max-client-examples=200"
 python -m simulations.sweep --report-only --readme         # CSV, plots, table; table into README
+python -m simulations.sweep --record experiments/main --commit   # a sweep that spans machines
+python -m simulations.sweep --report-only --record experiments/main --readme
 
 Cells run one at a time (``<out>/<method>-eps<ε>-a<α>-seed<s>/``); complete cells are skipped,
-so the same command resumes a sweep, and a failed cell is logged and reported at the end.
+so the same command resumes a sweep, and a failed cell is logged and reported at the end; while
+a cell runs, one line per round says its accuracy, ε and the cell's and the sweep's ETA.
+``--record DIR`` (a folder tracked in git) keeps each complete cell as ``DIR/cells/<cell>.csv``
+(every round) and ``.json`` (its config), ``--commit`` commits them, one commit per cell; a
+recorded cell is skipped even when its run folder is missing, so the sweep resumes on a fresh
+clone, and the report is built from the records alone, into ``DIR``.
 Scale with ``--run-config``: ``strategy.num-rounds`` (rounds), ``train.local-steps`` (DP-SGD
 steps per client per round), ``model.max-length`` (tokens per example),
 ``data.max-client-examples`` (training examples per client, 0 = all),
@@ -30,8 +37,24 @@ from flwr.common.config import parse_config_args
 from common.config import LORA_METHODS, STRATEGIES
 from common.run_config import run_config_args
 from simulations import sweep_lr
-from simulations.sweep_cells import ROOT, Runner, flwr_runner, grid, report_outcomes, run_cells
-from simulations.sweep_report import load_runs, markdown_table, summarize, write_report
+from simulations.sweep_cells import (
+    ROOT,
+    Cell,
+    Runner,
+    cell_states,
+    flwr_runner,
+    grid,
+    report_outcomes,
+    run_cells,
+)
+from simulations.sweep_report import (
+    CELLS_DIR,
+    is_record_folder,
+    load_runs,
+    markdown_table,
+    summarize,
+    write_report,
+)
 
 
 def _floats(text: str) -> list[float]:
@@ -75,11 +98,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="the grid for --tune-lr; default 0.25,0.5,1,2")
     p.add_argument("--validation-fraction", type=float, default=0.1,
                    help="--tune-lr: share of the training data held out; default 0.1")
+    p.add_argument("--record", type=Path, metavar="DIR",
+                   help="a folder tracked in git (e.g. experiments/main): each complete cell "
+                   "to DIR/cells/<cell>.csv and .json, recorded cells skipped, report into DIR")
+    p.add_argument("--commit", action="store_true",
+                   help="with --record: git-commit each cell's record as it completes")
     p.add_argument("--report-only", action="store_true",
-                   help="rebuild CSV, plots and table from the run folders in --out")
+                   help="rebuild CSV, plots and table from the run folders in --out (with "
+                   "--record: from DIR/cells alone)")
     p.add_argument("--readme", type=Path, nargs="?", const=ROOT / "README.md",
                    help="also put the table between the README's sweep-table markers")
-    p.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the cells and whether each is recorded, complete or to run")
     args = p.parse_args(argv)
     args.epsilons = args.epsilons or ([6.0] if args.tune_lr else [float("inf"), 6.0, 3.0, 1.0])
     args.seeds = args.seeds if args.seeds is not None else ([0] if args.tune_lr else [0, 1, 2])
@@ -104,8 +134,10 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, argv: list[str], runner: Runner | None) -> int:
+    if args.commit and args.record is None:
+        raise ValueError("--commit needs --record DIR (the tracked folder to commit into)")
     if args.report_only:
-        return report(args.out, args.readme)
+        return report(args.record or args.out, args.readme, records=args.record is not None)
     command = shlex.join(["python", "-m", "simulations.sweep", *argv])
     runner = runner or flwr_runner(num_supernodes=args.num_supernodes,
                                    cpus_per_client=args.cpus_per_client, timeout=args.cell_timeout)
@@ -113,15 +145,27 @@ def _main(args: argparse.Namespace, argv: list[str], runner: Runner | None) -> i
         return tune(args, runner, command)
     cells = grid(args.methods, args.epsilons, args.alphas, args.seeds, _learning_rates(args))
     if args.dry_run:
-        print("\n".join(f"{c.name}  lr {c.lr if c.lr is not None else '(run config)'}"
-                        for c in cells))
-        return 0
+        return dry_run(cells, args.out, args)
     outcomes = run_cells(cells, args.out, overrides=args.run_config, runner=runner,
-                         command=command, num_partitions=args.num_supernodes)
+                         command=command, num_partitions=args.num_supernodes,
+                         record=args.record, commit=args.commit)
     code = report_outcomes(outcomes)
     if any(o.status != "failed" for o in outcomes):
-        code = max(code, report(args.out, args.readme))
+        code = max(code, report(args.record or args.out, args.readme,
+                                records=args.record is not None))
     return code
+
+
+def dry_run(cells: list[Cell], folder: Path, args: argparse.Namespace) -> int:
+    """Print each cell, its learning rate and whether it is recorded, complete or to run."""
+    states = cell_states(cells, folder, args.run_config, args.record)
+    for cell in cells:
+        lr = f"{cell.lr:g}" if cell.lr is not None else "(run config)"
+        print(f"{cell.name}  lr {lr}  {states[cell]}")
+    counts = {s: sum(v == s for v in states.values()) for s in dict.fromkeys(states.values())}
+    print(f"[dry-run] {len(cells)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+          + (f" (records: {args.record / CELLS_DIR})" if args.record is not None else ""))
+    return 0
 
 
 def _learning_rates(args: argparse.Namespace) -> dict[str, float] | None:
@@ -143,11 +187,11 @@ def tune(args: argparse.Namespace, runner: Runner, command: str) -> int:
                                  args.lrs, args.validation_fraction)
     folder = args.out / "lr-tuning"
     if args.dry_run:
-        print("\n".join(c.name for c in cells))
-        return 0
+        return dry_run(cells, folder, args)
     code = report_outcomes(run_cells(cells, folder, overrides=args.run_config, runner=runner,
-                                     command=command, num_partitions=args.num_supernodes))
-    final = load_runs(folder).final
+                                     command=command, num_partitions=args.num_supernodes,
+                                     record=args.record, commit=args.commit))
+    final = load_runs(args.record or folder, records=args.record is not None).final
     final = final[final["run"].isin({c.name for c in cells})]
     if final.empty:
         print("[tune] no tuning run completed; nothing written")
@@ -170,8 +214,14 @@ def tune(args: argparse.Namespace, runner: Runner, command: str) -> int:
     return 1 if incomplete else code
 
 
-def report(folder: Path, readme: Path | None) -> int:
-    """Build CSV, plots and table from ``folder``; print the table; 1 on a problem."""
+def report(folder: Path, readme: Path | None, records: bool = False) -> int:
+    """Build CSV, plots and table from ``folder``; print the table; 1 on a problem.
+
+    ``records``: ``folder`` is a record folder (``--record``), read from ``folder/cells``.
+    """
+    if records and not is_record_folder(folder):
+        print(f"[report] no record in {Path(folder) / CELLS_DIR}: nothing to report")
+        return 1
     try:
         written = write_report(folder, readme=readme)
     except (ValueError, FileNotFoundError) as exc:

@@ -1,25 +1,37 @@
-"""The cells of a sweep and running them one after another: naming, resume rule, progress.
+"""The cells of a sweep and running them one after another: naming, resume, records, progress.
 
 A cell is one Flower simulation, ``<method>-eps<ε>-a<α>-seed<s>`` (learning-rate tuning cells
 add ``-lr<lr>``), written to ``<sweep folder>/<cell name>/``. A cell is *complete* when its
 ``metrics.csv`` has the row of round ``strategy.num-rounds``; complete cells are skipped, so
 rerunning the same command resumes the sweep. Each run's output goes to
-``<sweep folder>/logs/<cell name>.log``, and every attempt is appended to
-``sweep-attempts.csv`` (name, status, seconds, command): the report's wall time and command.
+``<sweep folder>/logs/<cell name>.log``, which is followed while the cell runs (one progress
+line per round, :class:`Progress`), and every attempt is appended to ``sweep-attempts.csv``
+(name, status, seconds, command): the report's wall time and command.
+
+With a record folder (``--record DIR``, tracked in git), every complete cell is also written to
+``DIR/cells/<cell name>.csv`` and ``.json`` (:func:`write_record`) and, with ``--commit``,
+committed (:func:`commit_record`); a recorded cell is skipped even without its run folder, so
+a sweep resumes on a fresh clone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
+import math
 import os
+import re
+import shlex
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,14 +40,33 @@ from common.run_config import app_run_config, override_text
 from server.checkpoint import CHECKPOINT_FILE
 from server.preflight import check_run
 from simulations.local_superlink import flwr_run
-from simulations.sweep_report import ATTEMPTS_FILE, duration
+from simulations.sweep_report import (
+    ATTEMPTS_FILE,
+    CELLS_DIR,
+    RECORD_COLUMNS,
+    duration,
+    record_command,
+    settings_digest,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 Runner = Callable[[list[str], Path], int]  # (run-config items, log file) -> exit code
 
 
+_TERMINAL: list[int] = []  # copies of file descriptor 1 saved by _output_to, innermost last
+_TERMINAL_LOCK = threading.Lock()  # say() from a thread never writes to a copy being closed
+
+
 def say(line: str) -> None:
-    """One progress line, flushed at once (stdout is often a pipe or a file on long sweeps)."""
+    """One progress line, flushed at once (stdout is often a pipe or a file on long sweeps).
+
+    While a cell's output goes to its log (:func:`_output_to`), the line goes to the sweep's
+    own stdout as it was before, not into the log.
+    """
+    with _TERMINAL_LOCK:
+        if _TERMINAL:
+            os.write(_TERMINAL[-1], f"{line}\n".encode())
+            return
     print(line, flush=True)
 
 
@@ -99,21 +130,307 @@ def refuse_failing_runs(planned: Mapping[str, Sequence[str]], *,
 
 def is_complete(run_folder: Path, num_rounds: int) -> bool:
     """Whether ``run_folder/metrics.csv`` holds the row of round ``num_rounds`` (the last)."""
+    return _has_round(Path(run_folder) / "metrics.csv", num_rounds)
+
+
+def _has_round(table: Path, num_rounds: int) -> bool:
     try:
-        with (Path(run_folder) / "metrics.csv").open() as f:
+        with Path(table).open() as f:
             return any(float(row["round"]) == num_rounds for row in csv.DictReader(f))
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, TypeError):
         return False
 
 
 def stale_settings(run_folder: Path, cfg: AppConfig) -> list[str]:
     """Keys whose value in ``run_folder/config.json`` differs from ``cfg`` (output.* aside)."""
-    path = Path(run_folder) / "config.json"
+    return _differing_settings(Path(run_folder) / "config.json", cfg)
+
+
+def _differing_settings(path: Path, cfg: AppConfig) -> list[str]:
     if not path.is_file():
         return []
     saved, want = json.loads(path.read_text()), cfg.to_dict()
     return [f"{k}: {saved[k]!r} there, {want[k]!r} now" for k in sorted(saved.keys() & want)
             if not k.startswith("output.") and saved[k] != want[k]]
+
+
+# --- the record folder: one CSV and one JSON per complete cell, tracked in git -----------------
+
+def record_paths(record: Path, name: str) -> tuple[Path, Path]:
+    """``record/cells/<name>.csv`` (every round) and ``record/cells/<name>.json`` (its config)."""
+    cells = Path(record) / CELLS_DIR
+    return cells / f"{name}.csv", cells / f"{name}.json"
+
+
+def is_recorded(record: Path, name: str, num_rounds: int) -> bool:
+    """Whether ``record`` holds the config of run ``name`` and its row of round ``num_rounds``."""
+    table, config = record_paths(record, name)
+    return config.is_file() and _has_round(table, num_rounds)
+
+
+def recorded_stale_settings(record: Path, name: str, cfg: AppConfig) -> list[str]:
+    """Keys whose value in the recorded config of ``name`` differs from ``cfg`` (output.* aside)."""
+    return _differing_settings(record_paths(record, name)[1], cfg)
+
+
+def write_record(run_folder: Path, record: Path) -> tuple[Path, Path]:
+    """Write the record of a complete run: ``record/cells/<run>.csv`` and ``<run>.json``.
+
+    The CSV holds RECORD_COLUMNS (run, method, epsilon, alpha, seed, learning_rate,
+    num_rounds, settings: :func:`simulations.sweep_report.settings_digest`), all from the
+    run's ``config.json``, then every column of its ``metrics.csv`` as written, one row per
+    round; the JSON is the run's ``config.json``. No adapter: a few kB per cell. Each file is
+    written to a temporary file and renamed, so a reader never sees half of one.
+    """
+    run_folder = Path(run_folder)
+    config_text = (run_folder / "config.json").read_text()
+    config = json.loads(config_text)
+    with (run_folder / "metrics.csv").open(newline="") as f:
+        header, *rows = list(csv.reader(f))
+    ident = [run_folder.name, config["strategy.name"], config["privacy.epsilon"],
+             config["data.dirichlet-alpha"], config["seed"], config["train.learning-rate"],
+             config["strategy.num-rounds"], settings_digest(config)]
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow([*RECORD_COLUMNS, *header])
+    writer.writerows([*ident, *row] for row in rows)
+    table, config_path = record_paths(record, run_folder.name)
+    table.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(config_path, config_text)
+    _write_atomic(table, text.getvalue())
+    return table, config_path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def commit_record(record: Path, paths: Sequence[Path], message: str) -> str:
+    """``git add`` and ``git commit`` of ``paths`` only, in the repository holding ``record``.
+
+    Nothing else is staged or committed (``git commit -- <paths>``), whatever else the working
+    tree or the index holds. Returns "" on success, else why git failed.
+    """
+    record = Path(record).resolve()
+    names = [Path(p).resolve().relative_to(record).as_posix() for p in paths]
+    for args in (["add", "--", *names], ["commit", "-q", "-m", message, "--", *names]):
+        try:
+            done = subprocess.run(["git", "-C", str(record), *args], capture_output=True,
+                                  text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"git {args[0]}: {exc}"
+        if done.returncode:
+            output = (done.stderr.strip() or done.stdout.strip()).replace("\n", " | ")
+            return f"git {args[0]} exited {done.returncode}: {output}"
+    return ""
+
+
+def _record_cell(run_folder: Path, record: Path, command: str, commit: bool,
+                 say: Callable[[str], None]) -> bool:
+    """Record (and commit) a complete run; False, said loudly, when that failed."""
+    name = run_folder.name
+    try:
+        paths = [*write_record(run_folder, record), record_command(record, command)]
+        accuracy = _last_accuracy(run_folder)
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        say(f"[record] !!! {name} is done but NOT RECORDED: writing {record} failed: {exc}; "
+            f"its run is in {run_folder}")
+        return False
+    if not commit:
+        say(f"[record] {name} -> {paths[0]}")
+        return True
+    message = f"sweep {record}: {name} (final accuracy {accuracy:.4f})"
+    why = commit_record(record, paths, message)
+    if why:
+        files = " ".join(shlex.quote(str(p)) for p in paths)
+        say(f"[record] !!! {name} is done but NOT COMMITTED: {why}\n[record] !!! its record is "
+            f"written; commit it by hand: git -C {shlex.quote(str(record))} add {files} && "
+            f"git -C {shlex.quote(str(record))} commit -m {shlex.quote(message)} -- {files}")
+        return False
+    say(f"[record] committed {paths[0]}: {message}")
+    return True
+
+
+# --- the states of the cells before a sweep ----------------------------------------------------
+
+RECORDED, COMPLETE, TO_RUN = "recorded", "complete locally", "to run"
+
+
+def plan_cells(cells: Sequence[Cell], folder: Path, configs: Mapping[Cell, AppConfig],
+               record: Path | None = None) -> dict[Cell, str]:
+    """The state of every cell: RECORDED (in ``record``), COMPLETE (in ``folder``) or TO_RUN.
+
+    Raises ValueError, naming the cells and the keys, when a run in ``folder`` or a record in
+    ``record`` has other settings than the planned config (``output.*`` aside): nothing is
+    run then.
+    """
+    folder = Path(folder)
+    stale = {c.name: s for c, cfg in configs.items() if (s := stale_settings(folder / c.name, cfg))}
+    problems = [] if not stale else [
+        "these runs in the sweep folder have other settings; use another --out or delete "
+        "them:\n  " + "\n  ".join(f"{name}: {'; '.join(s)}" for name, s in stale.items())]
+    if record is not None:
+        stale = {c.name: s for c, cfg in configs.items()
+                 if (s := recorded_stale_settings(record, c.name, cfg))}
+        if stale:
+            problems.append(
+                f"these cells recorded in {record} have other settings; use another --record "
+                f"or delete their files from {Path(record) / CELLS_DIR}:\n  " + "\n  ".join(
+                    f"{name}: {'; '.join(s)}" for name, s in stale.items()))
+    if problems:
+        raise ValueError("\n".join(problems))
+    states = {}
+    for cell in cells:
+        rounds = configs[cell].strategy.num_rounds
+        if record is not None and is_recorded(record, cell.name, rounds):
+            states[cell] = RECORDED
+        elif is_complete(folder / cell.name, rounds):
+            states[cell] = COMPLETE
+        else:
+            states[cell] = TO_RUN
+    return states
+
+
+def cell_states(cells: Sequence[Cell], folder: Path, overrides: Sequence[str],
+                record: Path | None = None) -> dict[Cell, str]:
+    """:func:`plan_cells` of the configs that ``overrides`` give the cells; nothing written."""
+    folder = Path(folder)
+    configs = {c: cell_config(run_config_items(c, folder, overrides)) for c in cells}
+    return plan_cells(cells, folder, configs, record)
+
+
+# --- progress while a cell runs: its log, followed ---------------------------------------------
+
+ROUND_LINE = re.compile(  # server.evaluation.GlobalEvaluator's lines, after the logger's prefix
+    r"round (?P<round>\d+) \| (?:\S+ accuracy (?P<accuracy>\S+) \| \S+ loss \S+"
+    r"|not evaluated[^|]*) \| client ε mean (?P<epsilon_mean>\S+) max (?P<epsilon_max>\S+) "
+    r"\|(?:.*\|)? (?P<seconds>\d+(?:\.\d*)?) s\s*$")
+
+
+@dataclass(frozen=True)
+class RoundLine:
+    """One round as logged; accuracy nan: not evaluated, epsilon (the largest) nan: none yet."""
+
+    round: int
+    accuracy: float
+    epsilon: float
+    seconds: float  # since the ServerApp started
+
+
+def parse_round_line(line: str) -> RoundLine | None:
+    """The round of a GlobalEvaluator log line, None for any other line."""
+    match = ROUND_LINE.search(line)
+    if not match:
+        return None
+
+    def number(text: str) -> float:
+        try:
+            return float(text)
+        except (TypeError, ValueError):  # "-": no client trained yet; None: not evaluated
+            return math.nan
+
+    return RoundLine(int(match["round"]), number(match["accuracy"]),
+                     number(match["epsilon_max"]), float(match["seconds"]))
+
+
+def rough_duration(seconds: float) -> str:
+    """``3 h 10 min``, ``12 min`` or ``45 s``: an ETA."""
+    s = max(round(seconds), 0)
+    if s < 60:
+        return f"{s} s"
+    return f"{round(s / 60)} min" if s < 3570 else duration(60 * round(s / 60))
+
+
+class Progress:
+    """The sweep's clock: seconds per round measured so far, over the cells of this sweep.
+
+    :meth:`cell` gives the ``on_line`` of one cell, which prints a line per finished round:
+    ``[3/30] <cell> round 4/20 | accuracy 0.312 | ε 1.20 | 45 s/round | cell ETA 12 min |
+    sweep ETA 3 h 10 min``. Seconds per round come from the wall seconds that the rounds log
+    (the cell's own for its ETA, all measured rounds for the sweep's); the sweep ETA is that
+    mean × the rounds left of this cell and of the cells after it; SuperLink start-up is not
+    counted.
+    """
+
+    def __init__(self, say: Callable[[str], None] = say) -> None:
+        self.say = say
+        self.seconds, self.rounds = 0.0, 0
+
+    @property
+    def seconds_per_round(self) -> float:
+        """The mean over every round measured so far; nan before the first."""
+        return self.seconds / self.rounds if self.rounds else math.nan
+
+    def cell(self, tag: str, name: str, num_rounds: int,
+             rounds_after: int) -> Callable[[str], None]:
+        """``on_line`` for one cell; ``rounds_after``: rounds of the cells to run after it."""
+        seen: list[RoundLine] = []
+
+        def on_line(line: str) -> None:
+            row = parse_round_line(line)
+            if row is None or (seen and row.round <= seen[-1].round):
+                return
+            if seen:
+                self.seconds += row.seconds - seen[-1].seconds
+                self.rounds += row.round - seen[-1].round
+            seen.append(row)
+            if row.round < 1:
+                return
+            first = seen[0]  # round 0, or the first round after a checkpoint
+            rate = ((row.seconds - first.seconds) / (row.round - first.round)
+                    if row.round > first.round else row.seconds / row.round)
+            mean = self.seconds_per_round if self.rounds else rate
+            left = max(num_rounds - row.round, 0)
+            epsilon = "-" if math.isnan(row.epsilon) else f"{row.epsilon:.2f}"
+            accuracy = "-" if math.isnan(row.accuracy) else f"{row.accuracy:.3f}"
+            self.say(f"{tag} {name} round {row.round}/{num_rounds} | accuracy {accuracy} | "
+                     f"ε {epsilon} | {rate:.0f} s/round | cell ETA "
+                     f"{rough_duration(rate * left)} | sweep ETA "
+                     f"{rough_duration(mean * (left + rounds_after))}")
+        return on_line
+
+
+@contextlib.contextmanager
+def following(path: Path, on_line: Callable[[str], None],
+              interval: float = 0.2) -> Iterator[None]:
+    """Call ``on_line`` with each line added to ``path`` while the block runs (a thread).
+
+    Lines already in the file (earlier attempts) are not passed; the last lines are read
+    after the block too. An error in ``on_line`` skips that line: progress is best effort.
+    """
+    path = Path(path)
+    state = {"offset": path.stat().st_size if path.exists() else 0, "rest": b""}
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            if path.stat().st_size < state["offset"]:  # truncated: start again
+                state["offset"], state["rest"] = 0, b""
+            with path.open("rb") as f:
+                f.seek(state["offset"])
+                data = f.read()
+        except OSError:
+            return
+        state["offset"] += len(data)
+        *lines, state["rest"] = (state["rest"] + data).split(b"\n")
+        for line in lines:
+            with contextlib.suppress(Exception):
+                on_line(line.decode("utf-8", "replace"))
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            read()
+        read()
+
+    thread = threading.Thread(target=loop, name=f"follow {path.name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=30)
 
 
 def flwr_runner(*, num_supernodes: int = 6, cpus_per_client: int = 1,
@@ -134,10 +451,14 @@ def flwr_runner(*, num_supernodes: int = 6, cpus_per_client: int = 1,
 
 @contextlib.contextmanager
 def _output_to(path: Path) -> Iterator[None]:
-    """Send this process's stdout and stderr (file descriptors 1, 2: children too) to ``path``."""
+    """Send this process's stdout and stderr (file descriptors 1, 2: children too) to ``path``.
+
+    :func:`say` keeps writing to the stdout of before (a copy of it is kept meanwhile).
+    """
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
+    _TERMINAL.append(saved[0])
     try:
         with path.open("ab") as f:
             os.dup2(f.fileno(), 1)
@@ -146,8 +467,11 @@ def _output_to(path: Path) -> Iterator[None]:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        for fd, copy in zip((1, 2), saved, strict=True):
-            os.dup2(copy, fd)
+        with _TERMINAL_LOCK:
+            for fd, copy in zip((1, 2), saved, strict=True):
+                os.dup2(copy, fd)
+            _TERMINAL.remove(saved[0])
+        for copy in saved:
             os.close(copy)
 
 
@@ -156,61 +480,79 @@ class Outcome:
     """What happened to one cell in this invocation."""
 
     cell: Cell
-    status: str  # "skipped" (already complete), "done" or "failed"
+    status: str  # "skipped" (recorded or already complete), "done" or "failed"
     seconds: float = 0.0
     detail: str = ""
+    recorded: bool | None = None  # with a record folder: whether its record was written
 
 
 def run_cells(cells: Sequence[Cell], folder: Path, *, overrides: Sequence[str], runner: Runner,
               command: str, say: Callable[[str], None] = say,
-              num_partitions: int | None = None) -> list[Outcome]:
-    """Run every incomplete cell in order; a failed cell is logged and the sweep goes on.
+              num_partitions: int | None = None, record: Path | None = None,
+              commit: bool = False) -> list[Outcome]:
+    """Run every cell not yet complete, in order; a failed cell is logged and the sweep goes on.
 
-    All cell configs are built (and validated) first, and complete runs whose config.json
-    differs from the planned one stop the sweep before anything runs; so does any cell to run
-    that :func:`server.preflight.check_run` refuses (data, partitions of ``num_partitions``
-    SuperNodes, results folder): a ValueError or OSError listing every such cell.
+    All cell configs are built (and validated) first, and runs in ``folder`` or records in
+    ``record`` whose config differs from the planned one stop the sweep before anything runs;
+    so does any cell to run that :func:`server.preflight.check_run` refuses (data, partitions
+    of ``num_partitions`` SuperNodes, results folder): a ValueError or OSError listing every
+    such cell. With ``record``, a recorded cell is skipped (its run folder may be missing), and
+    every complete cell without a record gets one (:func:`write_record`), committed with
+    ``commit`` (:func:`commit_record`); a record that cannot be written or committed is said
+    loudly and the sweep goes on. While a cell runs, its log is followed: one line per round.
     """
     folder = Path(folder)
-    (folder / "logs").mkdir(parents=True, exist_ok=True)
     configs = {c: cell_config(run_config_items(c, folder, overrides)) for c in cells}
-    stale = {c.name: s for c, cfg in configs.items() if (s := stale_settings(folder / c.name, cfg))}
-    if stale:
-        raise ValueError("these runs in the sweep folder have other settings; use another "
-                         "--out or delete them:\n  " + "\n  ".join(
-                             f"{name}: {'; '.join(s)}" for name, s in stale.items()))
-    todo = [c for c in cells if not is_complete(folder / c.name, configs[c].strategy.num_rounds)]
+    states = plan_cells(cells, folder, configs, record)
+    todo = [c for c in cells if states[c] == TO_RUN]
     refuse_failing_runs({c.name: run_config_items(c, folder, overrides,
                                                   (folder / c.name / CHECKPOINT_FILE).is_file())
                          for c in todo}, num_partitions=num_partitions)
-    say(f"[sweep] {len(cells)} cells, {len(cells) - len(todo)} already complete, {len(todo)} to "
-        f"run; folder {folder}, logs in {folder / 'logs'}")
-    outcomes = {c: Outcome(c, "skipped") for c in cells if c not in todo}
-    start, spent = time.monotonic(), []
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    recorded = sum(state == RECORDED for state in states.values())
+    say(f"[sweep] {len(cells)} cells, "
+        + (f"{recorded} recorded in {record}, " if record is not None else "")
+        + f"{len(cells) - len(todo) - recorded} already complete, {len(todo)} to run; folder "
+        f"{folder}, logs in {folder / 'logs'}")
+    outcomes = {}
+    for cell in cells:
+        if states[cell] == RECORDED:
+            outcomes[cell] = Outcome(cell, "skipped", recorded=True)
+        elif states[cell] == COMPLETE:
+            outcomes[cell] = Outcome(cell, "skipped", recorded=None if record is None else
+                                     _record_cell(folder / cell.name, record, command, commit,
+                                                  say))
+    rounds = [configs[c].strategy.num_rounds for c in todo]
+    start, spent, progress = time.monotonic(), [], Progress(say)
     for k, cell in enumerate(todo):
-        index = cells.index(cell) + 1
-        outcome = _run_one(cell, folder, overrides, runner, configs[cell].strategy.num_rounds,
-                           f"[{index}/{len(cells)}]", say)
+        tag = f"[{cells.index(cell) + 1}/{len(cells)}]"
+        on_line = progress.cell(tag, cell.name, rounds[k], sum(rounds[k + 1:]))
+        outcome = _run_one(cell, folder, overrides, runner, rounds[k], tag, say, on_line)
         _record_attempt(folder, outcome, command)
-        outcomes[cell] = outcome
         spent.append(outcome.seconds)
         left = len(todo) - k - 1
-        say(f"[{index}/{len(cells)}] {cell.name} {outcome.status.upper()} in "
+        say(f"{tag} {cell.name} {outcome.status.upper()} in "
             f"{duration(outcome.seconds)}{outcome.detail} | elapsed "
             f"{duration(time.monotonic() - start)} | ETA "
             f"{duration(sum(spent) / len(spent) * left)} ({left} to run)")
+        if record is not None and outcome.status == "done":
+            outcome = replace(outcome, recorded=_record_cell(folder / cell.name, record,
+                                                             command, commit, say))
+        outcomes[cell] = outcome
     return [outcomes[c] for c in cells]
 
 
 def _run_one(cell: Cell, folder: Path, overrides: Sequence[str], runner: Runner,
-             num_rounds: int, tag: str, say: Callable[[str], None]) -> Outcome:
+             num_rounds: int, tag: str, say: Callable[[str], None],
+             on_line: Callable[[str], None] = lambda line: None) -> Outcome:
     run_folder, log = folder / cell.name, folder / "logs" / f"{cell.name}.log"
     resume = (run_folder / CHECKPOINT_FILE).is_file()  # a crashed attempt: go on after it
     say(f"{tag} {cell.name} started {datetime.now(UTC):%H:%M:%S} UTC"
         f"{' (resuming its checkpoint)' if resume else ''}; log {log}")
     started = time.monotonic()
     try:
-        code = runner(run_config_items(cell, folder, overrides, resume), log)
+        with following(log, on_line):
+            code = runner(run_config_items(cell, folder, overrides, resume), log)
     except Exception as exc:  # noqa: BLE001 - one broken cell must not end the sweep
         with log.open("a") as f:
             traceback.print_exc(file=f)
@@ -219,7 +561,8 @@ def _run_one(cell: Cell, folder: Path, overrides: Sequence[str], runner: Runner,
         why = f"exit code {code}"
     seconds = time.monotonic() - started
     if code == 0 and is_complete(run_folder, num_rounds):
-        return Outcome(cell, "done", seconds, _final_accuracy(run_folder))
+        return Outcome(cell, "done", seconds,
+                       f": final accuracy {_last_accuracy(run_folder):.4f}")
     reason = failure_reason(log)
     detail = (f" ({why}{'' if code else ', no final round in metrics.csv'}"
               f"{': ' + reason if reason else ''}; log {log})")
@@ -236,10 +579,10 @@ def failure_reason(log: Path) -> str:
     return " ".join(reasons[1:3] if len(reasons) > 1 else reasons)
 
 
-def _final_accuracy(run_folder: Path) -> str:
+def _last_accuracy(run_folder: Path) -> float:
     with (run_folder / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
-    return f": final accuracy {float(rows[-1]['accuracy']):.4f}"
+    return float(rows[-1]["accuracy"])
 
 
 def _record_attempt(folder: Path, outcome: Outcome, command: str) -> None:
@@ -254,15 +597,20 @@ def _record_attempt(folder: Path, outcome: Outcome, command: str) -> None:
 
 
 def report_outcomes(outcomes: Sequence[Outcome], say: Callable[[str], None] = say) -> int:
-    """Print the end-of-sweep summary; return 1 if any cell failed, else 0."""
+    """Print the end-of-sweep summary; 1 if a cell failed or a record was not written, else 0."""
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
+    unrecorded = [o for o in outcomes if o.recorded is False]
     seconds = sum(o.seconds for o in outcomes)
     say(f"[sweep] finished: {counts['done']} run, {counts['skipped']} already complete, "
-        f"{counts['failed']} failed, {duration(seconds)} of cell runs")
+        f"{counts['failed']} failed, {duration(seconds)} of cell runs"
+        + (f"; {len(unrecorded)} NOT RECORDED" if unrecorded else ""))
     for o in outcomes:
         if o.status == "failed":
             say(f"[sweep] FAILED {o.cell.name}{o.detail}")
-    return 1 if counts["failed"] else 0
+    for o in unrecorded:
+        say(f"[sweep] NOT RECORDED {o.cell.name}: done, but its record was not written or "
+            "committed (see the [record] !!! line above)")
+    return 1 if counts["failed"] or unrecorded else 0
 
 
 def grid(methods: Sequence[str], epsilons: Sequence[float], alphas: Sequence[float],

@@ -1,17 +1,29 @@
-"""A sweep's results from its run folders: tidy CSV, 95 % t-intervals, Markdown table, README.
+"""A sweep's results: tidy CSV, 95 % t-intervals, paired differences, Markdown table, README.
 
-``python -m simulations.sweep --report-only --out DIR`` calls :func:`write_report`; it reads
-every ``DIR/<run>/`` with ``config.json`` and ``metrics.csv`` (method, ε, α, seed and learning
-rate come from ``config.json``, never from the folder name) and leaves the runs untouched.
+Two layouts are read (:func:`load_runs`), and :func:`write_report` writes the report of either:
+
+- a sweep folder (``--out``): every ``DIR/<run>/`` with ``config.json`` and ``metrics.csv``;
+  the report goes to ``DIR/sweep.csv``, ``summary.csv``, ``paired.csv``, ``results.md`` and
+  ``DIR/plots/``, its wall time and commands come from ``sweep-attempts.csv``;
+- a record folder (``--record``, tracked in git, so that a sweep spans machines): one
+  ``DIR/cells/<run>.csv`` per complete cell (every round row of its ``metrics.csv`` after the
+  columns of RECORD_COLUMNS) and ``DIR/cells/<run>.json`` (its ``config.json``), plus
+  ``DIR/commands.txt``; the report goes to ``DIR/sweep.csv``, ``summary.csv``, ``paired.csv``,
+  ``table.md`` and ``DIR/*.png``, and its machine time is the sum of the last round's
+  ``wall-seconds`` of every recorded cell.
+
+Method, ε, α, seed and learning rate come from the run's config, never from its name; the runs
+and records are left untouched.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +34,11 @@ from scipy import stats
 from common.config import STRATEGIES, AppConfig
 
 ATTEMPTS_FILE = "sweep-attempts.csv"  # one row per cell run: written by simulations.sweep_cells
+CELLS_DIR = "cells"  # in a record folder: <run>.csv and <run>.json of every complete cell
+COMMANDS_FILE = "commands.txt"  # in a record folder: the distinct sweep commands that wrote it
+RECORD_COLUMNS = ("run", "method", "epsilon", "alpha", "seed", "learning_rate", "num_rounds",
+                  "settings")  # a record CSV: these, then the run's metrics.csv columns
+PAIRED_TARGET = 0.03  # the half-width that issue 15's experiment aims for (paired differences)
 README_START, README_END = "<!-- sweep-table:start -->", "<!-- sweep-table:end -->"
 CONFIG_COLUMNS = {  # tidy column: config.json key
     "method": "strategy.name", "epsilon": "privacy.epsilon", "alpha": "data.dirichlet-alpha",
@@ -48,27 +65,70 @@ class Runs:
         return self.tidy[self.tidy["round"] == self.tidy["num_rounds"]].reset_index(drop=True)
 
 
-def load_runs(folder: Path, also_varied: Collection[str] = ()) -> Runs:
-    """Read ``folder/*/config.json`` and ``metrics.csv`` of every complete run.
+def is_record_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a record folder (it has ``cells/``) rather than a sweep folder."""
+    return (Path(folder) / CELLS_DIR).is_dir()
 
+
+def load_runs(folder: Path, also_varied: Collection[str] = (), *,
+              records: bool | None = None) -> Runs:
+    """Every complete run of a sweep folder, or every complete record of a record folder.
+
+    ``records``: read ``folder/cells/<run>.csv`` and ``.json`` (True) or ``folder/<run>/
+    metrics.csv`` and ``config.json`` (False); None: records if ``folder/cells/`` exists.
     Raise if the runs differ in a setting that is neither in VARIED nor in ``also_varied``.
     """
+    if records is None:
+        records = is_record_folder(folder)
     frames, incomplete, configs = [], [], {}
-    for run in sorted(p for p in Path(folder).iterdir() if (p / "metrics.csv").is_file()):
-        if not (run / "config.json").is_file():
-            incomplete.append(run.name)
+    for name, config, metrics in (_records if records else _run_folders)(Path(folder)):
+        if config is None or metrics is None or \
+                config["strategy.num-rounds"] not in set(metrics["round"]):
+            incomplete.append(name)
             continue
-        config = json.loads((run / "config.json").read_text())
-        metrics = pd.read_csv(run / "metrics.csv")
-        if config["strategy.num-rounds"] not in set(metrics["round"]):
-            incomplete.append(run.name)
-            continue
-        configs[run.name] = config
-        frames.append(_tidy(run.name, config, metrics))
+        configs[name] = config
+        frames.append(_tidy(name, config, metrics))
     _check_same_settings(configs, VARIED | set(also_varied))
     tidy = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=[*CONFIG_COLUMNS, "eval_split", *METRIC_COLUMNS, "num_rounds", "run"])
+        columns=[*CONFIG_COLUMNS, "eval_split", *METRIC_COLUMNS, "num_rounds", "settings", "run"])
     return Runs(tidy, tuple(incomplete))
+
+
+Source = Iterator[tuple[str, dict | None, pd.DataFrame | None]]  # name, config, metrics
+
+
+def _run_folders(folder: Path) -> Source:
+    for run in sorted(p for p in folder.iterdir() if (p / "metrics.csv").is_file()):
+        if not (run / "config.json").is_file():
+            yield run.name, None, None
+            continue
+        yield (run.name, json.loads((run / "config.json").read_text()),
+               pd.read_csv(run / "metrics.csv"))
+
+
+def _records(folder: Path) -> Source:
+    for path in sorted((folder / CELLS_DIR).glob("*.csv")):
+        config = path.with_suffix(".json")
+        try:
+            metrics = pd.read_csv(path).drop(columns=list(RECORD_COLUMNS), errors="ignore")
+        except (ValueError, OSError):  # empty or torn: not a record
+            metrics = None
+        yield (path.stem, json.loads(config.read_text()) if config.is_file() else None,
+               metrics if metrics is not None and "round" in metrics else None)
+
+
+def settings_digest(config: Mapping[str, object], varied: Collection[str] = VARIED) -> str:
+    """8 hex digits of a run's shared settings: its config minus ``output.*`` and ``varied``.
+
+    The cells of one experiment share it (they differ only in VARIED); a key missing from an
+    older config counts as its default. With the varied keys (their own columns) it identifies
+    the whole config but ``output.*``.
+    """
+    defaults = json.loads(json.dumps(AppConfig().to_dict(), default=str))
+    shared = {k: v for k, v in {**defaults, **config}.items()
+              if k not in varied and not k.startswith("output.")}
+    text = json.dumps(shared, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def _tidy(name: str, config: dict, metrics: pd.DataFrame) -> pd.DataFrame:
@@ -78,6 +138,7 @@ def _tidy(name: str, config: dict, metrics: pd.DataFrame) -> pd.DataFrame:
     for column, source in METRIC_COLUMNS.items():
         frame[column] = metrics[source] if source in metrics else np.nan
     frame["num_rounds"] = config["strategy.num-rounds"]
+    frame["settings"] = settings_digest(config)
     frame["run"] = name
     return frame
 
@@ -97,8 +158,9 @@ def _check_same_settings(configs: dict[str, dict], varied: Collection[str]) -> N
         if len(values) > 1:
             differing.append(f"{key}: {', '.join(sorted(values))}")
     if differing:
-        raise ValueError("the runs of this sweep folder differ in settings that the table "
-                         "would mix; give each setting its own --out:\n  " + "\n  ".join(differing))
+        raise ValueError("the runs of this folder differ in settings that the table would "
+                         "mix; give each setting its own --out (or --record):\n  "
+                         + "\n  ".join(differing))
 
 
 def t_interval(values: np.ndarray | list[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -191,12 +253,36 @@ def sweep_wall_time(folder: Path, runs: Runs) -> tuple[float, str]:
     return float(runs.final["wall_seconds"].sum()), "sum of the runs' ServerApp wall time"
 
 
+def machine_time(runs: Runs) -> tuple[float, str]:
+    """The sum of the last round's ``wall-seconds`` of every complete run, and the source."""
+    return float(runs.final["wall_seconds"].sum()), (
+        f"sum of the last round's wall-seconds of the {len(runs.final)} recorded cells: "
+        "ServerApp time, without SuperLink start-up")
+
+
 def sweep_commands(folder: Path) -> list[str]:
-    """The distinct sweep commands recorded in the attempts file, first use first."""
-    attempts = Path(folder) / ATTEMPTS_FILE
+    """The distinct sweep commands of a folder, first use first.
+
+    A record folder's ``commands.txt``; a sweep folder's attempts file.
+    """
+    folder = Path(folder)
+    if is_record_folder(folder):
+        path = folder / COMMANDS_FILE
+        return [c for c in path.read_text().splitlines() if c.strip()] if path.is_file() else []
+    attempts = folder / ATTEMPTS_FILE
     if not attempts.is_file():
         return []
     return list(dict.fromkeys(r["command"] for r in csv.DictReader(attempts.open())))
+
+
+def record_command(folder: Path, command: str) -> Path:
+    """Append ``command`` to ``folder/commands.txt`` unless it is there already; the path."""
+    path = Path(folder) / COMMANDS_FILE
+    known = path.read_text().splitlines() if path.is_file() else []
+    if command not in known:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{c}\n" for c in [*known, command]))
+    return path
 
 
 def duration(seconds: float) -> str:
@@ -207,13 +293,32 @@ def duration(seconds: float) -> str:
     return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
+def target_line(paired: pd.DataFrame, target: float = PAIRED_TARGET) -> str:
+    """How many paired differences (n ≥ 2 seeds) have a 95 % half-width ≤ ``target``."""
+    rated = paired[paired["n"] >= 2]
+    if rated.empty:
+        return f"Target: a paired half-width ≤ {target:g}; no comparison has two seeds yet."
+    met = int((rated["ci95"] <= target).sum())
+    widest = rated.loc[rated["ci95"].idxmax()]
+    return (f"Target: a paired half-width ≤ {target:g}; met by {met} of {len(rated)} "
+            f"comparisons with n ≥ 2 (widest: {widest['method']} at ε = "
+            f"{epsilon_label(widest['epsilon'])}, ± {widest['ci95']:.4f} with n = "
+            f"{int(widest['n'])}).")
+
+
 def report_block(summary: pd.DataFrame, runs: Runs, *, commands: list[str], wall: float,
-                 wall_source: str, images: list[str] = ()) -> str:
-    """The Markdown that goes between the README markers (and into ``results.md``)."""
+                 wall_source: str, images: list[str] = (),
+                 wall_label: str = "Total wall time of the sweep",
+                 commands_file: str = ATTEMPTS_FILE) -> str:
+    """The Markdown that goes between the README markers (and into the folder's table).
+
+    ``wall_label``, ``wall_source``: how ``wall`` is named and where it comes from;
+    ``commands_file``: where the commands would have been recorded (named when none were).
+    """
     split = "/".join(sorted(runs.final["eval_split"].unique())) or "test"
     seeds = sorted(runs.final["seed"].unique())
     produced = ["Produced by:", "", "```bash", *commands, "```"] if commands else [
-        f"(The sweep command was not recorded: no {ATTEMPTS_FILE} in the folder.)"]
+        f"(The sweep command was not recorded: no {commands_file} in the folder.)"]
     lines = [
         f"Final {split} accuracy (round {int(runs.final['num_rounds'].max())}, whole {split} "
         f"split), mean ± 95 % confidence interval (Student t, n − 1 degrees of freedom) over "
@@ -224,8 +329,8 @@ def report_block(summary: pd.DataFrame, runs: Runs, *, commands: list[str], wall
     if not paired.empty:
         lines += ["FedSVD minus each method, paired by seed (same data partition and client "
                   "sampling): mean difference ± 95 % t-interval; positive: FedSVD ahead.", "",
-                  markdown_table(paired), ""]
-    lines.append(f"Total wall time of the sweep: **{duration(wall)}** ({wall_source}).")
+                  markdown_table(paired), "", target_line(paired), ""]
+    lines.append(f"{wall_label}: **{duration(wall)}** ({wall_source}).")
     if runs.incomplete:
         lines.append(f"Left out, incomplete: {', '.join(runs.incomplete)}.")
     lines += ["", *(f"![{Path(i).stem}]({i})" for i in images)]
@@ -248,36 +353,57 @@ def replace_between_markers(text: str, block: str,
 
 
 def write_report(folder: Path, *, readme: Path | None = None) -> dict[str, Path]:
-    """Write ``sweep.csv``, ``summary.csv``, ``results.md`` and ``plots/`` into ``folder``.
+    """Write the report of a sweep folder or a record folder into it; return the paths.
 
-    With ``readme``, also the table between its markers (checked first, so a README without
-    them changes nothing), and the plots (linked from there) and the two CSVs into
-    ``_static/sweep/`` beside it.
+    A sweep folder gets ``sweep.csv``, ``summary.csv``, ``paired.csv``, ``results.md`` and
+    ``plots/``; a record folder (:func:`is_record_folder`) ``sweep.csv``, ``summary.csv``,
+    ``paired.csv``, ``table.md`` and its plots beside them. With ``readme``, also the table
+    between its markers (checked first, so a README without them changes nothing), linking the
+    plots: those of a record folder inside the README's folder where they are, the others
+    copied, with the two CSVs, into ``_static/sweep/`` beside the README.
     """
     from simulations import plots  # matplotlib only when plotting
 
     folder = Path(folder)
-    runs = load_runs(folder)
+    records = is_record_folder(folder)
+    runs = load_runs(folder, records=records)
     if runs.final.empty:
         raise ValueError(f"no complete run in {folder} (incomplete: {list(runs.incomplete)})")
+    splits = sorted(runs.final["eval_split"].unique())
+    if len(splits) > 1:
+        raise ValueError(f"{folder} mixes {' and '.join(splits)} runs (learning-rate tuning "
+                         "evaluates on validation data): give each its own folder")
     if readme:
         replace_between_markers(readme.read_text(), "")  # no markers: fail before writing
     written = {"tidy": folder / "sweep.csv", "summary": folder / "summary.csv",
-               "table": folder / "results.md"}
+               "table": folder / ("table.md" if records else "results.md")}
     runs.tidy.to_csv(written["tidy"], index=False)
     summary = summarize(runs.final)
     summary.to_csv(written["summary"], index=False)
-    images = plots.write_all(runs.tidy, summary, folder / "plots")
-    wall, source = sweep_wall_time(folder, runs)
-    block = dict(commands=sweep_commands(folder), wall=wall, wall_source=source)
+    paired = paired_differences(runs.final)
+    if not paired.empty:
+        written["paired"] = folder / "paired.csv"
+        paired.to_csv(written["paired"], index=False)
+    images = plots.write_all(runs.tidy, summary, folder if records else folder / "plots")
+    if records:
+        wall, source = machine_time(runs)
+        block = dict(commands=sweep_commands(folder), wall=wall, wall_source=source,
+                     wall_label="Total machine time", commands_file=COMMANDS_FILE)
+    else:
+        wall, source = sweep_wall_time(folder, runs)
+        block = dict(commands=sweep_commands(folder), wall=wall, wall_source=source)
     written["table"].write_text(report_block(
-        summary, runs, images=[f"plots/{p.name}" for p in images], **block))
+        summary, runs, images=[p.relative_to(folder).as_posix() for p in images], **block))
     if readme:
-        static = readme.parent / "_static" / "sweep"
-        static.mkdir(parents=True, exist_ok=True)
-        for file in [*images, written["tidy"], written["summary"]]:
-            (static / file.name).write_bytes(file.read_bytes())
-        links = [f"_static/sweep/{p.name}" for p in images]
+        readme_dir = readme.parent.resolve()
+        if records and folder.resolve().is_relative_to(readme_dir):
+            links = [p.resolve().relative_to(readme_dir).as_posix() for p in images]
+        else:
+            static = readme.parent / "_static" / "sweep"
+            static.mkdir(parents=True, exist_ok=True)
+            for file in [*images, written["tidy"], written["summary"]]:
+                (static / file.name).write_bytes(file.read_bytes())
+            links = [f"_static/sweep/{p.name}" for p in images]
         readme.write_text(replace_between_markers(
             readme.read_text(), report_block(summary, runs, images=links, **block)))
         written["readme"] = readme

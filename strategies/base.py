@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -37,6 +37,7 @@ from strategies.aggregation import (
     robust_arrays,
 )
 from strategies.metrics import aggregate_train_metrics, broadcast_bytes, reply_bytes
+from strategies.sampling import PartitionSampler
 from strategies.validation import (
     DEFAULT_MAX_NORM_RATIO,
     DEFAULT_MAX_NUM_EXAMPLES,
@@ -76,6 +77,8 @@ class LoraStrategy(FedAvg):
     stop_on_failed_round : raise :class:`RoundFailed` when every reply of a round is a Flower
         error reply (off: keep the global state and go on).
     max_num_examples : the largest plausible ``num-examples`` of one reply.
+    sampler : draws the round's clients by partition id from a seed
+        (:class:`strategies.sampling.PartitionSampler`); None: Flower's unseeded draw of node ids.
     **kwargs : passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """
 
@@ -87,7 +90,8 @@ class LoraStrategy(FedAvg):
                  max_weight_ratio: float = DEFAULT_MAX_WEIGHT_RATIO, aggregation: str = "mean",
                  trim_fraction: float = 0.2, num_malicious: int = 1,
                  stop_on_failed_round: bool = True,
-                 max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES, **kwargs) -> None:
+                 max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
+                 sampler: PartitionSampler | None = None, **kwargs) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         kwargs.setdefault("arrayrecord_key", contract.ARRAYS)
         kwargs.setdefault("configrecord_key", contract.CONFIG)
@@ -111,6 +115,7 @@ class LoraStrategy(FedAvg):
             weighted_by_key=self.weighted_by_key, metrics_fn=self.train_metrics_aggr_fn)
         self.stop_on_failed_round = stop_on_failed_round
         self.max_num_examples = max_num_examples
+        self.sampler = sampler
         self.last_round_metrics: MetricRecord | None = None
         self._global: ArrayRecord | None = None
         self._bytes_down = 0
@@ -148,12 +153,27 @@ class LoraStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Sample clients as FedAvg does; name the factors they train and send back."""
+        """Sample clients (FedAvg's draw or the seeded sampler); name the factors they train."""
         self._global = arrays
         config[contract.TRAIN_FACTORS] = ",".join(self.train_factors(server_round))
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.sampler is None:
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+        else:
+            messages = self._seeded_messages(server_round, arrays, config, grid)
         self._bytes_down = broadcast_bytes(arrays, len(messages))
         return messages
+
+    def _seeded_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                         grid: Grid) -> list[Message]:
+        """FedAvg's train messages, to the nodes :attr:`sampler` draws (same sample size)."""
+        if self.fraction_train == 0.0:
+            return []
+        sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train),
+                          self.min_train_nodes)
+        node_ids = self.sampler.sample(grid, server_round, sample_size, self.min_available_nodes)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return list(self._construct_messages(record, node_ids, MessageType.TRAIN))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -9,7 +9,7 @@ import time
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client.app import evaluate, train
+from client.app import evaluate, query, train
 from common import contract
 
 STALL_SECONDS = 600  # longer than any test waits: the test kills the federation meanwhile
@@ -23,6 +23,7 @@ def _node_round(msg: Message, context: Context) -> tuple[int, int]:
 
 raises_in_round_2 = ClientApp()
 raises_in_round_2.evaluate()(evaluate)
+raises_in_round_2.query()(query)
 
 
 @raises_in_round_2.train()
@@ -35,6 +36,7 @@ def train_or_raise(msg: Message, context: Context) -> Message:
 
 stalls_from_round_3 = ClientApp()
 stalls_from_round_3.evaluate()(evaluate)
+stalls_from_round_3.query()(query)
 
 
 @stalls_from_round_3.train()
@@ -51,6 +53,7 @@ def train_or_stall(msg: Message, context: Context) -> Message:
 
 always_raises = ClientApp()
 always_raises.evaluate()(evaluate)
+always_raises.query()(query)
 
 
 @always_raises.train()

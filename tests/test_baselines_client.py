@@ -7,7 +7,7 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from client import training as t
-from client.app import train
+from client.app import query, train
 from common import contract
 from common.adapter import AdapterLayout
 from common.config import AppConfig
@@ -153,8 +153,16 @@ def test_saved_adapter_keeps_the_base_delta_and_load_model_applies_it(tiny_run_c
 
 
 class _Grid:
+    """Nodes 1 and 2 holding partitions 0 and 1; they answer the roll call of seeded sampling."""
+
     def get_node_ids(self):
         return [1, 2]
+
+    def send_and_receive(self, messages, timeout=None):
+        return [query(msg, Context(run_id=1, node_id=msg.metadata.dst_node_id,
+                                   node_config={**NODE, "partition-id": msg.metadata.dst_node_id
+                                                - 1}, state=RecordDict(), run_config={}))
+                for msg in messages]
 
 
 @pytest.mark.parametrize("name", ["flora", "fedex", "rolora"])

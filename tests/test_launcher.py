@@ -31,7 +31,7 @@ def test_a_bad_configuration_exits_2_within_10_s_naming_every_key():
     assert last == [
         "error: invalid run configuration:",
         "  lora.rr=4: unknown key; did you mean lora.r? (the lora keys: r, alpha, dropout, "
-        "target-modules, train-head)",
+        "target-modules, train-head, head-init)",
         "  privacy.epsilon=-1.0: must be > 0 (or inf)",
         "refused before starting: nothing was run"]
 

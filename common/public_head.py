@@ -1,0 +1,74 @@
+"""A classification head from public values only: the encoder's features of each class name.
+
+``lora.head-init = "class-names"`` sets the head (one ``nn.Linear``, d → K) before round 1 from
+nothing but the pretrained encoder and the K class names, which are public (they name the
+task, not an example). For class k, x_k (d,) is the feature the head reads (BERT: the pooler
+output of the [CLS] token) for the text of its name ("comp.graphics" → "comp graphics"):
+
+    W_k = τ · x_k / ‖x_k‖,    b = 0,    τ = 1 / mean_k std_j (x_k · W_j / τ)
+
+so the head scores a text by the cosine of its features with each class name's, and τ makes
+the names' own logits spread by about 1 (the scale a freshly initialised head has), not by the
+0.1 that raw cosines between pooled features give. No training example is read, so the head
+spends no privacy, and the server computes it once and sends it to every node with the LoRA
+factors. With ``lora.train-head = false`` it stays as it is (a public, frozen head); with true
+it is where the trained head starts.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftModel
+from peft.utils import ModulesToSaveWrapper
+from transformers import PreTrainedTokenizerBase
+
+
+def head_linear(model: PeftModel) -> torch.nn.Linear:
+    """The head's trainable ``nn.Linear``; raise if the head is anything else."""
+    heads = [module.modules_to_save[model.active_adapter] for module in model.modules()
+             if isinstance(module, ModulesToSaveWrapper)]
+    if len(heads) != 1 or not isinstance(heads[0], torch.nn.Linear):
+        raise ValueError("lora.head-init='class-names' needs a head that is one nn.Linear "
+                         f"(found {[type(h).__name__ for h in heads]}); use 'random'")
+    return heads[0]
+
+
+def name_text(label: str) -> str:
+    """A class name as text: separators become spaces ("rec.sport.hockey" → "rec sport hockey")."""
+    return " ".join(label.replace(".", " ").replace("_", " ").replace("-", " ").split())
+
+
+@torch.no_grad()
+def name_features(model: PeftModel, tokenizer: PreTrainedTokenizerBase,
+                  label_names: tuple[str, ...]) -> torch.Tensor:
+    """The input of the head for each class name's text, (K, d) float32, in eval mode."""
+    head = head_linear(model)
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        batch = tokenizer([name_text(n) for n in label_names], padding=True, return_tensors="pt")
+        model(input_ids=batch["input_ids"].to(device),
+              attention_mask=batch["attention_mask"].to(device))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return captured[0].float()
+
+
+@torch.no_grad()
+def set_class_name_head(model: PeftModel, tokenizer: PreTrainedTokenizerBase,
+                        label_names: tuple[str, ...]) -> None:
+    """Set the head's weight to the scaled, normalised class-name features and its bias to 0."""
+    head = head_linear(model)
+    if head.out_features != len(label_names):
+        raise ValueError(f"the head has {head.out_features} outputs for {len(label_names)} "
+                         "class names")
+    features = name_features(model, tokenizer, label_names)
+    unit = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    spread = (features @ unit.T).std(dim=1).mean().clamp_min(1e-12)
+    head.weight.copy_((unit / spread).to(head.weight.dtype))
+    if head.bias is not None:
+        head.bias.zero_()

@@ -1,0 +1,33 @@
+"""Two record folders of the same cells, paired cell by cell."""
+
+import pytest
+
+from simulations import compare_records
+from simulations.sweep_cells import write_record
+from tests.test_sweep import write_run
+
+
+def _record(tmp_path, name, finals):
+    out, rec = tmp_path / f"{name}-runs", tmp_path / name
+    for seed, final in enumerate(finals):
+        write_record(write_run(out, seed=seed, final=final), rec)
+    return rec
+
+
+def test_pairs_cells_by_name_and_reports_the_paired_interval(tmp_path, capsys):
+    first = _record(tmp_path, "after", [0.5, 0.6, 0.7])
+    second = _record(tmp_path, "before", [0.4, 0.6, 0.5, 0.9])  # seed 3 has no pair
+    pairs = compare_records.paired_rows(first, second)
+    assert list(pairs["run"]) == [f"fedsvd-eps6-a0.5-seed{s}" for s in range(3)]
+    assert compare_records.main([str(first), str(second)]) == 0
+    out = capsys.readouterr().out
+    assert "first − second: +0.1000 ±" in out and "n = 3" in out
+
+
+def test_no_common_cell_exits_1(tmp_path):
+    first = _record(tmp_path, "a", [0.5])
+    second = tmp_path / "b"
+    (second / "cells").mkdir(parents=True)
+    assert compare_records.main([str(first), str(second)]) == 1
+    with pytest.raises(SystemExit):
+        compare_records.main(["--help"])

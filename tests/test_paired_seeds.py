@@ -1,0 +1,122 @@
+"""Paired seeds: the same clients per round for every method; the public head costs nothing."""
+
+import random
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+from client import training as t
+from client.app import query, train
+from common import contract
+from common.adapter import AdapterLayout
+from common.config import AppConfig
+from common.data import load_corpus
+from common.model import build_model, load_tokenizer
+from common.public_head import head_linear, name_text, set_class_name_head
+from strategies.sampling import PartitionSampler
+from tests.test_client import _train_message
+
+
+class RollCallGrid:
+    """Nodes with random ids (as a fresh simulation makes) that answer the roll call."""
+
+    def __init__(self, num_partitions: int, rng: random.Random, silent: int | None = None):
+        self.partition_of = {rng.getrandbits(63): p for p in range(num_partitions)}
+        self.silent = silent
+        self.queries = 0
+
+    def get_node_ids(self):
+        return list(self.partition_of)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            self.queries += 1
+            partition = self.partition_of[msg.metadata.dst_node_id]
+            if partition == self.silent:
+                continue
+            context = Context(run_id=1, node_id=msg.metadata.dst_node_id, state=RecordDict(),
+                              run_config={}, node_config={"partition-id": partition,
+                                                          "num-partitions": 6})
+            replies.append(query(msg, context))
+        return replies
+
+
+def _draws(grid: RollCallGrid, seed: int, rounds: int = 5, k: int = 3) -> list[list[int]]:
+    sampler = PartitionSampler(seed)
+    return [[grid.partition_of[n] for n in sampler.sample(grid, r, k, 2)]
+            for r in range(1, rounds + 1)]
+
+
+def test_two_runs_with_other_node_ids_train_the_same_partitions_each_round():
+    first = _draws(RollCallGrid(6, random.Random(1)), seed=0)
+    second = _draws(RollCallGrid(6, random.Random(2)), seed=0)
+    assert first == second
+    assert len({tuple(d) for d in first}) > 1  # rounds differ
+    assert _draws(RollCallGrid(6, random.Random(1)), seed=1) != first  # seeds differ
+    assert all(len(set(d)) == 3 for d in first)
+
+
+def test_the_roll_call_asks_each_node_once_and_leaves_out_the_silent():
+    grid = RollCallGrid(6, random.Random(3), silent=4)
+    draws = _draws(grid, seed=0, rounds=10)
+    assert grid.queries == 6
+    assert all(4 not in d for d in draws)
+    few = RollCallGrid(3, random.Random(0), silent=0)  # 2 answer, 3 are to be sampled
+    assert sorted(PartitionSampler(0).sample(few, 1, 3, 1)) == sorted(few.get_node_ids())
+
+
+def test_seeded_sampling_is_the_default():
+    assert AppConfig().strategy.client_sampling == "seeded"
+
+
+def test_dp_noise_still_differs_between_two_runs_of_one_seed(tiny_run_config):
+    # the paired seed fixes partitions and client draws, never the DP noise
+    from tests.test_client_randomness import _same, _trained_b
+
+    run_config = {**tiny_run_config, "privacy.epsilon": 6.0}
+    assert not _same(_trained_b(run_config), _trained_b(run_config))
+
+
+def _server_model(run_config: dict):
+    cfg = AppConfig.from_run_config(run_config)
+    corpus = load_corpus(cfg.data, cfg.seed)
+    model = build_model(cfg.model, cfg.lora, num_labels=corpus.num_labels, seed=cfg.seed)
+    set_class_name_head(model, load_tokenizer(cfg.model), corpus.label_names)
+    return cfg, model, AdapterLayout.from_model(model)
+
+
+def test_class_name_head_is_a_function_of_public_values_alone(tiny_run_config):
+    _, first, _ = _server_model(tiny_run_config)
+    _, again, _ = _server_model({**tiny_run_config, "seed": 7})  # another random init
+    w1, w2 = head_linear(first).weight, head_linear(again).weight
+    assert torch.equal(w1, w2)
+    assert torch.all(head_linear(first).bias == 0)
+    assert name_text("rec.sport.hockey") == "rec sport hockey"
+
+
+def test_public_frozen_head_is_identical_on_every_node_and_spends_no_privacy(tiny_run_config):
+    run_config = {**tiny_run_config, "lora.train-head": False, "lora.head-init": "class-names",
+                  "privacy.epsilon": 6.0}
+    cfg, _, layout = _server_model(run_config)
+    sent = layout.tensors()
+    head_keys = set(layout.head)
+    arrays = ArrayRecord(torch_state_dict=sent)
+    for node_seed in (0, 1):  # a node's own random head init is replaced by the sent one
+        node_cfg = AppConfig.from_run_config({**run_config, "seed": node_seed})
+        _, node_layout = t.build_global_model(node_cfg, 3, arrays)
+        assert all(torch.equal(node_layout.tensors()[k], sent[k]) for k in head_keys)
+
+    def reply(config: dict):
+        msg = _train_message(arrays)
+        msg.content[contract.CONFIG] = ConfigRecord({contract.TRAIN_FACTORS: "B",
+                                                     contract.SERVER_ROUND: 1})
+        context = Context(run_id=1, node_id=1, state=RecordDict(), run_config=config,
+                          node_config={"partition-id": 0, "num-partitions": 2})
+        return train(msg, context).content
+
+    public = reply(run_config)
+    assert not head_keys & set(public[contract.ARRAYS])  # a frozen head is never sent back
+    random_head = reply({**run_config, "lora.head-init": "random"})
+    assert public[contract.METRICS][contract.EPSILON] == \
+        random_head[contract.METRICS][contract.EPSILON]

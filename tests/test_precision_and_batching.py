@@ -1,0 +1,117 @@
+"""bfloat16 autocast keeps what trains in float32; padding trimmed per batch changes no output."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from client import training as t
+from common import precision
+from common.adapter import AdapterLayout
+from common.batching import collate_trimmed, length_sorted_batches, trim
+from common.config import AppConfig
+from common.evaluation import evaluate
+from common.model import build_model
+from privacy import PrivacyLedger, make_private
+
+
+def _model_and_data(run_config: dict):
+    cfg = AppConfig.from_run_config(run_config)
+    data = t.load_local_data(cfg, 0, 2)
+    model = build_model(cfg.model, cfg.lora, num_labels=data.num_labels, seed=0)
+    return cfg, model, AdapterLayout.from_model(model), data
+
+
+def test_auto_takes_bfloat16_only_where_the_hardware_has_it(monkeypatch):
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: False)
+    assert precision.resolve_compute_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: True)
+    assert precision.resolve_compute_dtype("auto", "cpu") == torch.bfloat16
+    assert precision.resolve_compute_dtype("float32", "cpu") == torch.float32
+    assert precision.resolve_compute_dtype("bfloat16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="model.compute-dtype"):
+        precision.resolve_compute_dtype("float16", "cpu")
+
+
+def test_bfloat16_path_keeps_per_sample_gradients_in_float32(tiny_run_config):
+    cfg, model, layout, data = _model_and_data(tiny_run_config)
+    trainable = layout.set_trainable(model, ("B",), train_head=True)
+    frozen_dtypes, island_dtypes = set(), set()
+    frozen = model.base_model.model.bert.encoder.layer[0].intermediate.dense
+    frozen.register_forward_hook(lambda m, a, out: frozen_dtypes.add(out.dtype))
+    head = model.base_model.model.classifier.modules_to_save["default"]
+    head.register_forward_hook(lambda m, a, out: island_dtypes.add((a[0].dtype, out.dtype)))
+    before = [p.detach().clone() for p in trainable]
+    private = make_private(
+        module=model, optimizer=torch.optim.SGD(trainable, lr=0.5),
+        data_loader=t.train_loader(cfg, data.train), noise_multiplier=1.0, max_grad_norm=1.0,
+        ledger=PrivacyLedger())
+    seen: list[torch.dtype] = []
+    original = private.optimizer.clip_and_accumulate
+
+    def record_then_clip():
+        seen.extend(p.grad_sample.dtype for p in private.optimizer.params)
+        original()
+
+    private.optimizer.clip_and_accumulate = record_then_clip
+    t.run_local_steps(private, 2, torch.bfloat16)
+    assert frozen_dtypes == {torch.bfloat16}  # the frozen encoder ran in bfloat16
+    assert island_dtypes == {(torch.float32, torch.float32)}  # the head in float32
+    assert seen and set(seen) == {torch.float32}
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in trainable)
+    assert all(not torch.equal(a, p) for a, p in zip(before, trainable, strict=True))
+
+
+def test_float32_islands_do_nothing_outside_autocast(tiny_run_config):
+    cfg, model, _, data = _model_and_data(tiny_run_config)
+    input_ids, mask, _ = data.test.tensors
+    model.eval()
+    with torch.no_grad():
+        plain = model(input_ids=input_ids, attention_mask=mask).logits
+        with precision.autocast("cpu", torch.bfloat16):
+            mixed = model(input_ids=input_ids, attention_mask=mask).logits
+        again = model(input_ids=input_ids, attention_mask=mask).logits
+    assert not torch.is_autocast_enabled("cpu")
+    assert torch.equal(plain, again)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain, atol=0.05, rtol=0.05)
+
+
+def test_trimmed_batches_give_the_same_logits(tiny_run_config):
+    cfg, model, _, data = _model_and_data(tiny_run_config)
+    input_ids, mask, labels = data.test.tensors
+    short = trim(input_ids, mask, labels)
+    assert short[0].shape[1] == int(mask.sum(1).max()) <= input_ids.shape[1]
+    model.eval()
+    with torch.no_grad():
+        full = model(input_ids=input_ids, attention_mask=mask).logits
+        cut = model(input_ids=short[0], attention_mask=short[1]).logits
+    torch.testing.assert_close(cut, full, atol=1e-5, rtol=1e-5)
+
+
+def test_trim_cuts_only_columns_that_are_padding_in_every_row():
+    ids = torch.tensor([[5, 6, 0, 0], [7, 0, 0, 0]])
+    mask = (ids != 0).long()
+    cut_ids, cut_mask, _ = trim(ids, mask, torch.tensor([0, 1]))
+    assert cut_ids.tolist() == [[5, 6], [7, 0]] and cut_mask.tolist() == [[1, 1], [1, 0]]
+    left = torch.tensor([[0, 0, 5, 6]])  # a left-padding tokenizer: nothing may be cut
+    assert trim(left, (left != 0).long(), torch.tensor([0]))[0].shape == (1, 4)
+    rows = list(zip(ids, mask, torch.tensor([0, 1]), strict=True))
+    assert collate_trimmed(rows)[0].shape == (2, 2)
+
+
+def test_length_sorted_evaluation_visits_every_example_once_and_matches(tiny_run_config):
+    cfg, model, _, data = _model_and_data(tiny_run_config)
+    labels = torch.cat([b[2] for b in length_sorted_batches(data.test, 7)])
+    assert sorted(labels.tolist()) == sorted(data.test.tensors[2].tolist())
+    model.eval()
+    with torch.no_grad():
+        correct, total = 0, 0.0
+        for ids, mask, y in DataLoader(data.test, batch_size=128):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            correct += int((logits.argmax(-1) == y).sum())
+            total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+    loss, accuracy = evaluate(model, data.test, batch_size=7)
+    n = len(data.test)
+    assert accuracy == correct / n
+    assert loss == pytest.approx(total / n, rel=1e-5)
+    assert isinstance(data.test, TensorDataset)

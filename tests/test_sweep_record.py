@@ -1,0 +1,407 @@
+"""A sweep that spans machines: per-cell records in git, resume from them, reports, progress."""
+
+import csv
+import inspect
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from simulations import sweep, sweep_cells
+from simulations.sweep_cells import (
+    Progress,
+    cell_config,
+    grid,
+    parse_round_line,
+    record_paths,
+    run_cells,
+    write_record,
+)
+from simulations.sweep_report import (
+    README_END,
+    README_START,
+    RECORD_COLUMNS,
+    load_runs,
+    settings_digest,
+    write_report,
+)
+from tests.test_sweep import FINALS, fake_runner, write_run
+
+INF = math.inf
+RC = ["--run-config", "strategy.num-rounds=2", "--lr-file", "none"]
+
+
+def evaluator_line(r, accuracy, epsilon, seconds, split="test"):
+    """The line server.evaluation.GlobalEvaluator logs (its format string, copied)."""
+    eps = "-" if epsilon is None else f"{epsilon:.3f}"
+    return ("round %d | %s accuracy %.4f | %s loss %.4f | client ε mean %s max %s "  # noqa: UP031
+            "| MB up %.2f down %.2f | %.0f s") % (r, split, accuracy, split, 2.0, eps, eps,
+                                                  1.5, 3.0, seconds)
+
+
+# --- the round line of the ServerApp's log -----------------------------------------------------
+
+def test_round_line_is_read_from_what_the_evaluator_logs(monkeypatch):
+    from flwr.app import ArrayRecord
+
+    from server import evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, data, **kw: (1.25, 0.3125))
+
+    class Layout:
+        def load(self, state):
+            pass
+
+    class Strategy:
+        last_round_metrics = {"epsilon-mean": 1.2, "epsilon-max": 1.25, "bytes-up": 2e6,
+                              "bytes-down": 4e6}
+
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    every = ({"eval_every": 2} if "eval_every" in
+             inspect.signature(evaluation.GlobalEvaluator).parameters else {})
+    try:
+        evaluator = evaluation.GlobalEvaluator(None, Layout(), subset=[0] * 4, full=[0] * 9,
+                                               final_round=4, strategy=Strategy(), **every)
+        for r in (0, 2, 3):
+            evaluator(r, ArrayRecord())
+    finally:
+        logger.removeHandler(handler)
+    rows = [parse_round_line(line) for line in logged if "round" in line]
+    assert [r.round for r in rows] == [0, 2, 3]
+    assert rows[1].accuracy == pytest.approx(0.3125) and rows[1].epsilon == pytest.approx(1.25)
+    assert math.isnan(rows[0].epsilon)
+    if every:  # round 3 is not evaluated (strategy.eval-every = 2): no accuracy, ε all the same
+        assert math.isnan(rows[2].accuracy) and rows[2].epsilon == pytest.approx(1.25)
+    # As it reaches the cell's log through flwr run --stream (a real line, colours and all):
+    real = ("\x1b[92mINFO \x1b[0m:      round 1 | validation accuracy 0.3750 | validation loss "
+            "1.0949 | client ε mean 5.995 max 5.995 | MB up 0.01 down 0.01 | 22 s")
+    row = parse_round_line(real)
+    assert (row.round, row.accuracy, row.epsilon, row.seconds) == (1, 0.375, 5.995, 22.0)
+    assert parse_round_line(evaluator_line(4, 0.5, INF, 80)).epsilon == INF
+    for other in ("INFO :      ├── Number of rounds: 1", "round 3 | nothing else", ""):
+        assert parse_round_line(other) is None
+
+
+def test_progress_line_rates_and_etas():
+    lines = []
+    progress = Progress(lines.append)
+    on_line = progress.cell("[1/2]", "fedsvd-eps3-a0.5-seed1", 20, rounds_after=20)
+    on_line(evaluator_line(0, 0.05, None, 5))
+    assert lines == []  # round 0 is the initial adapter: no line
+    on_line(evaluator_line(4, 0.312, 1.2, 185))
+    on_line(evaluator_line(4, 0.312, 1.2, 185))  # repeated: once
+    assert lines == ["[1/2] fedsvd-eps3-a0.5-seed1 round 4/20 | accuracy 0.312 | ε 1.20 | "
+                     "45 s/round | cell ETA 12 min | sweep ETA 27 min"]
+    assert progress.seconds_per_round == pytest.approx(45)
+    later = progress.cell("[2/2]", "ffa-eps3-a0.5-seed1", 20, rounds_after=0)
+    later(evaluator_line(10, 0.4, 2.0, 1000))  # resumed at round 10: its own mean, 100 s
+    assert lines[-1].endswith("| 100 s/round | cell ETA 17 min | sweep ETA 8 min")
+
+
+def _wait_for(predicate, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_progress_lines_are_printed_while_the_cell_runs(tmp_path):
+    lines, seen_while_running = [], []
+
+    def runner(items, log):
+        cfg = cell_config(items)
+        for r in range(cfg.strategy.num_rounds + 1):
+            with log.open("a") as f:
+                f.write(f"INFO :      {evaluator_line(r, 0.1 * r, 0.5 * r or None, 10 * r)}\n")
+            time.sleep(0.05)
+        seen_while_running.append(_wait_for(
+            lambda: any(f"{cfg.run_name} round 3/3" in line for line in lines)))
+        write_run(Path(cfg.output.dir), method=cfg.strategy.name, seed=cfg.seed, rounds=3,
+                  **{"output.run-name": cfg.run_name})
+        return 0
+
+    cells = grid(["fedsvd", "ffa"], [6.0], [0.5], [0])
+    run_cells(cells, tmp_path, overrides=["strategy.num-rounds=3"], runner=runner,
+              command="c", say=lines.append)
+    assert seen_while_running == [True, True]
+    assert "[1/2] fedsvd-eps6-a0.5-seed0 round 1/3 | accuracy 0.100 | ε 0.50 | 10 s/round | " \
+        "cell ETA 20 s | sweep ETA 50 s" in lines
+    done = next(i for i, line in enumerate(lines) if "fedsvd-eps6-a0.5-seed0 DONE" in line)
+    assert lines.index("[1/2] fedsvd-eps6-a0.5-seed0 round 3/3 | accuracy 0.300 | ε 1.50 | "
+                       "10 s/round | cell ETA 0 s | sweep ETA 30 s") < done
+
+
+def test_progress_goes_to_the_terminal_while_the_output_goes_to_the_log(tmp_path, capfd,
+                                                                       monkeypatch):
+    printed = threading.Event()
+
+    class Flagged(Progress):
+        def cell(self, *args):
+            inner = super().cell(*args)
+
+            def on_line(line):
+                inner(line)
+                if parse_round_line(line):
+                    printed.set()
+            return on_line
+
+    monkeypatch.setattr(sweep_cells, "Progress", Flagged)
+
+    def runner(items, log):
+        cfg = cell_config(items)
+        with sweep_cells._output_to(log):
+            subprocess.run(["echo", "from flwr"], check=True)
+            os.write(1, f"INFO : {evaluator_line(1, 0.25, 1.0, 12)}\n".encode())  # as flwr does
+            assert printed.wait(10)  # said while fd 1 and 2 still go to the log
+        write_run(Path(cfg.output.dir), seed=cfg.seed, rounds=1,
+                  **{"output.run-name": cfg.run_name})
+        return 0
+
+    run_cells(grid(["fedsvd"], [6.0], [0.5], [0]), tmp_path, runner=runner, command="c",
+              overrides=["strategy.num-rounds=1"])
+    log = (tmp_path / "logs" / "fedsvd-eps6-a0.5-seed0.log").read_text()
+    assert "from flwr" in log and "round 1/1" not in log
+    assert "fedsvd-eps6-a0.5-seed0 round 1/1 | accuracy 0.250 | ε 1.00 | 12 s/round" in \
+        capfd.readouterr().out
+
+
+def test_a_thread_follows_only_new_lines(tmp_path):
+    log = tmp_path / "a.log"
+    log.write_text("old line\n")
+    got = []
+    with sweep_cells.following(log, got.append, interval=0.01):
+        with log.open("a") as f:
+            f.write("new 1\nnew")
+            f.flush()
+            assert _wait_for(lambda: got == ["new 1"])
+            f.write(" 2\n")
+    assert got == ["new 1", "new 2"]
+    assert not any(t.name == "follow a.log" for t in threading.enumerate())
+
+
+# --- records ------------------------------------------------------------------------------------
+
+def test_a_record_is_the_metrics_with_the_cell_columns_and_the_config(tmp_path):
+    run = write_run(tmp_path / "out", method="ffa", epsilon=INF, seed=2, lr=0.5, rounds=3)
+    table, config = write_record(run, tmp_path / "rec")
+    assert (table, config) == record_paths(tmp_path / "rec", "ffa-epsinf-a0.5-seed2")
+    assert config.read_text() == (run / "config.json").read_text()
+    rows = list(csv.DictReader(table.open()))
+    metrics = list(csv.DictReader((run / "metrics.csv").open()))
+    assert list(rows[0])[:len(RECORD_COLUMNS)] == list(RECORD_COLUMNS)
+    assert list(rows[0])[len(RECORD_COLUMNS):] == list(metrics[0])
+    assert [{k: r[k] for k in metrics[0]} for r in rows] == metrics
+    assert {(r["run"], r["method"], r["epsilon"], r["alpha"], r["seed"], r["learning_rate"],
+             r["num_rounds"]) for r in rows} == {("ffa-epsinf-a0.5-seed2", "ffa", "inf", "0.5",
+                                                  "2", "0.5", "3")}
+    assert rows[0]["settings"] == settings_digest(json.loads(config.read_text()))
+    assert sorted(p.name for p in table.parent.iterdir()) == [table.name, config.name]
+
+
+def test_settings_digest_is_shared_by_the_cells_of_one_experiment():
+    a = cell_config(["strategy.num-rounds=2 strategy.name='ffa' seed=3"]).to_dict()
+    b = cell_config(["strategy.num-rounds=2 privacy.epsilon=1 output.dir='/x'"]).to_dict()
+    c = cell_config(["strategy.num-rounds=3"]).to_dict()
+    assert settings_digest(a) == settings_digest(b) != settings_digest(c)
+    assert len(settings_digest(a)) == 8
+
+
+def test_load_runs_reads_records_as_it_reads_run_folders(tmp_path):
+    out, rec = tmp_path / "out", tmp_path / "rec"
+    for (method, eps), finals in FINALS.items():
+        for seed, final in enumerate(finals):
+            write_record(write_run(out, method=method, epsilon=eps, seed=seed, final=final), rec)
+    from_runs, from_records = load_runs(out), load_runs(rec)
+    assert from_records.incomplete == ()
+    pd.testing.assert_frame_equal(from_runs.tidy, from_records.tidy, check_dtype=False)
+    assert from_records.tidy["settings"].nunique() == 1
+    (rec / "cells" / "torn.csv").write_text("")
+    (rec / "cells" / "nojson.csv").write_text("round,accuracy\n0,0.1\n")
+    assert sorted(load_runs(rec).incomplete) == ["nojson", "torn"]
+
+
+def test_sweep_with_records_resumes_on_a_fresh_clone(tmp_path, capsys):
+    out, rec = tmp_path / "results", tmp_path / "repo" / "experiments" / "main"
+    argv = ["--methods", "fedsvd,ffa", "--epsilons", "6", "--seeds", "0", "--out", str(out),
+            "--record", str(rec), *RC]
+    runner = fake_runner()
+    assert sweep.main(argv, runner=runner) == 0
+    assert len(runner.calls) == 2
+    names = ["fedsvd-eps6-a0.5-seed0", "ffa-eps6-a0.5-seed0"]
+    assert sorted(p.name for p in (rec / "cells").iterdir()) == sorted(
+        f"{n}.{ext}" for n in names for ext in ("csv", "json"))
+    for name in ("sweep.csv", "summary.csv", "paired.csv", "table.md",
+                 "accuracy_vs_round_a0.5.png"):
+        assert (rec / name).is_file(), name
+    command = (rec / "commands.txt").read_text().splitlines()
+    assert command == ["python -m simulations.sweep " + " ".join(argv)]
+    capsys.readouterr()
+    # A fresh clone: no results folder; the recorded cells are not run again.
+    shutil.rmtree(out)
+    assert sweep.main([*argv, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert all(f"{n}  lr (run config)  recorded" in text for n in names)
+    assert "[dry-run] 2 cells: 2 recorded" in text
+    runner = fake_runner()
+    assert sweep.main(argv, runner=runner) == 0
+    assert runner.calls == []
+    assert "2 cells, 2 recorded in" in capsys.readouterr().out
+    # A larger sweep into the same records runs only the new cells; its command is added.
+    bigger = [*argv[:5], "0,1", *argv[6:]]
+    runner = fake_runner()
+    assert sweep.main(bigger, runner=runner) == 0
+    assert sorted(c.run_name for c in runner.calls) == ["fedsvd-eps6-a0.5-seed1",
+                                                        "ffa-eps6-a0.5-seed1"]
+    assert len((rec / "commands.txt").read_text().splitlines()) == 2
+    assert "fedsvd-eps6-a0.5-seed1" in set(pd.read_csv(rec / "sweep.csv")["run"])
+
+
+def test_dry_run_says_recorded_complete_or_to_run(tmp_path, capsys):
+    out, rec = tmp_path / "out", tmp_path / "rec"
+    write_record(write_run(out, method="fedsvd"), rec)
+    shutil.rmtree(out / "fedsvd-eps6-a0.5-seed0")
+    write_run(out, method="ffa")
+    argv = ["--methods", "fedsvd,ffa,fedavg", "--epsilons", "6", "--seeds", "0", "--out",
+            str(out), "--record", str(rec), *RC]
+    assert sweep.main([*argv, "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.rsplit("  ", 1)[1] for line in lines[:3]] == ["recorded", "complete locally",
+                                                               "to run"]
+    assert lines[3].startswith("[dry-run] 3 cells: 1 recorded, 1 complete locally, 1 to run")
+    # A sweep records the complete local run without running it again.
+    runner = fake_runner()
+    assert sweep.main(argv, runner=runner) == 0
+    assert [c.run_name for c in runner.calls] == ["fedavg-eps6-a0.5-seed0"]
+    assert record_paths(rec, "ffa-eps6-a0.5-seed0")[0].is_file()
+
+
+def test_a_recorded_cell_with_other_settings_stops_the_sweep(tmp_path, capsys):
+    rec = tmp_path / "rec"
+    write_record(write_run(tmp_path / "elsewhere", method="ffa", **{"train.local-steps": 99}),
+                 rec)
+    runner = fake_runner()
+    argv = ["--methods", "fedsvd,ffa", "--epsilons", "6", "--seeds", "0", "--out",
+            str(tmp_path / "out"), "--record", str(rec), *RC]
+    assert sweep.main(argv, runner=runner) == 2
+    err = capsys.readouterr().err
+    assert "ffa-eps6-a0.5-seed0: train.local-steps: 99 there, 10 now" in err
+    assert "recorded in" in err and "nothing was run" in err
+    assert runner.calls == []
+    assert sweep.main([*argv, "--dry-run"]) == 2
+
+
+def _git(repo, *args):
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def test_commit_records_each_cell_and_nothing_else(tmp_path):
+    repo = tmp_path / "clone"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    _git(repo, "config", "user.name", "Sweep Test")
+    _git(repo, "config", "user.email", "sweep@example.com")
+    (repo / "README.md").write_text("x\n")
+    _git(repo, "add", "README.md")
+    _git(repo, "commit", "-q", "-m", "start")
+    (repo / "staged.txt").write_text("someone else's work\n")
+    _git(repo, "add", "staged.txt")
+    (repo / "untracked.txt").write_text("not mine\n")
+    rec = repo / "experiments" / "main"
+    argv = ["--methods", "fedsvd,ffa", "--epsilons", "6", "--seeds", "0", "--out",
+            str(tmp_path / "out"), "--record", str(rec), "--commit", *RC]
+    assert sweep.main(argv, runner=fake_runner()) == 0
+    log = _git(repo, "log", "--format=%s").splitlines()
+    assert log == [f"sweep {rec}: ffa-eps6-a0.5-seed0 (final accuracy 0.5000)",
+                   f"sweep {rec}: fedsvd-eps6-a0.5-seed0 (final accuracy 0.5000)", "start"]
+    files = _git(repo, "show", "--name-only", "--format=", "HEAD").split()
+    assert files == ["experiments/main/cells/ffa-eps6-a0.5-seed0.csv",
+                     "experiments/main/cells/ffa-eps6-a0.5-seed0.json"]
+    first = _git(repo, "show", "--name-only", "--format=", "HEAD~1").split()
+    assert "experiments/main/commands.txt" in first and len(first) == 3
+    status = _git(repo, "status", "--porcelain").splitlines()
+    assert "A  staged.txt" in status and "?? untracked.txt" in status
+
+
+def test_a_failed_commit_is_loud_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    rec = tmp_path / "not-a-repo"
+    argv = ["--methods", "fedsvd,ffa", "--epsilons", "6", "--seeds", "0", "--out",
+            str(tmp_path / "out"), "--record", str(rec), "--commit", *RC]
+    runner = fake_runner()
+    assert sweep.main(argv, runner=runner) == 1
+    assert len(runner.calls) == 2
+    out = capsys.readouterr().out
+    assert out.count("is done but NOT COMMITTED: git add exited") == 2
+    assert "2 NOT RECORDED" in out and "[sweep] NOT RECORDED ffa-eps6-a0.5-seed0" in out
+    assert record_paths(rec, "ffa-eps6-a0.5-seed0")[0].is_file()
+    assert (rec / "table.md").is_file()  # the report is still built
+    with pytest.raises(ValueError, match="--commit needs --record"):
+        sweep._main(sweep.parse_args(["--commit"]), [], runner)
+
+
+# --- reports from the records alone -------------------------------------------------------------
+
+def test_report_only_from_records_alone(tmp_path, capsys):
+    out, rec = tmp_path / "out", tmp_path / "experiments" / "main"
+    for (method, eps), finals in FINALS.items():
+        for seed, final in enumerate(finals):
+            write_record(write_run(out, method=method, epsilon=eps, seed=seed, final=final), rec)
+    shutil.rmtree(out)
+    (rec / "commands.txt").write_text("python -m simulations.sweep --record experiments/main\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{README_START}\n{README_END}\n")
+    argv = ["--report-only", "--record", str(rec), "--readme", str(readme)]
+    assert sweep.main(argv) == 0
+    table = (rec / "table.md").read_text()
+    assert "python -m simulations.sweep --record experiments/main" in table
+    assert "| fedsvd | 0.7000 ± 0.2484 | 0.3000 ± 0.2484 |" in table
+    assert "| ffa | 0.1000 ± 0.2484 | 0.1000 (n = 1) |" in table  # paired: fedsvd − ffa
+    assert "Target: a paired half-width ≤ 0.03; met by 0 of 1 comparisons with n ≥ 2" in table
+    assert "Total machine time: **3 min 20 s** (sum of the last round's wall-seconds of the " \
+        "10 recorded cells" in table  # 10 cells × 20 s
+    assert "![accuracy_vs_round_a0.5](accuracy_vs_round_a0.5.png)" in table
+    text = readme.read_text()
+    assert "](experiments/main/accuracy_vs_epsilon_a0.5.png)" in text
+    assert not (tmp_path / "_static").exists()  # the plots are linked where they are
+    paired = pd.read_csv(rec / "paired.csv")
+    assert set(paired["method"]) == {"ffa"} and {"n", "mean", "ci95"} <= set(paired.columns)
+    assert len(pd.read_csv(rec / "sweep.csv")) == 30
+    capsys.readouterr()
+    assert sweep.main(["--report-only", "--record", str(tmp_path / "empty")]) == 1
+    assert "no record in" in capsys.readouterr().out
+
+
+def test_records_of_tuning_and_of_the_sweep_are_not_mixed(tmp_path):
+    rec = tmp_path / "rec"
+    write_record(write_run(tmp_path / "out", seed=0), rec)
+    write_record(write_run(tmp_path / "out", seed=1, validation=0.1), rec)
+    with pytest.raises(ValueError, match="mixes test and validation runs"):
+        write_report(rec)
+
+
+def test_learning_rate_tuning_resumes_from_its_records(tmp_path):
+    from simulations import sweep_lr
+
+    out, rec, lr_file = tmp_path / "out", tmp_path / "rec-lr", tmp_path / "lr.toml"
+    argv = ["--methods", "fedsvd", "--out", str(out), "--lr-file", str(lr_file), "--record",
+            str(rec), "--run-config", "strategy.num-rounds=2", "--tune-lr", "--lrs", "0.5,1"]
+    runner = fake_runner(accuracy=lambda c: 0.9 - abs(c.train.learning_rate - 0.5))
+    assert sweep.main(argv, runner=runner) == 0 and len(runner.calls) == 2
+    shutil.rmtree(out)
+    lr_file.unlink()
+    runner = fake_runner()
+    assert sweep.main(argv, runner=runner) == 0 and runner.calls == []
+    assert sweep_lr.learning_rates_for(lr_file, ["fedsvd"]) == {"fedsvd": 0.5}
