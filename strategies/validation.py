@@ -38,6 +38,8 @@ whose own norm is that of B, is seen as the jump of 2‖B_sent‖ it is):
    replies that point apart, neither can be told from the other and both are left out.
 
 A zero update or a zero reference has no direction and is not checked; (a) needs two replies.
+A group of fewer than (4 / 0.5)² = 64 numbers is not checked by direction: noise alone would
+cross the bar too often (``ReplyValidator._enough_numbers``).
 It needs no history beyond the state that was sent.
 
 The screen never raises: any unexpected failure while reading a reply rejects that reply.
@@ -59,6 +61,7 @@ from common import contract
 
 DEFAULT_MAX_NORM_RATIO = 10.0
 DEFAULT_MIN_UPDATE_COSINE = -0.5
+MIN_NOISE_Z = 4.0  # a group is screened by direction when the bar is this many noise s.d.
 DEFAULT_MAX_NUM_EXAMPLES = 10_000_000
 # The metrics that the train-metric aggregation (strategies.metrics) reads from every reply.
 REQUIRED_METRICS = (contract.NUM_EXAMPLES, contract.TRAIN_LOSS, contract.EPSILON,
@@ -273,7 +276,10 @@ class ReplyValidator:
         limit = f"< strategy.min-update-cosine={self.min_update_cosine:g}"
         groups = [(group, keys) for group, keys in (
             ("LoRA factors", [k for k in self.expected if not contract.is_head_key(k)]),
-            ("head", [k for k in self.expected if contract.is_head_key(k)])) if keys]
+            ("head", [k for k in self.expected if contract.is_head_key(k)]))
+            if keys and self._enough_numbers(keys)]
+        if not groups:
+            return
         flat = [{group: np.concatenate([u[k].ravel() for k in keys]) for group, keys in groups}
                 for u in updates]
         sent = {group: np.concatenate([self.sent.get(k, np.zeros(self.expected[k].shape)).ravel()
@@ -301,6 +307,19 @@ class ReplyValidator:
         out.rejected += [_rejection(out.valid[i], InvalidReply(why))
                          for i, why in sorted(reasons.items())]
         out.valid = [m for i, m in enumerate(out.valid) if i not in reasons]
+
+
+    def _enough_numbers(self, keys: list[str]) -> bool:
+        """Whether a group has d ≥ (MIN_NOISE_Z / c)² numbers, c = ``min_update_cosine``.
+
+        The cosine of two independent noise vectors of d numbers is about N(0, 1/d): with
+        fewer numbers an honest reply falls below c by chance too often (d = 16, c = −0.5:
+        2 % per comparison; merge-sv's σ of a small model is that small). From the bound on,
+        chance needs MIN_NOISE_Z standard deviations (p < 3e-5). Smaller groups are not
+        screened by direction (the norm screen still applies).
+        """
+        d = sum(int(np.prod(self.expected[k].shape)) for k in keys)
+        return d * self.min_update_cosine ** 2 >= MIN_NOISE_Z ** 2
 
 
 def _cosine(x: np.ndarray, y: np.ndarray) -> float:

@@ -23,7 +23,12 @@ from hypothesis import strategies as st
 from common import contract
 from common.config import AppConfig, ConfigError
 from strategies import FedSVD
-from strategies.validation import DEFAULT_MAX_NUM_EXAMPLES, ReplyValidator, expected_arrays
+from strategies.validation import (
+    DEFAULT_MAX_NUM_EXAMPLES,
+    ArraySpec,
+    ReplyValidator,
+    expected_arrays,
+)
 
 MODULES = ["l0.query", "l1.value"]
 B_SHAPES = {"l0.query": (3, 2), "l1.value": (4, 2)}  # (m, r)
@@ -497,3 +502,15 @@ def test_config_screening_defaults_and_inf():
     cfg = AppConfig.from_run_config({"strategy.max-norm-ratio": "inf"})
     assert cfg.strategy.max_norm_ratio == math.inf and cfg.strategy.min_valid_replies == 1
     assert AppConfig().strategy.max_norm_ratio == 10.0
+
+
+def test_a_group_too_small_for_the_direction_screen_is_not_screened_by_direction():
+    # Two honest noise vectors of 16 numbers have a cosine below -0.5 about 2 % of the time
+    # (merge-sv's σ of a small model): such a group is left to the norm screen.
+    spec = {"m.lora_S": ArraySpec((16,), "float32")}
+    sent = {"m.lora_S": np.ones(16, dtype=np.float32)}
+    small = ReplyValidator(spec, sent=sent, min_update_cosine=-0.5)
+    assert not small._enough_numbers(["m.lora_S"])
+    large = ReplyValidator({"m.lora_B": ArraySpec((8, 8), "float32")},
+                           sent={"m.lora_B": np.ones((8, 8), np.float32)}, min_update_cosine=-0.5)
+    assert large._enough_numbers(["m.lora_B"])  # 64 numbers: the bar is 4 noise s.d.
