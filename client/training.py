@@ -17,7 +17,13 @@ from common.adapter import AdapterLayout, LoraPair
 from common.batching import collate_trimmed
 from common.config import AppConfig
 from common.contract import Factor, lora_key
-from common.data import encode, load_corpus, load_partition, partition_problem
+from common.data import (
+    encode,
+    load_corpus,
+    load_partition,
+    partition_problem,
+    partition_value,
+)
 from common.data_files import DataError
 from common.model import build_model, load_tokenizer, train_mode
 from common.precision import autocast, resolve_compute_dtype
@@ -46,7 +52,8 @@ def load_local_data(cfg: AppConfig, partition_id: int, num_partitions: int) -> L
     corpus = load_corpus(cfg.data, cfg.seed)
     train, test = load_partition(cfg.data, cfg.seed, partition_id, num_partitions)
     if problem := partition_problem(cfg.data, len(train), partition_id, num_partitions,
-                                    cfg.train.batch_size):
+                                    cfg.train.batch_size,
+                                    value=partition_value(corpus, partition_id)):
         raise DataError([problem])
     tokenizer = load_tokenizer(cfg.model)
     return LocalData(encode(train, tokenizer, cfg.model.max_length),

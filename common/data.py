@@ -358,6 +358,12 @@ def partition_values(corpus: Corpus) -> tuple[str, ...]:
     return tuple(sorted(set(corpus.train[NATURAL_ID])))
 
 
+def partition_value(corpus: Corpus, partition_id: int) -> str | None:
+    """The ``data.partition-column`` value partition ``partition_id`` holds; None without one."""
+    values = partition_values(corpus)
+    return values[partition_id] if values else None
+
+
 def partition_count_problem(cfg: DataConfig, corpus: Corpus, num_partitions: int) -> str | None:
     """Why ``data.partitioner = "column"`` cannot cut ``corpus`` into ``num_partitions``, or None.
 
@@ -410,11 +416,10 @@ def check_partitions(cfg: DataConfig, seed: int, num_partitions: int, batch_size
     corpus = load_corpus(cfg, seed)
     if problem := partition_count_problem(cfg, corpus, num_partitions):
         raise DataError([problem])
-    values = partition_values(corpus) if cfg.partitioner == "column" else ()
     problems = [problem for i in range(num_partitions)
                 if (problem := partition_problem(
                     cfg, len(load_partition(cfg, seed, i, num_partitions)[0]), i,
-                    num_partitions, batch_size, value=values[i] if values else None))]
+                    num_partitions, batch_size, value=partition_value(corpus, i)))]
     if problems:
         raise DataError(problems)
 

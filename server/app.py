@@ -119,8 +119,8 @@ def run(grid: Grid, context: Context) -> None:
     evaluator = GlobalEvaluator(model, layout, subset=subset, full=full_test,
                                 final_round=cfg.strategy.num_rounds, strategy=strategy,
                                 split=corpus.eval_split, eval_every=cfg.strategy.eval_every,
-                                compute_dtype=resolve_compute_dtype(cfg.model.compute_dtype,
-                                                                    "cpu"))
+                                compute_dtype=resolve_compute_dtype(
+                                    cfg.model.compute_dtype, next(model.parameters()).device))
     if cfg.train.deterministic:  # the same clients sampled in the same order, given node ids
         random.seed(cfg.seed)
     checkpointed, initial = prepare_run(strategy, evaluator, folder, cfg,

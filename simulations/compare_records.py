@@ -7,7 +7,8 @@ same name (method, ε, α, seed) in both are paired: the same partitions, evalua
 initial adapter and, with seeded client sampling, the same clients each round; only the
 setting that tells the folders apart differs (and the clients' OS-random DP noise). Prints the
 final accuracy of each pair, the mean difference (first − second) with its 95 % t-interval,
-and the wall time of each. Exit 1 if no cell is in both.
+and the wall time of each. Exit 2 if an argument is not a record folder (no ``cells/``),
+1 if no cell is in both.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from simulations.sweep_report import load_runs, t_interval
+from simulations.sweep_report import CELLS_DIR, is_record_folder, load_runs, t_interval
 
 
 def paired_rows(first: Path, second: Path):
@@ -28,11 +29,16 @@ def paired_rows(first: Path, second: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the paired comparison; 1 if the folders share no cell."""
+    """Print the paired comparison; 2 if a folder is not a record folder, 1 if no cell is shared."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("first", type=Path)
     parser.add_argument("second", type=Path)
     args = parser.parse_args(argv)
+    for folder in (args.first, args.second):
+        if not is_record_folder(folder):
+            print(f"[compare] {folder} is not a record folder (no {folder / CELLS_DIR}/): give "
+                  "the --record DIR of a sweep", file=sys.stderr)
+            return 2
     pairs = paired_rows(args.first, args.second)
     if pairs.empty:
         print(f"[compare] no cell is recorded in both {args.first} and {args.second}")

@@ -29,5 +29,6 @@ def test_no_common_cell_exits_1(tmp_path):
     second = tmp_path / "b"
     (second / "cells").mkdir(parents=True)
     assert compare_records.main([str(first), str(second)]) == 1
+    assert compare_records.main([str(first), str(tmp_path / "missing")]) == 2
     with pytest.raises(SystemExit):
         compare_records.main(["--help"])

@@ -274,3 +274,15 @@ def test_both_keys_default_to_off():
     cfg = AppConfig.from_run_config(default_run_config())
     assert (cfg.data.label_groups, cfg.data.partition_column) == ("", "")
     assert cfg.run_name == AppConfig().run_name
+
+
+def test_a_client_refusing_its_too_small_partition_names_its_value(tmp_path, tiny_model_dir):
+    from client.training import load_local_data
+
+    path = _write_csv(tmp_path)
+    cfg = AppConfig.from_run_config({
+        **default_run_config(), "data.source": str(path), "data.min-test-examples": 10,
+        "data.partitioner": "column", "data.partition-column": "site",
+        "model.path": str(tiny_model_dir), "train.batch-size": 40})
+    with pytest.raises(DataError, match="data.partition-column='site' value 'north'"):
+        load_local_data(cfg, 1, 4)
