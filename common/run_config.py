@@ -13,7 +13,10 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
+import click
 from flwr.common.config import flatten_dict, parse_config_args
+
+from common.config import ConfigError
 
 
 def run_config_args(overrides: Sequence[str]) -> list[str]:
@@ -30,8 +33,31 @@ def run_config_args(overrides: Sequence[str]) -> list[str]:
             with Path(item).expanduser().open("rb") as f:
                 merged.update(flatten(tomllib.load(f)))
         elif item:
-            merged.update(parse_config_args([item]))
+            merged.update(parse_override_text(item))
     return [override_text(merged)] if merged else []
+
+
+def parse_override_text(text: str) -> dict:
+    """The keys of one "k=v ..." override, as ``flwr run`` reads them.
+
+    Raises :class:`ConfigError` naming each unreadable ``k=v`` pair (for example a string
+    without double quotes), where Flower would raise a ``ClickException`` about the whole text.
+    """
+    try:
+        return parse_config_args([text])
+    except click.ClickException:
+        bad = [pair for pair in text.split() if not _readable(pair)] or [text]
+        raise ConfigError([f"--run-config {pair!r}: not a k=v pair flwr can read (a string "
+                           'value needs double quotes: key="text"; numbers and true/false '
+                           "go bare)" for pair in bad]) from None
+
+
+def _readable(pair: str) -> bool:
+    try:
+        parse_config_args([pair])
+    except click.ClickException:
+        return False
+    return True
 
 
 def flatten(table: dict, prefix: str = "") -> dict:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
+from common.config import ConfigError
 from common.run_config import run_config_args
 
 CONF = Path(__file__).resolve().parent.parent / "simulations" / "conf"
@@ -40,3 +41,25 @@ def test_values_flwr_cannot_take_are_refused_with_the_key(tmp_path):
     conf.write_text('data.source = "say \\"hi\\""\n')
     with pytest.raises(ValueError, match="data.source="):
         run_config_args([str(conf)])
+
+
+def test_an_unquoted_string_override_is_refused_naming_that_pair_only():
+    with pytest.raises(ConfigError) as refused:
+        run_config_args(["data.validation-fraction=0.1 lora.head-init=class-names seed=3"])
+    assert refused.value.problems == [
+        "--run-config 'lora.head-init=class-names': not a k=v pair flwr can read (a string "
+        'value needs double quotes: key="text"; numbers and true/false go bare)']
+
+
+def test_the_sweep_refuses_an_unreadable_override_with_exit_2_and_runs_nothing(capsys):
+    from simulations import sweep
+
+    def runner(*_args, **_kwargs):
+        raise AssertionError("nothing may run")
+
+    code = sweep.main(["--methods", "fedsvd", "--epsilons", "3", "--seeds", "0", "--lr-file",
+                       "none", "--run-config", "lora.head-init=class-names", "--dry-run"],
+                      runner=runner)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert "'lora.head-init=class-names'" in err[-2] and "nothing was run" in err[-1]
