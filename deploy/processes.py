@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -30,6 +32,29 @@ def flower_env(home: Path) -> dict[str, str]:
     return {**os.environ, "PATH": path, "FLWR_HOME": str(home),  # the SuperLink and SuperNodes
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # spawn flower-superexec
             "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+@contextlib.contextmanager
+def sigterm_raises_exit() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``SystemExit(143)`` so ``finally`` clauses run.
+
+    Python's default SIGTERM ends the process at once, so a launcher killed by ``kill`` (or a
+    job scheduler) would leave the SuperLink, SuperExec and Ray it started running. Only the
+    main thread can set a handler; elsewhere the block runs unchanged. The previous handler is
+    restored on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_on_sigterm(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stop_process_trees(pids: Iterable[int], timeout: float = 20.0) -> None:

@@ -9,8 +9,6 @@ runtime dependency installation off, and it is always stopped when the run ends.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -18,7 +16,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from common.run_config import run_config_args
-from deploy.processes import failure_lines, free_port, last_run_status, wait_for_port
+from deploy.processes import (
+    failure_lines,
+    flower_env,
+    free_port,
+    last_run_status,
+    sigterm_raises_exit,
+    stop_process_trees,
+    wait_for_port,
+)
 
 CONNECTION = "sim"
 
@@ -42,9 +48,7 @@ def simulation_superlink(flwr_home: Path | None = None) -> Iterator[dict[str, st
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
         f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "PATH": path, "FLWR_HOME": str(home),  # it spawns flower-superexec
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    env = flower_env(home)  # it spawns flower-superexec, which must find the venv's apps
     log = (home / "superlink.log").open("w")
     proc = subprocess.Popen(
         ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
@@ -52,24 +56,13 @@ def simulation_superlink(flwr_home: Path | None = None) -> Iterator[dict[str, st
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        wait_for_port(port, proc)
-        yield env
+        with sigterm_raises_exit():  # a `kill` of this process still stops the SuperLink
+            wait_for_port(port, proc)
+            yield env
     finally:
-        _stop_group(proc)
+        stop_process_trees([proc.pid])  # SuperExec, the simulation and Ray: their own sessions
+        proc.wait()
         log.close()
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the SuperLink's process group (it spawns the apps and Ray), then SIGKILL."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def flwr_run(app_dir: Path, *, run_config: Sequence[str] | str = (), num_supernodes: int = 6,

@@ -1,11 +1,13 @@
 """What a user sees when something is wrong: exit codes and the last lines of every command."""
 
+import contextlib
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from common.config import AppConfig
@@ -122,3 +124,31 @@ def test_a_run_whose_clients_all_fail_exits_1_with_their_reason(tiny_run_config,
                               "3 sampled client(s) failed, so nothing can be trained: Flower "
                               "error reply (code 2): IndexError: simulated bug in partition ")
     assert not (Path(tiny_run_config["output.dir"]) / "broken" / "adapter").exists()
+
+
+def test_a_launcher_killed_by_sigterm_still_stops_its_superlink(tmp_path):
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from simulations.local_superlink import simulation_superlink\n"
+        "with simulation_superlink(Path(sys.argv[1])):\n"
+        "    print('up', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT,
+                                stdout=subprocess.PIPE, text=True)
+    superlinks: list[psutil.Process] = []
+    try:
+        assert launcher.stdout.readline().strip() == "up"
+        superlinks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                      if "flower-superlink" in " ".join(p.cmdline())]
+        assert len(superlinks) == 1
+        launcher.terminate()  # SIGTERM, as `kill` or a job scheduler sends it
+        assert launcher.wait(timeout=60) == 143
+        gone, alive = psutil.wait_procs(superlinks, timeout=5)
+        assert not alive, f"still running after the launcher's SIGTERM: {alive}"
+    finally:
+        launcher.kill()
+        for proc in superlinks:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
