@@ -37,6 +37,7 @@ from deploy.processes import (
     flower_env,
     free_port,
     last_run_status,
+    sigterm_raises_exit,
     stop_from_pid_files,
     stop_process_trees,
     tee,
@@ -275,21 +276,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.certs is None and not (certs / certs_mod.CA_CERT).exists():
             certs_mod.write_all(certs, sans=certs_mod.DEFAULT_SANS, supernodes=args.supernodes)
     deployment = LocalDeployment(args.run_dir, certs)
-    try:
-        deployment.start_superlink()
-        start_supernodes(deployment, args.supernodes, privacy_state=args.privacy_state)
-        if args.keep_running:
-            print(f"SuperLink {deployment.address} and {args.supernodes} SuperNodes running; "
-                  f"FLWR_HOME={deployment.run_dir / 'cli'} flwr run . {CONNECTION}; stop with: "
-                  f"python -m deploy.local --stop --run-dir {args.run_dir}")
-            deployment.processes.clear()  # hand them over to the PID files
-            return 0
-        code = deployment.run_app(args.app, run_config, timeout=args.timeout, echo=True)
-        print(f"logs and results in {deployment.run_dir}")
-        print("\n".join(deployment.failure) or "[run] completed", flush=True)
-        return code
-    finally:
-        deployment.stop()
+    with sigterm_raises_exit():  # a `kill` of this launcher still stops what it started
+        try:
+            deployment.start_superlink()
+            start_supernodes(deployment, args.supernodes, privacy_state=args.privacy_state)
+            if args.keep_running:
+                print(f"SuperLink {deployment.address} and {args.supernodes} SuperNodes running; "
+                      f"FLWR_HOME={deployment.run_dir / 'cli'} flwr run . {CONNECTION}; stop with: "
+                      f"python -m deploy.local --stop --run-dir {args.run_dir}")
+                deployment.processes.clear()  # hand them over to the PID files
+                return 0
+            code = deployment.run_app(args.app, run_config, timeout=args.timeout, echo=True)
+            print(f"logs and results in {deployment.run_dir}")
+            print("\n".join(deployment.failure) or "[run] completed", flush=True)
+            return code
+        finally:
+            deployment.stop()
 
 
 if __name__ == "__main__":
