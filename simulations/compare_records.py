@@ -1,14 +1,16 @@
-"""Two recorded sweeps of the same cells under two settings, paired cell by cell.
+"""Recorded sweeps of the same cells under different settings, each paired with the first.
 
 python -m simulations.compare_records experiments/speed-paired/after experiments/speed-paired/before
+python -m simulations.compare_records experiments/head-pilot/* --markdown
 
 Each argument is a record folder of ``python -m simulations.sweep --record DIR``. Cells with the
-same name (method, ε, α, seed) in both are paired: the same partitions, evaluation subset,
-initial adapter and, with seeded client sampling, the same clients each round; only the
-setting that tells the folders apart differs (and the clients' OS-random DP noise). Prints the
-final accuracy of each pair, the mean difference (first − second) with its 95 % t-interval,
-and the wall time of each. Exit 2 if an argument is not a record folder (no ``cells/``),
-1 if no cell is in both.
+same name (method, ε, α, seed) in the first folder and another are paired: the same partitions,
+evaluation subset, initial adapter and, with seeded client sampling, the same clients each
+round; only the setting that tells the folders apart differs (and the clients' OS-random DP
+noise). For every folder after the first it prints the final accuracy of each pair, the mean
+difference (that folder − the first) with its 95 % t-interval, and the wall time of each;
+``--markdown`` then prints one table row per folder. Exit 2 if an argument is not a record folder
+(no ``cells/``), 1 if some folder shares no cell with the first.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import argparse
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from simulations.sweep_report import CELLS_DIR, is_record_folder, load_runs, t_interval
 
 
-def paired_rows(first: Path, second: Path):
+def paired_rows(first: Path, second: Path) -> pd.DataFrame:
     """Final rows of the cells recorded in both folders, merged on the cell name."""
     a = load_runs(first, records=True).final
     b = load_runs(second, records=True).final
@@ -28,31 +32,64 @@ def paired_rows(first: Path, second: Path):
     return a[columns].merge(b[columns], on="run", suffixes=("_first", "_second"))
 
 
+def print_pairs(pairs: pd.DataFrame, first: Path, other: Path) -> None:
+    """Each pair's final accuracy and wall seconds, then ``other`` − ``first`` with its interval."""
+    print(f"{other} against {first}")
+    print(f"{'cell':<32}{'this':>9}{'first':>9}{'diff':>9}{'s this':>9}{'s first':>10}")
+    for row in pairs.itertuples():
+        print(f"{row.run:<32}{row.accuracy_second:>9.4f}{row.accuracy_first:>9.4f}"
+              f"{row.accuracy_second - row.accuracy_first:>+9.4f}{row.wall_seconds_second:>9.0f}"
+              f"{row.wall_seconds_first:>10.0f}")
+    mean, half = t_interval(pairs["accuracy_second"] - pairs["accuracy_first"])
+    print(f"this − first: {mean:+.4f} ± {half:.4f} (95 % t-interval, n = {len(pairs)}); "
+          f"wall time {pairs['wall_seconds_second'].mean():.0f} s against "
+          f"{pairs['wall_seconds_first'].mean():.0f} s per cell "
+          f"({pairs['wall_seconds_first'].mean() / pairs['wall_seconds_second'].mean():.2f}× "
+          "the first's speed)\n")
+
+
+def markdown_rows(first: Path, others: list[Path]) -> list[str]:
+    """One table row per folder: cells, mean final accuracy, paired difference to the first."""
+    reference = load_runs(first, records=True).final
+    rows = ["| record folder | cells | final accuracy (mean) | − first (95 % t) | s per cell |",
+            "|---|---|---|---|---|",
+            f"| `{first}` | {len(reference)} | {reference['accuracy'].mean():.4f} | "
+            f"(reference) | {reference['wall_seconds'].mean():.0f} |"]
+    for other in others:
+        pairs = paired_rows(first, other)
+        mean, half = t_interval(pairs["accuracy_second"] - pairs["accuracy_first"])
+        interval = f"{mean:+.4f}" + (f" ± {half:.4f}" if len(pairs) > 1 else " (n = 1)")
+        rows.append(f"| `{other}` | {len(pairs)} | {pairs['accuracy_second'].mean():.4f} | "
+                    f"{interval} | {pairs['wall_seconds_second'].mean():.0f} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Print the paired comparison; 2 if a folder is not a record folder, 1 if no cell is shared."""
+    """Print the comparisons; 2 if a folder is not a record folder, 1 if one shares no cell."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("first", type=Path)
-    parser.add_argument("second", type=Path)
+    parser.add_argument("first", type=Path, help="the reference record folder")
+    parser.add_argument("others", type=Path, nargs="+", help="record folders paired with it")
+    parser.add_argument("--markdown", action="store_true",
+                        help="also one markdown table row per folder")
     args = parser.parse_args(argv)
-    for folder in (args.first, args.second):
+    for folder in (args.first, *args.others):
         if not is_record_folder(folder):
             print(f"[compare] {folder} is not a record folder (no {folder / CELLS_DIR}/): give "
                   "the --record DIR of a sweep", file=sys.stderr)
             return 2
-    pairs = paired_rows(args.first, args.second)
-    if pairs.empty:
-        print(f"[compare] no cell is recorded in both {args.first} and {args.second}")
+    unpaired = []
+    for other in args.others:
+        pairs = paired_rows(args.first, other)
+        if pairs.empty:
+            unpaired.append(other)
+        else:
+            print_pairs(pairs, args.first, other)
+    if unpaired:
+        print(f"[compare] no cell is recorded in both {args.first} and "
+              f"{', '.join(map(str, unpaired))}")
         return 1
-    print(f"{'cell':<32}{'first':>9}{'second':>9}{'diff':>9}{'s first':>9}{'s second':>10}")
-    for row in pairs.itertuples():
-        print(f"{row.run:<32}{row.accuracy_first:>9.4f}{row.accuracy_second:>9.4f}"
-              f"{row.accuracy_first - row.accuracy_second:>+9.4f}{row.wall_seconds_first:>9.0f}"
-              f"{row.wall_seconds_second:>10.0f}")
-    mean, half = t_interval(pairs["accuracy_first"] - pairs["accuracy_second"])
-    print(f"first − second: {mean:+.4f} ± {half:.4f} (95 % t-interval, n = {len(pairs)}); "
-          f"wall time {pairs['wall_seconds_first'].mean():.0f} s against "
-          f"{pairs['wall_seconds_second'].mean():.0f} s per cell "
-          f"({pairs['wall_seconds_second'].mean() / pairs['wall_seconds_first'].mean():.2f}×)")
+    if args.markdown:
+        print("\n".join(markdown_rows(args.first, args.others)))
     return 0
 
 
