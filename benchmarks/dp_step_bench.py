@@ -19,6 +19,14 @@ to ``--max-length`` and padded to it, the same for every mode. Modes, each in it
 - ``hooks+bf16``, ``default+bf16``: the frozen encoder under bfloat16 autocast
   (:mod:`common.precision`), timed only where bfloat16 is native unless ``--emulated-bf16``.
 
+``--concurrent K`` instead runs K clients at once, each a process stepping ``default`` with
+``--threads`` torch threads (after all have built their model, so the timed steps overlap), and
+prints their joint examples per second for each thread count given (``--threads 1,2``). Flower's
+simulation runs cores / ``client-resources-num-cpus`` ClientApps side by side and Ray gives each
+``OMP_NUM_THREADS`` = its CPUs, so ``--concurrent 2 --threads 1`` is two 1-CPU clients on 2 cores
+and ``--concurrent 1 --threads 2`` one 2-CPU client: the figures that choose
+``--cpus-per-client``.
+
 Prints the median step time, examples per second, the ratio to ``hooks``, peak memory, and what
 bounds the step: its FLOPs (counted by ``torch.utils.flop_counter`` on the float32 step) against
 this machine's matmul peak measured in the same run (float32 and bfloat16, a 2048 × 384 × 1536
@@ -123,6 +131,41 @@ def run_mode(mode: str, batch_size: int, steps: int, device: str, max_length: in
             "tokens": int(batch[0].shape[1])}
 
 
+def run_concurrent_child(batch_size: int, steps: int, device: str, max_length: int,
+                         threads: int) -> dict:
+    """Build ``default`` with ``threads`` torch threads, say ready, wait for a line, time steps."""
+    import torch
+
+    torch.set_num_threads(threads)
+    private, batch, dtype = build("default", batch_size, device, max_length)
+    step(private, batch, dtype, device)  # warm-up
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(private, batch, dtype, device)
+    return {"seconds": time.perf_counter() - t0}
+
+
+def concurrent_rate(clients: int, threads: int, args: argparse.Namespace) -> float:
+    """Joint examples/s of ``clients`` processes stepping at once, ``threads`` threads each."""
+    cmd = [sys.executable, "-m", "benchmarks.dp_step_bench", "--mode", "concurrent-child",
+           "--threads", str(threads), "--batch-size", str(args.batch_size), "--steps",
+           str(args.steps), "--device", args.device, "--max-length", str(args.max_length)]
+    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(clients)]
+    for proc in procs:
+        while proc.stdout.readline().strip() != "ready":
+            if proc.poll() is not None:
+                raise RuntimeError(f"a concurrent client exited with {proc.returncode}")
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    seconds = [json.loads(proc.communicate()[0].strip().splitlines()[-1])["seconds"]
+               for proc in procs]
+    return clients * args.steps * args.batch_size / max(seconds)
+
+
 def step_flops(batch_size: int, device: str, max_length: int) -> float:
     """FLOPs of one float32 DP-SGD step (hooks), counted by torch's flop counter."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -167,8 +210,28 @@ def main() -> None:
     parser.add_argument("--emulated-bf16", action="store_true",
                         help="also time the bf16 modes where the device has no native bf16 "
                         "(about 100x slower than float32 on an AVX2 CPU)")
-    parser.add_argument("--mode", choices=(*MODES, "flops"), help=argparse.SUPPRESS)
+    parser.add_argument("--concurrent", type=int, default=0, metavar="K",
+                        help="time K concurrent clients (the default path) instead of modes")
+    parser.add_argument("--threads", default="1,2",
+                        help="with --concurrent: torch threads per client, comma-separated")
+    parser.add_argument("--mode", choices=(*MODES, "flops", "concurrent-child"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.mode == "concurrent-child":
+        print(json.dumps(run_concurrent_child(args.batch_size, args.steps, args.device,
+                                              args.max_length, int(args.threads))))
+        return
+    if args.concurrent:
+        print(f"{args.concurrent} concurrent clients, default path, batch {args.batch_size}, "
+              f"max length {args.max_length}, {args.steps} steps each, {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.1f}")
+        rates = {int(t): concurrent_rate(args.concurrent, int(t), args)
+                 for t in args.threads.split(",")}
+        first = next(iter(rates.values()))
+        for threads, rate in rates.items():
+            print(f"  {threads} torch thread(s) each: {rate:.1f} examples/s jointly "
+                  f"({rate / first:.2f}x the first)")
+        return
     if args.mode == "flops":
         print(json.dumps({"flops": step_flops(args.batch_size, args.device, args.max_length),
                           "peak": matmul_peak(args.device)}))
