@@ -24,8 +24,7 @@ to ``--max-length`` and padded to it, the same for every mode. Modes, each in it
 prints their joint examples per second for each thread count given (``--threads 1,2``). Flower's
 simulation runs cores / ``client-resources-num-cpus`` ClientApps side by side and Ray gives each
 ``OMP_NUM_THREADS`` = its CPUs, so ``--concurrent 2 --threads 1`` is two 1-CPU clients on 2 cores
-and ``--concurrent 1 --threads 2`` one 2-CPU client: the figures that choose
-``--cpus-per-client``.
+and ``--concurrent 1 --threads 2`` one 2-CPU client.
 
 Prints the median step time, examples per second, the ratio to ``hooks``, peak memory, and what
 bounds the step: its FLOPs (counted by ``torch.utils.flop_counter`` on the float32 step) against

@@ -96,10 +96,6 @@ class StrategyConfig:
     merged_adapter: str = ""  # merge-sv only: the peft adapter folder of `python -m merging`
     sv_rounds: int = 0  # merge-sv only: σ for this many rounds, then FedSVD; 0: σ every round
 
-    def clients_per_round(self, num_nodes: int) -> int:
-        """How many of ``num_nodes`` nodes a round trains (Flower's FedAvg sample size)."""
-        return max(int(num_nodes * self.fraction_train), self.min_train_nodes)
-
     @property
     def svd_form(self) -> bool:
         """Whether LoRA layers are W0 + s · B diag(σ) A with σ trained alone (merge-sv)."""

@@ -9,15 +9,13 @@ runtime dependency installation off, and it is always stopped when the run ends.
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from common.config import AppConfig
-from common.run_config import app_run_config, run_config_args
+from common.run_config import run_config_args
 from deploy.processes import (
     failure_lines,
     flower_env,
@@ -67,44 +65,16 @@ def simulation_superlink(flwr_home: Path | None = None) -> Iterator[dict[str, st
         log.close()
 
 
-def auto_cpus_per_client(clients_per_round: int, cores: int | None = None) -> int:
-    """CPUs per ClientApp that let a round's clients share this machine's cores.
-
-    With at least as many cores as clients, each gets ``cores // clients`` and they all train at
-    once. With fewer, each client gets every core and they train one after another: on the
-    2-core machine of the README (3 clients a round) one client with 2 threads steps 40.9
-    examples/s against 36.3 for two 1-CPU clients together (``python -m
-    benchmarks.dp_step_bench --concurrent``), and the third client of a round no longer trains
-    alone on one core while the other idles. Measured here only: on a machine with many cores
-    and more clients than cores, pass ``--cpus-per-client 1`` and compare.
-    """
-    cores = cores or len(os.sched_getaffinity(0))
-    return cores if clients_per_round >= cores else cores // clients_per_round
-
-
-def clients_per_round(app_dir: Path, run_config: Sequence[str] | str, num_supernodes: int) -> int:
-    """The clients one round of the run trains, from its configuration."""
-    items = [run_config] if isinstance(run_config, str) else run_config
-    cfg = AppConfig.from_run_config(app_run_config(app_dir, items))
-    return cfg.strategy.clients_per_round(num_supernodes)
-
-
 def flwr_run(app_dir: Path, *, run_config: Sequence[str] | str = (), num_supernodes: int = 6,
-             cpus_per_client: int | None = None, flwr_home: Path | None = None,
+             cpus_per_client: int = 1, flwr_home: Path | None = None,
              timeout: float | None = None) -> int:
     """``flwr run <app_dir> --stream`` on a private SuperLink; 0 only if the run completed.
 
     ``run_config``: override strings ("k=v k2=v2") or .toml files, passed as ``--run-config``.
-    ``cpus_per_client`` None: :func:`auto_cpus_per_client` for the run's clients per round.
     ``flwr run --stream`` exits 0 even when the ServerApp raised, so the run's status is asked
     of the SuperLink before it stops: a run that did not finish as completed returns flwr's
     non-zero code or 1, and its reason is printed last (lines starting ``[run] FAILED``).
     """
-    if cpus_per_client is None:
-        per_round = clients_per_round(app_dir, run_config, num_supernodes)
-        cpus_per_client = auto_cpus_per_client(per_round)
-        print(f"[run] {cpus_per_client} CPU(s) per client ({per_round} clients a round, "
-              f"{len(os.sched_getaffinity(0))} cores; --cpus-per-client sets it)", flush=True)
     federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
     cmd = ["flwr", "run", str(app_dir), CONNECTION, "--stream",
            "--federation-config", federation]

@@ -34,13 +34,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="overrides: 'k1=v1 k2=v2' or a .toml file (keys as in "
                              "pyproject); may be repeated")
     parser.add_argument("--num-supernodes", type=int, default=6)
-    parser.add_argument("--cpus-per-client", type=int, default=None,
-                        help="CPUs per ClientApp (default: the cores shared among a round's "
-                             "clients, every core each if fewer cores than clients)")
+    parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--results-dir", default=str(ROOT / "results"),
                         help="folder for metrics.csv, config.json and the adapter")
     args = parser.parse_args(argv)
-    if args.num_supernodes < 1 or (args.cpus_per_client or 1) < 1:
+    if args.num_supernodes < 1 or args.cpus_per_client < 1:
         parser.error("--num-supernodes and --cpus-per-client must be >= 1")
     run_config = [f"output.dir={json.dumps(args.results_dir)}", *args.run_config]
     if why := refusal(ROOT, run_config, num_partitions=args.num_supernodes):

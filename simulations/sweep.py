@@ -88,9 +88,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--run-config", action="append", default=[],
                    help="'k=v ...' or a .toml file, for every cell (repeatable)")
     p.add_argument("--num-supernodes", type=int, default=6, help="clients")
-    p.add_argument("--cpus-per-client", type=int, default=None,
-                   help="CPUs per ClientApp (default: the cores shared among a round's "
-                        "clients, every core each if fewer cores than clients)")
+    p.add_argument("--cpus-per-client", type=int, default=1)
     p.add_argument("--cell-timeout", type=float, help="seconds; a slower cell fails")
     p.add_argument("--lr-file", default=str(sweep_lr.LR_FILE),
                    help="learning rate per method; 'none': train.learning-rate for all")

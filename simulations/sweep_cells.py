@@ -433,7 +433,7 @@ def following(path: Path, on_line: Callable[[str], None],
         thread.join(timeout=30)
 
 
-def flwr_runner(*, num_supernodes: int = 6, cpus_per_client: int | None = None,
+def flwr_runner(*, num_supernodes: int = 6, cpus_per_client: int = 1,
                 timeout: float | None = None) -> Runner:
     """Run a cell with ``flwr run`` on a private SuperLink; its output and log into ``log``."""
     def run(items: list[str], log: Path) -> int:

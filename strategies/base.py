@@ -169,7 +169,7 @@ class LoraStrategy(FedAvg):
         if self.fraction_train == 0.0:
             return []
         sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train),
-                          self.min_train_nodes)  # FedAvg's; StrategyConfig.clients_per_round
+                          self.min_train_nodes)
         node_ids = self.sampler.sample(grid, server_round, sample_size, self.min_available_nodes)
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})

@@ -12,11 +12,10 @@ import pytest
 
 from common.config import AppConfig
 from deploy import local as deploy_local
-from deploy.processes import RunStatus
 from server.checkpoint import CHECKPOINT_FILE
 from server.preflight import RESULT_FILES, OutputExists, check_output_folder, clear_results
-from simulations import local_superlink, sweep
 from simulations import run as sim_run
+from simulations import sweep
 from simulations.local_superlink import flwr_run
 from tests.conftest import ROOT
 from tests.test_fault_tolerance import _app_with_client_app, _run_config
@@ -153,34 +152,3 @@ def test_a_launcher_killed_by_sigterm_still_stops_its_superlink(tmp_path):
         for proc in superlinks:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
-
-
-@pytest.mark.parametrize(("clients", "cores", "cpus"), [(3, 2, 2), (2, 2, 2), (1, 2, 2),
-                                                        (3, 16, 5), (10, 16, 1), (20, 16, 16)])
-def test_the_cores_are_shared_among_a_rounds_clients(clients, cores, cpus):
-    assert local_superlink.auto_cpus_per_client(clients, cores) == cpus
-
-
-def test_flwr_run_gives_each_client_the_auto_share_of_cores(monkeypatch, capsys):
-    commands = []
-
-    @contextlib.contextmanager
-    def no_superlink(_home=None):
-        yield {}
-
-    def fake_run(cmd, **_kwargs):
-        commands.append(cmd)
-        return subprocess.CompletedProcess(cmd, 0)
-
-    monkeypatch.setattr(local_superlink, "simulation_superlink", no_superlink)
-    monkeypatch.setattr(local_superlink.subprocess, "run", fake_run)
-    done = RunStatus("1", "finished:completed")
-    monkeypatch.setattr(local_superlink, "last_run_status", lambda *_: done)
-    monkeypatch.setattr(local_superlink.os, "sched_getaffinity", lambda _pid: {0, 1})
-    assert flwr_run(ROOT, run_config="strategy.fraction-train=0.5", num_supernodes=6) == 0
-    assert flwr_run(ROOT, run_config="strategy.fraction-train=0.5", num_supernodes=6,
-                    cpus_per_client=1) == 0
-    federations = [cmd[cmd.index("--federation-config") + 1] for cmd in commands]
-    assert federations == ["num-supernodes=6 client-resources-num-cpus=2",
-                           "num-supernodes=6 client-resources-num-cpus=1"]
-    assert "[run] 2 CPU(s) per client (3 clients a round, 2 cores" in capsys.readouterr().out
