@@ -48,7 +48,7 @@ def load_local_data(cfg: AppConfig, partition_id: int, num_partitions: int) -> L
     """Tokenized train/test partition of this node (cached per process across rounds).
 
     In a simulation one process (Ray actor) serves many nodes, one after another: the cache
-    holds 64 partitions (the default's are about 2 MB of token ids each), so an actor serving
+    holds 64 partitions (the default's are about 3 MB of token ids each), so an actor serving
     the 6 default nodes loads and tokenizes each once, not again every few rounds.
 
     Raise :class:`common.data_files.DataError` if the partition is too small to train.
