@@ -2,6 +2,14 @@
 
     python -m privacy.planning --epsilon 6 --examples 1885 --local-steps 10 --rounds 10
     python -m privacy.planning --sigma 1.1 --examples 1885 --batch-size 32 --rounds 10
+    python -m privacy.planning --epsilon 3 --examples 1700 --rounds 30 --batch-sizes 16,32,64,128
+
+``--batch-sizes`` compares expected batch sizes B at the same compute per round as
+``--batch-size`` B₀ × ``--local-steps`` K₀ (K = max(1, round(K₀ · B₀ / B)) steps of batch B) and
+the same budget: σ(B) for that schedule and the relative noise of one round's update,
+σ / (B · √K) against B₀'s (the noise std of the sum of K noisy mean gradients over the sum of
+their signal, for a gradient that stays the same over the round). This is the noise side of the
+choice only: fewer, larger steps also make fewer updates, which only a run can weigh.
 
 The command line refuses (exit status 2, the flag and value named on the last line) what
 training would refuse: ε <= 0, δ outside (0, 1), δ >= 1/n for a private plan (the rule of
@@ -181,6 +189,34 @@ def _as_flag(problem: str) -> str:
     return f"{FLAGS[key]} {rest}" if key in FLAGS else problem
 
 
+@dataclass(frozen=True)
+class BatchOption:
+    """One expected batch size at a fixed compute per round, and the noise it costs."""
+
+    batch_size: int
+    local_steps: int
+    sample_rate: float
+    noise_multiplier: float
+
+    @property
+    def round_noise(self) -> float:
+        """σ / (B · √K): noise-to-signal of one round's summed update, up to C / ‖g‖."""
+        return self.noise_multiplier / (self.batch_size * math.sqrt(self.local_steps))
+
+
+def batch_options(epsilon: float, examples: int, batch_sizes: Sequence[int], *,
+                  reference_batch: int, reference_steps: int, rounds: int, delta: float,
+                  accountant: str = "rdp") -> list[BatchOption]:
+    """σ and round noise of each batch size at the compute of ``reference_batch`` × steps."""
+    options = []
+    for batch in batch_sizes:
+        steps = max(1, round(reference_steps * reference_batch / batch))
+        schedule = Schedule(sample_rate(examples, batch), steps, rounds, accountant=accountant)
+        options.append(BatchOption(batch, steps, schedule.sample_rate,
+                                   plan_noise(epsilon, schedule, delta)))
+    return options
+
+
 def cli_problems(args: argparse.Namespace) -> list[str]:
     """What training would refuse in these settings, one line per problem naming the flag.
 
@@ -234,12 +270,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--amplification", action="store_true",
                         help="count client sampling as amplification (trusted, secret sampling)")
     parser.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
+    parser.add_argument("--batch-sizes", type=_sizes, metavar="B,B,...",
+                        help="with --epsilon: compare these expected batch sizes at the compute "
+                             "per round of --batch-size x --local-steps")
     args = parser.parse_args(argv)
-    if problems := cli_problems(args):
+    problems = cli_problems(args)
+    if args.batch_sizes and args.epsilon is None:
+        problems.append("--batch-sizes: needs --epsilon (the budget every option meets)")
+    for batch in args.batch_sizes or ():
+        if batch >= 1 and fewer_than_one_batch(args.examples, batch):
+            problems.append(f"--batch-sizes {batch}: more than --examples {args.examples}")
+    if problems:
         parser.error("; ".join(problems))
     # Opacus warns when the best RDP order is its largest one; clients use the same orders,
     # so the plan matches what they will report.
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    if args.batch_sizes:
+        print_batch_options(args)
+        return
     try:
         schedule = Schedule(sample_rate(args.examples, args.batch_size), args.local_steps,
                             args.rounds, args.participation, args.amplification,
@@ -261,6 +309,41 @@ def main(argv: Sequence[str] | None = None) -> None:
         expected = max(1, round(args.participation * args.rounds))
         print(f"expected rounds sampled at p = {args.participation}: {expected} "
               f"-> ε ≈ {curve[expected - 1]:.4f}")
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes must be >= 1")
+    return sizes
+
+
+def print_batch_options(args: argparse.Namespace) -> None:
+    """The table of ``--batch-sizes``: σ and round noise of each, relative to ``--batch-size``."""
+    options = batch_options(args.epsilon, args.examples, args.batch_sizes,
+                            reference_batch=args.batch_size, reference_steps=args.local_steps,
+                            rounds=args.rounds, delta=args.delta, accountant=args.accountant)
+    reference = batch_options(args.epsilon, args.examples, [args.batch_size],
+                              reference_batch=args.batch_size, reference_steps=args.local_steps,
+                              rounds=args.rounds, delta=args.delta,
+                              accountant=args.accountant)[0].round_noise
+    best = min(options, key=lambda o: o.round_noise)
+    print(f"ε = {args.epsilon:g}, δ = {args.delta:g}, n = {args.examples}, {args.rounds} rounds, "
+          f"{args.batch_size * args.local_steps} examples per round (batch {args.batch_size} × "
+          f"{args.local_steps} steps), {args.accountant}, no amplification")
+    print("batch  steps/round  examples/round        q        σ   σ/B per step   round noise "
+          f"vs batch {args.batch_size}")
+    for o in options:
+        mark = "  <- least noise" if o is best else ""
+        print(f"{o.batch_size:5d}  {o.local_steps:11d}  {o.batch_size * o.local_steps:14d}  "
+              f"{o.sample_rate:7.4f}  "
+              f"{o.noise_multiplier:7.4f}  {o.noise_multiplier / o.batch_size:13.4f}   "
+              f"{o.round_noise / reference:>10.2f}x{mark}")
+    print("round noise: σ / (B · √steps), the noise of a round's update over its signal; fewer, "
+          "larger steps also make fewer updates, which only a run can weigh")
 
 
 if __name__ == "__main__":

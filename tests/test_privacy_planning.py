@@ -8,7 +8,15 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
 from common.config import ConfigError, check_delta
-from privacy.planning import ORDERS, Schedule, epsilon_curve, main, plan_noise, sample_rate
+from privacy.planning import (
+    ORDERS,
+    Schedule,
+    batch_options,
+    epsilon_curve,
+    main,
+    plan_noise,
+    sample_rate,
+)
 
 DELTA = 1e-5
 
@@ -163,3 +171,33 @@ def test_cli_lists_every_problem_on_the_last_line(capsys):
     code, last = refusal(capsys, "--epsilon", "-1", "--delta", "2", "--rounds", "0")
     assert code == 2
     assert all(f in last for f in ("--epsilon -1.0", "--delta 2.0", "--rounds 0")), last
+
+
+def test_batch_options_keep_the_compute_and_the_budget():
+    options = batch_options(3.0, 1700, [16, 32, 64], reference_batch=32, reference_steps=10,
+                            rounds=30, delta=1e-5)
+    assert [(o.batch_size, o.local_steps) for o in options] == [(16, 20), (32, 10), (64, 5)]
+    for o in options:  # each σ is the plan of its own schedule, spent exactly to the budget
+        assert o.sample_rate == sample_rate(1700, o.batch_size)
+        assert o.noise_multiplier == pytest.approx(get_noise_multiplier(
+            target_epsilon=3.0, target_delta=1e-5, sample_rate=o.sample_rate,
+            steps=30 * o.local_steps, accountant="rdp", epsilon_tolerance=0.01), rel=0.02)
+        assert o.round_noise == o.noise_multiplier / (o.batch_size * math.sqrt(o.local_steps))
+    # σ grows slower than B in this regime, so at equal compute larger batches cost less noise
+    assert options[0].round_noise > options[1].round_noise > options[2].round_noise
+
+
+def test_cli_compares_batch_sizes_and_refuses_them_without_a_budget(capsys):
+    main(["--epsilon", "3", "--examples", "1700", "--rounds", "30", "--batch-sizes", "16,32,64"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.strip()[:2].isdigit()]
+    assert [row[:3] for row in rows] == [["16", "20", "320"], ["32", "10", "320"],
+                                        ["64", "5", "320"]]
+    assert rows[1][6] == "1.00x" and rows[2][-3:] == ["<-", "least", "noise"]
+    with pytest.raises(SystemExit) as refused:
+        main(["--sigma", "1", "--examples", "1700", "--batch-sizes", "16,32"])
+    assert refused.value.code == 2
+    assert "--batch-sizes: needs --epsilon" in capsys.readouterr().err.splitlines()[-1]
+    with pytest.raises(SystemExit):
+        main(["--epsilon", "3", "--examples", "100", "--batch-sizes", "16,512"])
+    assert "--batch-sizes 512: more than --examples 100" in capsys.readouterr().err
