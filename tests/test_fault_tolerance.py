@@ -124,8 +124,11 @@ def test_a_run_killed_after_round_2_resumes_to_the_uninterrupted_result(tiny_run
 def test_a_client_that_raises_in_round_2_drops_out_and_the_run_completes(tiny_run_config,
                                                                            tmp_path):
     app = _app_with_client_app(tmp_path / "app", "faulty_clients:raises_in_round_2")
+    # The norm screen off: with the tiny model's non-private updates on 3 non-iid partitions an
+    # honest array can move 12x the other two's median (seen once in CI); screening has its tests.
     run_config = _run_config(tiny_run_config,
-                             {"strategy.num-rounds": 3, "output.run-name": "dropout"})
+                             {"strategy.num-rounds": 3, "output.run-name": "dropout",
+                              "strategy.max-norm-ratio": 0})
     assert flwr_run(app, run_config=run_config, num_supernodes=3, flwr_home=tmp_path / "home",
                     timeout=RUN_TIMEOUT) == 0
 
