@@ -277,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     problems = cli_problems(args)
     if args.batch_sizes and args.epsilon is None:
         problems.append("--batch-sizes: needs --epsilon (the budget every option meets)")
+    if args.batch_sizes and (args.amplification or args.participation < 1):
+        problems.append("--batch-sizes: compares plans without amplification; drop "
+                        "--amplification and --participation")
     for batch in args.batch_sizes or ():
         if batch >= 1 and fewer_than_one_batch(args.examples, batch):
             problems.append(f"--batch-sizes {batch}: more than --examples {args.examples}")
@@ -323,13 +326,13 @@ def _sizes(text: str) -> list[int]:
 
 def print_batch_options(args: argparse.Namespace) -> None:
     """The table of ``--batch-sizes``: σ and round noise of each, relative to ``--batch-size``."""
-    options = batch_options(args.epsilon, args.examples, args.batch_sizes,
+    planned = batch_options(args.epsilon, args.examples,
+                            list(dict.fromkeys([*args.batch_sizes, args.batch_size])),
                             reference_batch=args.batch_size, reference_steps=args.local_steps,
                             rounds=args.rounds, delta=args.delta, accountant=args.accountant)
-    reference = batch_options(args.epsilon, args.examples, [args.batch_size],
-                              reference_batch=args.batch_size, reference_steps=args.local_steps,
-                              rounds=args.rounds, delta=args.delta,
-                              accountant=args.accountant)[0].round_noise
+    by_size = {o.batch_size: o for o in planned}  # --batch-size's σ planned once, listed or not
+    reference = by_size[args.batch_size].round_noise
+    options = [by_size[batch] for batch in dict.fromkeys(args.batch_sizes)]
     best = min(options, key=lambda o: o.round_noise)
     print(f"ε = {args.epsilon:g}, δ = {args.delta:g}, n = {args.examples}, {args.rounds} rounds, "
           f"{args.batch_size * args.local_steps} examples per round (batch {args.batch_size} × "

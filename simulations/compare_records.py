@@ -48,15 +48,17 @@ def print_pairs(pairs: pd.DataFrame, first: Path, other: Path) -> None:
           "the first's speed)\n")
 
 
-def markdown_rows(first: Path, others: list[Path]) -> list[str]:
-    """One table row per folder: cells, mean final accuracy, paired difference to the first."""
+def markdown_rows(first: Path, paired: dict[Path, pd.DataFrame]) -> list[str]:
+    """One table row per folder: cells, mean final accuracy, paired difference to the first.
+
+    ``paired``: each other folder's :func:`paired_rows` with ``first``.
+    """
     reference = load_runs(first, records=True).final
     rows = ["| record folder | cells | final accuracy (mean) | − first (95 % t) | s per cell |",
             "|---|---|---|---|---|",
             f"| `{first}` | {len(reference)} | {reference['accuracy'].mean():.4f} | "
             f"(reference) | {reference['wall_seconds'].mean():.0f} |"]
-    for other in others:
-        pairs = paired_rows(first, other)
+    for other, pairs in paired.items():
         mean, half = t_interval(pairs["accuracy_second"] - pairs["accuracy_first"])
         interval = f"{mean:+.4f}" + (f" ± {half:.4f}" if len(pairs) > 1 else " (n = 1)")
         rows.append(f"| `{other}` | {len(pairs)} | {pairs['accuracy_second'].mean():.4f} | "
@@ -77,19 +79,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[compare] {folder} is not a record folder (no {folder / CELLS_DIR}/): give "
                   "the --record DIR of a sweep", file=sys.stderr)
             return 2
-    unpaired = []
-    for other in args.others:
-        pairs = paired_rows(args.first, other)
-        if pairs.empty:
-            unpaired.append(other)
-        else:
+    paired = {other: paired_rows(args.first, other) for other in args.others}
+    unpaired = [other for other, pairs in paired.items() if pairs.empty]
+    for other, pairs in paired.items():
+        if not pairs.empty:
             print_pairs(pairs, args.first, other)
     if unpaired:
         print(f"[compare] no cell is recorded in both {args.first} and "
               f"{', '.join(map(str, unpaired))}")
         return 1
     if args.markdown:
-        print("\n".join(markdown_rows(args.first, args.others)))
+        print("\n".join(markdown_rows(args.first, paired)))
     return 0
 
 

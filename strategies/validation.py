@@ -308,7 +308,6 @@ class ReplyValidator:
                          for i, why in sorted(reasons.items())]
         out.valid = [m for i, m in enumerate(out.valid) if i not in reasons]
 
-
     def _enough_numbers(self, keys: list[str]) -> bool:
         """Whether a group has d ≥ (MIN_NOISE_Z / c)² numbers, c = ``min_update_cosine``.
 

@@ -201,3 +201,11 @@ def test_cli_compares_batch_sizes_and_refuses_them_without_a_budget(capsys):
     with pytest.raises(SystemExit):
         main(["--epsilon", "3", "--examples", "100", "--batch-sizes", "16,512"])
     assert "--batch-sizes 512: more than --examples 100" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--epsilon", "3", "--examples", "1700", "--batch-sizes", "16,32", "--amplification",
+              "--participation", "0.5"])
+    assert "--batch-sizes: compares plans without amplification" in capsys.readouterr().err
+    main(["--epsilon", "3", "--examples", "1700", "--batch-sizes", "64,128"])  # 32 not listed
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.strip()[:2].isdigit()]
+    assert [row[0] for row in rows] == ["64", "128"] and float(rows[0][6][:-1]) < 1
