@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-LORA_METHODS = ("fedsvd", "ffa", "fedavg", "flora", "fedex", "rolora")  # from scratch; the sweep's
-STRATEGIES = (*LORA_METHODS, "merge-sv")  # merge-sv: adapt a merged adapter by its σ alone
+from common.methods import METHOD_NAMES, METHODS
+
 PARTITIONERS = ("dirichlet", "iid", "column")  # column: one client per value of a column
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
@@ -27,7 +27,6 @@ CLIENT_SAMPLINGS = ("seeded", "random")  # strategies.sampling
 # How the valid replies of a round are combined (strategies.aggregation): the weighted mean, or
 # a robust aggregator of Flower's (flwr.serverapp.strategy) over the same replies.
 AGGREGATIONS = ("mean", "trimmed-mean", "median", "krum", "multi-krum")
-PRODUCT_METHODS = ("flora", "fedex")  # they need every client's B_k A_k: the weighted mean only
 # Settings that the default run name shows in clear; every other non-default one goes into
 # its hash (output.* never: where a run is written is not what it is).
 NAMED_KEYS = ("strategy.name", "privacy.epsilon", "seed")
@@ -99,12 +98,19 @@ class StrategyConfig:
     @property
     def svd_form(self) -> bool:
         """Whether LoRA layers are W0 + s · B diag(σ) A with σ trained alone (merge-sv)."""
-        return self.name == "merge-sv"
+        method = METHODS.get(self.name)
+        return method is not None and method.svd_form
+
+    @property
+    def needs_products(self) -> bool:
+        """Whether the method folds every client's B_k A_k into the base weights (FLoRA, FedEx)."""
+        method = METHODS.get(self.name)
+        return method is not None and method.needs_products
 
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
         p: list[str] = []
-        _check(p, self.name in STRATEGIES, "strategy.name", self.name, f"one of {STRATEGIES}")
+        _check(p, self.name in METHODS, "strategy.name", self.name, f"one of {METHOD_NAMES}")
         _check(p, self.num_rounds >= 1, "strategy.num-rounds", self.num_rounds, "must be >= 1")
         _check(p, 0 < self.fraction_train <= 1, "strategy.fraction-train",
                self.fraction_train, "must be in (0, 1]")
@@ -127,7 +133,7 @@ class StrategyConfig:
                "must be 0 (off), >= 1, or inf (off)")
         _check(p, self.aggregation in AGGREGATIONS, "strategy.aggregation", self.aggregation,
                f"one of {AGGREGATIONS}")
-        _check(p, self.aggregation == "mean" or self.name not in PRODUCT_METHODS,
+        _check(p, self.aggregation == "mean" or not self.needs_products,
                "strategy.aggregation", self.aggregation,
                f"strategy.name={self.name!r} folds every client's B_k A_k into the base weights "
                "and needs aggregation='mean'")

@@ -19,51 +19,10 @@ from server.evaluation import GlobalEvaluator
 from server.preflight import check_run, clear_results
 from server.results import save_run
 from server.resume import prepare_run
-from strategies import (
-    FedAvgLoRA,
-    FedExLoRA,
-    FedSVD,
-    FFALoRA,
-    FLoRA,
-    LoraStrategy,
-    MergeSV,
-    RoLoRA,
-)
 from strategies.merge_sv import merged_adapter_state
-from strategies.sampling import PartitionSampler
+from strategies.registry import build_strategy
 
 app = ServerApp()
-
-
-STRATEGY_CLASSES: dict[str, type[LoraStrategy]] = {
-    "fedsvd": FedSVD, "ffa": FFALoRA, "fedavg": FedAvgLoRA, "flora": FLoRA, "fedex": FedExLoRA,
-    "rolora": RoLoRA, "merge-sv": MergeSV,
-}
-
-
-def build_strategy(cfg: AppConfig, layout: AdapterLayout) -> LoraStrategy:
-    """The strategy named by ``strategy.name``, for the LoRA layers of ``layout``."""
-    s = cfg.strategy
-    own = {  # the settings only one method has
-        "fedsvd": {"svd_period": s.svd_period},
-        "flora": {"lora_scale": layout.scale, "seed": cfg.seed},
-        "fedex": {"lora_scale": layout.scale},
-        "merge-sv": {"sv_rounds": s.sv_rounds, "svd_period": s.svd_period},
-    }.get(s.name, {})
-    return STRATEGY_CLASSES[s.name](
-        layout.modules, **own, train_head=cfg.lora.train_head,
-        min_valid_replies=s.min_valid_replies, max_norm_ratio=s.max_norm_ratio,
-        # The direction screen rests on DP noise: it makes honest updates nearly orthogonal
-        # (cosine ~ 1/√d). Without it, honest clients may disagree in earnest.
-        min_update_cosine=s.min_update_cosine if cfg.privacy.is_private else -1.0,
-        max_weight_ratio=s.max_weight_ratio,
-        aggregation=s.aggregation, trim_fraction=s.trim_fraction, num_malicious=s.num_malicious,
-        stop_on_failed_round=s.stop_on_failed_round,
-        sampler=PartitionSampler(cfg.seed) if s.client_sampling == "seeded" else None,
-        fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
-        min_train_nodes=s.min_train_nodes, min_available_nodes=s.min_train_nodes,
-        min_evaluate_nodes=1 if s.fraction_evaluate else 0,
-    )
 
 
 class RunFailed(RuntimeError):

@@ -39,8 +39,8 @@ from client.training import load_local_data
 from common.adapter import AdapterLayout
 from common.config import AppConfig
 from common.model import build_model
-from server.app import STRATEGY_CLASSES
 from server.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from strategies.registry import build_strategy
 
 COLUMNS = ("run", "round", "‖g‖ lora", "‖g‖ head", "clipped", "lora share", "NSR lora", "‖A‖₂")
 
@@ -55,7 +55,7 @@ def diagnose(folder: Path, *, batches: int, partition: int, num_partitions: int)
                         svd_form=cfg.strategy.svd_form)
     layout = AdapterLayout.from_model(model)
     layout.load(checkpoint.arrays.to_torch_state_dict())
-    strategy = STRATEGY_CLASSES[cfg.strategy.name](layout.modules)
+    strategy = build_strategy(cfg, layout)
     factors = strategy.train_factors(1)
     trainable = layout.set_trainable(model, factors, cfg.lora.train_head)
     lora = {id(p) for pair in layout.pairs for p in (pair.factor(f) for f in factors)}

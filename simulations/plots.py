@@ -19,7 +19,8 @@ import pandas as pd
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from simulations.sweep_report import epsilon_label, method_order
+from common.methods import method_order
+from simulations.sweep_report import epsilon_label
 
 matplotlib.use("Agg")  # files only: no display needed
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
-from common.config import LORA_METHODS, STRATEGIES
+from common.methods import FROM_SCRATCH, METHOD_NAMES, METHODS
 from common.run_config import run_config_args
 from simulations import sweep_lr
 from simulations.sweep_cells import (
@@ -67,9 +67,9 @@ def _ints(text: str) -> list[int]:
 
 def _methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in STRATEGIES]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}: one of {STRATEGIES}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}: one of {METHOD_NAMES}")
     return methods
 
 
@@ -77,9 +77,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """The command line; ε and seeds default to the sweep's or, with --tune-lr, the tuning's."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", type=_methods, default=list(LORA_METHODS),
-                   help=f"comma-separated, of {','.join(STRATEGIES)} (merge-sv needs "
-                   f"strategy.merged-adapter); default {','.join(LORA_METHODS)}")
+    p.add_argument("--methods", type=_methods, default=list(FROM_SCRATCH),
+                   help=f"comma-separated, of {','.join(METHOD_NAMES)} (merge-sv needs "
+                   f"strategy.merged-adapter); default {','.join(FROM_SCRATCH)}")
     p.add_argument("--epsilons", type=_floats, help="default inf,6,3,1 (--tune-lr: 6)")
     p.add_argument("--seeds", type=_ints, help="default 0,1,2 (--tune-lr: 0)")
     p.add_argument("--alphas", type=_floats, default=[0.5], help="Dirichlet α; default 0.5")

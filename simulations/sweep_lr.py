@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from common.methods import method_order
 from simulations.sweep_cells import ROOT, Cell
-from simulations.sweep_report import method_order, summarize
+from simulations.sweep_report import summarize
 
 LR_FILE = ROOT / "simulations" / "learning_rates.toml"
 HEADER = """\

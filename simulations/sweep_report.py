@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from common.config import STRATEGIES, AppConfig
+from common.config import AppConfig
+from common.methods import method_order
 
 ATTEMPTS_FILE = "sweep-attempts.csv"  # one row per cell run: written by simulations.sweep_cells
 CELLS_DIR = "cells"  # in a record folder: <run>.csv and <run>.json of every complete cell
@@ -198,12 +199,6 @@ def paired_differences(final: pd.DataFrame, reference: str = "fedsvd") -> pd.Dat
     paired = others.merge(ref, on=keys, suffixes=("", "_ref"))
     paired = paired.assign(accuracy=paired["accuracy_ref"] - paired["accuracy"])
     return summarize(paired)
-
-
-def method_order(methods) -> list[str]:
-    """The methods in the README's order (STRATEGIES), unknown names last."""
-    return sorted(set(methods), key=lambda m: (STRATEGIES.index(m) if m in STRATEGIES
-                                               else len(STRATEGIES), m))
 
 
 def epsilon_label(epsilon: float) -> str:

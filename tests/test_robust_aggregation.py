@@ -170,7 +170,7 @@ def test_the_direction_screen_is_for_private_runs_only(tiny_run_config):
     from common.adapter import AdapterLayout
     from common.config import AppConfig
     from common.model import build_model
-    from server.app import build_strategy
+    from strategies.registry import build_strategy
 
     for epsilon, expected in ((6.0, -0.5), (math.inf, -1.0)):
         cfg = AppConfig.from_run_config({**tiny_run_config, "privacy.epsilon": epsilon,
