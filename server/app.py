@@ -9,12 +9,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from common import schema
 from common.adapter import AdapterLayout
 from common.config import AppConfig
 from common.data import encode, eval_subset
 from common.model import build_model, load_tokenizer
 from common.precision import resolve_compute_dtype
 from common.public_head import set_class_name_head
+from common.schema import RoundTrainingMetrics
 from server.evaluation import GlobalEvaluator
 from server.preflight import check_run, clear_results
 from server.results import save_run
@@ -74,9 +76,10 @@ def run(grid: Grid, context: Context) -> None:
     full_test = encode(corpus.test, tokenizer, cfg.model.max_length)
     subset = encode(eval_subset(corpus.test, cfg.data.max_eval_examples, cfg.seed), tokenizer,
                     cfg.model.max_length)
-    strategy = build_strategy(cfg, layout)
+    training = RoundTrainingMetrics()  # the strategy records each round's, the evaluator reads
+    strategy = build_strategy(cfg, layout, training_metrics=training)
     evaluator = GlobalEvaluator(model, layout, subset=subset, full=full_test,
-                                final_round=cfg.strategy.num_rounds, strategy=strategy,
+                                final_round=cfg.strategy.num_rounds, training=training,
                                 split=corpus.eval_split, eval_every=cfg.strategy.eval_every,
                                 compute_dtype=resolve_compute_dtype(
                                     cfg.model.compute_dtype, next(model.parameters()).device))
@@ -87,7 +90,7 @@ def run(grid: Grid, context: Context) -> None:
     result = checkpointed.start(grid=grid, initial_arrays=initial,
                                 num_rounds=cfg.strategy.num_rounds, train_config=ConfigRecord(),
                                 evaluate_fn=evaluator)
-    if not any(row.get("clients-trained", 0) for row in evaluator.rows):
+    if not any(row.get(schema.CLIENTS_TRAINED, 0) for row in evaluator.rows):
         raise RunFailed("no round updated the global adapter: every client reply failed, was "
                         "rejected or had spent its budget (see the WARNING lines above); nothing "
                         f"was saved to {folder}")

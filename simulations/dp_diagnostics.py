@@ -36,6 +36,7 @@ import torch
 from opacus import GradSampleModule
 
 from client.training import load_local_data
+from common import schema
 from common.adapter import AdapterLayout
 from common.config import AppConfig
 from common.model import build_model
@@ -47,7 +48,7 @@ COLUMNS = ("run", "round", "‖g‖ lora", "‖g‖ head", "clipped", "lora shar
 
 def diagnose(folder: Path, *, batches: int, partition: int, num_partitions: int) -> dict:
     """The statistics of the module docstring for one run folder."""
-    run_config = json.loads((folder / "config.json").read_text())
+    run_config = json.loads((folder / schema.CONFIG_FILE).read_text())
     cfg = AppConfig.from_run_config(run_config)
     checkpoint = load_checkpoint(folder, cfg)
     data = load_local_data(cfg, partition, num_partitions)

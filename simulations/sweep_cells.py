@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from common import schema
 from common.config import AppConfig
 from common.run_config import app_run_config, override_text
 from server.checkpoint import CHECKPOINT_FILE
@@ -130,20 +131,20 @@ def refuse_failing_runs(planned: Mapping[str, Sequence[str]], *,
 
 def is_complete(run_folder: Path, num_rounds: int) -> bool:
     """Whether ``run_folder/metrics.csv`` holds the row of round ``num_rounds`` (the last)."""
-    return _has_round(Path(run_folder) / "metrics.csv", num_rounds)
+    return _has_round(Path(run_folder) / schema.METRICS_FILE, num_rounds)
 
 
 def _has_round(table: Path, num_rounds: int) -> bool:
     try:
         with Path(table).open() as f:
-            return any(float(row["round"]) == num_rounds for row in csv.DictReader(f))
+            return any(float(row[schema.ROUND]) == num_rounds for row in csv.DictReader(f))
     except (OSError, KeyError, ValueError, TypeError):
         return False
 
 
 def stale_settings(run_folder: Path, cfg: AppConfig) -> list[str]:
     """Keys whose value in ``run_folder/config.json`` differs from ``cfg`` (output.* aside)."""
-    return _differing_settings(Path(run_folder) / "config.json", cfg)
+    return _differing_settings(Path(run_folder) / schema.CONFIG_FILE, cfg)
 
 
 def _differing_settings(path: Path, cfg: AppConfig) -> list[str]:
@@ -183,9 +184,9 @@ def write_record(run_folder: Path, record: Path) -> tuple[Path, Path]:
     written to a temporary file and renamed, so a reader never sees half of one.
     """
     run_folder = Path(run_folder)
-    config_text = (run_folder / "config.json").read_text()
+    config_text = (run_folder / schema.CONFIG_FILE).read_text()
     config = json.loads(config_text)
-    with (run_folder / "metrics.csv").open(newline="") as f:
+    with (run_folder / schema.METRICS_FILE).open(newline="") as f:
         header, *rows = list(csv.reader(f))
     ident = [run_folder.name, config["strategy.name"], config["privacy.epsilon"],
              config["data.dirichlet-alpha"], config["seed"], config["train.learning-rate"],
@@ -580,9 +581,9 @@ def failure_reason(log: Path) -> str:
 
 
 def _last_accuracy(run_folder: Path) -> float:
-    with (run_folder / "metrics.csv").open() as f:
+    with (run_folder / schema.METRICS_FILE).open() as f:
         rows = list(csv.DictReader(f))
-    return float(rows[-1]["accuracy"])
+    return float(rows[-1][schema.ACCURACY])
 
 
 def _record_attempt(folder: Path, outcome: Outcome, command: str) -> None:

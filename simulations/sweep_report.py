@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from common import schema
 from common.config import AppConfig
 from common.methods import method_order
 
@@ -45,10 +46,11 @@ CONFIG_COLUMNS = {  # tidy column: config.json key
     "method": "strategy.name", "epsilon": "privacy.epsilon", "alpha": "data.dirichlet-alpha",
     "seed": "seed", "learning_rate": "train.learning-rate",
 }
-METRIC_COLUMNS = {  # tidy column: metrics.csv column
-    "round": "round", "accuracy": "accuracy", "loss": "loss", "eval_examples": "eval-examples",
-    "train_loss": "train-loss", "epsilon_mean": "epsilon-mean", "epsilon_max": "epsilon-max",
-    "bytes_up": "bytes-up", "bytes_down": "bytes-down", "wall_seconds": "wall-seconds",
+METRIC_COLUMNS = {  # tidy column: metrics.csv column (common.schema)
+    column.replace("-", "_"): column for column in (
+        schema.ROUND, schema.ACCURACY, schema.LOSS, schema.EVAL_EXAMPLES, schema.TRAIN_LOSS,
+        schema.EPSILON_MEAN, schema.EPSILON_MAX, schema.BYTES_UP, schema.BYTES_DOWN,
+        schema.WALL_SECONDS)
 }
 VARIED = {*CONFIG_COLUMNS.values(), "data.validation-fraction"}  # may differ between runs
 
@@ -99,12 +101,12 @@ Source = Iterator[tuple[str, dict | None, pd.DataFrame | None]]  # name, config,
 
 
 def _run_folders(folder: Path) -> Source:
-    for run in sorted(p for p in folder.iterdir() if (p / "metrics.csv").is_file()):
-        if not (run / "config.json").is_file():
+    for run in sorted(p for p in folder.iterdir() if (p / schema.METRICS_FILE).is_file()):
+        if not (run / schema.CONFIG_FILE).is_file():
             yield run.name, None, None
             continue
-        yield (run.name, json.loads((run / "config.json").read_text()),
-               pd.read_csv(run / "metrics.csv"))
+        yield (run.name, json.loads((run / schema.CONFIG_FILE).read_text()),
+               pd.read_csv(run / schema.METRICS_FILE))
 
 
 def _records(folder: Path) -> Source:

@@ -7,6 +7,7 @@ import importlib
 from common.adapter import AdapterLayout
 from common.config import AppConfig
 from common.methods import METHODS
+from common.schema import RoundTrainingMetrics
 from strategies.base import LoraStrategy
 from strategies.sampling import PartitionSampler
 
@@ -20,11 +21,13 @@ def strategy_class(name: str) -> type[LoraStrategy]:
     return cls
 
 
-def build_strategy(cfg: AppConfig, layout: AdapterLayout) -> LoraStrategy:
+def build_strategy(cfg: AppConfig, layout: AdapterLayout, *,
+                   training_metrics: RoundTrainingMetrics | None = None) -> LoraStrategy:
     """The strategy named by ``strategy.name``, for the LoRA layers of ``layout``.
 
     Its own settings come from its :class:`common.methods.Method`; the reply screen, the
-    aggregation and client sampling are the same for every method.
+    aggregation and client sampling are the same for every method. It records each round's
+    training columns into ``training_metrics`` (None: a new one, ``strategy.training_metrics``).
     """
     s = cfg.strategy
     return strategy_class(s.name)(
@@ -40,5 +43,5 @@ def build_strategy(cfg: AppConfig, layout: AdapterLayout) -> LoraStrategy:
         sampler=PartitionSampler(cfg.seed) if s.client_sampling == "seeded" else None,
         fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=s.min_train_nodes, min_available_nodes=s.min_train_nodes,
-        min_evaluate_nodes=1 if s.fraction_evaluate else 0,
+        min_evaluate_nodes=1 if s.fraction_evaluate else 0, training_metrics=training_metrics,
     )

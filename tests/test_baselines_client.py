@@ -13,8 +13,8 @@ from common.adapter import AdapterLayout
 from common.config import AppConfig
 from common.model import build_model
 from privacy import PrivacyLedger, make_private
-from strategies.registry import build_strategy
 from server.results import BASE_DELTA_FILE, load_model, save_adapter
+from strategies.registry import build_strategy
 
 NODE = {"partition-id": 0, "num-partitions": 2}
 

@@ -1,7 +1,6 @@
 """A sweep that spans machines: per-cell records in git, resume from them, reports, progress."""
 
 import csv
-import inspect
 import json
 import logging
 import math
@@ -52,6 +51,7 @@ def evaluator_line(r, accuracy, epsilon, seconds, split="test"):
 def test_round_line_is_read_from_what_the_evaluator_logs(monkeypatch):
     from flwr.app import ArrayRecord
 
+    from common.schema import RoundTrainingMetrics
     from server import evaluation
 
     monkeypatch.setattr(evaluation, "evaluate", lambda model, data, **kw: (1.25, 0.3125))
@@ -60,20 +60,19 @@ def test_round_line_is_read_from_what_the_evaluator_logs(monkeypatch):
         def load(self, state):
             pass
 
-    class Strategy:
-        last_round_metrics = {"epsilon-mean": 1.2, "epsilon-max": 1.25, "bytes-up": 2e6,
-                              "bytes-down": 4e6}
+    training = RoundTrainingMetrics()
+    for r in (2, 3):
+        training.record(r, {"epsilon-mean": 1.2, "epsilon-max": 1.25, "bytes-up": 2e6,
+                            "bytes-down": 4e6})
 
     logged = []
     handler = logging.Handler()
     handler.emit = lambda record: logged.append(record.getMessage())
     logger = logging.getLogger("flwr")
     logger.addHandler(handler)
-    every = ({"eval_every": 2} if "eval_every" in
-             inspect.signature(evaluation.GlobalEvaluator).parameters else {})
     try:
         evaluator = evaluation.GlobalEvaluator(None, Layout(), subset=[0] * 4, full=[0] * 9,
-                                               final_round=4, strategy=Strategy(), **every)
+                                               final_round=4, training=training, eval_every=2)
         for r in (0, 2, 3):
             evaluator(r, ArrayRecord())
     finally:
@@ -82,8 +81,10 @@ def test_round_line_is_read_from_what_the_evaluator_logs(monkeypatch):
     assert [r.round for r in rows] == [0, 2, 3]
     assert rows[1].accuracy == pytest.approx(0.3125) and rows[1].epsilon == pytest.approx(1.25)
     assert math.isnan(rows[0].epsilon)
-    if every:  # round 3 is not evaluated (strategy.eval-every = 2): no accuracy, ε all the same
-        assert math.isnan(rows[2].accuracy) and rows[2].epsilon == pytest.approx(1.25)
+    # round 3 is not evaluated (strategy.eval-every = 2): no accuracy, ε all the same
+    assert math.isnan(rows[2].accuracy) and rows[2].epsilon == pytest.approx(1.25)
+    assert [row["round"] for row in evaluator.rows] == [0, 2, 3]
+    assert "accuracy" not in evaluator.rows[2] and evaluator.rows[2]["epsilon-max"] == 1.25
     # As it reaches the cell's log through flwr run --stream (a real line, colours and all):
     real = ("\x1b[92mINFO \x1b[0m:      round 1 | validation accuracy 0.3750 | validation loss "
             "1.0949 | client ε mean 5.995 max 5.995 | MB up 0.01 down 0.01 | 22 s")

@@ -318,7 +318,7 @@ def test_too_few_valid_replies_keep_the_global_adapter(caplog):
     assert "2 valid trained repl(ies), min_valid_replies=3: no update" in caplog.text
     after = strategy._global.to_torch_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    last = strategy.last_round_metrics
+    last = strategy.training_metrics.of(1)
     assert (last["replies-rejected"], last["replies-failed"], last["clients-trained"]) == (1, 1, 0)
 
 
