@@ -50,17 +50,6 @@ def _check_file(problems: list[str], key: str, path: str) -> None:
     _check(problems, Path(path).expanduser().is_file(), key, path, "no such file")
 
 
-def check_delta(delta: float, num_examples: int, where: str) -> None:
-    """Raise ConfigError unless δ < 1/n: a larger δ allows leaking one whole example.
-
-    ``num_examples`` is n, the number of training examples whose privacy δ protects (a
-    client's partition; the server checks the whole training split before round 1).
-    """
-    if num_examples >= 1 and not delta < 1 / num_examples:
-        raise ConfigError([f"privacy.delta={delta!r}: must be < 1/n = {1 / num_examples:.3g} "
-                           f"(n = {num_examples} training examples of {where})"])
-
-
 def fewer_than_one_batch(num_examples: int, batch_size: int) -> bool:
     """Whether a client of ``num_examples`` cannot train: fewer than one expected batch.
 

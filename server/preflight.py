@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common import schema
-from common.config import RUN_LEDGER_DIR, AppConfig, check_delta
+from common.config import RUN_LEDGER_DIR, AppConfig
 from common.model_path import resolve_model_path
 from common.run_config import app_run_config
 
@@ -83,6 +83,7 @@ def check_run(cfg: AppConfig, *, num_partitions: int | None = None) -> Corpus:
     partition too small to train. In a deployment each client checks its own.
     """
     from common.data import check_partitions, load_corpus
+    from privacy.policy import check_delta
 
     resolve_model_path(cfg.model)
     corpus = load_corpus(cfg.data, cfg.seed)
