@@ -45,7 +45,7 @@ from merging import load_sources
 from merging.adapter_io import PROVENANCE_FILE, read_provenance
 from merging.perturb import half_rank, noise_like, save_source
 from server.checkpoint import CHECKPOINT_FILE
-from simulations.sweep_cells import (
+from simulations.experiments.cells import (
     ROOT,
     Runner,
     cell_config,
@@ -56,12 +56,9 @@ from simulations.sweep_cells import (
     say,
     stale_settings,
 )
-from simulations.sweep_report import (
-    load_runs,
-    markdown_table,
-    replace_between_markers,
-    summarize,
-)
+from simulations.reports.records import load_runs
+from simulations.reports.statistics import summarize
+from simulations.reports.tables import markdown_table, replace_between_markers
 
 # 20 Newsgroups topic groups; misc.forsale (one class) is in none: a federation needs 2 classes.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -270,7 +267,7 @@ def report(folder: Path, readme: Path | None = None) -> Path:
     changes nothing) and the CSVs and plots into ``_static/merge-loo/<folder name>/`` beside it,
     linked from there.
     """
-    from simulations import plots  # matplotlib only when plotting
+    from simulations.reports import plots  # matplotlib only when plotting
 
     runs = load_runs(folder, also_varied=("strategy.merged-adapter",))
     if runs.final.empty:

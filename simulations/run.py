@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from server.preflight import refusal
-from simulations.local_superlink import flwr_run
+from simulations.launch.superlink import flwr_run
 
 ROOT = Path(__file__).resolve().parent.parent
 REFUSED_EXIT_CODE = 2

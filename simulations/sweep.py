@@ -36,8 +36,8 @@ from flwr.common.config import parse_config_args
 
 from common.methods import FROM_SCRATCH, METHOD_NAMES, METHODS
 from common.run_config import run_config_args
-from simulations import sweep_lr
-from simulations.sweep_cells import (
+from simulations.experiments import learning_rates as sweep_lr
+from simulations.experiments.cells import (
     ROOT,
     Cell,
     Runner,
@@ -47,14 +47,9 @@ from simulations.sweep_cells import (
     report_outcomes,
     run_cells,
 )
-from simulations.sweep_report import (
-    CELLS_DIR,
-    is_record_folder,
-    load_runs,
-    markdown_table,
-    summarize,
-    write_report,
-)
+from simulations.reports.records import CELLS_DIR, is_record_folder, load_runs
+from simulations.reports.statistics import summarize
+from simulations.reports.tables import markdown_table, write_report
 
 
 def _floats(text: str) -> list[float]:

@@ -16,7 +16,7 @@ from common.data import encode, load_corpus
 from common.evaluation import evaluate
 from common.model import load_tokenizer
 from merging.sources import load_adapter
-from simulations.local_superlink import flwr_run
+from simulations.launch.superlink import flwr_run
 from tests.conftest import ROOT
 
 

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from server.checkpoint import CHECKPOINT_FILE, METADATA_KEY
-from simulations.local_superlink import flwr_run
+from simulations.launch.superlink import flwr_run
 from tests.conftest import ROOT
 
 TINY = ("model.path", "model.max-length", "data.source", "data.text-column", "data.label-column",

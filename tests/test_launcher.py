@@ -16,7 +16,7 @@ from server.checkpoint import CHECKPOINT_FILE
 from server.preflight import RESULT_FILES, OutputExists, check_output_folder, clear_results
 from simulations import run as sim_run
 from simulations import sweep
-from simulations.local_superlink import flwr_run
+from simulations.launch.superlink import flwr_run
 from tests.conftest import ROOT
 from tests.test_fault_tolerance import _app_with_client_app, _run_config
 
@@ -130,7 +130,7 @@ def test_a_launcher_killed_by_sigterm_still_stops_its_superlink(tmp_path):
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from simulations.local_superlink import simulation_superlink\n"
+        "from simulations.launch.superlink import simulation_superlink\n"
         "with simulation_superlink(Path(sys.argv[1])):\n"
         "    print('up', flush=True)\n"
         "    time.sleep(600)\n"

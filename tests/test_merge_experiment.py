@@ -13,7 +13,7 @@ from test_merging import MODULES
 from common.config import DataConfig
 from common.data import load_corpus, select_labels
 from simulations import merge_experiment as mx
-from simulations.sweep_cells import cell_config
+from simulations.experiments.cells import cell_config
 
 
 class FakeFlower:

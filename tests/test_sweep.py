@@ -13,18 +13,17 @@ import pytest
 from scipy import stats
 
 from common.config import AppConfig
-from simulations import sweep, sweep_cells, sweep_lr
-from simulations.sweep_cells import Cell, cell_config, grid, is_complete, run_cells
-from simulations.sweep_report import (
-    ATTEMPTS_FILE,
+from simulations import sweep
+from simulations.experiments import cells as sweep_cells
+from simulations.experiments import learning_rates as sweep_lr
+from simulations.experiments.cells import Cell, cell_config, grid, is_complete, run_cells
+from simulations.reports.records import ATTEMPTS_FILE, load_runs
+from simulations.reports.statistics import paired_differences, summarize, t_interval
+from simulations.reports.tables import (
     README_END,
     README_START,
-    load_runs,
     markdown_table,
-    paired_differences,
     replace_between_markers,
-    summarize,
-    t_interval,
     write_report,
 )
 

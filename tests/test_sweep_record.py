@@ -14,8 +14,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from simulations import sweep, sweep_cells
-from simulations.sweep_cells import (
+from simulations import sweep
+from simulations.experiments import cells as sweep_cells
+from simulations.experiments.cells import (
     Progress,
     cell_config,
     grid,
@@ -24,14 +25,8 @@ from simulations.sweep_cells import (
     run_cells,
     write_record,
 )
-from simulations.sweep_report import (
-    README_END,
-    README_START,
-    RECORD_COLUMNS,
-    load_runs,
-    settings_digest,
-    write_report,
-)
+from simulations.reports.records import RECORD_COLUMNS, load_runs, settings_digest
+from simulations.reports.tables import README_END, README_START, write_report
 from tests.test_sweep import FINALS, fake_runner, write_run
 
 INF = math.inf
@@ -394,7 +389,7 @@ def test_records_of_tuning_and_of_the_sweep_are_not_mixed(tmp_path):
 
 
 def test_learning_rate_tuning_resumes_from_its_records(tmp_path):
-    from simulations import sweep_lr
+    from simulations.experiments import learning_rates as sweep_lr
 
     out, rec, lr_file = tmp_path / "out", tmp_path / "rec-lr", tmp_path / "lr.toml"
     argv = ["--methods", "fedsvd", "--out", str(out), "--lr-file", str(lr_file), "--record",

@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from common.methods import method_order
-from simulations.sweep_cells import ROOT, Cell
-from simulations.sweep_report import summarize
+from simulations.experiments.cells import ROOT, Cell
+from simulations.reports.statistics import summarize
 
 LR_FILE = ROOT / "simulations" / "learning_rates.toml"
 HEADER = """\

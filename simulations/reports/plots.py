@@ -1,4 +1,4 @@
-"""The sweep's PNG plots, from the tidy table of :mod:`simulations.sweep_report`.
+"""The sweep's PNG plots, from the tidy table of :mod:`simulations.reports.records`.
 
 - ``accuracy_vs_round_a<α>.png``: eval accuracy per round, one panel per ε, one line per
   method (mean over seeds; the last round is on the whole eval split, the others on the fixed
@@ -20,7 +20,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from common.methods import method_order
-from simulations.sweep_report import epsilon_label
+from simulations.reports.records import epsilon_label
 
 matplotlib.use("Agg")  # files only: no display needed
 

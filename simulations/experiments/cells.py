@@ -40,17 +40,17 @@ from common.config import AppConfig
 from common.run_config import app_run_config, override_text
 from server.checkpoint import CHECKPOINT_FILE
 from server.preflight import check_run
-from simulations.local_superlink import flwr_run
-from simulations.sweep_report import (
+from simulations.launch.superlink import flwr_run
+from simulations.reports.records import (
     ATTEMPTS_FILE,
     CELLS_DIR,
     RECORD_COLUMNS,
-    duration,
     record_command,
     settings_digest,
 )
+from simulations.reports.tables import duration
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the app: pyproject.toml
 Runner = Callable[[list[str], Path], int]  # (run-config items, log file) -> exit code
 
 
@@ -178,7 +178,7 @@ def write_record(run_folder: Path, record: Path) -> tuple[Path, Path]:
     """Write the record of a complete run: ``record/cells/<run>.csv`` and ``<run>.json``.
 
     The CSV holds RECORD_COLUMNS (run, method, epsilon, alpha, seed, learning_rate,
-    num_rounds, settings: :func:`simulations.sweep_report.settings_digest`), all from the
+    num_rounds, settings: :func:`simulations.reports.records.settings_digest`), all from the
     run's ``config.json``, then every column of its ``metrics.csv`` as written, one row per
     round; the JSON is the run's ``config.json``. No adapter: a few kB per cell. Each file is
     written to a temporary file and renamed, so a reader never sees half of one.
@@ -571,7 +571,7 @@ def _run_one(cell: Cell, folder: Path, overrides: Sequence[str], runner: Runner,
 
 
 def failure_reason(log: Path) -> str:
-    """The reason :func:`simulations.local_superlink.flwr_run` printed last in ``log``."""
+    """The reason :func:`simulations.launch.superlink.flwr_run` printed last in ``log``."""
     try:
         lines = log.read_text(errors="replace").splitlines()
     except OSError:
