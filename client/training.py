@@ -27,7 +27,7 @@ from common.data import (
 from common.data_files import DataError
 from common.model import build_model, load_tokenizer, train_mode
 from common.precision import autocast, resolve_compute_dtype
-from privacy import PrivacyLedger, PrivateTraining, make_private
+from privacy import PrivacyLedger, PrivateTraining, frozen_input_backward, make_private
 from privacy.grouped_clipping import ClipGroup, head_and_adapter_groups
 from privacy.policy import RoundPrivacy
 
@@ -200,7 +200,8 @@ def run_local_steps(private: PrivateTraining, steps: int,
         with autocast(dev, dtype):
             logits = private.module(input_ids=input_ids, attention_mask=mask).logits
         loss = private.criterion(logits.float(), labels)
-        loss.backward()
+        with frozen_input_backward():
+            loss.backward()
         private.optimizer.step()  # with an empty Poisson batch Opacus still adds the noise
         if labels.numel():
             losses.append(float(loss.item()))

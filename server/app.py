@@ -18,10 +18,10 @@ from common.precision import resolve_compute_dtype
 from common.public_head import set_class_name_head
 from common.schema import RoundTrainingMetrics
 from server.evaluation import GlobalEvaluator
+from server.merged_adapter import merged_adapter_state
 from server.preflight import check_run, clear_results
 from server.results import save_run
 from server.resume import prepare_run
-from strategies.merge_sv import merged_adapter_state
 from strategies.registry import build_strategy
 
 app = ServerApp()

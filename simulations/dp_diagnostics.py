@@ -40,6 +40,7 @@ from common import schema
 from common.adapter import AdapterLayout
 from common.config import AppConfig
 from common.model import build_model
+from privacy import frozen_input_backward
 from server.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from strategies.registry import build_strategy
 
@@ -72,7 +73,8 @@ def diagnose(folder: Path, *, batches: int, partition: int, num_partitions: int)
             break
         wrapped.zero_grad(set_to_none=True)
         logits = wrapped(input_ids=input_ids, attention_mask=mask).logits
-        torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+        with frozen_input_backward():
+            torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
         sq_lora = sum(p.grad_sample.flatten(1).pow(2).sum(1) for p in trainable if id(p) in lora)
         sq_head = sum((p.grad_sample.flatten(1).pow(2).sum(1) for p in trainable
                        if id(p) not in lora), torch.zeros(len(labels)))

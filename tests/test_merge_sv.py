@@ -17,8 +17,9 @@ from common.config import AppConfig, ConfigError
 from common.model import build_model
 from common.singular_values import SingularValueLinear
 from privacy import PrivacyLedger, make_private
+from server.merged_adapter import merged_adapter_state
 from server.results import save_adapter
-from strategies.merge_sv import merged_adapter_state, svd_form_state
+from strategies.merge_sv import svd_form_state
 
 MODULES = [f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2)
            for p in ("query", "value")]
