@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 from collections.abc import Iterator
 from pathlib import Path
 
+from filelock import FileLock
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -70,8 +70,7 @@ def node_privacy_state(context: Context, cfg: AppConfig) -> Iterator[None]:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.with_name(path.name + ".lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the lock file closes
+    with FileLock(path.with_name(path.name + ".lock")):
         if path.exists():
             ledger, sigma = PrivacyLedger.load(path, accountant)
             t.store_ledger(context, ledger, sigma)

@@ -1,7 +1,11 @@
-"""Print a run's metrics.csv as a Markdown table: ``python -m simulations.summarize <run dir>``."""
+"""Print a run's metrics.csv as a Markdown table: ``fedsvd-summarize <run dir>``.
+
+Also ``python -m simulations.summarize <run dir>``.
+"""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import sys
 from pathlib import Path
@@ -41,5 +45,17 @@ def markdown_table(metrics_csv: Path) -> str:
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Print the table of one run folder."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_dir", type=Path, help="a run's results folder (with metrics.csv)")
+    args = parser.parse_args(argv)
+    path = args.run_dir / schema.METRICS_FILE
+    if not path.is_file():
+        parser.error(f"{path}: no such file (is {args.run_dir} a finished run's folder?)")
+    print(markdown_table(path))
+    return 0
+
+
 if __name__ == "__main__":
-    print(markdown_table(Path(sys.argv[1]) / schema.METRICS_FILE))
+    sys.exit(main())

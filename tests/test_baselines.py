@@ -22,6 +22,7 @@ from kernels import stacked_product
 from strategies import FedAvgLoRA, FedExLoRA, FedSVD, FFALoRA, FLoRA, MergeSV, RoLoRA
 from strategies.registry import build_strategy, strategy_class
 from tests.conftest import ROOT, default_run_config
+from tests.helpers import FakeGrid
 
 MODULES = ["enc.0.query", "enc.1.value"]
 SHAPES = {"enc.0.query": (7, 5), "enc.1.value": (4, 6)}  # (d_out, d_in)
@@ -41,14 +42,6 @@ def b_key(m):
 
 def s_key(m):
     return contract.lora_key(m, "S")
-
-
-class FakeGrid:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def get_node_ids(self):
-        return list(range(1, self.n + 1))
 
 
 def _tensor(rng, shape) -> torch.Tensor:

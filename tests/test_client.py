@@ -11,7 +11,7 @@ from common import contract
 from common.adapter import AdapterLayout
 from common.config import AppConfig
 from common.model import build_model
-from privacy import PrivacyLedger, make_private
+from tests.helpers import private_sgd
 
 NODE = {"partition-id": 0, "num-partitions": 2}
 
@@ -42,11 +42,7 @@ def test_local_training_changes_b_and_only_b(tiny_run_config, train_head):
                                                    if train_head else set())
     assert {id(p) for p in trainable} == expected
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    private = make_private(
-        module=model, optimizer=torch.optim.SGD(trainable, lr=0.5),
-        data_loader=torch.utils.data.DataLoader(data.train, batch_size=8),
-        noise_multiplier=1.0, max_grad_norm=1.0, ledger=PrivacyLedger(),
-    )
+    private = private_sgd(model, trainable, data.train)
     assert {id(p) for g in private.optimizer.param_groups for p in g["params"]} == expected
     t.run_local_steps(private, 3)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}

@@ -1,7 +1,6 @@
 """The app through Flower end to end: `flwr run` on a private simulation SuperLink."""
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +14,14 @@ from common.config import AppConfig
 from common.data import encode, load_corpus
 from common.evaluation import evaluate
 from common.model import load_tokenizer
+from common.run_config import override_text
 from merging.sources import load_adapter
 from simulations.launch.superlink import flwr_run
 from tests.conftest import ROOT
 
 
 def _toml_overrides(values: dict) -> str:
-    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+    return override_text(values)
 
 
 def _run_tiny(tiny_run_config: dict, tmp_path, name: str, **extra) -> tuple[Path, list[dict]]:

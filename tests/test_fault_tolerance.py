@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from common.run_config import override_text
 from server.checkpoint import CHECKPOINT_FILE, METADATA_KEY
 from simulations.launch.superlink import flwr_run
 from tests.conftest import ROOT
@@ -30,7 +31,7 @@ RUN_TIMEOUT = 240
 
 def _run_config(tiny_run_config: dict, values: dict) -> list[str]:
     chosen = {k: tiny_run_config[k] for k in TINY} | {"strategy.fraction-train": 1.0} | values
-    return [" ".join(f"{k}={json.dumps(v)}" for k, v in chosen.items()), "privacy.epsilon=inf"]
+    return [override_text(chosen), "privacy.epsilon=inf"]
 
 
 def _app_with_client_app(folder: Path, client_app: str) -> Path:

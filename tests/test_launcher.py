@@ -1,7 +1,6 @@
 """What a user sees when something is wrong: exit codes and the last lines of every command."""
 
 import contextlib
-import json
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import psutil
 import pytest
 
 from common.config import AppConfig
+from common.run_config import override_text
 from deploy import local as deploy_local
 from server.checkpoint import CHECKPOINT_FILE
 from server.preflight import RESULT_FILES, OutputExists, check_output_folder, clear_results
@@ -40,7 +40,7 @@ def test_a_bad_configuration_exits_2_within_10_s_naming_every_key():
 
 def _tiny_overrides(tiny_run_config: dict, **extra) -> list[str]:
     keys = {k: v for k, v in tiny_run_config.items() if k.split(".")[0] in ("model", "data")}
-    return [" ".join(f"{k}={json.dumps(v)}" for k, v in {**keys, **extra}.items())]
+    return [override_text({**keys, **extra})]
 
 
 def test_bad_data_is_refused_before_any_superlink(tiny_run_config, tmp_path, capsys):

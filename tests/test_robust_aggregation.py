@@ -18,16 +18,9 @@ from common import contract
 from common.config import DataConfig
 from strategies import FedSVD, FFALoRA
 from strategies.aggregation import cap_weights
+from tests.helpers import FakeGrid
 
 ROUNDS_BEFORE = (0, 5)  # round 1 (B = 0), and after 5 rounds of training
-
-
-class FakeGrid:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def get_node_ids(self):
-        return list(range(1, self.n + 1))
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 
 from common import contract
 from strategies import FedSVD
+from tests.helpers import FakeGrid
 
 MODULES = ["enc.0.query", "enc.0.value", "enc.1.query"]
 SHAPES = {"enc.0.query": (12, 10), "enc.0.value": (12, 10), "enc.1.query": (6, 9)}  # (m, n)
 R = 3
-
-
-class FakeGrid:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def get_node_ids(self):
-        return list(range(1, self.n + 1))
 
 
 def _global(rng) -> dict[str, torch.Tensor]:

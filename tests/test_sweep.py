@@ -13,6 +13,7 @@ import pytest
 from scipy import stats
 
 from common.config import AppConfig
+from common.run_config import override_text
 from simulations import sweep
 from simulations.experiments import cells as sweep_cells
 from simulations.experiments import learning_rates as sweep_lr
@@ -365,7 +366,7 @@ TINY_KEYS = ("model.path", "model.max-length", "data.source", "data.text-column"
 
 
 def _tiny_sweep_args(tiny_run_config, out: Path, methods: str) -> list[str]:
-    overrides = " ".join(f"{k}={json.dumps(tiny_run_config[k])}" for k in TINY_KEYS)
+    overrides = override_text({k: tiny_run_config[k] for k in TINY_KEYS})
     return ["--methods", methods, "--epsilons", "6", "--seeds", "0", "--out", str(out),
             "--num-supernodes", "3", "--run-config", overrides + " strategy.num-rounds=1",
             "--cell-timeout", "300"]

@@ -29,6 +29,7 @@ from strategies.validation import (
     ReplyValidator,
     expected_arrays,
 )
+from tests.helpers import FakeGrid
 
 MODULES = ["l0.query", "l1.value"]
 B_SHAPES = {"l0.query": (3, 2), "l1.value": (4, 2)}  # (m, r)
@@ -38,14 +39,6 @@ B0, B1 = contract.lora_key(MODULES[0], "B"), contract.lora_key(MODULES[1], "B")
 EXPECTED_KEYS = [B0, B1, HEAD]
 REQUIRED = [contract.NUM_EXAMPLES, contract.TRAIN_LOSS, contract.EPSILON,
             contract.NOISE_MULTIPLIER]
-
-
-class FakeGrid:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def get_node_ids(self):
-        return list(range(1, self.n + 1))
 
 
 def _global() -> dict[str, torch.Tensor]:
