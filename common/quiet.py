@@ -10,6 +10,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 
+import datasets
 from transformers.utils import logging as hf_logging
 
 # Expected when building the model: peft asks transformers whether gradient checkpointing is on
@@ -37,3 +38,18 @@ def quiet_model_loading() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_dataset_progress() -> Iterator[None]:
+    """The ``datasets`` progress bars off for the block, as they were after it.
+
+    "Flattening the indices", once per partition cut: every client round of a fresh process.
+    """
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()

@@ -5,7 +5,9 @@ A run writes ``<output.dir>/<run name>/`` (:func:`server.results.save_run`):
 - ``metrics.csv`` (:data:`METRICS_FILE`): one row per round, round 0 being the initial
   adapter, with the :data:`COLUMNS` below in this order (a column no row has is left out);
 - ``config.json`` (:data:`CONFIG_FILE`): the flat run config (``AppConfig.to_dict``);
-- ``adapter/`` (:data:`ADAPTER_DIR`): the peft adapter.
+- ``adapter/`` (:data:`ADAPTER_DIR`): the peft adapter;
+- ``run.log`` (:data:`RUN_LOG`): everything the run printed, when ``simulations.run`` ran it
+  (each attempt appended after a header line).
 
 The strategy produces the training columns of a round (:class:`RoundTrainingMetrics`), the
 server's evaluator adds the evaluation columns and writes the row; summaries, the sweep's
@@ -23,6 +25,7 @@ from common import contract
 METRICS_FILE = "metrics.csv"
 CONFIG_FILE = "config.json"
 ADAPTER_DIR = "adapter"
+RUN_LOG = "run.log"
 
 ROUND = "round"
 WALL_SECONDS = "wall-seconds"

@@ -49,13 +49,12 @@ from simulations.experiments.cells import (
     ROOT,
     Runner,
     cell_config,
-    failure_reason,
     flwr_runner,
     is_complete,
     refuse_failing_runs,
-    say,
     stale_settings,
 )
+from simulations.launch.console import failure_reason, say
 from simulations.reports.records import load_runs
 from simulations.reports.statistics import summarize
 from simulations.reports.tables import markdown_table, replace_between_markers

@@ -18,6 +18,7 @@ from simulations import sweep
 from simulations.experiments import cells as sweep_cells
 from simulations.experiments import learning_rates as sweep_lr
 from simulations.experiments.cells import Cell, cell_config, grid, is_complete, run_cells
+from simulations.launch import console
 from simulations.reports.records import ATTEMPTS_FILE, load_runs
 from simulations.reports.statistics import paired_differences, summarize, t_interval
 from simulations.reports.tables import (
@@ -143,7 +144,7 @@ def test_complete_runs_with_other_settings_stop_the_sweep(tmp_path):
 
 def test_cell_output_goes_to_its_log_file(tmp_path):
     log = tmp_path / "cell.log"
-    with sweep_cells._output_to(log):
+    with console.output_to(log):
         subprocess.run(["echo", "from a child"], check=True)
     assert log.read_text() == "from a child\n"
 

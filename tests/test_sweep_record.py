@@ -17,14 +17,14 @@ import pytest
 from simulations import sweep
 from simulations.experiments import cells as sweep_cells
 from simulations.experiments.cells import (
-    Progress,
     cell_config,
     grid,
-    parse_round_line,
     record_paths,
     run_cells,
     write_record,
 )
+from simulations.launch import console
+from simulations.launch.console import Progress, parse_round_line
 from simulations.reports.records import RECORD_COLUMNS, load_runs, settings_digest
 from simulations.reports.tables import README_END, README_START, write_report
 from tests.test_sweep import FINALS, fake_runner, write_run
@@ -157,7 +157,7 @@ def test_progress_goes_to_the_terminal_while_the_output_goes_to_the_log(tmp_path
 
     def runner(items, log):
         cfg = cell_config(items)
-        with sweep_cells._output_to(log):
+        with console.output_to(log):
             subprocess.run(["echo", "from flwr"], check=True)
             os.write(1, f"INFO : {evaluator_line(1, 0.25, 1.0, 12)}\n".encode())  # as flwr does
             assert printed.wait(10)  # said while fd 1 and 2 still go to the log
@@ -177,7 +177,7 @@ def test_a_thread_follows_only_new_lines(tmp_path):
     log = tmp_path / "a.log"
     log.write_text("old line\n")
     got = []
-    with sweep_cells.following(log, got.append, interval=0.01):
+    with console.following(log, got.append, interval=0.01):
         with log.open("a") as f:
             f.write("new 1\nnew")
             f.flush()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.methods import method_order
+from simulations.launch.console import duration
 from simulations.reports.records import (
     ATTEMPTS_FILE,
     COMMANDS_FILE,
@@ -78,14 +79,6 @@ def machine_time(runs: Runs) -> tuple[float, str]:
     return float(runs.final["wall_seconds"].sum()), (
         f"sum of the last round's wall-seconds of the {len(runs.final)} recorded cells: "
         "ServerApp time, without SuperLink start-up")
-
-
-def duration(seconds: float) -> str:
-    """``2 h 05 min``, ``9 min 12 s`` or ``41 s``."""
-    s = round(seconds)
-    if s >= 3600:
-        return f"{s // 3600} h {s % 3600 // 60:02d} min"
-    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
 def report_block(summary: pd.DataFrame, runs: Runs, *, commands: list[str], wall: float,
