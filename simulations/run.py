@@ -33,14 +33,7 @@ from common import schema
 from common.config import AppConfig
 from common.run_config import app_run_config
 from server.preflight import REFUSED, preflight
-from simulations.launch.console import (
-    Progress,
-    duration,
-    failure_reason,
-    following,
-    output_to,
-    say,
-)
+from simulations.launch import console
 from simulations.launch.superlink import flwr_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,35 +74,37 @@ def main(argv: list[str] | None = None) -> int:
     log = folder / schema.RUN_LOG
     with log.open("a") as f:
         f.write(f"=== {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC: {' '.join(sys.argv)}\n")
-    say(f"[run] {cfg.run_name}: {cfg.strategy.name}, ε {cfg.privacy.epsilon:g}, "
-        f"{cfg.strategy.num_rounds} rounds on {args.num_supernodes} SuperNodes; "
-        f"everything it prints goes to {log}")
+    console.say(f"[run] {cfg.run_name}: {cfg.strategy.name}, ε {cfg.privacy.epsilon:g}, "
+                f"{cfg.strategy.num_rounds} rounds on {args.num_supernodes} SuperNodes; "
+                f"everything it prints goes to {log}")
     started = time.monotonic()
-    with output_to(log), following(log, _console(cfg, verbose=args.verbose)):
+    with console.output_to(log), console.following(log, _console(cfg, verbose=args.verbose)):
         code = flwr_run(ROOT, run_config=run_config, num_supernodes=args.num_supernodes,
                         cpus_per_client=args.cpus_per_client)
     if code:
-        say(f"[run] FAILED after {duration(time.monotonic() - started)}: "
-            f"{failure_reason(log) or f'exit code {code}'} (whole output: {log})")
+        reason = console.failure_reason(log) or f"exit code {code}"
+        console.say(f"[run] FAILED after {console.duration(time.monotonic() - started)}: "
+                    f"{reason} (whole output: {log})")
         return code
-    say(_summary(folder, cfg, time.monotonic() - started))
+    console.say(_summary(folder, cfg, time.monotonic() - started))
     return 0
 
 
 def _console(cfg: AppConfig, *, verbose: bool):
     """``on_line`` for the run's log: round progress, warnings and errors (verbose: all)."""
-    rounds = Progress(say).cell("[run]", "", cfg.strategy.num_rounds, rounds_after=None)
+    rounds = console.Progress(console.say).cell("[run]", "", cfg.strategy.num_rounds,
+                                                rounds_after=None)
 
     def on_line(line: str) -> None:
         if verbose:
-            say(line)
+            console.say(line)
             return
         rounds(line)
         text = ANSI.sub("", line).strip()
         if text.startswith("[run]"):  # flwr_run's own verdict: main() says it at the end
             return
         if SHOWN.search(text) and not any(e in text for e in EXPECTED):
-            say(f"[run] {text}")
+            console.say(f"[run] {text}")
     return on_line
 
 
@@ -121,9 +116,9 @@ def _summary(folder: Path, cfg: AppConfig, seconds: float) -> str:
     epsilons = [float(r[schema.EPSILON_MAX]) for r in rows if r.get(schema.EPSILON_MAX)]
     spent = (f"largest client ε {max(epsilons):.2f} (budget {cfg.privacy.epsilon:g})"
              if epsilons and math.isfinite(cfg.privacy.epsilon) else "no privacy budget")
-    return (f"[run] done in {duration(seconds)}: final {last[schema.EVAL_SPLIT]} accuracy "
-            f"{float(last[schema.ACCURACY]):.4f} on {last[schema.EVAL_EXAMPLES]} examples, "
-            f"{spent}; results in {folder}")
+    return (f"[run] done in {console.duration(seconds)}: final {last[schema.EVAL_SPLIT]} "
+            f"accuracy {float(last[schema.ACCURACY]):.4f} on {last[schema.EVAL_EXAMPLES]} "
+            f"examples, {spent}; results in {folder}")
 
 
 if __name__ == "__main__":
