@@ -67,7 +67,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            svd_form=True, settings=lambda cfg, scale: {"sv_rounds": cfg.strategy.sv_rounds,
                                                        "svd_period": cfg.strategy.svd_period}),
 )}
-METHOD_NAMES = tuple(METHODS)  # the README's order: tables and plots list methods so
+METHOD_NAMES = tuple(METHODS)  # the docs' order: tables and plots list methods so
 FROM_SCRATCH = tuple(name for name, m in METHODS.items() if m.from_scratch)  # the sweep's default
 
 

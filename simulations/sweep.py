@@ -6,7 +6,7 @@ python -m simulations.sweep --tune-lr --lrs 0.25,0.5,1,2   # lr per method, on v
 python -m simulations.sweep                                # 6 methods × ε inf,6,3,1 × seeds 0,1,2
 python -m simulations.sweep --methods fedsvd,ffa --epsilons 6,1 --seeds 0,1 --out results/small
     --run-config "strategy.num-rounds=3 train.local-steps=5 data.max-client-examples=200"
-python -m simulations.sweep --report-only --readme         # CSV, plots, table; table into README
+python -m simulations.sweep --report-only --readme         # CSV, plots; table into the docs
 python -m simulations.sweep --record experiments/main --commit   # a sweep that spans machines
 python -m simulations.sweep --report-only --record experiments/main --readme
 
@@ -101,8 +101,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="rebuild CSV, plots and table from the run folders in --out (with "
                    "--record: from DIR/cells alone)")
-    p.add_argument("--readme", type=Path, nargs="?", const=ROOT / "README.md",
-                   help="also put the table between the README's sweep-table markers")
+    p.add_argument("--readme", type=Path, nargs="?", const=ROOT / "docs" / "experiments.md",
+                   help="also put the table between the sweep-table markers of this Markdown "
+                        "page (default docs/experiments.md)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells and whether each is recorded, complete or to run")
     args = p.parse_args(argv)

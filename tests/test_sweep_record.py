@@ -372,6 +372,12 @@ def test_report_only_from_records_alone(tmp_path, capsys):
     text = readme.read_text()
     assert "](experiments/main/accuracy_vs_epsilon_a0.5.png)" in text
     assert not (tmp_path / "_static").exists()  # the plots are linked where they are
+    docs = tmp_path / "docs" / "experiments.md"  # a page one folder down links upwards
+    docs.parent.mkdir()
+    docs.write_text(f"# experiments\n\n{README_START}\n{README_END}\n")
+    assert sweep.main(["--report-only", "--record", str(rec), "--readme", str(docs)]) == 0
+    assert "](../experiments/main/accuracy_vs_epsilon_a0.5.png)" in docs.read_text()
+    assert not (docs.parent / "_static").exists()
     paired = pd.read_csv(rec / "paired.csv")
     assert set(paired["method"]) == {"ffa"} and {"n", "mean", "ci95"} <= set(paired.columns)
     assert len(pd.read_csv(rec / "sweep.csv")) == 30

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 from pathlib import Path
 
@@ -132,10 +133,11 @@ def write_report(folder: Path, *, readme: Path | None = None) -> dict[str, Path]
 
     A sweep folder gets ``sweep.csv``, ``summary.csv``, ``paired.csv``, ``results.md`` and
     ``plots/``; a record folder (:func:`is_record_folder`) ``sweep.csv``, ``summary.csv``,
-    ``paired.csv``, ``table.md`` and its plots beside them. With ``readme``, also the table
-    between its markers (checked first, so a README without them changes nothing), linking the
-    plots: those of a record folder inside the README's folder where they are, the others
-    copied, with the two CSVs, into ``_static/sweep/`` beside the README.
+    ``paired.csv``, ``table.md`` and its plots beside them. With ``readme`` (a Markdown page,
+    e.g. ``docs/experiments.md``), also the table between its markers (checked first, so a page
+    without them changes nothing), linking the plots: those of a record folder (tracked in
+    git) where they are, by a relative path (``../experiments/...``), the others copied, with
+    the two CSVs, into ``_static/sweep/`` beside the page.
     """
     from simulations.reports import plots  # matplotlib only when plotting
 
@@ -171,8 +173,8 @@ def write_report(folder: Path, *, readme: Path | None = None) -> dict[str, Path]
         summary, runs, images=[p.relative_to(folder).as_posix() for p in images], **block))
     if readme:
         readme_dir = readme.parent.resolve()
-        if records and folder.resolve().is_relative_to(readme_dir):
-            links = [p.resolve().relative_to(readme_dir).as_posix() for p in images]
+        if records:
+            links = [Path(os.path.relpath(p.resolve(), readme_dir)).as_posix() for p in images]
         else:
             static = readme.parent / "_static" / "sweep"
             static.mkdir(parents=True, exist_ok=True)
