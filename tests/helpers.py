@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
+from common import contract
+from common.adapter import AdapterLayout
+from common.config import AppConfig
+from common.model import build_model
 from privacy import PrivacyLedger, PrivateTraining, make_private
 
 
@@ -26,3 +31,20 @@ def private_sgd(model: torch.nn.Module, trainable: list[torch.nn.Parameter],
         data_loader=loader or torch.utils.data.DataLoader(dataset, batch_size=8),
         noise_multiplier=kwargs.pop("noise_multiplier", 1.0),
         max_grad_norm=kwargs.pop("max_grad_norm", 1.0), ledger=PrivacyLedger(), **kwargs)
+
+
+def global_arrays(cfg: AppConfig, num_labels: int) -> ArrayRecord:
+    """The global arrays of a fresh model with a non-zero B, as after a few rounds."""
+    model = build_model(cfg.model, cfg.lora, num_labels=num_labels, seed=cfg.seed)
+    layout = AdapterLayout.from_model(model)
+    with torch.no_grad():  # a non-zero B, as after a few rounds
+        for pair in layout.pairs:
+            pair.B.normal_(0, 0.1)
+    return ArrayRecord(torch_state_dict=layout.tensors())
+
+
+def train_message(arrays: ArrayRecord) -> Message:
+    """A train instruction carrying ``arrays`` that asks for B."""
+    content = RecordDict({contract.ARRAYS: arrays,
+                          contract.CONFIG: ConfigRecord({contract.TRAIN_FACTORS: "B"})})
+    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)

@@ -18,7 +18,7 @@ from simulations import run as sim_run
 from simulations import sweep
 from simulations.launch.superlink import flwr_run
 from tests.conftest import ROOT
-from tests.test_fault_tolerance import _app_with_client_app, _run_config
+from tests.test_fault_tolerance import app_with_client_app, faulty_run_config
 
 BAD_CONFIG = "lora.rr=4 privacy.epsilon=-1"
 
@@ -110,8 +110,8 @@ def test_a_sweep_whose_cell_would_fail_runs_nothing(tiny_run_config, tmp_path, c
 
 def test_a_run_whose_clients_all_fail_exits_1_with_their_reason(tiny_run_config, tmp_path,
                                                                 capfd):
-    app = _app_with_client_app(tmp_path / "app", "faulty_clients:always_raises")
-    run_config = _run_config(tiny_run_config, {"strategy.num-rounds": 2,
+    app = app_with_client_app(tmp_path / "app", "faulty_clients:always_raises")
+    run_config = faulty_run_config(tiny_run_config, {"strategy.num-rounds": 2,
                                                "output.run-name": "broken"})
     code = flwr_run(app, run_config=run_config, num_supernodes=3, flwr_home=tmp_path / "home",
                     timeout=240)
