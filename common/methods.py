@@ -15,13 +15,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from common.config import AppConfig
+from typing import Any, Protocol
 
 
-def _no_settings(cfg: AppConfig, lora_scale: float) -> dict[str, Any]:
+class RunSettings(Protocol):
+    """What a method's settings read of the typed config (:class:`common.config.AppConfig`).
+
+    A protocol, so that this table does not import the config that validates names with it.
+    """
+
+    seed: int
+    strategy: Any  # common.config.StrategyConfig
+
+
+def _no_settings(cfg: RunSettings, lora_scale: float) -> dict[str, Any]:
     return {}
 
 
@@ -47,7 +54,7 @@ class Method:
     name: str
     label: str
     strategy: str
-    settings: Callable[[AppConfig, float], Mapping[str, Any]] = field(default=_no_settings)
+    settings: Callable[[RunSettings, float], Mapping[str, Any]] = field(default=_no_settings)
     from_scratch: bool = True
     needs_products: bool = False
     svd_form: bool = False
