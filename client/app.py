@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
+from filelock import FileLock
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import training as t
 from common import contract
-from common.config import RUN_LEDGER_DIR, AppConfig, check_delta
+from common.config import RUN_LEDGER_DIR, AppConfig
 from common.evaluation import evaluate as evaluate_model
-from privacy import PrivacyLedger, make_private
+from privacy import PrivacyLedger
+from privacy.policy import plan_round
 
 PRIVACY_STATE_KEY = "privacy-state-file"  # node config: where a SuperNode keeps its ledger
 
@@ -24,7 +24,11 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Load global adapter → freeze all but the named factors → DP-SGD steps → reply."""
+    """Load data and the global adapter → plan the round's privacy → DP-SGD steps → reply.
+
+    The node refuses to train (and says so in its reply) when the round's steps would take its
+    ε past the budget (:func:`privacy.policy.plan_round`).
+    """
     cfg = AppConfig.from_run_config(context.run_config)
     with node_privacy_state(context, cfg):
         return _train(msg, context, cfg)
@@ -66,54 +70,41 @@ def node_privacy_state(context: Context, cfg: AppConfig) -> Iterator[None]:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.with_name(path.name + ".lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the lock file closes
+    with FileLock(path.with_name(path.name + ".lock")):
         if path.exists():
             ledger, sigma = PrivacyLedger.load(path, accountant)
             t.store_ledger(context, ledger, sigma)
         try:
             yield
         finally:
-            record = context.state.config_records.get(t.LEDGER_RECORD)
-            if record is not None:
-                t.load_ledger(context, accountant).save(
-                    path, noise_multiplier=float(record[t.NOISE_KEY]))
+            ledger, sigma = t.load_ledger(context, accountant)
+            if sigma is not None:  # a round has trained here (store_ledger)
+                ledger.save(path, noise_multiplier=sigma)
 
 
 def _train(msg: Message, context: Context, cfg: AppConfig) -> Message:
-    data = t.load_local_data(cfg, *t.node_partition(context))
+    partition_id, num_partitions = t.node_partition(context)
+    data = t.load_local_data(cfg, partition_id, num_partitions)
     model, layout = t.build_global_model(cfg, data.num_labels, msg.content[contract.ARRAYS])
-    t.seed_local_randomness(cfg, msg.content[contract.CONFIG], t.node_partition(context)[0])
+    t.seed_local_randomness(cfg, msg.content[contract.CONFIG], partition_id)
     factors = t.parse_factors(msg.content[contract.CONFIG])
-    n, q = len(data.train), t.sample_rate(cfg, len(data.train))
-    if cfg.privacy.is_private:
-        check_delta(cfg.privacy.delta, n, f"partition {t.node_partition(context)[0]}")
-    sigma = t.noise_multiplier(cfg, context, q)
-    ledger = t.load_ledger(context, cfg.privacy.accountant)
-    steps = cfg.train.local_steps
-    exhausted = cfg.privacy.is_private and ledger.epsilon_after(
-        noise_multiplier=sigma, sample_rate=q, steps=steps, delta=cfg.privacy.delta
-    ) > cfg.privacy.epsilon
+    ledger, sigma = t.load_ledger(context, cfg.privacy.accountant)
+    budget = plan_round(cfg, ledger, num_examples=len(data.train), noise_multiplier=sigma,
+                        where=f"partition {partition_id}")
     loss, moved = float("nan"), 0.0
-    if not exhausted:
-        trainable = layout.set_trainable(model, factors, cfg.lora.train_head)
+    if not budget.exhausted:
         before = layout.tensors(factors, head=False)
-        private = make_private(
-            module=model, optimizer=torch.optim.SGD(trainable, lr=cfg.train.learning_rate),
-            data_loader=t.train_loader(cfg, data.train),
-            noise_multiplier=sigma, max_grad_norm=cfg.privacy.max_grad_norm, ledger=ledger,
-            grad_sample_mode=cfg.privacy.grad_sample_mode,
-            clip_groups=t.clip_groups(cfg, layout, factors),
-        )
-        loss = t.run_local_steps(private, steps, t.compute_dtype(cfg),
+        private = t.privatize(cfg, model, layout, factors, data.train, budget, ledger)
+        loss = t.run_local_steps(private, budget.steps, t.compute_dtype(cfg),
                                  encoder_dropout=cfg.model.encoder_dropout)
         private.record_into(ledger)
-        t.store_ledger(context, ledger, sigma)
+        t.store_ledger(context, ledger, budget.noise_multiplier)
         moved = t.moved_norm(before, layout, factors, require_each=cfg.privacy.is_private)
     arrays = ArrayRecord(torch_state_dict=layout.tensors(factors, head=cfg.lora.train_head))
-    metrics = t.train_reply_metrics(num_examples=n, loss=loss, ledger=ledger, cfg=cfg,
-                                    sigma=sigma, steps=0 if exhausted else steps,
-                                    exhausted=exhausted, moved=moved)
+    metrics = t.train_reply_metrics(num_examples=len(data.train), loss=loss, ledger=ledger,
+                                    cfg=cfg, sigma=budget.noise_multiplier,
+                                    steps=0 if budget.exhausted else budget.steps,
+                                    exhausted=budget.exhausted, moved=moved)
     return Message(RecordDict({contract.ARRAYS: arrays, contract.METRICS: metrics}),
                    reply_to=msg)
 

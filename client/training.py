@@ -27,8 +27,9 @@ from common.data import (
 from common.data_files import DataError
 from common.model import build_model, load_tokenizer, train_mode
 from common.precision import autocast, resolve_compute_dtype
-from privacy import PrivacyLedger, PrivateTraining, calibrate_noise
+from privacy import PrivacyLedger, PrivateTraining, frozen_input_backward, make_private
 from privacy.grouped_clipping import ClipGroup, head_and_adapter_groups
+from privacy.policy import RoundPrivacy
 
 LEDGER_RECORD = "privacy-ledger"  # Context.state ConfigRecord holding the accountant history
 NOISE_KEY = "noise-multiplier"
@@ -113,10 +114,17 @@ def parse_factors(config: ConfigRecord) -> tuple[Factor, ...]:
     return factors  # type: ignore[return-value]
 
 
-def load_ledger(context: Context, accountant: str) -> PrivacyLedger:
-    """The node's privacy ledger, kept in ``Context.state`` across rounds."""
+def load_ledger(context: Context, accountant: str) -> tuple[PrivacyLedger, float | None]:
+    """The node's privacy ledger kept in ``Context.state`` across rounds, and its run's σ.
+
+    σ is None before the node's first trained round (:func:`privacy.policy.plan_round`
+    calibrates it then; :func:`store_ledger` keeps it beside the ledger).
+    """
     record = context.state.config_records.get(LEDGER_RECORD)
-    return PrivacyLedger.from_dict(accountant, dict(record) if record else {})
+    if record is None:
+        return PrivacyLedger.from_dict(accountant, {}), None
+    sigma = float(record[NOISE_KEY]) if NOISE_KEY in record else None
+    return PrivacyLedger.from_dict(accountant, dict(record)), sigma
 
 
 def store_ledger(context: Context, ledger: PrivacyLedger, noise_multiplier: float) -> None:
@@ -127,23 +135,22 @@ def store_ledger(context: Context, ledger: PrivacyLedger, noise_multiplier: floa
         )
 
 
-def noise_multiplier(cfg: AppConfig, context: Context, sample_rate: float) -> float:
-    """σ for the whole run, computed once from (ε, δ, q, rounds × local steps), then reused."""
-    record = context.state.config_records.get(LEDGER_RECORD)
-    if record is not None and NOISE_KEY in record:
-        return float(record[NOISE_KEY])
-    return calibrate_noise(
-        target_epsilon=cfg.privacy.epsilon, target_delta=cfg.privacy.delta,
-        sample_rate=sample_rate, steps=cfg.strategy.num_rounds * cfg.train.local_steps,
-        accountant=cfg.privacy.accountant,
+def privatize(cfg: AppConfig, model: PeftModel, layout: AdapterLayout,
+              factors: tuple[Factor, ...], train: TensorDataset, budget: RoundPrivacy,
+              ledger: PrivacyLedger) -> PrivateTraining:
+    """SGD over the named factors (and the head when it trains), made private by Opacus.
+
+    Only ``factors`` (and the head) require gradients; Poisson batches at q, per-example
+    clipping at C (or the grouped norms of :func:`clip_groups`) and Gaussian noise σ C.
+    """
+    trainable = layout.set_trainable(model, factors, cfg.lora.train_head)
+    return make_private(
+        module=model, optimizer=torch.optim.SGD(trainable, lr=cfg.train.learning_rate),
+        data_loader=train_loader(cfg, train), noise_multiplier=budget.noise_multiplier,
+        max_grad_norm=cfg.privacy.max_grad_norm, ledger=ledger,
+        grad_sample_mode=cfg.privacy.grad_sample_mode,
+        clip_groups=clip_groups(cfg, layout, factors),
     )
-
-
-def sample_rate(cfg: AppConfig, num_examples: int) -> float:
-    """Poisson sampling rate q = 1 / ⌈n / batch size⌉, exactly as Opacus' DPDataLoader uses it."""
-    if num_examples == 0:
-        raise ValueError("this node's partition is empty: nothing to train on")
-    return 1.0 / math.ceil(num_examples / cfg.train.batch_size)
 
 
 def _batches(loader: DataLoader) -> Iterator:
@@ -193,7 +200,8 @@ def run_local_steps(private: PrivateTraining, steps: int,
         with autocast(dev, dtype):
             logits = private.module(input_ids=input_ids, attention_mask=mask).logits
         loss = private.criterion(logits.float(), labels)
-        loss.backward()
+        with frozen_input_backward():
+            loss.backward()
         private.optimizer.step()  # with an empty Poisson batch Opacus still adds the noise
         if labels.numel():
             losses.append(float(loss.item()))

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-LORA_METHODS = ("fedsvd", "ffa", "fedavg", "flora", "fedex", "rolora")  # from scratch; the sweep's
-STRATEGIES = (*LORA_METHODS, "merge-sv")  # merge-sv: adapt a merged adapter by its σ alone
+from common.methods import METHOD_NAMES, METHODS
+
 PARTITIONERS = ("dirichlet", "iid", "column")  # column: one client per value of a column
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
@@ -27,7 +27,6 @@ CLIENT_SAMPLINGS = ("seeded", "random")  # strategies.sampling
 # How the valid replies of a round are combined (strategies.aggregation): the weighted mean, or
 # a robust aggregator of Flower's (flwr.serverapp.strategy) over the same replies.
 AGGREGATIONS = ("mean", "trimmed-mean", "median", "krum", "multi-krum")
-PRODUCT_METHODS = ("flora", "fedex")  # they need every client's B_k A_k: the weighted mean only
 # Settings that the default run name shows in clear; every other non-default one goes into
 # its hash (output.* never: where a run is written is not what it is).
 NAMED_KEYS = ("strategy.name", "privacy.epsilon", "seed")
@@ -49,17 +48,6 @@ def _check(problems: list[str], ok: bool, key: str, value: Any, allowed: str) ->
 
 def _check_file(problems: list[str], key: str, path: str) -> None:
     _check(problems, Path(path).expanduser().is_file(), key, path, "no such file")
-
-
-def check_delta(delta: float, num_examples: int, where: str) -> None:
-    """Raise ConfigError unless δ < 1/n: a larger δ allows leaking one whole example.
-
-    ``num_examples`` is n, the number of training examples whose privacy δ protects (a
-    client's partition; the server checks the whole training split before round 1).
-    """
-    if num_examples >= 1 and not delta < 1 / num_examples:
-        raise ConfigError([f"privacy.delta={delta!r}: must be < 1/n = {1 / num_examples:.3g} "
-                           f"(n = {num_examples} training examples of {where})"])
 
 
 def fewer_than_one_batch(num_examples: int, batch_size: int) -> bool:
@@ -99,12 +87,19 @@ class StrategyConfig:
     @property
     def svd_form(self) -> bool:
         """Whether LoRA layers are W0 + s · B diag(σ) A with σ trained alone (merge-sv)."""
-        return self.name == "merge-sv"
+        method = METHODS.get(self.name)
+        return method is not None and method.svd_form
+
+    @property
+    def needs_products(self) -> bool:
+        """Whether the method folds every client's B_k A_k into the base weights (FLoRA, FedEx)."""
+        method = METHODS.get(self.name)
+        return method is not None and method.needs_products
 
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
         p: list[str] = []
-        _check(p, self.name in STRATEGIES, "strategy.name", self.name, f"one of {STRATEGIES}")
+        _check(p, self.name in METHODS, "strategy.name", self.name, f"one of {METHOD_NAMES}")
         _check(p, self.num_rounds >= 1, "strategy.num-rounds", self.num_rounds, "must be >= 1")
         _check(p, 0 < self.fraction_train <= 1, "strategy.fraction-train",
                self.fraction_train, "must be in (0, 1]")
@@ -127,7 +122,7 @@ class StrategyConfig:
                "must be 0 (off), >= 1, or inf (off)")
         _check(p, self.aggregation in AGGREGATIONS, "strategy.aggregation", self.aggregation,
                f"one of {AGGREGATIONS}")
-        _check(p, self.aggregation == "mean" or self.name not in PRODUCT_METHODS,
+        _check(p, self.aggregation == "mean" or not self.needs_products,
                "strategy.aggregation", self.aggregation,
                f"strategy.name={self.name!r} folds every client's B_k A_k into the base weights "
                "and needs aggregation='mean'")

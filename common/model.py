@@ -2,35 +2,28 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub: weights come from disk only
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import torch  # noqa: E402
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from peft.tuners.lora import LoraLayer  # noqa: E402
-from peft.utils import ModulesToSaveWrapper  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
+from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedTokenizerBase,
 )
-from transformers.utils import logging as hf_logging  # noqa: E402
 
-from common.config import LoraSettings, ModelConfig  # noqa: E402
-from common.model_path import resolve_model_path  # noqa: E402
-from common.precision import keep_float32  # noqa: E402
-from common.singular_values import install_singular_values  # noqa: E402
-
-hf_logging.set_verbosity_error()  # the "classifier MISSING" load report is expected: it is new
+from common.config import LoraSettings, ModelConfig
+from common.model_path import resolve_model_path
+from common.precision import keep_float32
+from common.quiet import quiet_model_loading
+from common.singular_values import install_singular_values
 
 HEAD_MODULES = ["classifier"]  # the newly initialised sequence-classification head
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """Load the tokenizer stored beside the model weights."""
-    return AutoTokenizer.from_pretrained(resolve_model_path(cfg))
+    """Load the tokenizer stored beside the model weights (from disk only, never a hub)."""
+    return AutoTokenizer.from_pretrained(resolve_model_path(cfg), local_files_only=True)
 
 
 def build_model(
@@ -44,6 +37,7 @@ def build_model(
 ) -> PeftModel:
     """Pretrained encoder + LoRA on ``lora_cfg.target_modules`` + a new classification head.
 
+    The weights are read from disk only (``local_files_only``: nothing is ever downloaded).
     Every base weight is frozen. The head is a peft ``modules_to_save`` module, so it is part of
     the saved adapter; whether it trains is decided later by the caller. ``seed`` makes the head
     and A initialisation identical on every node. The model is moved to ``device`` *before*
@@ -54,10 +48,6 @@ def build_model(
     autocast (:func:`common.precision.keep_float32`).
     """
     torch.manual_seed(seed)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(model_cfg), num_labels=num_labels,
-        ignore_mismatched_sizes=True,  # a local checkpoint's own head is replaced by a new one
-    ).to(device)
     config = LoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
@@ -65,7 +55,12 @@ def build_model(
         target_modules=list(lora_cfg.target_modules),
         modules_to_save=HEAD_MODULES,
     )
-    model = get_peft_model(base, config)
+    with quiet_model_loading():
+        base = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path(model_cfg), num_labels=num_labels, local_files_only=True,
+            ignore_mismatched_sizes=True,  # a local checkpoint's own head is replaced by a new one
+        ).to(device)
+        model = get_peft_model(base, config)
     if svd_form:
         install_singular_values(model)
     keep_float32(trainable_modules(model))

@@ -31,7 +31,10 @@ def flower_env(home: Path) -> dict[str, str]:
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return {**os.environ, "PATH": path, "FLWR_HOME": str(home),  # the SuperLink and SuperNodes
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # spawn flower-superexec
-            "FLWR_DISABLE_UPDATE_CHECK": "1"}
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            # Ray's FutureWarning about accelerator variables, once per Ray worker; keep the
+            # current behaviour (no GPUs are asked for) without it
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 
 @contextlib.contextmanager

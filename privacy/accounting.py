@@ -10,9 +10,12 @@ The ledger keeps the accountant's history [(σ, q, steps), ...] across rounds, s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +23,22 @@ from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 HistoryEntry = tuple[float, float, int]  # (noise multiplier σ, sample rate q, steps)
+
+
+@contextlib.contextmanager
+def largest_order_is_optimal() -> Iterator[None]:
+    """Opacus' "Optimal order is the largest alpha" UserWarning off for the block.
+
+    The RDP → (ε, δ) conversion minimises over Opacus' default orders (up to 63); when the
+    minimum sits at the largest, the ε reported is still a valid upper bound, only not the
+    tightest (it happens after few steps, when ε is small). Noise calibration and every
+    reported ε use the same orders, so the budget check is consistent. The filters are
+    restored after the block.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha",
+                                category=UserWarning)
+        yield
 
 
 def calibrate_noise(
@@ -41,10 +60,11 @@ def calibrate_noise(
         raise ValueError(f"steps={steps}: must be >= 1")
     if math.isinf(target_epsilon):
         return 0.0
-    return float(get_noise_multiplier(
-        target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
-        steps=steps, accountant=accountant,
-    ))
+    with largest_order_is_optimal():
+        return float(get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
+            steps=steps, accountant=accountant,
+        ))
 
 
 @dataclass
@@ -131,4 +151,5 @@ def _epsilon(accountant: str, history: list[HistoryEntry], delta: float) -> floa
         return math.inf
     acc = create_accountant(accountant)
     acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta))
+    with largest_order_is_optimal():
+        return float(acc.get_epsilon(delta=delta))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from opacus import PrivacyEngine
@@ -16,9 +17,19 @@ from privacy import grad_samplers  # noqa: F401  (registers SingularValueLinear 
 from privacy.accounting import PrivacyLedger
 from privacy.grouped_clipping import ClipGroup, GroupedClipDPOptimizer
 
-# Expected with frozen inputs (only LoRA B and the head need gradients): Opacus' hooks fire on
-# module outputs. Not a problem, but repeated on every step of every client.
-warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+
+@contextlib.contextmanager
+def frozen_input_backward() -> Iterator[None]:
+    """Opacus' "Full backward hook is firing ..." UserWarning off for the block.
+
+    Expected when no input needs a gradient (only the adapter and the head do): the hooks then
+    fire on module outputs, which is what they need. Not a problem, but it would be repeated
+    on every step of every client. The warning filters are restored after the block.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing",
+                                category=UserWarning)
+        yield
 
 
 @dataclass

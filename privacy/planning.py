@@ -13,7 +13,7 @@ choice only: fewer, larger steps also make fewer updates, which only a run can w
 
 The command line refuses (exit status 2, the flag and value named on the last line) what
 training would refuse: ε <= 0, δ outside (0, 1), δ >= 1/n for a private plan (the rule of
-:func:`common.config.check_delta`), fewer examples than one batch, steps, rounds or batch
+`privacy.policy.check_delta`), fewer examples than one batch, steps, rounds or batch
 size < 1, and σ that is negative, infinite or NaN.
 
 A client holds n examples and runs K DP-SGD steps per round, each on a Poisson batch with
@@ -55,25 +55,16 @@ from common.config import (
     PrivacyConfig,
     StrategyConfig,
     TrainConfig,
-    check_delta,
     fewer_than_one_batch,
 )
 from privacy.accounting import calibrate_noise
+from privacy.policy import check_delta, sample_rate
 
 ORDERS = RDPAccountant.DEFAULT_ALPHAS
 # run-config key of a value training checks -> the flag of this command line that sets it
 FLAGS = {"privacy.epsilon": "--epsilon", "privacy.delta": "--delta",
          "privacy.accountant": "--accountant", "train.local-steps": "--local-steps",
          "train.batch-size": "--batch-size", "strategy.num-rounds": "--rounds"}
-
-
-def sample_rate(examples: int, batch_size: int) -> float:
-    """Poisson sampling rate q = 1 / ⌈n / batch⌉, exactly as Opacus' DPDataLoader uses it."""
-    if examples < 1:
-        raise ValueError(f"examples={examples}: a client needs at least one example")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be >= 1")
-    return 1.0 / math.ceil(examples / batch_size)
 
 
 @dataclass(frozen=True)
@@ -222,7 +213,7 @@ def cli_problems(args: argparse.Namespace) -> list[str]:
 
     The rules are training's own: :meth:`common.config.PrivacyConfig.problems`,
     :meth:`~common.config.TrainConfig.problems`, ``strategy.num-rounds``,
-    :func:`common.config.check_delta` (δ < 1/n, checked by clients only when ε is finite:
+    `privacy.policy.check_delta` (δ < 1/n, checked by clients only when ε is finite:
     here for a finite ``--epsilon`` or a ``--sigma`` > 0) and
     :func:`common.config.fewer_than_one_batch` (at least one batch of examples). Plus what only
     the planner takes: ``--sigma`` finite and >= 0, ``--participation`` in (0, 1].

@@ -9,61 +9,22 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from common import schema
 from common.adapter import AdapterLayout
 from common.config import AppConfig
 from common.data import encode, eval_subset
 from common.model import build_model, load_tokenizer
 from common.precision import resolve_compute_dtype
 from common.public_head import set_class_name_head
+from common.schema import RoundTrainingMetrics
 from server.evaluation import GlobalEvaluator
+from server.merged_adapter import merged_adapter_state
 from server.preflight import check_run, clear_results
 from server.results import save_run
 from server.resume import prepare_run
-from strategies import (
-    FedAvgLoRA,
-    FedExLoRA,
-    FedSVD,
-    FFALoRA,
-    FLoRA,
-    LoraStrategy,
-    MergeSV,
-    RoLoRA,
-)
-from strategies.merge_sv import merged_adapter_state
-from strategies.sampling import PartitionSampler
+from strategies.registry import build_strategy
 
 app = ServerApp()
-
-
-STRATEGY_CLASSES: dict[str, type[LoraStrategy]] = {
-    "fedsvd": FedSVD, "ffa": FFALoRA, "fedavg": FedAvgLoRA, "flora": FLoRA, "fedex": FedExLoRA,
-    "rolora": RoLoRA, "merge-sv": MergeSV,
-}
-
-
-def build_strategy(cfg: AppConfig, layout: AdapterLayout) -> LoraStrategy:
-    """The strategy named by ``strategy.name``, for the LoRA layers of ``layout``."""
-    s = cfg.strategy
-    own = {  # the settings only one method has
-        "fedsvd": {"svd_period": s.svd_period},
-        "flora": {"lora_scale": layout.scale, "seed": cfg.seed},
-        "fedex": {"lora_scale": layout.scale},
-        "merge-sv": {"sv_rounds": s.sv_rounds, "svd_period": s.svd_period},
-    }.get(s.name, {})
-    return STRATEGY_CLASSES[s.name](
-        layout.modules, **own, train_head=cfg.lora.train_head,
-        min_valid_replies=s.min_valid_replies, max_norm_ratio=s.max_norm_ratio,
-        # The direction screen rests on DP noise: it makes honest updates nearly orthogonal
-        # (cosine ~ 1/√d). Without it, honest clients may disagree in earnest.
-        min_update_cosine=s.min_update_cosine if cfg.privacy.is_private else -1.0,
-        max_weight_ratio=s.max_weight_ratio,
-        aggregation=s.aggregation, trim_fraction=s.trim_fraction, num_malicious=s.num_malicious,
-        stop_on_failed_round=s.stop_on_failed_round,
-        sampler=PartitionSampler(cfg.seed) if s.client_sampling == "seeded" else None,
-        fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
-        min_train_nodes=s.min_train_nodes, min_available_nodes=s.min_train_nodes,
-        min_evaluate_nodes=1 if s.fraction_evaluate else 0,
-    )
 
 
 class RunFailed(RuntimeError):
@@ -115,9 +76,10 @@ def run(grid: Grid, context: Context) -> None:
     full_test = encode(corpus.test, tokenizer, cfg.model.max_length)
     subset = encode(eval_subset(corpus.test, cfg.data.max_eval_examples, cfg.seed), tokenizer,
                     cfg.model.max_length)
-    strategy = build_strategy(cfg, layout)
+    training = RoundTrainingMetrics()  # the strategy records each round's, the evaluator reads
+    strategy = build_strategy(cfg, layout, training_metrics=training)
     evaluator = GlobalEvaluator(model, layout, subset=subset, full=full_test,
-                                final_round=cfg.strategy.num_rounds, strategy=strategy,
+                                final_round=cfg.strategy.num_rounds, training=training,
                                 split=corpus.eval_split, eval_every=cfg.strategy.eval_every,
                                 compute_dtype=resolve_compute_dtype(
                                     cfg.model.compute_dtype, next(model.parameters()).device))
@@ -128,7 +90,7 @@ def run(grid: Grid, context: Context) -> None:
     result = checkpointed.start(grid=grid, initial_arrays=initial,
                                 num_rounds=cfg.strategy.num_rounds, train_config=ConfigRecord(),
                                 evaluate_fn=evaluator)
-    if not any(row.get("clients-trained", 0) for row in evaluator.rows):
+    if not any(row.get(schema.CLIENTS_TRAINED, 0) for row in evaluator.rows):
         raise RunFailed("no round updated the global adapter: every client reply failed, was "
                         "rejected or had spent its budget (see the WARNING lines above); nothing "
                         f"was saved to {folder}")

@@ -11,7 +11,7 @@ from flwr.common.logger import log
 from peft import PeftModel
 from torch.utils.data import TensorDataset
 
-from common import contract
+from common import schema
 from common.adapter import AdapterLayout
 from common.evaluation import evaluate
 
@@ -22,17 +22,20 @@ class GlobalEvaluator:
     Round 0 and every ``eval_every``-th round before ``final_round`` use a fixed random subset
     of the test split (fast); the final round uses the whole split. The other rounds are not
     evaluated: their row holds the round's training metrics alone. Each row also records wall
-    time since start. The encoder runs under ``compute_dtype`` (:mod:`common.precision`).
+    time since start. The columns are those of :mod:`common.schema`; ``training`` holds the
+    training columns the strategy recorded for each round. The encoder runs under
+    ``compute_dtype`` (:mod:`common.precision`).
     """
 
     def __init__(self, model: PeftModel, layout: AdapterLayout, *, subset: TensorDataset,
-                 full: TensorDataset, final_round: int, strategy, split: str = "test",
+                 full: TensorDataset, final_round: int, training: schema.RoundTrainingMetrics,
+                 split: str = "test",
                  eval_every: int = 1, compute_dtype: torch.dtype = torch.float32) -> None:
         self.model, self.layout = model, layout
         self.subset, self.full, self.final_round = subset, full, final_round
         self.eval_every, self.compute_dtype = eval_every, compute_dtype
         self.split = split  # "test", or "validation" when tuning (data.validation-fraction)
-        self.strategy = strategy  # reads its ``last_round_metrics`` for the per-round log line
+        self.training = training
         self.rows: list[dict[str, float]] = []
         self._t0 = time.monotonic()
 
@@ -43,7 +46,7 @@ class GlobalEvaluator:
         """
         self.rows = list(rows)
         if rows:
-            self._t0 = time.monotonic() - float(rows[-1]["wall-seconds"])
+            self._t0 = time.monotonic() - float(rows[-1][schema.WALL_SECONDS])
 
     def evaluates(self, server_round: int) -> bool:
         """Whether ``server_round`` is evaluated: round 0, every ``eval_every``-th, the last."""
@@ -51,30 +54,28 @@ class GlobalEvaluator:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Load ``arrays`` into the model and evaluate it (or only record the round's row)."""
-        train = dict(self.strategy.last_round_metrics or {}) if server_round else {}
+        train = self.training.of(server_round)
+        row = {schema.ROUND: server_round, schema.WALL_SECONDS: time.monotonic() - self._t0,
+               schema.EVAL_SPLIT: self.split}
         if not self.evaluates(server_round):
-            row = {"round": server_round, "wall-seconds": time.monotonic() - self._t0,
-                   "eval-split": self.split, **train}
-            self.rows.append(row)
+            self.rows.append({**row, **train})
             log(INFO, "round %d | not evaluated (strategy.eval-every=%d) | client ε mean %s "
-                "max %s | %.0f s", server_round, self.eval_every, _fmt(train.get("epsilon-mean")),
-                _fmt(train.get("epsilon-max")), row["wall-seconds"])
+                "max %s | %.0f s", server_round, self.eval_every,
+                _fmt(train.get(schema.EPSILON_MEAN)), _fmt(train.get(schema.EPSILON_MAX)),
+                row[schema.WALL_SECONDS])
             return None
         self.layout.load(arrays.to_torch_state_dict())
         data = self.full if server_round == self.final_round else self.subset
         loss, accuracy = evaluate(self.model, data, compute_dtype=self.compute_dtype)
-        metrics = MetricRecord({contract.ACCURACY: accuracy, contract.LOSS: loss,
-                                "eval-examples": len(data)})
-        row = {"round": server_round, "wall-seconds": time.monotonic() - self._t0,
-               "eval-split": self.split,
-               contract.ACCURACY: accuracy, contract.LOSS: loss, "eval-examples": len(data),
-               **train}
-        self.rows.append(row)
+        metrics = MetricRecord({schema.ACCURACY: accuracy, schema.LOSS: loss,
+                                schema.EVAL_EXAMPLES: len(data)})
+        row[schema.WALL_SECONDS] = time.monotonic() - self._t0
+        self.rows.append({**row, **metrics, **train})
         log(INFO, "round %d | %s accuracy %.4f | %s loss %.4f | client ε mean %s max %s "
             "| MB up %.2f down %.2f | %.0f s", server_round, self.split, accuracy, self.split, loss,
-            _fmt(train.get("epsilon-mean")), _fmt(train.get("epsilon-max")),
-            train.get("bytes-up", 0) / 1e6, train.get("bytes-down", 0) / 1e6,
-            row["wall-seconds"])
+            _fmt(train.get(schema.EPSILON_MEAN)), _fmt(train.get(schema.EPSILON_MAX)),
+            train.get(schema.BYTES_UP, 0) / 1e6, train.get(schema.BYTES_DOWN, 0) / 1e6,
+            row[schema.WALL_SECONDS])
         return metrics
 
 

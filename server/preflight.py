@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.config import RUN_LEDGER_DIR, AppConfig, check_delta
+from common import schema
+from common.config import RUN_LEDGER_DIR, AppConfig
 from common.model_path import resolve_model_path
 from common.run_config import app_run_config
 
@@ -29,8 +30,8 @@ if TYPE_CHECKING:
 # What a run writes into its folder; any of them present means the folder holds a result
 # ("checkpoint.safetensors" is server.checkpoint.CHECKPOINT_FILE, spelled out here so that a bad
 # key is refused without importing torch; tests/test_launcher.py checks that they agree).
-RESULT_FILES = ("metrics.csv", "config.json", "adapter", "checkpoint.safetensors",
-                RUN_LEDGER_DIR)
+RESULT_FILES = (schema.METRICS_FILE, schema.CONFIG_FILE, schema.ADAPTER_DIR,
+                "checkpoint.safetensors", RUN_LEDGER_DIR)
 REFUSED = (ValueError, OSError)  # what preflight and check_run raise for input they refuse
 
 
@@ -82,6 +83,7 @@ def check_run(cfg: AppConfig, *, num_partitions: int | None = None) -> Corpus:
     partition too small to train. In a deployment each client checks its own.
     """
     from common.data import check_partitions, load_corpus
+    from privacy.policy import check_delta
 
     resolve_model_path(cfg.model)
     corpus = load_corpus(cfg.data, cfg.seed)

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from common import contract
+from common import contract, schema
 from common.adapter import AdapterLayout
 from common.config import AppConfig
 from common.singular_values import fold_singular_values
@@ -28,10 +28,11 @@ BASE_DELTA_FILE = "base_delta.safetensors"  # ΔW of FLoRA / FedEx-LoRA, beside 
 
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
-    """One CSV row per round (round 0 = the initial adapter)."""
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
+    """One CSV row per round (round 0 = the initial adapter), columns as in :mod:`common.schema`.
+
+    Raise ``ValueError`` before writing if a row has a column outside the schema.
+    """
+    columns = schema.ordered_columns(rows)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -71,8 +72,8 @@ def load_model(base: torch.nn.Module, folder: Path) -> PeftModel:
 
 def save_run(folder: Path, cfg: AppConfig, rows: list[dict], *, model: PeftModel,
              layout: AdapterLayout, arrays: ArrayRecord) -> None:
-    """Write ``config.json``, ``metrics.csv`` and ``adapter/`` into ``folder``."""
+    """Write ``config.json``, ``metrics.csv`` and ``adapter/`` into ``folder`` (the schema's)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
-    write_metrics(folder / "metrics.csv", rows)
-    save_adapter(model, layout, arrays, folder / "adapter")
+    (folder / schema.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+    write_metrics(folder / schema.METRICS_FILE, rows)
+    save_adapter(model, layout, arrays, folder / schema.ADAPTER_DIR)

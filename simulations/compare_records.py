@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from simulations.sweep_report import CELLS_DIR, is_record_folder, load_runs, t_interval
+from simulations.reports.records import CELLS_DIR, is_record_folder, load_runs
+from simulations.reports.statistics import t_interval
 
 
 def paired_rows(first: Path, second: Path) -> pd.DataFrame:

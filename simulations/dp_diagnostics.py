@@ -36,18 +36,20 @@ import torch
 from opacus import GradSampleModule
 
 from client.training import load_local_data
+from common import schema
 from common.adapter import AdapterLayout
 from common.config import AppConfig
 from common.model import build_model
-from server.app import STRATEGY_CLASSES
+from privacy import frozen_input_backward
 from server.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from strategies.registry import build_strategy
 
 COLUMNS = ("run", "round", "‖g‖ lora", "‖g‖ head", "clipped", "lora share", "NSR lora", "‖A‖₂")
 
 
 def diagnose(folder: Path, *, batches: int, partition: int, num_partitions: int) -> dict:
     """The statistics of the module docstring for one run folder."""
-    run_config = json.loads((folder / "config.json").read_text())
+    run_config = json.loads((folder / schema.CONFIG_FILE).read_text())
     cfg = AppConfig.from_run_config(run_config)
     checkpoint = load_checkpoint(folder, cfg)
     data = load_local_data(cfg, partition, num_partitions)
@@ -55,7 +57,7 @@ def diagnose(folder: Path, *, batches: int, partition: int, num_partitions: int)
                         svd_form=cfg.strategy.svd_form)
     layout = AdapterLayout.from_model(model)
     layout.load(checkpoint.arrays.to_torch_state_dict())
-    strategy = STRATEGY_CLASSES[cfg.strategy.name](layout.modules)
+    strategy = build_strategy(cfg, layout)
     factors = strategy.train_factors(1)
     trainable = layout.set_trainable(model, factors, cfg.lora.train_head)
     lora = {id(p) for pair in layout.pairs for p in (pair.factor(f) for f in factors)}
@@ -71,7 +73,8 @@ def diagnose(folder: Path, *, batches: int, partition: int, num_partitions: int)
             break
         wrapped.zero_grad(set_to_none=True)
         logits = wrapped(input_ids=input_ids, attention_mask=mask).logits
-        torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+        with frozen_input_backward():
+            torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
         sq_lora = sum(p.grad_sample.flatten(1).pow(2).sum(1) for p in trainable if id(p) in lora)
         sq_head = sum((p.grad_sample.flatten(1).pow(2).sum(1) for p in trainable
                        if id(p) not in lora), torch.zeros(len(labels)))

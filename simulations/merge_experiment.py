@@ -20,7 +20,8 @@
 4. **Report** in ``<out>/target-<group>/``: ``merge.csv`` (one row per run per round),
    ``summary.csv``, ``results.md`` (final accuracy, mean ± 95 % t-interval over seeds, and
    every command recorded in ``commands.txt`` that ran into the folder) and ``plots/``; with
-   ``--readme``, the same table between the README's ``merge-table:target-<group>`` markers.
+   ``--readme``, the same table between the ``merge-table:target-<group>`` markers of
+   ``docs/merging.md`` (or the page given).
 
 Finished runs and merges are skipped, so the same command resumes. ``--run-config`` scales
 every run (rounds, local steps, tokens, ...) as in :mod:`simulations.sweep`.
@@ -45,23 +46,19 @@ from merging import load_sources
 from merging.adapter_io import PROVENANCE_FILE, read_provenance
 from merging.perturb import half_rank, noise_like, save_source
 from server.checkpoint import CHECKPOINT_FILE
-from simulations.sweep_cells import (
+from simulations.experiments.cells import (
     ROOT,
     Runner,
     cell_config,
-    failure_reason,
     flwr_runner,
     is_complete,
     refuse_failing_runs,
-    say,
     stale_settings,
 )
-from simulations.sweep_report import (
-    load_runs,
-    markdown_table,
-    replace_between_markers,
-    summarize,
-)
+from simulations.launch.console import failure_reason, say
+from simulations.reports.records import load_runs
+from simulations.reports.statistics import summarize
+from simulations.reports.tables import markdown_table, replace_between_markers
 
 # 20 Newsgroups topic groups; misc.forsale (one class) is in none: a federation needs 2 classes.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -270,7 +267,7 @@ def report(folder: Path, readme: Path | None = None) -> Path:
     changes nothing) and the CSVs and plots into ``_static/merge-loo/<folder name>/`` beside it,
     linked from there.
     """
-    from simulations import plots  # matplotlib only when plotting
+    from simulations.reports import plots  # matplotlib only when plotting
 
     runs = load_runs(folder, also_varied=("strategy.merged-adapter",))
     if runs.final.empty:
@@ -322,10 +319,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="'k=v ...' or a .toml file, for every run (repeatable)")
     p.add_argument("--num-supernodes", type=int, default=6, help="clients per federation")
     p.add_argument("--report-only", action="store_true")
-    p.add_argument("--readme", type=Path, nargs="?", const=ROOT / "README.md",
-                   help="also put the table between the README's merge-table:target-<group> "
-                        "markers and the CSVs and plots into _static/merge-loo/target-<group>/ "
-                        "(default README.md)")
+    p.add_argument("--readme", type=Path, nargs="?", const=ROOT / "docs" / "merging.md",
+                   help="also put the table between the merge-table:target-<group> markers of "
+                        "this Markdown page and the CSVs and plots into _static/merge-loo/"
+                        "target-<group>/ beside it (default docs/merging.md)")
     args = p.parse_args(argv)
     args.epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

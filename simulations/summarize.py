@@ -1,23 +1,30 @@
-"""Print a run's metrics.csv as a Markdown table: ``python -m simulations.summarize <run dir>``."""
+"""Print a run's metrics.csv as a Markdown table: ``fedsvd-summarize <run dir>``.
+
+Also ``python -m simulations.summarize <run dir>``.
+"""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import sys
 from pathlib import Path
 
-COLUMNS = [  # (csv column, header, format)
-    ("round", "round", "{:.0f}"),
-    ("accuracy", "test accuracy", "{:.4f}"),
-    ("loss", "test loss", "{:.4f}"),
-    ("eval-examples", "eval examples", "{:.0f}"),
-    ("train-loss", "train loss", "{:.4f}"),
-    ("epsilon-mean", "client ε mean", "{:.3f}"),
-    ("epsilon-max", "client ε max", "{:.3f}"),
-    ("bytes-up", "MB up", "{:.2f}"),
-    ("bytes-down", "MB down", "{:.2f}"),
-    ("wall-seconds", "wall s", "{:.0f}"),
+from common import schema
+
+COLUMNS = [  # (metrics.csv column of common.schema, header, format)
+    (schema.ROUND, "round", "{:.0f}"),
+    (schema.ACCURACY, "test accuracy", "{:.4f}"),
+    (schema.LOSS, "test loss", "{:.4f}"),
+    (schema.EVAL_EXAMPLES, "eval examples", "{:.0f}"),
+    (schema.TRAIN_LOSS, "train loss", "{:.4f}"),
+    (schema.EPSILON_MEAN, "client ε mean", "{:.3f}"),
+    (schema.EPSILON_MAX, "client ε max", "{:.3f}"),
+    (schema.BYTES_UP, "MB up", "{:.2f}"),
+    (schema.BYTES_DOWN, "MB down", "{:.2f}"),
+    (schema.WALL_SECONDS, "wall s", "{:.0f}"),
 ]
+MEGABYTES = {schema.BYTES_UP, schema.BYTES_DOWN}
 
 
 def markdown_table(metrics_csv: Path) -> str:
@@ -32,11 +39,23 @@ def markdown_table(metrics_csv: Path) -> str:
             if value == "":
                 cells.append("-")
                 continue
-            number = float(value) / (1e6 if key.startswith("bytes") else 1)
+            number = float(value) / (1e6 if key in MEGABYTES else 1)
             cells.append(fmt.format(number))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Print the table of one run folder."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_dir", type=Path, help="a run's results folder (with metrics.csv)")
+    args = parser.parse_args(argv)
+    path = args.run_dir / schema.METRICS_FILE
+    if not path.is_file():
+        parser.error(f"{path}: no such file (is {args.run_dir} a finished run's folder?)")
+    print(markdown_table(path))
+    return 0
+
+
 if __name__ == "__main__":
-    print(markdown_table(Path(sys.argv[1]) / "metrics.csv"))
+    sys.exit(main())

@@ -6,7 +6,7 @@ python -m simulations.sweep --tune-lr --lrs 0.25,0.5,1,2   # lr per method, on v
 python -m simulations.sweep                                # 6 methods × ε inf,6,3,1 × seeds 0,1,2
 python -m simulations.sweep --methods fedsvd,ffa --epsilons 6,1 --seeds 0,1 --out results/small
     --run-config "strategy.num-rounds=3 train.local-steps=5 data.max-client-examples=200"
-python -m simulations.sweep --report-only --readme         # CSV, plots, table; table into README
+python -m simulations.sweep --report-only --readme         # CSV, plots; table into the docs
 python -m simulations.sweep --record experiments/main --commit   # a sweep that spans machines
 python -m simulations.sweep --report-only --record experiments/main --readme
 
@@ -34,10 +34,10 @@ from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
-from common.config import LORA_METHODS, STRATEGIES
+from common.methods import FROM_SCRATCH, METHOD_NAMES, METHODS
 from common.run_config import run_config_args
-from simulations import sweep_lr
-from simulations.sweep_cells import (
+from simulations.experiments import learning_rates as sweep_lr
+from simulations.experiments.cells import (
     ROOT,
     Cell,
     Runner,
@@ -47,14 +47,9 @@ from simulations.sweep_cells import (
     report_outcomes,
     run_cells,
 )
-from simulations.sweep_report import (
-    CELLS_DIR,
-    is_record_folder,
-    load_runs,
-    markdown_table,
-    summarize,
-    write_report,
-)
+from simulations.reports.records import CELLS_DIR, is_record_folder, load_runs
+from simulations.reports.statistics import summarize
+from simulations.reports.tables import markdown_table, write_report
 
 
 def _floats(text: str) -> list[float]:
@@ -67,9 +62,9 @@ def _ints(text: str) -> list[int]:
 
 def _methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in STRATEGIES]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}: one of {STRATEGIES}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}: one of {METHOD_NAMES}")
     return methods
 
 
@@ -77,9 +72,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """The command line; ε and seeds default to the sweep's or, with --tune-lr, the tuning's."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", type=_methods, default=list(LORA_METHODS),
-                   help=f"comma-separated, of {','.join(STRATEGIES)} (merge-sv needs "
-                   f"strategy.merged-adapter); default {','.join(LORA_METHODS)}")
+    p.add_argument("--methods", type=_methods, default=list(FROM_SCRATCH),
+                   help=f"comma-separated, of {','.join(METHOD_NAMES)} (merge-sv needs "
+                   f"strategy.merged-adapter); default {','.join(FROM_SCRATCH)}")
     p.add_argument("--epsilons", type=_floats, help="default inf,6,3,1 (--tune-lr: 6)")
     p.add_argument("--seeds", type=_ints, help="default 0,1,2 (--tune-lr: 0)")
     p.add_argument("--alphas", type=_floats, default=[0.5], help="Dirichlet α; default 0.5")
@@ -106,8 +101,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="rebuild CSV, plots and table from the run folders in --out (with "
                    "--record: from DIR/cells alone)")
-    p.add_argument("--readme", type=Path, nargs="?", const=ROOT / "README.md",
-                   help="also put the table between the README's sweep-table markers")
+    p.add_argument("--readme", type=Path, nargs="?", const=ROOT / "docs" / "experiments.md",
+                   help="also put the table between the sweep-table markers of this Markdown "
+                        "page (default docs/experiments.md)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells and whether each is recorded, complete or to run")
     args = p.parse_args(argv)

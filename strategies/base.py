@@ -27,8 +27,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common import contract
+from common import contract, schema
 from common.contract import Factor
+from common.schema import RoundTrainingMetrics
 from kernels import stacked_product
 from strategies.aggregation import (
     DEFAULT_MAX_WEIGHT_RATIO,
@@ -79,6 +80,8 @@ class LoraStrategy(FedAvg):
     max_num_examples : the largest plausible ``num-examples`` of one reply.
     sampler : draws the round's clients by partition id from a seed
         (:class:`strategies.sampling.PartitionSampler`); None: Flower's unseeded draw of node ids.
+    training_metrics : where each round's training columns are recorded (the server's
+        evaluator reads the same object); None: a new one.
     **kwargs : passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """
 
@@ -91,7 +94,8 @@ class LoraStrategy(FedAvg):
                  trim_fraction: float = 0.2, num_malicious: int = 1,
                  stop_on_failed_round: bool = True,
                  max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
-                 sampler: PartitionSampler | None = None, **kwargs) -> None:
+                 sampler: PartitionSampler | None = None,
+                 training_metrics: RoundTrainingMetrics | None = None, **kwargs) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         kwargs.setdefault("arrayrecord_key", contract.ARRAYS)
         kwargs.setdefault("configrecord_key", contract.CONFIG)
@@ -116,7 +120,7 @@ class LoraStrategy(FedAvg):
         self.stop_on_failed_round = stop_on_failed_round
         self.max_num_examples = max_num_examples
         self.sampler = sampler
-        self.last_round_metrics: MetricRecord | None = None
+        self.training_metrics = training_metrics or RoundTrainingMetrics()
         self._global: ArrayRecord | None = None
         self._bytes_down = 0
 
@@ -171,7 +175,7 @@ class LoraStrategy(FedAvg):
         sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train),
                           self.min_train_nodes)
         node_ids = self.sampler.sample(grid, server_round, sample_size, self.min_available_nodes)
-        config["server-round"] = server_round
+        config[contract.SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return list(self._construct_messages(record, node_ids, MessageType.TRAIN))
 
@@ -182,27 +186,26 @@ class LoraStrategy(FedAvg):
         replies = list(replies)
         if self._global is None:
             log(WARNING, "aggregate_train: no global adapter (configure_train was not called)")
-            self.last_round_metrics = None
             return None, None
         screening = self.validator(self._global, server_round).screen(replies)
         _log_screening(screening)
         if self.stop_on_failed_round and replies and screening.num_failed == len(replies):
             raise RoundFailed(_failure_summary(server_round, screening))
         counts = {
-            "bytes-up": reply_bytes(m for m in replies if m.has_content()),
-            "bytes-down": self._bytes_down,
-            "clients-exhausted": len(screening.exhausted),
-            "replies-rejected": screening.num_rejected,
-            "replies-failed": screening.num_failed,
+            schema.BYTES_UP: reply_bytes(m for m in replies if m.has_content()),
+            schema.BYTES_DOWN: self._bytes_down,
+            schema.CLIENTS_EXHAUSTED: len(screening.exhausted),
+            schema.REPLIES_REJECTED: screening.num_rejected,
+            schema.REPLIES_FAILED: screening.num_failed,
         }
         if len(screening.valid) < self.min_valid_replies:
             log(WARNING, "aggregate_train: %d valid trained repl(ies), min_valid_replies=%d: "
                 "no update this round; the global adapter is unchanged",
                 len(screening.valid), self.min_valid_replies)
-            self.last_round_metrics = MetricRecord({**counts, "clients-trained": 0})
+            self.training_metrics.record(server_round, {**counts, schema.CLIENTS_TRAINED: 0})
             return None, None
         valid = sorted(screening.valid, key=content_digest)  # sums independent of arrival order
-        valid, counts["weights-capped"] = cap_weights(valid, self.max_weight_ratio,
+        valid, counts[schema.WEIGHTS_CAPPED] = cap_weights(valid, self.max_weight_ratio,
                                                       self.weighted_by_key)
         valid = common_metrics(valid)
         if self.aggregator is None:
@@ -213,7 +216,7 @@ class LoraStrategy(FedAvg):
         state = self.merge(server_round, self._global.to_torch_state_dict(),
                            averaged.to_torch_state_dict(), valid)
         metrics = MetricRecord({**(metrics or {}), **counts})
-        self.last_round_metrics = metrics
+        self.training_metrics.record(server_round, metrics)
         return ArrayRecord(torch_state_dict=state), metrics
 
     def validator(self, global_arrays: ArrayRecord, server_round: int) -> ReplyValidator:

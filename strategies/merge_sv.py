@@ -21,16 +21,14 @@ B̄ A exactly as :class:`~strategies.fedsvd.FedSVD` does (σ stays 1).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 from flwr.app import Message
 
 from common import contract
-from common.config import ConfigError
 from common.contract import Factor
 from kernels import group_by_shape, lowrank_svd
-from merging.sources import Pair, SourceError, load_adapter
+from merging.sources import Pair
 from strategies.base import State
 from strategies.fedsvd import FedSVD
 
@@ -103,31 +101,3 @@ def svd_form_state(pairs: Mapping[str, Pair], lora_scale: float) -> State:
             state[contract.lora_key(name, "A")] = Vh[i].contiguous()
             state[contract.lora_key(name, "S")] = (S[i] / lora_scale).contiguous()
     return state
-
-
-def merged_adapter_state(folder: str | Path, modules: Sequence[str], rank: int,
-                         lora_scale: float) -> State:
-    """Read a merged peft adapter and return its SVD-form arrays (:func:`svd_form_state`).
-
-    Raises :class:`~common.config.ConfigError` naming ``strategy.merged-adapter`` when the folder
-    is not a LoRA adapter, holds a dense part (``base_delta.safetensors``), targets other modules
-    than ``modules``, or has another rank than ``rank`` (``lora.r``).
-    """
-    key = "strategy.merged-adapter"
-    try:
-        source = load_adapter(Path(folder).expanduser())
-    except SourceError as exc:
-        raise ConfigError([f"{key}={str(folder)!r}: {exc}"]) from exc
-    if source.dense is not None:
-        raise ConfigError([f"{key}={str(folder)!r}: has a dense base_delta part (FLoRA or "
-                           "FedEx-LoRA); merge it first with `python -m merging` to make it LoRA"])
-    missing = sorted(set(modules) - set(source.lora))
-    extra = sorted(set(source.lora) - set(modules))
-    if missing or extra:
-        raise ConfigError([f"{key}={str(folder)!r}: targets other modules than lora.target-"
-                           f"modules (missing {missing[:3]}, extra {extra[:3]})"])
-    ranks = sorted({A.shape[0] for _, A in source.lora.values()})
-    if ranks != [rank]:
-        raise ConfigError([f"{key}={str(folder)!r}: has rank {ranks}, lora.r={rank}: set "
-                           f"lora.r to the merge's rank"])
-    return svd_form_state({m: source.lora[m] for m in modules}, lora_scale)

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from common import contract
+from common import contract, schema
 
 
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -21,10 +21,10 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
     return MetricRecord({
         contract.TRAIN_LOSS: sum(w * float(m[contract.TRAIN_LOSS])
                                  for w, m in zip(weights, metrics, strict=True)) / total,
-        "epsilon-mean": sum(eps) / len(eps),
-        "epsilon-max": max(eps),
+        schema.EPSILON_MEAN: sum(eps) / len(eps),
+        schema.EPSILON_MAX: max(eps),
         contract.NOISE_MULTIPLIER: max(float(m[contract.NOISE_MULTIPLIER]) for m in metrics),
-        "clients-trained": len(records),
+        schema.CLIENTS_TRAINED: len(records),
         weight_key: total,
     })
 

@@ -21,9 +21,15 @@ def _node_round(msg: Message, context: Context) -> tuple[int, int]:
             int(msg.content[contract.CONFIG][contract.SERVER_ROUND]))
 
 
-raises_in_round_2 = ClientApp()
-raises_in_round_2.evaluate()(evaluate)
-raises_in_round_2.query()(query)
+def _with_production_evaluate_and_query() -> ClientApp:
+    """A ClientApp whose evaluate and query handlers are the production ones."""
+    app = ClientApp()
+    app.evaluate()(evaluate)
+    app.query()(query)
+    return app
+
+
+raises_in_round_2 = _with_production_evaluate_and_query()
 
 
 @raises_in_round_2.train()
@@ -34,9 +40,7 @@ def train_or_raise(msg: Message, context: Context) -> Message:
     return train(msg, context)
 
 
-stalls_from_round_3 = ClientApp()
-stalls_from_round_3.evaluate()(evaluate)
-stalls_from_round_3.query()(query)
+stalls_from_round_3 = _with_production_evaluate_and_query()
 
 
 @stalls_from_round_3.train()
@@ -51,9 +55,7 @@ def train_or_stall(msg: Message, context: Context) -> Message:
     return train(msg, context)
 
 
-always_raises = ClientApp()
-always_raises.evaluate()(evaluate)
-always_raises.query()(query)
+always_raises = _with_production_evaluate_and_query()
 
 
 @always_raises.train()

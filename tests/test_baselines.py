@@ -16,11 +16,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common.config import flatten_dict
 
 from common import contract
-from common.config import LORA_METHODS, STRATEGIES, AppConfig
+from common.config import AppConfig
+from common.methods import FROM_SCRATCH, METHODS
 from kernels import stacked_product
-from server.app import STRATEGY_CLASSES, build_strategy
 from strategies import FedAvgLoRA, FedExLoRA, FedSVD, FFALoRA, FLoRA, MergeSV, RoLoRA
+from strategies.registry import build_strategy, strategy_class
 from tests.conftest import ROOT, default_run_config
+from tests.helpers import FakeGrid
 
 MODULES = ["enc.0.query", "enc.1.value"]
 SHAPES = {"enc.0.query": (7, 5), "enc.1.value": (4, 6)}  # (d_out, d_in)
@@ -40,14 +42,6 @@ def b_key(m):
 
 def s_key(m):
     return contract.lora_key(m, "S")
-
-
-class FakeGrid:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def get_node_ids(self):
-        return list(range(1, self.n + 1))
 
 
 def _tensor(rng, shape) -> torch.Tensor:
@@ -274,14 +268,14 @@ def test_bytes_are_those_of_the_arrays_sent_and_received(name):
 
 
 def test_registry_covers_every_configured_name_and_passes_the_lora_scale():
-    assert set(STRATEGY_CLASSES) == set(STRATEGIES)
+    assert set(METHODS) == set(ALL)
     layout = SimpleNamespace(modules=MODULES, scale=SCALE)
-    for name in STRATEGIES:
-        merged = {"strategy.merged-adapter": "merged/"} if name not in LORA_METHODS else {}
+    for name in METHODS:
+        merged = {"strategy.merged-adapter": "merged/"} if name not in FROM_SCRATCH else {}
         cfg = AppConfig.from_run_config({"strategy.name": name, "strategy.svd-period": 2,
                                          "seed": 4, **merged})
         strategy = build_strategy(cfg, layout)
-        assert type(strategy) is STRATEGY_CLASSES[name] is ALL[name][0]
+        assert type(strategy) is strategy_class(name) is ALL[name][0]
         assert strategy.lora_modules == MODULES
     assert build_strategy(AppConfig.from_run_config({"strategy.name": "flora", "seed": 4}),
                           layout).seed == 4
@@ -296,7 +290,7 @@ def test_registry_covers_every_configured_name_and_passes_the_lora_scale():
 def test_every_experiment_override_builds_a_valid_config(path):
     overrides = flatten_dict(tomllib.loads(path.read_text()))
     cfg = AppConfig.from_run_config({**default_run_config(), **overrides})
-    assert cfg.strategy.name in STRATEGY_CLASSES
+    assert cfg.strategy.name in METHODS
 
 
 def test_stacked_product_equals_the_weighted_sum_of_products():

@@ -12,9 +12,9 @@ from common import contract
 from common.adapter import AdapterLayout
 from common.config import AppConfig
 from common.model import build_model
-from privacy import PrivacyLedger, make_private
-from server.app import build_strategy
 from server.results import BASE_DELTA_FILE, load_model, save_adapter
+from strategies.registry import build_strategy
+from tests.helpers import private_sgd
 
 NODE = {"partition-id": 0, "num-partitions": 2}
 
@@ -44,11 +44,7 @@ def test_local_training_of_a_and_b_changes_both_and_nothing_else(tiny_run_config
     expected = {id(p.A) for p in layout.pairs} | {id(p.B) for p in layout.pairs}
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # Execute
-    private = make_private(
-        module=model, optimizer=torch.optim.SGD(trainable, lr=0.5),
-        data_loader=torch.utils.data.DataLoader(data.train, batch_size=8),
-        noise_multiplier=1.0, max_grad_norm=1.0, ledger=PrivacyLedger(),
-    )
+    private = private_sgd(model, trainable, data.train)
     t.run_local_steps(private, 3)
     # Assert: the optimizer holds exactly A and B; every A and B moved, nothing else did
     assert {id(p) for p in trainable} == expected

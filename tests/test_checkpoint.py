@@ -13,7 +13,8 @@ from server import checkpoint as ckpt
 from server.resume import CheckpointedRun
 from strategies import FedSVD
 from tests.conftest import default_run_config
-from tests.test_strategy import MODULES, FakeGrid, _global, _reply
+from tests.helpers import FakeGrid
+from tests.test_strategy import MODULES, global_state, train_reply
 
 ROWS = [{"round": 0, "wall-seconds": 1.5, "accuracy": 0.25, "loss": 1.1},
         {"round": 1, "wall-seconds": 3.0, "accuracy": 0.5, "loss": 0.9, "epsilon-max": math.inf,
@@ -187,8 +188,8 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in():
     # A resumed (or repeated) run reproduces the global arrays only if the float sums do not
     # follow the arrival order of the replies.
     rng = np.random.default_rng(1)
-    state = ArrayRecord(torch_state_dict=_global(rng))
-    replies = [_reply(rng, n)[0] for n in (30, 41, 57, 90)]
+    state = ArrayRecord(torch_state_dict=global_state(rng))
+    replies = [train_reply(rng, n)[0] for n in (30, 41, 57, 90)]
     results = []
     for order in ([0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0]):
         strategy = FedSVD(MODULES, fraction_train=1.0, min_train_nodes=4, min_available_nodes=4)

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, RecordDict
 from opacus.accountants import RDPAccountant
 
 from client import training as t
@@ -11,24 +11,9 @@ from common import contract
 from common.adapter import AdapterLayout
 from common.config import AppConfig
 from common.model import build_model
-from privacy import PrivacyLedger, make_private
+from tests.helpers import global_arrays, private_sgd, train_message
 
 NODE = {"partition-id": 0, "num-partitions": 2}
-
-
-def _global_arrays(cfg: AppConfig, num_labels: int) -> ArrayRecord:
-    model = build_model(cfg.model, cfg.lora, num_labels=num_labels, seed=cfg.seed)
-    layout = AdapterLayout.from_model(model)
-    with torch.no_grad():  # a non-zero B, as after a few rounds
-        for pair in layout.pairs:
-            pair.B.normal_(0, 0.1)
-    return ArrayRecord(torch_state_dict=layout.tensors())
-
-
-def _train_message(arrays: ArrayRecord) -> Message:
-    content = RecordDict({contract.ARRAYS: arrays,
-                          contract.CONFIG: ConfigRecord({contract.TRAIN_FACTORS: "B"})})
-    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
 
 
 @pytest.mark.parametrize("train_head", [False, True])
@@ -42,11 +27,7 @@ def test_local_training_changes_b_and_only_b(tiny_run_config, train_head):
                                                    if train_head else set())
     assert {id(p) for p in trainable} == expected
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    private = make_private(
-        module=model, optimizer=torch.optim.SGD(trainable, lr=0.5),
-        data_loader=torch.utils.data.DataLoader(data.train, batch_size=8),
-        noise_multiplier=1.0, max_grad_norm=1.0, ledger=PrivacyLedger(),
-    )
+    private = private_sgd(model, trainable, data.train)
     assert {id(p) for g in private.optimizer.param_groups for p in g["params"]} == expected
     t.run_local_steps(private, 3)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
@@ -63,11 +44,11 @@ def test_reported_epsilon_is_cumulative_and_matches_an_independent_accountant(
     context = Context(run_id=1, node_id=1, node_config=NODE, state=RecordDict(),
                       run_config=run_config)
     data = t.load_local_data(cfg, 0, 2)
-    arrays = _global_arrays(cfg, data.num_labels)
+    arrays = global_arrays(cfg, data.num_labels)
     q = 1 / math.ceil(len(data.train) / cfg.train.batch_size)
     independent = RDPAccountant()
     for _ in range(3):
-        reply = train(_train_message(arrays), context)
+        reply = train(train_message(arrays), context)
         metrics = reply.content[contract.METRICS]
         assert metrics[contract.BUDGET_EXHAUSTED] == 0
         assert metrics[contract.B_DELTA_NORM] > 0
@@ -77,7 +58,7 @@ def test_reported_epsilon_is_cumulative_and_matches_an_independent_accountant(
         sent = set(reply.content[contract.ARRAYS].keys())
         assert sent and all(k.endswith(".lora_B") or contract.is_head_key(k) for k in sent)
     assert metrics[contract.EPSILON] <= 4.0
-    refused = train(_train_message(arrays), context).content[contract.METRICS]
+    refused = train(train_message(arrays), context).content[contract.METRICS]
     assert refused[contract.BUDGET_EXHAUSTED] == 1 and refused[contract.STEPS] == 0
     assert refused[contract.EPSILON] == metrics[contract.EPSILON]  # nothing more was spent
 
@@ -87,7 +68,7 @@ def test_non_private_run_takes_the_same_path_without_noise(tiny_run_config, task
     context = Context(run_id=1, node_id=1, node_config=NODE, state=RecordDict(),
                       run_config=run_config)
     cfg = AppConfig.from_run_config(run_config)
-    arrays = _global_arrays(cfg, t.load_local_data(cfg, 0, 2).num_labels)
-    metrics = train(_train_message(arrays), context).content[contract.METRICS]
+    arrays = global_arrays(cfg, t.load_local_data(cfg, 0, 2).num_labels)
+    metrics = train(train_message(arrays), context).content[contract.METRICS]
     assert metrics[contract.NOISE_MULTIPLIER] == 0 and math.isinf(metrics[contract.EPSILON])
     assert metrics[contract.B_DELTA_NORM] > 0

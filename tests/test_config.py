@@ -2,7 +2,8 @@ import math
 
 import pytest
 
-from common.config import AppConfig, ConfigError, check_delta
+from common.config import AppConfig, ConfigError
+from privacy.policy import check_delta
 from tests.conftest import default_run_config
 
 

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 
+from common.run_config import override_text
 from deploy import certificates
 from deploy.local import PRIVACY_STATE_FILE, local_deployment, start_supernodes
 from tests.conftest import ROOT
@@ -61,7 +62,7 @@ def test_tls_deployment_runs_two_rounds_and_rejects_an_unregistered_supernode(
     certs = tmp_path / "certs"
     certificates.write_all(certs, sans=["localhost"], supernodes=3)
     overrides = {k: tiny_run_config[k] for k in RUN_KEYS} | {"output.run-name": "deploy"}
-    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
+    run_config = override_text(overrides)
     run_dir = tmp_path / "run"
 
     # Execute

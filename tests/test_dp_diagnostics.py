@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord
 from common import contract
 from common.adapter import AdapterLayout
 from common.config import AppConfig
+from common.methods import FROM_SCRATCH
 from common.model import build_model
 from kernels import refactorize_pairs
 from server.checkpoint import save_checkpoint
@@ -63,3 +64,12 @@ def test_clipping_share_follows_the_clipping_norm(tiny_run_config, tmp_path):
     assert diagnose(tiny, batches=1, partition=0, num_partitions=2)["clipped"] == 1.0
     out = diagnose(huge, batches=1, partition=0, num_partitions=2)
     assert out["clipped"] == 0.0 and out["NSR lora"] == 0.0
+
+
+@pytest.mark.parametrize("method", FROM_SCRATCH)
+def test_diagnostics_work_for_every_method(tiny_run_config, tmp_path, method):
+    # FLoRA and FedEx-LoRA take keyword-only settings: the registry builds them (the old
+    # positional construction raised TypeError for both)
+    run = _saved_run(tmp_path / "run", {**tiny_run_config, "strategy.name": method}, sigma=1.0)
+    out = diagnose(run, batches=1, partition=0, num_partitions=2)
+    assert out["‖g‖ lora"] > 0 and 0 < out["NSR lora"] < math.inf

@@ -1,7 +1,6 @@
 """The app through Flower end to end: `flwr run` on a private simulation SuperLink."""
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +14,14 @@ from common.config import AppConfig
 from common.data import encode, load_corpus
 from common.evaluation import evaluate
 from common.model import load_tokenizer
+from common.run_config import override_text
 from merging.sources import load_adapter
-from simulations.local_superlink import flwr_run
+from simulations.launch.superlink import flwr_run
 from tests.conftest import ROOT
 
 
 def _toml_overrides(values: dict) -> str:
-    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+    return override_text(values)
 
 
 def _run_tiny(tiny_run_config: dict, tmp_path, name: str, **extra) -> tuple[Path, list[dict]]:
@@ -82,3 +82,30 @@ def test_merge_sv_simulation_trains_only_sigma_of_the_merged_adapter(tiny_run_co
         assert torch.allclose(U @ (U.T @ delta) @ V @ V.T, delta, atol=1e-5)
     _, accuracy = _peft_evaluation({**tiny_run_config, **extra}, folder / "adapter")
     assert accuracy == pytest.approx(float(rows[-1]["accuracy"]), abs=1e-9)
+
+
+def test_the_launcher_prints_a_line_per_round_and_logs_the_rest(tiny_run_config, tmp_path,
+                                                                capfd):
+    from simulations import run as sim_run
+
+    overrides = {k: tiny_run_config[k] for k in (
+        "model.path", "model.max-length", "data.source", "data.text-column",
+        "data.label-column", "data.max-eval-examples", "data.partitioner", "train.batch-size",
+        "train.local-steps", "strategy.num-rounds", "lora.r", "lora.alpha")}
+    results = tmp_path / "results"
+    code = sim_run.main(["--run-config", override_text({**overrides, "output.run-name": "quiet"}),
+                         "--num-supernodes", "3", "--results-dir", str(results)])
+    assert code == 0
+    out = [line for line in capfd.readouterr().out.splitlines() if line.strip()]
+    # One line to start, one per round, the summary: nothing else reaches the console
+    assert [line.split(" | ")[0] for line in out[1:-1]] == ["[run] round 1/2",
+                                                            "[run] round 2/2"], out
+    assert out[0].startswith("[run] quiet: fedsvd, ε 6, 2 rounds on 3 SuperNodes")
+    assert out[-1].startswith("[run] done in ") and "final test accuracy" in out[-1]
+    assert "largest client ε" in out[-1] and str(results / "quiet") in out[-1]
+    # Everything is in run.log, without the library noise the apps silence
+    log = (results / "quiet" / "run.log").read_text()
+    assert "Starting Flower Simulation" in log and "round 2 | test accuracy" in log
+    for noise in ("Loading weights", "Flattening the indices", "is_gradient_checkpointing",
+                  "Optimal order is the largest alpha", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"):
+        assert noise not in log, noise

@@ -18,8 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from common.run_config import override_text
 from server.checkpoint import CHECKPOINT_FILE, METADATA_KEY
-from simulations.local_superlink import flwr_run
+from simulations.launch.superlink import flwr_run
 from tests.conftest import ROOT
 
 TINY = ("model.path", "model.max-length", "data.source", "data.text-column", "data.label-column",
@@ -28,12 +29,12 @@ TINY = ("model.path", "model.max-length", "data.source", "data.text-column", "da
 RUN_TIMEOUT = 240
 
 
-def _run_config(tiny_run_config: dict, values: dict) -> list[str]:
+def faulty_run_config(tiny_run_config: dict, values: dict) -> list[str]:
     chosen = {k: tiny_run_config[k] for k in TINY} | {"strategy.fraction-train": 1.0} | values
-    return [" ".join(f"{k}={json.dumps(v)}" for k, v in chosen.items()), "privacy.epsilon=inf"]
+    return [override_text(chosen), "privacy.epsilon=inf"]
 
 
-def _app_with_client_app(folder: Path, client_app: str) -> Path:
+def app_with_client_app(folder: Path, client_app: str) -> Path:
     """A copy of the app whose pyproject names ``client_app`` as its ClientApp."""
     pyproject = (ROOT / "pyproject.toml").read_text()
     for pattern in tomllib.loads(pyproject)["tool"]["setuptools"]["packages"]["find"]["include"]:
@@ -99,11 +100,11 @@ def test_a_run_killed_after_round_2_resumes_to_the_uninterrupted_result(tiny_run
     rounds = {"strategy.num-rounds": 4, "train.deterministic": True}
     results = Path(tiny_run_config["output.dir"])
 
-    straight = _run_config(tiny_run_config, {**rounds, "output.run-name": "straight"})
+    straight = faulty_run_config(tiny_run_config, {**rounds, "output.run-name": "straight"})
     assert flwr_run(ROOT, run_config=straight, num_supernodes=3, flwr_home=tmp_path / "home-1",
                     timeout=RUN_TIMEOUT) == 0
-    crashed = _run_config(tiny_run_config, {**rounds, "output.run-name": "crashed"})
-    stalling = _app_with_client_app(tmp_path / "app", "faulty_clients:stalls_from_round_3")
+    crashed = faulty_run_config(tiny_run_config, {**rounds, "output.run-name": "crashed"})
+    stalling = app_with_client_app(tmp_path / "app", "faulty_clients:stalls_from_round_3")
     assert _crash_in_round_3(stalling, crashed, results / "crashed", tmp_path / "home-2") == 2
     assert not (results / "crashed" / "metrics.csv").exists()  # it never finished
     assert flwr_run(ROOT, run_config=[*crashed, "output.resume=true"], num_supernodes=3,
@@ -123,10 +124,10 @@ def test_a_run_killed_after_round_2_resumes_to_the_uninterrupted_result(tiny_run
 
 def test_a_client_that_raises_in_round_2_drops_out_and_the_run_completes(tiny_run_config,
                                                                            tmp_path):
-    app = _app_with_client_app(tmp_path / "app", "faulty_clients:raises_in_round_2")
+    app = app_with_client_app(tmp_path / "app", "faulty_clients:raises_in_round_2")
     # The norm screen off: with the tiny model's non-private updates on 3 non-iid partitions an
     # honest array can move 12x the other two's median (seen once in CI); screening has its tests.
-    run_config = _run_config(tiny_run_config,
+    run_config = faulty_run_config(tiny_run_config,
                              {"strategy.num-rounds": 3, "output.run-name": "dropout",
                               "strategy.max-norm-ratio": 0})
     assert flwr_run(app, run_config=run_config, num_supernodes=3, flwr_home=tmp_path / "home",

@@ -19,7 +19,7 @@ from privacy.grouped_clipping import (
     head_and_adapter_groups,
     joint_norm,
 )
-from tests.test_client import _global_arrays, _train_message
+from tests.helpers import global_arrays, train_message
 
 
 class TwoGroups(nn.Module):
@@ -128,8 +128,8 @@ def test_client_with_a_head_share_reports_the_same_epsilon_as_flat_clipping(tiny
         run_config = {**tiny_run_config, "privacy.epsilon": 6.0,
                       "privacy.head-clip-share": share}
         cfg = AppConfig.from_run_config(run_config)
-        arrays = _global_arrays(cfg, t.load_local_data(cfg, 0, 2).num_labels)
-        msg = _train_message(arrays)
+        arrays = global_arrays(cfg, t.load_local_data(cfg, 0, 2).num_labels)
+        msg = train_message(arrays)
         msg.content[contract.CONFIG][contract.SERVER_ROUND] = 1
         context = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run_config,
                           node_config={"partition-id": 0, "num-partitions": 2})

@@ -1,7 +1,6 @@
 """What a user sees when something is wrong: exit codes and the last lines of every command."""
 
 import contextlib
-import json
 import subprocess
 import sys
 import time
@@ -11,14 +10,15 @@ import psutil
 import pytest
 
 from common.config import AppConfig
+from common.run_config import override_text
 from deploy import local as deploy_local
 from server.checkpoint import CHECKPOINT_FILE
 from server.preflight import RESULT_FILES, OutputExists, check_output_folder, clear_results
 from simulations import run as sim_run
 from simulations import sweep
-from simulations.local_superlink import flwr_run
+from simulations.launch.superlink import flwr_run
 from tests.conftest import ROOT
-from tests.test_fault_tolerance import _app_with_client_app, _run_config
+from tests.test_fault_tolerance import app_with_client_app, faulty_run_config
 
 BAD_CONFIG = "lora.rr=4 privacy.epsilon=-1"
 
@@ -40,7 +40,7 @@ def test_a_bad_configuration_exits_2_within_10_s_naming_every_key():
 
 def _tiny_overrides(tiny_run_config: dict, **extra) -> list[str]:
     keys = {k: v for k, v in tiny_run_config.items() if k.split(".")[0] in ("model", "data")}
-    return [" ".join(f"{k}={json.dumps(v)}" for k, v in {**keys, **extra}.items())]
+    return [override_text({**keys, **extra})]
 
 
 def test_bad_data_is_refused_before_any_superlink(tiny_run_config, tmp_path, capsys):
@@ -110,8 +110,8 @@ def test_a_sweep_whose_cell_would_fail_runs_nothing(tiny_run_config, tmp_path, c
 
 def test_a_run_whose_clients_all_fail_exits_1_with_their_reason(tiny_run_config, tmp_path,
                                                                 capfd):
-    app = _app_with_client_app(tmp_path / "app", "faulty_clients:always_raises")
-    run_config = _run_config(tiny_run_config, {"strategy.num-rounds": 2,
+    app = app_with_client_app(tmp_path / "app", "faulty_clients:always_raises")
+    run_config = faulty_run_config(tiny_run_config, {"strategy.num-rounds": 2,
                                                "output.run-name": "broken"})
     code = flwr_run(app, run_config=run_config, num_supernodes=3, flwr_home=tmp_path / "home",
                     timeout=240)
@@ -130,7 +130,7 @@ def test_a_launcher_killed_by_sigterm_still_stops_its_superlink(tmp_path):
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from simulations.local_superlink import simulation_superlink\n"
+        "from simulations.launch.superlink import simulation_superlink\n"
         "with simulation_superlink(Path(sys.argv[1])):\n"
         "    print('up', flush=True)\n"
         "    time.sleep(600)\n"

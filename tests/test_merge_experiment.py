@@ -12,8 +12,9 @@ from test_merging import MODULES
 
 from common.config import DataConfig
 from common.data import load_corpus, select_labels
+from common.run_config import override_text
 from simulations import merge_experiment as mx
-from simulations.sweep_cells import cell_config
+from simulations.experiments.cells import cell_config
 
 
 class FakeFlower:
@@ -54,8 +55,8 @@ class FakeFlower:
 @pytest.fixture
 def overrides(tiny_run_config) -> str:
     """``--run-config`` for every run: the tiny test model, rank and rounds."""
-    return " ".join(f"{k}={json.dumps(tiny_run_config[k])}" for k in (
-        "model.path", "lora.r", "lora.alpha", "strategy.num-rounds"))
+    return override_text({k: tiny_run_config[k] for k in (
+        "model.path", "lora.r", "lora.alpha", "strategy.num-rounds")})
 
 
 def test_groups_cover_the_newsgroups_classes_but_the_single_forsale_one():

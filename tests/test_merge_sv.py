@@ -16,9 +16,10 @@ from common.adapter import AdapterLayout
 from common.config import AppConfig, ConfigError
 from common.model import build_model
 from common.singular_values import SingularValueLinear
-from privacy import PrivacyLedger, make_private
+from server.merged_adapter import merged_adapter_state
 from server.results import save_adapter
-from strategies.merge_sv import merged_adapter_state, svd_form_state
+from strategies.merge_sv import svd_form_state
+from tests.helpers import private_sgd
 
 MODULES = [f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2)
            for p in ("query", "value")]
@@ -116,11 +117,7 @@ def test_dp_training_of_sigma_changes_nothing_but_sigma(merge_sv_config, mode):
     trainable = layout.set_trainable(model, ("S",), train_head=False)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # Execute: real Opacus DP-SGD, 3 steps
-    private = make_private(
-        module=model, optimizer=torch.optim.SGD(trainable, lr=0.5),
-        data_loader=torch.utils.data.DataLoader(data.train, batch_size=8),
-        noise_multiplier=1.0, max_grad_norm=1.0, ledger=PrivacyLedger(), grad_sample_mode=mode,
-    )
+    private = private_sgd(model, trainable, data.train, grad_sample_mode=mode)
     t.run_local_steps(private, 3)
     # Assert: every σ moved; U, V, the base weights and the head did not
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}

@@ -14,7 +14,7 @@ from common.data import load_corpus
 from common.model import build_model, load_tokenizer
 from common.public_head import head_linear, name_text, set_class_name_head
 from strategies.sampling import PartitionSampler
-from tests.test_client import _train_message
+from tests.helpers import train_message
 
 
 class RollCallGrid:
@@ -72,10 +72,10 @@ def test_seeded_sampling_is_the_default():
 
 def test_dp_noise_still_differs_between_two_runs_of_one_seed(tiny_run_config):
     # the paired seed fixes partitions and client draws, never the DP noise
-    from tests.test_client_randomness import _same, _trained_b
+    from tests.test_client_randomness import same_tensors, trained_b
 
     run_config = {**tiny_run_config, "privacy.epsilon": 6.0}
-    assert not _same(_trained_b(run_config), _trained_b(run_config))
+    assert not same_tensors(trained_b(run_config), trained_b(run_config))
 
 
 def _server_model(run_config: dict):
@@ -108,7 +108,7 @@ def test_public_frozen_head_is_identical_on_every_node_and_spends_no_privacy(tin
         assert all(torch.equal(node_layout.tensors()[k], sent[k]) for k in head_keys)
 
     def reply(config: dict):
-        msg = _train_message(arrays)
+        msg = train_message(arrays)
         msg.content[contract.CONFIG] = ConfigRecord({contract.TRAIN_FACTORS: "B",
                                                      contract.SERVER_ROUND: 1})
         context = Context(run_id=1, node_id=1, state=RecordDict(), run_config=config,

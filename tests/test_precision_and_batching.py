@@ -11,7 +11,7 @@ from common.batching import collate_trimmed, length_sorted_batches, trim
 from common.config import AppConfig
 from common.evaluation import evaluate
 from common.model import build_model
-from privacy import PrivacyLedger, make_private
+from tests.helpers import private_sgd
 
 
 def _model_and_data(run_config: dict):
@@ -41,10 +41,7 @@ def test_bfloat16_path_keeps_per_sample_gradients_in_float32(tiny_run_config):
     head = model.base_model.model.classifier.modules_to_save["default"]
     head.register_forward_hook(lambda m, a, out: island_dtypes.add((a[0].dtype, out.dtype)))
     before = [p.detach().clone() for p in trainable]
-    private = make_private(
-        module=model, optimizer=torch.optim.SGD(trainable, lr=0.5),
-        data_loader=t.train_loader(cfg, data.train), noise_multiplier=1.0, max_grad_norm=1.0,
-        ledger=PrivacyLedger())
+    private = private_sgd(model, trainable, data.train, loader=t.train_loader(cfg, data.train))
     seen: list[torch.dtype] = []
     original = private.optimizer.clip_and_accumulate
 

@@ -12,7 +12,8 @@ from client.app import PRIVACY_STATE_KEY, train
 from common import contract
 from common.config import AppConfig
 from privacy import PrivacyLedger
-from tests.test_client import NODE, _global_arrays, _train_message
+from tests.helpers import global_arrays, train_message
+from tests.test_client import NODE
 
 
 def _fresh_context(run_config: dict, state_file) -> Context:
@@ -27,14 +28,14 @@ def test_restarted_node_reports_cumulative_epsilon_and_refuses_past_budget(
     run_config = {**tiny_run_config, "strategy.num-rounds": 3, "privacy.epsilon": 4.0}
     cfg = AppConfig.from_run_config(run_config)
     data = t.load_local_data(cfg, 0, 2)
-    arrays = _global_arrays(cfg, data.num_labels)
+    arrays = global_arrays(cfg, data.num_labels)
     q = 1 / math.ceil(len(data.train) / cfg.train.batch_size)
     state_file = tmp_path / "node-0" / "privacy-state.json"
     independent = RDPAccountant()
 
     # Execute: every round on a "restarted" node (a fresh Context), sharing only the file.
     for _ in range(3):
-        metrics = train(_train_message(arrays), _fresh_context(run_config, state_file)
+        metrics = train(train_message(arrays), _fresh_context(run_config, state_file)
                         ).content[contract.METRICS]
         assert metrics[contract.BUDGET_EXHAUSTED] == 0
         for _ in range(cfg.train.local_steps):
@@ -42,7 +43,7 @@ def test_restarted_node_reports_cumulative_epsilon_and_refuses_past_budget(
         # Assert: ε covers the steps of earlier processes too.
         assert metrics[contract.EPSILON] == pytest.approx(independent.get_epsilon(1e-5), rel=1e-9)
     assert metrics[contract.EPSILON] <= 4.0
-    refused = train(_train_message(arrays), _fresh_context(run_config, state_file)
+    refused = train(train_message(arrays), _fresh_context(run_config, state_file)
                     ).content[contract.METRICS]
     assert refused[contract.BUDGET_EXHAUSTED] == 1 and refused[contract.STEPS] == 0
     assert refused[contract.EPSILON] == metrics[contract.EPSILON]
@@ -78,17 +79,17 @@ def test_unreadable_state_file_refuses_to_train(tiny_run_config, tmp_path):
     state_file = tmp_path / "privacy-state.json"
     state_file.write_text("{not json")
     cfg = AppConfig.from_run_config(tiny_run_config)
-    arrays = _global_arrays(cfg, t.load_local_data(cfg, 0, 2).num_labels)
+    arrays = global_arrays(cfg, t.load_local_data(cfg, 0, 2).num_labels)
     with pytest.raises(ValueError, match="unreadable"):
-        train(_train_message(arrays), _fresh_context(tiny_run_config, state_file))
+        train(train_message(arrays), _fresh_context(tiny_run_config, state_file))
     assert state_file.read_text() == "{not json"  # never overwritten
 
 
 def test_relative_state_file_is_rejected(tiny_run_config):
     cfg = AppConfig.from_run_config(tiny_run_config)
-    arrays = _global_arrays(cfg, t.load_local_data(cfg, 0, 2).num_labels)
+    arrays = global_arrays(cfg, t.load_local_data(cfg, 0, 2).num_labels)
     with pytest.raises(ValueError, match="absolute path"):
-        train(_train_message(arrays), _fresh_context(tiny_run_config, "state.json"))
+        train(train_message(arrays), _fresh_context(tiny_run_config, "state.json"))
 
 
 def _sim_context(run_config: dict) -> Context:
@@ -104,17 +105,17 @@ def test_resumed_simulation_reports_the_uninterrupted_epsilon(tiny_run_config, t
                 "output.dir": str(tmp_path / "results")}
 
     cfg = AppConfig.from_run_config(config("straight"))
-    arrays = _global_arrays(cfg, t.load_local_data(cfg, 0, 2).num_labels)
+    arrays = global_arrays(cfg, t.load_local_data(cfg, 0, 2).num_labels)
     straight = _sim_context(config("straight"))
     # Execute: 3 rounds in one federation; 2 rounds, a crash (the federation and its
     # Context.state are gone), then round 3 in a new federation
-    eps_straight = [train(_train_message(arrays), straight).content[contract.METRICS]
+    eps_straight = [train(train_message(arrays), straight).content[contract.METRICS]
                     [contract.EPSILON] for _ in range(3)]
     before_crash = _sim_context(config("resumed"))
-    eps_resumed = [train(_train_message(arrays), before_crash).content[contract.METRICS]
+    eps_resumed = [train(train_message(arrays), before_crash).content[contract.METRICS]
                    [contract.EPSILON] for _ in range(2)]
     after_crash = _sim_context({**config("resumed"), "output.resume": True})
-    eps_resumed.append(train(_train_message(arrays), after_crash).content[contract.METRICS]
+    eps_resumed.append(train(train_message(arrays), after_crash).content[contract.METRICS]
                        [contract.EPSILON])
     # Assert: the same ε every round, from the ledger kept in the run's folder
     assert eps_resumed == pytest.approx(eps_straight, rel=1e-12)

@@ -7,7 +7,7 @@ from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
-from common.config import ConfigError, check_delta
+from common.config import ConfigError
 from privacy.planning import (
     ORDERS,
     Schedule,
@@ -15,8 +15,8 @@ from privacy.planning import (
     epsilon_curve,
     main,
     plan_noise,
-    sample_rate,
 )
+from privacy.policy import check_delta, sample_rate
 
 DELTA = 1e-5
 
@@ -24,7 +24,7 @@ DELTA = 1e-5
 def test_sample_rate_is_the_rate_of_opacus_dp_data_loader():
     assert sample_rate(1885, 32) == 1 / 59
     assert sample_rate(32, 32) == 1.0
-    with pytest.raises(ValueError, match="examples=0"):
+    with pytest.raises(ValueError, match="0 training examples"):
         sample_rate(0, 32)
 
 

@@ -18,16 +18,9 @@ from common import contract
 from common.config import DataConfig
 from strategies import FedSVD, FFALoRA
 from strategies.aggregation import cap_weights
+from tests.helpers import FakeGrid
 
 ROUNDS_BEFORE = (0, 5)  # round 1 (B = 0), and after 5 rounds of training
-
-
-class FakeGrid:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def get_node_ids(self):
-        return list(range(1, self.n + 1))
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +163,7 @@ def test_the_direction_screen_is_for_private_runs_only(tiny_run_config):
     from common.adapter import AdapterLayout
     from common.config import AppConfig
     from common.model import build_model
-    from server.app import build_strategy
+    from strategies.registry import build_strategy
 
     for epsilon, expected in ((6.0, -0.5), (math.inf, -1.0)):
         cfg = AppConfig.from_run_config({**tiny_run_config, "privacy.epsilon": epsilon,

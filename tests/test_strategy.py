@@ -5,21 +5,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 
 from common import contract
 from strategies import FedSVD
+from tests.helpers import FakeGrid
 
 MODULES = ["enc.0.query", "enc.0.value", "enc.1.query"]
 SHAPES = {"enc.0.query": (12, 10), "enc.0.value": (12, 10), "enc.1.query": (6, 9)}  # (m, n)
 R = 3
 
 
-class FakeGrid:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def get_node_ids(self):
-        return list(range(1, self.n + 1))
-
-
-def _global(rng) -> dict[str, torch.Tensor]:
+def global_state(rng) -> dict[str, torch.Tensor]:
     state = {}
     for m in MODULES:
         rows, cols = SHAPES[m]
@@ -30,7 +23,7 @@ def _global(rng) -> dict[str, torch.Tensor]:
     return state
 
 
-def _reply(rng, n: int, exhausted: int = 0) -> tuple[Message, dict]:
+def train_reply(rng, n: int, exhausted: int = 0) -> tuple[Message, dict]:
     arrays = {contract.lora_key(m, "B"): torch.tensor(rng.normal(size=(SHAPES[m][0], R)),
                                                       dtype=torch.float32) for m in MODULES}
     arrays[contract.head_key("classifier.weight")] = torch.tensor(rng.normal(size=(4, 5)),
@@ -45,13 +38,13 @@ def _reply(rng, n: int, exhausted: int = 0) -> tuple[Message, dict]:
 
 def _run_round(svd_period: int, server_round: int = 1):
     rng = np.random.default_rng(0)
-    state = _global(rng)
+    state = global_state(rng)
     strategy = FedSVD(MODULES, svd_period=svd_period, fraction_train=1.0, min_train_nodes=3,
                       min_available_nodes=3)
     messages = list(strategy.configure_train(server_round, ArrayRecord(torch_state_dict=state),
                                              ConfigRecord(), FakeGrid(3)))
     assert all(m.content[contract.CONFIG][contract.TRAIN_FACTORS] == "B" for m in messages)
-    replies = [_reply(rng, 30), _reply(rng, 90), _reply(rng, 500, exhausted=1)]
+    replies = [train_reply(rng, 30), train_reply(rng, 90), train_reply(rng, 500, exhausted=1)]
     arrays, metrics = strategy.aggregate_train(server_round, [m for m, _ in replies])
     return state, [a for _, a in replies], arrays.to_torch_state_dict(), metrics, messages
 
@@ -91,9 +84,9 @@ def test_between_svd_rounds_b_is_averaged_and_a_kept():
 def test_round_with_only_exhausted_clients_keeps_the_global_adapter():
     rng = np.random.default_rng(1)
     strategy = FedSVD(MODULES, fraction_train=1.0, min_train_nodes=1, min_available_nodes=1)
-    list(strategy.configure_train(1, ArrayRecord(torch_state_dict=_global(rng)),
+    list(strategy.configure_train(1, ArrayRecord(torch_state_dict=global_state(rng)),
                                   ConfigRecord(), FakeGrid(1)))
-    arrays, metrics = strategy.aggregate_train(1, [_reply(rng, 10, exhausted=1)[0]])
+    arrays, metrics = strategy.aggregate_train(1, [train_reply(rng, 10, exhausted=1)[0]])
     assert arrays is None and metrics is None
 
 

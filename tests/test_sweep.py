@@ -13,18 +13,19 @@ import pytest
 from scipy import stats
 
 from common.config import AppConfig
-from simulations import sweep, sweep_cells, sweep_lr
-from simulations.sweep_cells import Cell, cell_config, grid, is_complete, run_cells
-from simulations.sweep_report import (
-    ATTEMPTS_FILE,
+from common.run_config import override_text
+from simulations import sweep
+from simulations.experiments import cells as sweep_cells
+from simulations.experiments import learning_rates as sweep_lr
+from simulations.experiments.cells import Cell, cell_config, grid, is_complete, run_cells
+from simulations.launch import console
+from simulations.reports.records import ATTEMPTS_FILE, load_runs
+from simulations.reports.statistics import paired_differences, summarize, t_interval
+from simulations.reports.tables import (
     README_END,
     README_START,
-    load_runs,
     markdown_table,
-    paired_differences,
     replace_between_markers,
-    summarize,
-    t_interval,
     write_report,
 )
 
@@ -143,7 +144,7 @@ def test_complete_runs_with_other_settings_stop_the_sweep(tmp_path):
 
 def test_cell_output_goes_to_its_log_file(tmp_path):
     log = tmp_path / "cell.log"
-    with sweep_cells._output_to(log):
+    with console.output_to(log):
         subprocess.run(["echo", "from a child"], check=True)
     assert log.read_text() == "from a child\n"
 
@@ -366,7 +367,7 @@ TINY_KEYS = ("model.path", "model.max-length", "data.source", "data.text-column"
 
 
 def _tiny_sweep_args(tiny_run_config, out: Path, methods: str) -> list[str]:
-    overrides = " ".join(f"{k}={json.dumps(tiny_run_config[k])}" for k in TINY_KEYS)
+    overrides = override_text({k: tiny_run_config[k] for k in TINY_KEYS})
     return ["--methods", methods, "--epsilons", "6", "--seeds", "0", "--out", str(out),
             "--num-supernodes", "3", "--run-config", overrides + " strategy.num-rounds=1",
             "--cell-timeout", "300"]

@@ -1,7 +1,6 @@
 """A sweep that spans machines: per-cell records in git, resume from them, reports, progress."""
 
 import csv
-import inspect
 import json
 import logging
 import math
@@ -15,24 +14,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from simulations import sweep, sweep_cells
-from simulations.sweep_cells import (
-    Progress,
+from simulations import sweep
+from simulations.experiments import cells as sweep_cells
+from simulations.experiments.cells import (
     cell_config,
     grid,
-    parse_round_line,
     record_paths,
     run_cells,
     write_record,
 )
-from simulations.sweep_report import (
-    README_END,
-    README_START,
-    RECORD_COLUMNS,
-    load_runs,
-    settings_digest,
-    write_report,
-)
+from simulations.launch import console
+from simulations.launch.console import Progress, parse_round_line
+from simulations.reports.records import RECORD_COLUMNS, load_runs, settings_digest
+from simulations.reports.tables import README_END, README_START, write_report
 from tests.test_sweep import FINALS, fake_runner, write_run
 
 INF = math.inf
@@ -52,6 +46,7 @@ def evaluator_line(r, accuracy, epsilon, seconds, split="test"):
 def test_round_line_is_read_from_what_the_evaluator_logs(monkeypatch):
     from flwr.app import ArrayRecord
 
+    from common.schema import RoundTrainingMetrics
     from server import evaluation
 
     monkeypatch.setattr(evaluation, "evaluate", lambda model, data, **kw: (1.25, 0.3125))
@@ -60,20 +55,19 @@ def test_round_line_is_read_from_what_the_evaluator_logs(monkeypatch):
         def load(self, state):
             pass
 
-    class Strategy:
-        last_round_metrics = {"epsilon-mean": 1.2, "epsilon-max": 1.25, "bytes-up": 2e6,
-                              "bytes-down": 4e6}
+    training = RoundTrainingMetrics()
+    for r in (2, 3):
+        training.record(r, {"epsilon-mean": 1.2, "epsilon-max": 1.25, "bytes-up": 2e6,
+                            "bytes-down": 4e6})
 
     logged = []
     handler = logging.Handler()
     handler.emit = lambda record: logged.append(record.getMessage())
     logger = logging.getLogger("flwr")
     logger.addHandler(handler)
-    every = ({"eval_every": 2} if "eval_every" in
-             inspect.signature(evaluation.GlobalEvaluator).parameters else {})
     try:
         evaluator = evaluation.GlobalEvaluator(None, Layout(), subset=[0] * 4, full=[0] * 9,
-                                               final_round=4, strategy=Strategy(), **every)
+                                               final_round=4, training=training, eval_every=2)
         for r in (0, 2, 3):
             evaluator(r, ArrayRecord())
     finally:
@@ -82,8 +76,10 @@ def test_round_line_is_read_from_what_the_evaluator_logs(monkeypatch):
     assert [r.round for r in rows] == [0, 2, 3]
     assert rows[1].accuracy == pytest.approx(0.3125) and rows[1].epsilon == pytest.approx(1.25)
     assert math.isnan(rows[0].epsilon)
-    if every:  # round 3 is not evaluated (strategy.eval-every = 2): no accuracy, ε all the same
-        assert math.isnan(rows[2].accuracy) and rows[2].epsilon == pytest.approx(1.25)
+    # round 3 is not evaluated (strategy.eval-every = 2): no accuracy, ε all the same
+    assert math.isnan(rows[2].accuracy) and rows[2].epsilon == pytest.approx(1.25)
+    assert [row["round"] for row in evaluator.rows] == [0, 2, 3]
+    assert "accuracy" not in evaluator.rows[2] and evaluator.rows[2]["epsilon-max"] == 1.25
     # As it reaches the cell's log through flwr run --stream (a real line, colours and all):
     real = ("\x1b[92mINFO \x1b[0m:      round 1 | validation accuracy 0.3750 | validation loss "
             "1.0949 | client ε mean 5.995 max 5.995 | MB up 0.01 down 0.01 | 22 s")
@@ -161,7 +157,7 @@ def test_progress_goes_to_the_terminal_while_the_output_goes_to_the_log(tmp_path
 
     def runner(items, log):
         cfg = cell_config(items)
-        with sweep_cells._output_to(log):
+        with console.output_to(log):
             subprocess.run(["echo", "from flwr"], check=True)
             os.write(1, f"INFO : {evaluator_line(1, 0.25, 1.0, 12)}\n".encode())  # as flwr does
             assert printed.wait(10)  # said while fd 1 and 2 still go to the log
@@ -181,7 +177,7 @@ def test_a_thread_follows_only_new_lines(tmp_path):
     log = tmp_path / "a.log"
     log.write_text("old line\n")
     got = []
-    with sweep_cells.following(log, got.append, interval=0.01):
+    with console.following(log, got.append, interval=0.01):
         with log.open("a") as f:
             f.write("new 1\nnew")
             f.flush()
@@ -376,6 +372,12 @@ def test_report_only_from_records_alone(tmp_path, capsys):
     text = readme.read_text()
     assert "](experiments/main/accuracy_vs_epsilon_a0.5.png)" in text
     assert not (tmp_path / "_static").exists()  # the plots are linked where they are
+    docs = tmp_path / "docs" / "experiments.md"  # a page one folder down links upwards
+    docs.parent.mkdir()
+    docs.write_text(f"# experiments\n\n{README_START}\n{README_END}\n")
+    assert sweep.main(["--report-only", "--record", str(rec), "--readme", str(docs)]) == 0
+    assert "](../experiments/main/accuracy_vs_epsilon_a0.5.png)" in docs.read_text()
+    assert not (docs.parent / "_static").exists()
     paired = pd.read_csv(rec / "paired.csv")
     assert set(paired["method"]) == {"ffa"} and {"n", "mean", "ci95"} <= set(paired.columns)
     assert len(pd.read_csv(rec / "sweep.csv")) == 30
@@ -393,7 +395,7 @@ def test_records_of_tuning_and_of_the_sweep_are_not_mixed(tmp_path):
 
 
 def test_learning_rate_tuning_resumes_from_its_records(tmp_path):
-    from simulations import sweep_lr
+    from simulations.experiments import learning_rates as sweep_lr
 
     out, rec, lr_file = tmp_path / "out", tmp_path / "rec-lr", tmp_path / "lr.toml"
     argv = ["--methods", "fedsvd", "--out", str(out), "--lr-file", str(lr_file), "--record",

@@ -29,6 +29,7 @@ from strategies.validation import (
     ReplyValidator,
     expected_arrays,
 )
+from tests.helpers import FakeGrid
 
 MODULES = ["l0.query", "l1.value"]
 B_SHAPES = {"l0.query": (3, 2), "l1.value": (4, 2)}  # (m, r)
@@ -38,14 +39,6 @@ B0, B1 = contract.lora_key(MODULES[0], "B"), contract.lora_key(MODULES[1], "B")
 EXPECTED_KEYS = [B0, B1, HEAD]
 REQUIRED = [contract.NUM_EXAMPLES, contract.TRAIN_LOSS, contract.EPSILON,
             contract.NOISE_MULTIPLIER]
-
-
-class FakeGrid:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def get_node_ids(self):
-        return list(range(1, self.n + 1))
 
 
 def _global() -> dict[str, torch.Tensor]:
@@ -318,7 +311,7 @@ def test_too_few_valid_replies_keep_the_global_adapter(caplog):
     assert "2 valid trained repl(ies), min_valid_replies=3: no update" in caplog.text
     after = strategy._global.to_torch_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    last = strategy.last_round_metrics
+    last = strategy.training_metrics.of(1)
     assert (last["replies-rejected"], last["replies-failed"], last["clients-trained"]) == (1, 1, 0)
 
 

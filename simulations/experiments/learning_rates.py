@@ -9,16 +9,17 @@ the rate with the best mean final validation accuracy, and writes it to
 
 from __future__ import annotations
 
-import json
 import math
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+import tomli_w
 
-from simulations.sweep_cells import ROOT, Cell
-from simulations.sweep_report import method_order, summarize
+from common.methods import method_order
+from simulations.experiments.cells import ROOT, Cell
+from simulations.reports.statistics import summarize
 
 LR_FILE = ROOT / "simulations" / "learning_rates.toml"
 HEADER = """\
@@ -87,18 +88,5 @@ def learning_rates_for(path: Path, methods: Sequence[str]) -> dict[str, float]:
 def write_learning_rates(path: Path, chosen: dict[str, dict], note: dict[str, str]) -> None:
     """Add (or replace) the tables of ``chosen``, each with ``note``; keep the other methods."""
     tables = {**read_learning_rates(path), **{m: {**t, **note} for m, t in chosen.items()}}
-    parts = [HEADER]
-    for method in method_order(tables):
-        parts.append(f"\n[{method}]\n")
-        parts += [f"{key} = {_toml(value)}\n" for key, value in tables[method].items()]
-    Path(path).write_text("".join(parts))
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a TOML basic string
+    ordered = {method: tables[method] for method in method_order(tables)}
+    Path(path).write_text(HEADER + "\n" + tomli_w.dumps(ordered))

@@ -16,58 +16,48 @@ a sweep resumes on a fresh clone.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
-import math
 import os
-import re
 import shlex
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from common import schema
 from common.config import AppConfig
 from common.run_config import app_run_config, override_text
 from server.checkpoint import CHECKPOINT_FILE
 from server.preflight import check_run
-from simulations.local_superlink import flwr_run
-from simulations.sweep_report import (
+from simulations.launch.console import (
+    Progress,
+    duration,
+    failure_reason,
+    following,
+    output_to,
+    say,
+)
+from simulations.launch.superlink import flwr_run
+from simulations.reports.records import (
     ATTEMPTS_FILE,
     CELLS_DIR,
     RECORD_COLUMNS,
-    duration,
     record_command,
     settings_digest,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the app: pyproject.toml
 Runner = Callable[[list[str], Path], int]  # (run-config items, log file) -> exit code
 
 
-_TERMINAL: list[int] = []  # copies of file descriptor 1 saved by _output_to, innermost last
-_TERMINAL_LOCK = threading.Lock()  # say() from a thread never writes to a copy being closed
 
 
-def say(line: str) -> None:
-    """One progress line, flushed at once (stdout is often a pipe or a file on long sweeps).
-
-    While a cell's output goes to its log (:func:`_output_to`), the line goes to the sweep's
-    own stdout as it was before, not into the log.
-    """
-    with _TERMINAL_LOCK:
-        if _TERMINAL:
-            os.write(_TERMINAL[-1], f"{line}\n".encode())
-            return
-    print(line, flush=True)
 
 
 @dataclass(frozen=True)
@@ -130,20 +120,20 @@ def refuse_failing_runs(planned: Mapping[str, Sequence[str]], *,
 
 def is_complete(run_folder: Path, num_rounds: int) -> bool:
     """Whether ``run_folder/metrics.csv`` holds the row of round ``num_rounds`` (the last)."""
-    return _has_round(Path(run_folder) / "metrics.csv", num_rounds)
+    return _has_round(Path(run_folder) / schema.METRICS_FILE, num_rounds)
 
 
 def _has_round(table: Path, num_rounds: int) -> bool:
     try:
         with Path(table).open() as f:
-            return any(float(row["round"]) == num_rounds for row in csv.DictReader(f))
+            return any(float(row[schema.ROUND]) == num_rounds for row in csv.DictReader(f))
     except (OSError, KeyError, ValueError, TypeError):
         return False
 
 
 def stale_settings(run_folder: Path, cfg: AppConfig) -> list[str]:
     """Keys whose value in ``run_folder/config.json`` differs from ``cfg`` (output.* aside)."""
-    return _differing_settings(Path(run_folder) / "config.json", cfg)
+    return _differing_settings(Path(run_folder) / schema.CONFIG_FILE, cfg)
 
 
 def _differing_settings(path: Path, cfg: AppConfig) -> list[str]:
@@ -177,15 +167,15 @@ def write_record(run_folder: Path, record: Path) -> tuple[Path, Path]:
     """Write the record of a complete run: ``record/cells/<run>.csv`` and ``<run>.json``.
 
     The CSV holds RECORD_COLUMNS (run, method, epsilon, alpha, seed, learning_rate,
-    num_rounds, settings: :func:`simulations.sweep_report.settings_digest`), all from the
+    num_rounds, settings: :func:`simulations.reports.records.settings_digest`), all from the
     run's ``config.json``, then every column of its ``metrics.csv`` as written, one row per
     round; the JSON is the run's ``config.json``. No adapter: a few kB per cell. Each file is
     written to a temporary file and renamed, so a reader never sees half of one.
     """
     run_folder = Path(run_folder)
-    config_text = (run_folder / "config.json").read_text()
+    config_text = (run_folder / schema.CONFIG_FILE).read_text()
     config = json.loads(config_text)
-    with (run_folder / "metrics.csv").open(newline="") as f:
+    with (run_folder / schema.METRICS_FILE).open(newline="") as f:
         header, *rows = list(csv.reader(f))
     ident = [run_folder.name, config["strategy.name"], config["privacy.epsilon"],
              config["data.dirichlet-alpha"], config["seed"], config["train.learning-rate"],
@@ -303,141 +293,23 @@ def cell_states(cells: Sequence[Cell], folder: Path, overrides: Sequence[str],
 
 # --- progress while a cell runs: its log, followed ---------------------------------------------
 
-ROUND_LINE = re.compile(  # server.evaluation.GlobalEvaluator's lines, after the logger's prefix
-    r"round (?P<round>\d+) \| (?:\S+ accuracy (?P<accuracy>\S+) \| \S+ loss \S+"
-    r"|not evaluated[^|]*) \| client ε mean (?P<epsilon_mean>\S+) max (?P<epsilon_max>\S+) "
-    r"\|(?:.*\|)? (?P<seconds>\d+(?:\.\d*)?) s\s*$")
 
 
-@dataclass(frozen=True)
-class RoundLine:
-    """One round as logged; accuracy nan: not evaluated, epsilon (the largest) nan: none yet."""
-
-    round: int
-    accuracy: float
-    epsilon: float
-    seconds: float  # since the ServerApp started
 
 
-def parse_round_line(line: str) -> RoundLine | None:
-    """The round of a GlobalEvaluator log line, None for any other line."""
-    match = ROUND_LINE.search(line)
-    if not match:
-        return None
-
-    def number(text: str) -> float:
-        try:
-            return float(text)
-        except (TypeError, ValueError):  # "-": no client trained yet; None: not evaluated
-            return math.nan
-
-    return RoundLine(int(match["round"]), number(match["accuracy"]),
-                     number(match["epsilon_max"]), float(match["seconds"]))
 
 
-def rough_duration(seconds: float) -> str:
-    """``3 h 10 min``, ``12 min`` or ``45 s``: an ETA."""
-    s = max(round(seconds), 0)
-    if s < 60:
-        return f"{s} s"
-    return f"{round(s / 60)} min" if s < 3570 else duration(60 * round(s / 60))
 
 
-class Progress:
-    """The sweep's clock: seconds per round measured so far, over the cells of this sweep.
-
-    :meth:`cell` gives the ``on_line`` of one cell, which prints a line per finished round:
-    ``[3/30] <cell> round 4/20 | accuracy 0.312 | ε 1.20 | 45 s/round | cell ETA 12 min |
-    sweep ETA 3 h 10 min``. Seconds per round come from the wall seconds that the rounds log
-    (the cell's own for its ETA, all measured rounds for the sweep's); the sweep ETA is that
-    mean × the rounds left of this cell and of the cells after it; SuperLink start-up is not
-    counted.
-    """
-
-    def __init__(self, say: Callable[[str], None] = say) -> None:
-        self.say = say
-        self.seconds, self.rounds = 0.0, 0
-
-    @property
-    def seconds_per_round(self) -> float:
-        """The mean over every round measured so far; nan before the first."""
-        return self.seconds / self.rounds if self.rounds else math.nan
-
-    def cell(self, tag: str, name: str, num_rounds: int,
-             rounds_after: int) -> Callable[[str], None]:
-        """``on_line`` for one cell; ``rounds_after``: rounds of the cells to run after it."""
-        seen: list[RoundLine] = []
-
-        def on_line(line: str) -> None:
-            row = parse_round_line(line)
-            if row is None or (seen and row.round <= seen[-1].round):
-                return
-            if seen:
-                self.seconds += row.seconds - seen[-1].seconds
-                self.rounds += row.round - seen[-1].round
-            seen.append(row)
-            if row.round < 1:
-                return
-            first = seen[0]  # round 0, or the first round after a checkpoint
-            rate = ((row.seconds - first.seconds) / (row.round - first.round)
-                    if row.round > first.round else row.seconds / row.round)
-            mean = self.seconds_per_round if self.rounds else rate
-            left = max(num_rounds - row.round, 0)
-            epsilon = "-" if math.isnan(row.epsilon) else f"{row.epsilon:.2f}"
-            accuracy = "-" if math.isnan(row.accuracy) else f"{row.accuracy:.3f}"
-            self.say(f"{tag} {name} round {row.round}/{num_rounds} | accuracy {accuracy} | "
-                     f"ε {epsilon} | {rate:.0f} s/round | cell ETA "
-                     f"{rough_duration(rate * left)} | sweep ETA "
-                     f"{rough_duration(mean * (left + rounds_after))}")
-        return on_line
 
 
-@contextlib.contextmanager
-def following(path: Path, on_line: Callable[[str], None],
-              interval: float = 0.2) -> Iterator[None]:
-    """Call ``on_line`` with each line added to ``path`` while the block runs (a thread).
-
-    Lines already in the file (earlier attempts) are not passed; the last lines are read
-    after the block too. An error in ``on_line`` skips that line: progress is best effort.
-    """
-    path = Path(path)
-    state = {"offset": path.stat().st_size if path.exists() else 0, "rest": b""}
-    stop = threading.Event()
-
-    def read() -> None:
-        try:
-            if path.stat().st_size < state["offset"]:  # truncated: start again
-                state["offset"], state["rest"] = 0, b""
-            with path.open("rb") as f:
-                f.seek(state["offset"])
-                data = f.read()
-        except OSError:
-            return
-        state["offset"] += len(data)
-        *lines, state["rest"] = (state["rest"] + data).split(b"\n")
-        for line in lines:
-            with contextlib.suppress(Exception):
-                on_line(line.decode("utf-8", "replace"))
-
-    def loop() -> None:
-        while not stop.wait(interval):
-            read()
-        read()
-
-    thread = threading.Thread(target=loop, name=f"follow {path.name}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=30)
 
 
 def flwr_runner(*, num_supernodes: int = 6, cpus_per_client: int = 1,
                 timeout: float | None = None) -> Runner:
     """Run a cell with ``flwr run`` on a private SuperLink; its output and log into ``log``."""
     def run(items: list[str], log: Path) -> int:
-        with tempfile.TemporaryDirectory(prefix="flwr-home-") as home, _output_to(log):
+        with tempfile.TemporaryDirectory(prefix="flwr-home-") as home, output_to(log):
             try:
                 return flwr_run(ROOT, run_config=items, num_supernodes=num_supernodes,
                                 cpus_per_client=cpus_per_client, flwr_home=Path(home),
@@ -449,30 +321,6 @@ def flwr_runner(*, num_supernodes: int = 6, cpus_per_client: int = 1,
     return run
 
 
-@contextlib.contextmanager
-def _output_to(path: Path) -> Iterator[None]:
-    """Send this process's stdout and stderr (file descriptors 1, 2: children too) to ``path``.
-
-    :func:`say` keeps writing to the stdout of before (a copy of it is kept meanwhile).
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    _TERMINAL.append(saved[0])
-    try:
-        with path.open("ab") as f:
-            os.dup2(f.fileno(), 1)
-            os.dup2(f.fileno(), 2)
-            yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        with _TERMINAL_LOCK:
-            for fd, copy in zip((1, 2), saved, strict=True):
-                os.dup2(copy, fd)
-            _TERMINAL.remove(saved[0])
-        for copy in saved:
-            os.close(copy)
 
 
 @dataclass(frozen=True)
@@ -569,20 +417,12 @@ def _run_one(cell: Cell, folder: Path, overrides: Sequence[str], runner: Runner,
     return Outcome(cell, "failed", seconds, detail)
 
 
-def failure_reason(log: Path) -> str:
-    """The reason :func:`simulations.local_superlink.flwr_run` printed last in ``log``."""
-    try:
-        lines = log.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    reasons = [line.removeprefix("[run] ") for line in lines if line.startswith("[run] ")]
-    return " ".join(reasons[1:3] if len(reasons) > 1 else reasons)
 
 
 def _last_accuracy(run_folder: Path) -> float:
-    with (run_folder / "metrics.csv").open() as f:
+    with (run_folder / schema.METRICS_FILE).open() as f:
         rows = list(csv.DictReader(f))
-    return float(rows[-1]["accuracy"])
+    return float(rows[-1][schema.ACCURACY])
 
 
 def _record_attempt(folder: Path, outcome: Outcome, command: str) -> None:

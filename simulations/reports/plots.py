@@ -1,4 +1,4 @@
-"""The sweep's PNG plots, from the tidy table of :mod:`simulations.sweep_report`.
+"""The sweep's PNG plots, from the tidy table of :mod:`simulations.reports.records`.
 
 - ``accuracy_vs_round_a<α>.png``: eval accuracy per round, one panel per ε, one line per
   method (mean over seeds; the last round is on the whole eval split, the others on the fixed
@@ -13,15 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from simulations.sweep_report import epsilon_label, method_order
-
-matplotlib.use("Agg")  # files only: no display needed
+from common.methods import method_order
+from simulations.reports.records import epsilon_label
 
 
 def write_all(tidy: pd.DataFrame, summary: pd.DataFrame, folder: Path) -> list[Path]:
@@ -39,7 +38,7 @@ def write_all(tidy: pd.DataFrame, summary: pd.DataFrame, folder: Path) -> list[P
 
 
 def _colors(methods: pd.Series) -> dict[str, tuple]:
-    palette = plt.get_cmap("tab10" if methods.nunique() <= 10 else "tab20").colors
+    palette = matplotlib.colormaps["tab10" if methods.nunique() <= 10 else "tab20"].colors
     return {m: palette[i % len(palette)] for i, m in enumerate(method_order(methods))}
 
 
@@ -50,8 +49,8 @@ def _epsilons(values) -> list[float]:
 def accuracy_vs_round(tidy: pd.DataFrame, colors: dict, path: Path) -> Path:
     """One panel per ε; in each, the seed-mean accuracy per round of every method."""
     epsilons = _epsilons(tidy["epsilon"])
-    fig, axes = plt.subplots(1, len(epsilons), figsize=(4 * len(epsilons), 3.4), sharey=True,
-                             squeeze=False)
+    fig = Figure(figsize=(4 * len(epsilons), 3.4))
+    axes = fig.subplots(1, len(epsilons), sharey=True, squeeze=False)
     split = tidy["eval_split"].iloc[0]
     for ax, eps in zip(axes[0], epsilons, strict=True):
         for method in method_order(tidy["method"]):
@@ -74,7 +73,8 @@ def accuracy_vs_epsilon(summary: pd.DataFrame, colors: dict, path: Path) -> Path
     """Final accuracy against ε (categorical axis), with 95 % t-interval error bars."""
     epsilons = _epsilons(summary["epsilon"])[::-1]  # small ε (strong privacy) on the left
     methods = method_order(summary["method"])
-    fig, ax = plt.subplots(figsize=(1.6 * len(epsilons) + 3, 3.8))
+    fig = Figure(figsize=(1.6 * len(epsilons) + 3, 3.8))
+    ax = fig.subplots()
     width = 0.6 / max(len(methods), 1)
     for i, method in enumerate(methods):
         rows = summary[summary["method"] == method].set_index("epsilon").reindex(epsilons)
@@ -96,7 +96,8 @@ def bytes_per_round(tidy: pd.DataFrame, colors: dict, path: Path) -> Path:
     methods = method_order(tidy["method"])
     trained = tidy[tidy["round"] >= 1]
     mb = trained.groupby("method")[["bytes_up", "bytes_down"]].mean().reindex(methods) / 1e6
-    fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 2, 3.6))
+    fig = Figure(figsize=(1.2 * len(methods) + 2, 3.6))
+    ax = fig.subplots()
     x = np.arange(len(methods))
     handles = []
     for offset, column, hatch in ((-0.2, "bytes_up", ""), (0.2, "bytes_down", "//")):
@@ -113,8 +114,8 @@ def bytes_per_round(tidy: pd.DataFrame, colors: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as PNG. A bare Figure (no pyplot) needs no backend and no global state."""
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

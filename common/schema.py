@@ -1,0 +1,118 @@
+"""The results schema: the files of a run's results folder and every column of its metrics.
+
+A run writes ``<output.dir>/<run name>/`` (:func:`server.results.save_run`):
+
+- ``metrics.csv`` (:data:`METRICS_FILE`): one row per round, round 0 being the initial
+  adapter, with the :data:`COLUMNS` below in this order (a column no row has is left out);
+- ``config.json`` (:data:`CONFIG_FILE`): the flat run config (``AppConfig.to_dict``);
+- ``adapter/`` (:data:`ADAPTER_DIR`): the peft adapter;
+- ``run.log`` (:data:`RUN_LOG`): everything the run printed, when ``simulations.run`` ran it
+  (each attempt appended after a header line).
+
+The strategy produces the training columns of a round (:class:`RoundTrainingMetrics`), the
+server's evaluator adds the evaluation columns and writes the row; summaries, the sweep's
+records and reports and the plots read the columns by these names. The keys that are also
+message keys (:mod:`common.contract`) are the same strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from common import contract
+
+METRICS_FILE = "metrics.csv"
+CONFIG_FILE = "config.json"
+ADAPTER_DIR = "adapter"
+RUN_LOG = "run.log"
+
+ROUND = "round"
+WALL_SECONDS = "wall-seconds"
+EVAL_SPLIT = "eval-split"
+ACCURACY = contract.ACCURACY
+LOSS = contract.LOSS
+EVAL_EXAMPLES = "eval-examples"
+TRAIN_LOSS = contract.TRAIN_LOSS
+EPSILON_MEAN = "epsilon-mean"
+EPSILON_MAX = "epsilon-max"
+NOISE_MULTIPLIER = contract.NOISE_MULTIPLIER
+CLIENTS_TRAINED = "clients-trained"
+NUM_EXAMPLES = contract.NUM_EXAMPLES
+BYTES_UP = "bytes-up"
+BYTES_DOWN = "bytes-down"
+CLIENTS_EXHAUSTED = "clients-exhausted"
+REPLIES_REJECTED = "replies-rejected"
+REPLIES_FAILED = "replies-failed"
+WEIGHTS_CAPPED = "weights-capped"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of ``metrics.csv``: its name, the type of its values, what it means."""
+
+    name: str
+    type: type
+    meaning: str
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column(ROUND, int, "server round; 0: the initial adapter, before any training"),
+    Column(WALL_SECONDS, float, "seconds since the run started (a resumed run goes on counting)"),
+    Column(EVAL_SPLIT, str, "what the server evaluated on: test, or validation when tuning"),
+    Column(ACCURACY, float, "accuracy of the global model on the evaluated examples (empty: "
+                            "round not evaluated, strategy.eval-every)"),
+    Column(LOSS, float, "mean cross-entropy of the global model on the evaluated examples"),
+    Column(EVAL_EXAMPLES, int, "examples evaluated: the fixed subset, or the whole split in "
+                               "the last round"),
+    Column(TRAIN_LOSS, float, "mean local training loss, weighted by the clients' examples"),
+    Column(EPSILON_MEAN, float, "mean over the round's trained clients of their cumulative ε"),
+    Column(EPSILON_MAX, float, "largest cumulative ε of a trained client"),
+    Column(NOISE_MULTIPLIER, float, "largest DP-SGD noise multiplier σ of a trained client"),
+    Column(CLIENTS_TRAINED, int, "valid replies aggregated this round (0: no update)"),
+    Column(NUM_EXAMPLES, float, "sum of the aggregated replies' (capped) example counts"),
+    Column(BYTES_UP, int, "bytes of arrays the clients sent this round"),
+    Column(BYTES_DOWN, int, "bytes of arrays the server broadcast this round"),
+    Column(CLIENTS_EXHAUSTED, int, "sampled clients that refused to train: budget spent"),
+    Column(REPLIES_REJECTED, int, "replies the screen rejected (strategies.validation)"),
+    Column(REPLIES_FAILED, int, "replies that were Flower errors (client crashed or lost)"),
+    Column(WEIGHTS_CAPPED, int, "replies whose example count was capped "
+                                "(strategy.max-weight-ratio)"),
+)
+COLUMN_NAMES = tuple(c.name for c in COLUMNS)
+TRAINING_COLUMNS = COLUMN_NAMES[COLUMN_NAMES.index(TRAIN_LOSS):]  # from the strategy
+
+
+def ordered_columns(rows: list[Mapping[str, object]]) -> list[str]:
+    """The schema's columns that some row has, in schema order.
+
+    Raise ``ValueError`` naming any key outside the schema: every column has one home here.
+    """
+    present = {key for row in rows for key in row}
+    if unknown := sorted(present - set(COLUMN_NAMES)):
+        raise ValueError(f"metrics {unknown} are not in the results schema (common.schema)")
+    return [name for name in COLUMN_NAMES if name in present]
+
+
+class RoundTrainingMetrics:
+    """The training columns of each round, by round: the strategy writes, the evaluator reads.
+
+    :meth:`strategies.base.LoraStrategy.aggregate_train` records what a round's training
+    produced (the aggregated client metrics and the screening counts, also when the round made
+    no update, which Flower's own train metrics leave out); the server's evaluator, given the
+    same object, puts them in the round's row.
+    """
+
+    def __init__(self) -> None:
+        self._rounds: dict[int, dict[str, float]] = {}
+
+    def record(self, server_round: int, metrics: Mapping[str, float]) -> None:
+        """Keep ``metrics`` (keys from :data:`TRAINING_COLUMNS`) as round ``server_round``'s."""
+        if unknown := sorted(set(metrics) - set(TRAINING_COLUMNS)):
+            raise ValueError(f"round {server_round}: {unknown} are not training columns of the "
+                             "results schema (common.schema)")
+        self._rounds[server_round] = dict(metrics)
+
+    def of(self, server_round: int) -> dict[str, float]:
+        """Round ``server_round``'s training columns; {} if it recorded none."""
+        return dict(self._rounds.get(server_round, {}))

@@ -1,0 +1,1 @@
+"""Experiments: the cells of a sweep (one Flower run each), their records, learning-rate tuning."""

@@ -1,0 +1,1 @@
+"""Reports: loading records, statistics, Markdown tables, plots."""

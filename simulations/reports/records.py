@@ -1,0 +1,200 @@
+"""A sweep's runs as one tidy table: read from a sweep folder or from a record folder.
+
+Two layouts are read (:func:`load_runs`):
+
+- a sweep folder (``--out``): every ``DIR/<run>/`` with ``config.json`` and ``metrics.csv``,
+  plus ``sweep-attempts.csv`` (one row per cell run: its wall time and command);
+- a record folder (``--record``, tracked in git, so that a sweep spans machines): one
+  ``DIR/cells/<run>.csv`` per complete cell (every round row of its ``metrics.csv`` after the
+  columns of RECORD_COLUMNS) and ``DIR/cells/<run>.json`` (its ``config.json``), plus
+  ``DIR/commands.txt``.
+
+Method, ε, α, seed and learning rate come from the run's config, never from its name; the runs
+and records are left untouched.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common import schema
+from common.config import AppConfig
+
+ATTEMPTS_FILE = "sweep-attempts.csv"  # one row per cell run (simulations.experiments.cells)
+
+
+CELLS_DIR = "cells"  # in a record folder: <run>.csv and <run>.json of every complete cell
+
+
+COMMANDS_FILE = "commands.txt"  # in a record folder: the distinct sweep commands that wrote it
+
+
+RECORD_COLUMNS = ("run", "method", "epsilon", "alpha", "seed", "learning_rate", "num_rounds",
+                  "settings")  # a record CSV: these, then the run's metrics.csv columns
+
+
+CONFIG_COLUMNS = {  # tidy column: config.json key
+    "method": "strategy.name", "epsilon": "privacy.epsilon", "alpha": "data.dirichlet-alpha",
+    "seed": "seed", "learning_rate": "train.learning-rate",
+}
+
+
+METRIC_COLUMNS = {  # tidy column: metrics.csv column (common.schema)
+    column.replace("-", "_"): column for column in (
+        schema.ROUND, schema.ACCURACY, schema.LOSS, schema.EVAL_EXAMPLES, schema.TRAIN_LOSS,
+        schema.EPSILON_MEAN, schema.EPSILON_MAX, schema.BYTES_UP, schema.BYTES_DOWN,
+        schema.WALL_SECONDS)
+}
+
+
+VARIED = {*CONFIG_COLUMNS.values(), "data.validation-fraction"}  # may differ between runs
+
+
+@dataclass(frozen=True)
+class Runs:
+    """Every complete run of a sweep folder, one tidy row per run per round."""
+
+    tidy: pd.DataFrame
+    incomplete: tuple[str, ...]  # run folders without their final round (failed or running)
+
+    @property
+    def final(self) -> pd.DataFrame:
+        """One row per run: its last round (round = strategy.num-rounds, the full eval split)."""
+        return self.tidy[self.tidy["round"] == self.tidy["num_rounds"]].reset_index(drop=True)
+
+
+def is_record_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a record folder (it has ``cells/``) rather than a sweep folder."""
+    return (Path(folder) / CELLS_DIR).is_dir()
+
+
+def load_runs(folder: Path, also_varied: Collection[str] = (), *,
+              records: bool | None = None) -> Runs:
+    """Every complete run of a sweep folder, or every complete record of a record folder.
+
+    ``records``: read ``folder/cells/<run>.csv`` and ``.json`` (True) or ``folder/<run>/
+    metrics.csv`` and ``config.json`` (False); None: records if ``folder/cells/`` exists.
+    Raise if the runs differ in a setting that is neither in VARIED nor in ``also_varied``.
+    """
+    if records is None:
+        records = is_record_folder(folder)
+    frames, incomplete, configs = [], [], {}
+    for name, config, metrics in (_records if records else _run_folders)(Path(folder)):
+        if config is None or metrics is None or \
+                config["strategy.num-rounds"] not in set(metrics["round"]):
+            incomplete.append(name)
+            continue
+        configs[name] = config
+        frames.append(_tidy(name, config, metrics))
+    _check_same_settings(configs, VARIED | set(also_varied))
+    tidy = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=[*CONFIG_COLUMNS, "eval_split", *METRIC_COLUMNS, "num_rounds", "settings", "run"])
+    return Runs(tidy, tuple(incomplete))
+
+
+Source = Iterator[tuple[str, dict | None, pd.DataFrame | None]]  # name, config, metrics
+
+
+def _run_folders(folder: Path) -> Source:
+    for run in sorted(p for p in folder.iterdir() if (p / schema.METRICS_FILE).is_file()):
+        if not (run / schema.CONFIG_FILE).is_file():
+            yield run.name, None, None
+            continue
+        yield (run.name, json.loads((run / schema.CONFIG_FILE).read_text()),
+               pd.read_csv(run / schema.METRICS_FILE))
+
+
+def _records(folder: Path) -> Source:
+    for path in sorted((folder / CELLS_DIR).glob("*.csv")):
+        config = path.with_suffix(".json")
+        try:
+            metrics = pd.read_csv(path).drop(columns=list(RECORD_COLUMNS), errors="ignore")
+        except (ValueError, OSError):  # empty or torn: not a record
+            metrics = None
+        yield (path.stem, json.loads(config.read_text()) if config.is_file() else None,
+               metrics if metrics is not None and "round" in metrics else None)
+
+
+def settings_digest(config: Mapping[str, object], varied: Collection[str] = VARIED) -> str:
+    """8 hex digits of a run's shared settings: its config minus ``output.*`` and ``varied``.
+
+    The cells of one experiment share it (they differ only in VARIED); a key missing from an
+    older config counts as its default. With the varied keys (their own columns) it identifies
+    the whole config but ``output.*``.
+    """
+    defaults = json.loads(json.dumps(AppConfig().to_dict(), default=str))
+    shared = {k: v for k, v in {**defaults, **config}.items()
+              if k not in varied and not k.startswith("output.")}
+    text = json.dumps(shared, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _tidy(name: str, config: dict, metrics: pd.DataFrame) -> pd.DataFrame:
+    frame = pd.DataFrame({column: config[key] for column, key in CONFIG_COLUMNS.items()},
+                         index=metrics.index)
+    frame["eval_split"] = "validation" if config.get("data.validation-fraction") else "test"
+    for column, source in METRIC_COLUMNS.items():
+        frame[column] = metrics[source] if source in metrics else np.nan
+    frame["num_rounds"] = config["strategy.num-rounds"]
+    frame["settings"] = settings_digest(config)
+    frame["run"] = name
+    return frame
+
+
+def _check_same_settings(configs: dict[str, dict], varied: Collection[str]) -> None:
+    """A table must not mix scales or models: only VARIED keys (and output.*) may differ.
+
+    A key missing from a run's config.json (written before the setting existed) counts as its
+    default.
+    """
+    differing = []
+    defaults = json.loads(json.dumps(AppConfig().to_dict()))
+    keys = {k for c in configs.values() for k in c if k not in varied and
+            not k.startswith("output.")}
+    for key in sorted(keys):
+        values = {json.dumps(c.get(key, defaults.get(key))) for c in configs.values()}
+        if len(values) > 1:
+            differing.append(f"{key}: {', '.join(sorted(values))}")
+    if differing:
+        raise ValueError("the runs of this folder differ in settings that the table would "
+                         "mix; give each setting its own --out (or --record):\n  "
+                         + "\n  ".join(differing))
+
+
+def epsilon_label(epsilon: float) -> str:
+    """``∞`` or the number as written in run names."""
+    return "∞" if math.isinf(epsilon) else f"{epsilon:g}"
+
+
+def sweep_commands(folder: Path) -> list[str]:
+    """The distinct sweep commands of a folder, first use first.
+
+    A record folder's ``commands.txt``; a sweep folder's attempts file.
+    """
+    folder = Path(folder)
+    if is_record_folder(folder):
+        path = folder / COMMANDS_FILE
+        return [c for c in path.read_text().splitlines() if c.strip()] if path.is_file() else []
+    attempts = folder / ATTEMPTS_FILE
+    if not attempts.is_file():
+        return []
+    return list(dict.fromkeys(r["command"] for r in csv.DictReader(attempts.open())))
+
+
+def record_command(folder: Path, command: str) -> Path:
+    """Append ``command`` to ``folder/commands.txt`` unless it is there already; the path."""
+    path = Path(folder) / COMMANDS_FILE
+    known = path.read_text().splitlines() if path.is_file() else []
+    if command not in known:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{c}\n" for c in [*known, command]))
+    return path

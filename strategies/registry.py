@@ -1,0 +1,47 @@
+"""Build the strategy that ``strategy.name`` names, from the table of :mod:`common.methods`."""
+
+from __future__ import annotations
+
+import importlib
+
+from common.adapter import AdapterLayout
+from common.config import AppConfig
+from common.methods import METHODS
+from common.schema import RoundTrainingMetrics
+from strategies.base import LoraStrategy
+from strategies.sampling import PartitionSampler
+
+
+def strategy_class(name: str) -> type[LoraStrategy]:
+    """The :class:`LoraStrategy` subclass of method ``name`` (``"module:Class"`` in the table)."""
+    module, _, attr = METHODS[name].strategy.partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    if not (isinstance(cls, type) and issubclass(cls, LoraStrategy)):
+        raise TypeError(f"method {name!r}: {METHODS[name].strategy} is not a LoraStrategy")
+    return cls
+
+
+def build_strategy(cfg: AppConfig, layout: AdapterLayout, *,
+                   training_metrics: RoundTrainingMetrics | None = None) -> LoraStrategy:
+    """The strategy named by ``strategy.name``, for the LoRA layers of ``layout``.
+
+    Its own settings come from its :class:`common.methods.Method`; the reply screen, the
+    aggregation and client sampling are the same for every method. It records each round's
+    training columns into ``training_metrics`` (None: a new one, ``strategy.training_metrics``).
+    """
+    s = cfg.strategy
+    return strategy_class(s.name)(
+        layout.modules, **METHODS[s.name].settings(cfg, layout.scale),
+        train_head=cfg.lora.train_head,
+        min_valid_replies=s.min_valid_replies, max_norm_ratio=s.max_norm_ratio,
+        # The direction screen rests on DP noise: it makes honest updates nearly orthogonal
+        # (cosine ~ 1/√d). Without it, honest clients may disagree in earnest.
+        min_update_cosine=s.min_update_cosine if cfg.privacy.is_private else -1.0,
+        max_weight_ratio=s.max_weight_ratio,
+        aggregation=s.aggregation, trim_fraction=s.trim_fraction, num_malicious=s.num_malicious,
+        stop_on_failed_round=s.stop_on_failed_round,
+        sampler=PartitionSampler(cfg.seed) if s.client_sampling == "seeded" else None,
+        fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
+        min_train_nodes=s.min_train_nodes, min_available_nodes=s.min_train_nodes,
+        min_evaluate_nodes=1 if s.fraction_evaluate else 0, training_metrics=training_metrics,
+    )
