@@ -32,6 +32,7 @@ from pathlib import Path
 import psutil
 
 from deploy.processes import flower_env, free_port, stop_from_pid_files, wait_for_port
+from simulations.launch.superlink import start_simulation_superlink
 
 ROOT = Path(__file__).resolve().parents[2]  # the app: pyproject.toml
 CONNECTION = "fedsvd"
@@ -56,16 +57,10 @@ def start(home: Path, *, num_supernodes: int, cpus_per_client: int) -> int:
     home.mkdir(parents=True, exist_ok=True)
     (home / "pids").mkdir(exist_ok=True)
     port = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
     env = flower_env(home)
     log = home / "superlink.log"
     with log.open("a") as out:
-        proc = subprocess.Popen(
-            ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-             "--host", "127.0.0.1", "--port", str(port), "--database", str(home / "state.db")],
-            env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = start_simulation_superlink(home, port, CONNECTION, out, cwd=ROOT)
     (home / "pids" / "superlink.pid").write_text(f"{proc.pid}\n")
     try:
         wait_for_port(port, proc, log)

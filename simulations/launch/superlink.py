@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 from common.run_config import run_config_args
 from deploy.processes import (
@@ -27,6 +28,24 @@ from deploy.processes import (
 )
 
 CONNECTION = "sim"
+
+
+def start_simulation_superlink(home: Path, port: int, connection: str, log: IO[str], *,
+                               cwd: Path | None = None) -> subprocess.Popen:
+    """Start a simulation SuperLink on loopback ``port``; return it (not waited for).
+
+    ``home/config.toml`` gets one insecure ``connection`` to it; the process runs in its own
+    session. Runtime dependency installation is off (:func:`deploy.processes.flower_env`); its
+    database is ``home/state.db``, its output goes to ``log``.
+    """
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{connection}"\n\n'
+        f'[superlink.{connection}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    return subprocess.Popen(
+        ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+         "--host", "127.0.0.1", "--port", str(port), "--database", str(home / "state.db")],
+        env=flower_env(home), cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
 
 
 @contextlib.contextmanager
@@ -44,17 +63,9 @@ def simulation_superlink(flwr_home: Path | None = None) -> Iterator[dict[str, st
     home = Path(flwr_home)
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()  # since flwr 1.40 one HTTP port serves the Control, Fleet and Runtime APIs
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
     env = flower_env(home)  # it spawns flower-superexec, which must find the venv's apps
     log = (home / "superlink.log").open("w")
-    proc = subprocess.Popen(
-        ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-         "--host", "127.0.0.1", "--port", str(port), "--database", str(home / "state.db")],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    proc = start_simulation_superlink(home, port, CONNECTION, log)
     try:
         with sigterm_raises_exit():  # a `kill` of this process still stops the SuperLink
             wait_for_port(port, proc)
