@@ -35,10 +35,15 @@ def _run_tiny(tiny_run_config: dict, tmp_path, name: str, **extra) -> tuple[Path
                     flwr_home=tmp_path / "flwr-home", timeout=540)
     assert code == 0
     folder = tmp_path / "results" / name
+    return folder, _metrics(folder)
+
+
+def _metrics(folder: Path) -> list[dict]:
+    """The rows of a 2-round run's metrics.csv, checked for rounds 0-2 and ε within budget."""
     rows = list(csv.DictReader((folder / "metrics.csv").open()))
     assert [int(r["round"]) for r in rows] == [0, 1, 2]
     assert all(0 < float(r["epsilon-max"]) <= 6.0 for r in rows[1:])
-    return folder, rows
+    return rows
 
 
 def _peft_evaluation(run_config: dict, adapter: Path) -> tuple[float, float]:
@@ -51,10 +56,42 @@ def _peft_evaluation(run_config: dict, adapter: Path) -> tuple[float, float]:
     return evaluate(model, encode(corpus.test, load_tokenizer(cfg.model), cfg.model.max_length))
 
 
-def test_two_round_simulation_writes_metrics_and_a_loadable_adapter(tiny_run_config, tmp_path):
-    folder, rows = _run_tiny(tiny_run_config, tmp_path, "e2e")
-    assert all(int(r["bytes-up"]) > 0 and int(r["bytes-down"]) > 0 for r in rows[1:])
+def test_the_default_launcher_runs_two_rounds_prints_a_line_per_round_and_saves_the_adapter(
+        tiny_run_config, tmp_path, capfd):
+    """One Flower run through `fedsvd-run` (what `make run` runs) checks three things at once.
 
+    The console gets the start line, one line per round and the summary, and nothing else;
+    ``run.log`` holds the rest without the library noise the apps silence; the metrics and the
+    saved adapter are complete (loaded by peft alone, it reproduces the server's final
+    evaluation).
+    """
+    from simulations import run as sim_run
+
+    overrides = {k: tiny_run_config[k] for k in (
+        "model.path", "model.max-length", "data.source", "data.text-column",
+        "data.label-column", "data.max-eval-examples", "data.partitioner", "train.batch-size",
+        "train.local-steps", "strategy.num-rounds", "lora.r", "lora.alpha")}
+    results = tmp_path / "results"
+    code = sim_run.main(["--run-config", override_text({**overrides, "output.run-name": "e2e"}),
+                         "--num-supernodes", "3", "--results-dir", str(results)])
+    assert code == 0
+    out = [line for line in capfd.readouterr().out.splitlines() if line.strip()]
+    # One line to start, one per round, the summary: nothing else reaches the console
+    assert [line.split(" | ")[0] for line in out[1:-1]] == ["[run] round 1/2",
+                                                            "[run] round 2/2"], out
+    assert out[0].startswith("[run] e2e: fedsvd, ε 6, 2 rounds on 3 SuperNodes")
+    assert out[-1].startswith("[run] done in ") and "final test accuracy" in out[-1]
+    folder = results / "e2e"
+    assert "largest client ε" in out[-1] and str(folder) in out[-1]
+    # Everything is in run.log, without the library noise the apps silence
+    log = (folder / "run.log").read_text()
+    assert "Starting Flower Simulation" in log and "round 2 | test accuracy" in log
+    for noise in ("Loading weights", "Flattening the indices", "is_gradient_checkpointing",
+                  "Optimal order is the largest alpha", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"):
+        assert noise not in log, noise
+
+    rows = _metrics(folder)
+    assert all(int(r["bytes-up"]) > 0 and int(r["bytes-down"]) > 0 for r in rows[1:])
     # The saved adapter loads with peft and reproduces the server's final evaluation.
     loss, accuracy = _peft_evaluation(tiny_run_config, folder / "adapter")
     assert accuracy == pytest.approx(float(rows[-1]["accuracy"]), abs=1e-9)
@@ -82,30 +119,3 @@ def test_merge_sv_simulation_trains_only_sigma_of_the_merged_adapter(tiny_run_co
         assert torch.allclose(U @ (U.T @ delta) @ V @ V.T, delta, atol=1e-5)
     _, accuracy = _peft_evaluation({**tiny_run_config, **extra}, folder / "adapter")
     assert accuracy == pytest.approx(float(rows[-1]["accuracy"]), abs=1e-9)
-
-
-def test_the_launcher_prints_a_line_per_round_and_logs_the_rest(tiny_run_config, tmp_path,
-                                                                capfd):
-    from simulations import run as sim_run
-
-    overrides = {k: tiny_run_config[k] for k in (
-        "model.path", "model.max-length", "data.source", "data.text-column",
-        "data.label-column", "data.max-eval-examples", "data.partitioner", "train.batch-size",
-        "train.local-steps", "strategy.num-rounds", "lora.r", "lora.alpha")}
-    results = tmp_path / "results"
-    code = sim_run.main(["--run-config", override_text({**overrides, "output.run-name": "quiet"}),
-                         "--num-supernodes", "3", "--results-dir", str(results)])
-    assert code == 0
-    out = [line for line in capfd.readouterr().out.splitlines() if line.strip()]
-    # One line to start, one per round, the summary: nothing else reaches the console
-    assert [line.split(" | ")[0] for line in out[1:-1]] == ["[run] round 1/2",
-                                                            "[run] round 2/2"], out
-    assert out[0].startswith("[run] quiet: fedsvd, ε 6, 2 rounds on 3 SuperNodes")
-    assert out[-1].startswith("[run] done in ") and "final test accuracy" in out[-1]
-    assert "largest client ε" in out[-1] and str(results / "quiet") in out[-1]
-    # Everything is in run.log, without the library noise the apps silence
-    log = (results / "quiet" / "run.log").read_text()
-    assert "Starting Flower Simulation" in log and "round 2 | test accuracy" in log
-    for noise in ("Loading weights", "Flattening the indices", "is_gradient_checkpointing",
-                  "Optimal order is the largest alpha", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"):
-        assert noise not in log, noise
