@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from datasets import Dataset
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from peft import PeftModel
 from torch.utils.data import DataLoader, TensorDataset
+from transformers import PreTrainedTokenizerBase
 
 from common import contract
 from common.adapter import AdapterLayout, LoraPair
@@ -37,11 +39,22 @@ NOISE_KEY = "noise-multiplier"
 
 @dataclass(frozen=True)
 class LocalData:
-    """A node's tokenized partition."""
+    """A node's partition: training examples tokenized, test examples tokenized on first use.
+
+    Only federated evaluation (``strategy.fraction-evaluate`` > 0) reads ``test``; the default
+    evaluates on the server, so a node never spends the 1–4 s of tokenizing its test share.
+    """
 
     train: TensorDataset
-    test: TensorDataset
     num_labels: int
+    test_texts: Dataset = field(repr=False)
+    max_length: int
+    tokenizer: PreTrainedTokenizerBase = field(repr=False)
+
+    @functools.cached_property
+    def test(self) -> TensorDataset:
+        """The test partition as (input_ids, attention_mask, labels) tensors."""
+        return encode(self.test_texts, self.tokenizer, self.max_length)
 
 
 @functools.lru_cache(maxsize=64)
@@ -61,8 +74,8 @@ def load_local_data(cfg: AppConfig, partition_id: int, num_partitions: int) -> L
                                     value=partition_value(corpus, partition_id)):
         raise DataError([problem])
     tokenizer = load_tokenizer(cfg.model)
-    return LocalData(encode(train, tokenizer, cfg.model.max_length),
-                     encode(test, tokenizer, cfg.model.max_length), corpus.num_labels)
+    return LocalData(encode(train, tokenizer, cfg.model.max_length), corpus.num_labels,
+                     test, cfg.model.max_length, tokenizer)
 
 
 def node_partition(context: Context) -> tuple[int, int]:

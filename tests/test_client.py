@@ -72,3 +72,34 @@ def test_non_private_run_takes_the_same_path_without_noise(tiny_run_config, task
     metrics = train(train_message(arrays), context).content[contract.METRICS]
     assert metrics[contract.NOISE_MULTIPLIER] == 0 and math.isinf(metrics[contract.EPSILON])
     assert metrics[contract.B_DELTA_NORM] > 0
+
+
+def test_federated_evaluation_tokenizes_the_test_share_only_when_asked(tiny_run_config):
+    from flwr.app import Message, MessageType
+
+    from client.app import evaluate
+    from common.data import encode, load_partition
+    from common.evaluation import evaluate as evaluate_model
+    from common.model import load_tokenizer
+
+    cfg = AppConfig.from_run_config(tiny_run_config)
+    t.load_local_data.cache_clear()
+    data = t.load_local_data(cfg, 0, 2)
+    assert "test" not in vars(data)  # training never reads it: not tokenized yet
+    arrays = global_arrays(cfg, data.num_labels)
+    context = Context(run_id=1, node_id=1, node_config=NODE, state=RecordDict(),
+                      run_config=tiny_run_config)
+    message = Message(RecordDict({contract.ARRAYS: arrays}), dst_node_id=1,
+                      message_type=MessageType.EVALUATE)
+    metrics = evaluate(message, context).content[contract.METRICS]
+    # The reply is the evaluation of the global adapter on this node's test share, tokenized
+    # as the training share is
+    _, test = load_partition(cfg.data, cfg.seed, 0, 2)
+    expected = encode(test, load_tokenizer(cfg.model), cfg.model.max_length)
+    assert all(torch.equal(a, b) for a, b in zip(data.test.tensors, expected.tensors,
+                                                 strict=True))
+    model, _ = t.build_global_model(cfg, data.num_labels, arrays)
+    loss, accuracy = evaluate_model(model, expected, compute_dtype=t.compute_dtype(cfg))
+    assert metrics[contract.NUM_EXAMPLES] == len(test) > 0
+    assert metrics[contract.ACCURACY] == pytest.approx(accuracy, abs=1e-12)
+    assert metrics[contract.LOSS] == pytest.approx(loss, rel=1e-6)
