@@ -19,19 +19,17 @@ from merging.sources import load_adapter
 from simulations.launch.superlink import flwr_run
 from tests.conftest import ROOT
 
-
-def _toml_overrides(values: dict) -> str:
-    return override_text(values)
+# The keys of the tiny run config (conftest.py) that every run of this module takes over
+TINY_KEYS = ("model.path", "model.max-length", "data.source", "data.text-column",
+             "data.label-column", "data.max-eval-examples", "data.partitioner",
+             "train.batch-size", "train.local-steps", "strategy.num-rounds", "lora.r", "lora.alpha")
 
 
 def _run_tiny(tiny_run_config: dict, tmp_path, name: str, **extra) -> tuple[Path, list[dict]]:
     """`flwr run` of the tiny config (3 nodes) into ``name``; its folder and metrics rows."""
-    overrides = {k: tiny_run_config[k] for k in (
-        "model.path", "model.max-length", "data.source", "data.text-column",
-        "data.label-column", "data.max-eval-examples", "data.partitioner", "train.batch-size",
-        "train.local-steps", "strategy.num-rounds", "lora.r", "lora.alpha", "output.dir")}
+    overrides = {k: tiny_run_config[k] for k in (*TINY_KEYS, "output.dir")}
     overrides |= {**extra, "output.run-name": name}
-    code = flwr_run(ROOT, run_config=_toml_overrides(overrides), num_supernodes=3,
+    code = flwr_run(ROOT, run_config=override_text(overrides), num_supernodes=3,
                     flwr_home=tmp_path / "flwr-home", timeout=540)
     assert code == 0
     folder = tmp_path / "results" / name
@@ -67,10 +65,7 @@ def test_the_default_launcher_runs_two_rounds_prints_a_line_per_round_and_saves_
     """
     from simulations import run as sim_run
 
-    overrides = {k: tiny_run_config[k] for k in (
-        "model.path", "model.max-length", "data.source", "data.text-column",
-        "data.label-column", "data.max-eval-examples", "data.partitioner", "train.batch-size",
-        "train.local-steps", "strategy.num-rounds", "lora.r", "lora.alpha")}
+    overrides = {k: tiny_run_config[k] for k in TINY_KEYS}
     results = tmp_path / "results"
     code = sim_run.main(["--run-config", override_text({**overrides, "output.run-name": "e2e"}),
                          "--num-supernodes", "3", "--results-dir", str(results)])
