@@ -10,12 +10,16 @@ gradients g_i on ``--batches`` batches of ``train.batch-size`` examples of one c
 partition. With C = ``privacy.max-grad-norm`` and σ the run's noise multiplier it prints:
 
 - ``‖g‖ lora`` / ``‖g‖ head``: median per-example gradient norm of the LoRA factors / of the head;
-- ``clipped``: the share of examples with ‖g_i‖ > C (their gradient is scaled down to C);
+- ``clipped``: the share of examples whose gradient is scaled down: ‖g_i‖ > C under one norm;
+  with ``privacy.head-clip-share`` s > 0 (grouped clipping, as the clients clip:
+  :func:`client.training.clip_groups`), ‖g_i|_head‖ > √s · C or ‖g_i|_LoRA‖ > √(1 − s) · C;
 - ``lora share``: median over examples of ‖g_i restricted to LoRA‖² / ‖g_i‖², the part of the
-  clipping budget C the adapter gets (the rest goes to the head);
+  clipping budget C the adapter would get under one norm (the rest goes to the head; grouped
+  clipping gives it 1 − s whatever this share);
 - ``NSR lora``: noise-to-signal ratio of one DP-SGD step on the LoRA factors,
   σ C √P / ‖Σ_i clip(g_i)|_LoRA‖ with P the number of LoRA parameters trained (the expected
-  norm of the Gaussian noise over the norm of the clipped summed gradient);
+  norm of the Gaussian noise over the norm of the clipped summed gradient; the noise is σ C
+  under grouped clipping too, C = √(Σ_g C_g²));
 - with ``--per-layer``, a second table: the median per-example gradient norm of every LoRA
   layer's trained factors;
 - ``‖A‖₂``: mean spectral norm of A over layers (FedSVD: 1, orthonormal rows; peft's random
@@ -35,7 +39,7 @@ from pathlib import Path
 import torch
 from opacus import GradSampleModule
 
-from client.training import load_local_data
+from client.training import clip_groups, load_local_data
 from common import schema
 from common.adapter import AdapterLayout
 from common.config import AppConfig
@@ -66,7 +70,9 @@ def diagnose(folder: Path, *, batches: int, partition: int, num_partitions: int)
     loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.train.batch_size,
                                          shuffle=True, generator=torch.Generator().manual_seed(0))
     C, sigma = cfg.privacy.max_grad_norm, _noise_multiplier(checkpoint.rows)
-    norms_lora, norms_head, nsr = [], [], []
+    groups = clip_groups(cfg, layout, factors)  # None: one norm C for every trained tensor
+    C_head, C_lora = (norm for _, norm in groups) if groups else (C, C)
+    norms_lora, norms_head, nsr, clipped = [], [], [], []
     per_layer: dict[str, list[torch.Tensor]] = {pair.module: [] for pair in layout.pairs}
     for step, (input_ids, mask, labels) in enumerate(loader):
         if step == batches:
@@ -79,7 +85,12 @@ def diagnose(folder: Path, *, batches: int, partition: int, num_partitions: int)
         sq_head = sum((p.grad_sample.flatten(1).pow(2).sum(1) for p in trainable
                        if id(p) not in lora), torch.zeros(len(labels)))
         total = (sq_lora + sq_head).sqrt()
-        clip = (C / total).clamp(max=1.0)  # Opacus: min(1, C / ‖g_i‖)
+        if groups:  # each group to its own norm: min(1, C_g / ‖g_i|_g‖)
+            clip = (C_lora / sq_lora.sqrt()).clamp(max=1.0)
+            clipped.append((sq_lora.sqrt() > C_lora) | (sq_head.sqrt() > C_head))
+        else:  # Opacus: min(1, C / ‖g_i‖)
+            clip = (C / total).clamp(max=1.0)
+            clipped.append(total > C)
         signal = math.sqrt(sum(float((p.grad_sample * _expand(clip, p.grad_sample)).sum(0)
                                      .pow(2).sum()) for p in trainable if id(p) in lora))
         params = sum(p.numel() for p in trainable if id(p) in lora)
@@ -94,7 +105,7 @@ def diagnose(folder: Path, *, batches: int, partition: int, num_partitions: int)
     return {
         "run": folder.name, "round": checkpoint.server_round,
         "‖g‖ lora": float(g_lora.median()), "‖g‖ head": float(g_head.median()),
-        "clipped": float((g_total > C).float().mean()),
+        "clipped": float(torch.cat(clipped).float().mean()),
         "lora share": float((g_lora.pow(2) / g_total.pow(2).clamp(min=1e-30)).median()),
         "NSR lora": float(torch.tensor(nsr).median()),
         "‖A‖₂": float(torch.stack([torch.linalg.matrix_norm(p.A.detach(), ord=2)

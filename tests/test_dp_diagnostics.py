@@ -73,3 +73,14 @@ def test_diagnostics_work_for_every_method(tiny_run_config, tmp_path, method):
     run = _saved_run(tmp_path / "run", {**tiny_run_config, "strategy.name": method}, sigma=1.0)
     out = diagnose(run, batches=1, partition=0, num_partitions=2)
     assert out["‖g‖ lora"] > 0 and 0 < out["NSR lora"] < math.inf
+
+
+def test_grouped_clipping_is_diagnosed_as_the_clients_clip(tiny_run_config, tmp_path):
+    # C = 1e6 clips no example under one norm; with head-clip-share s = 1e-24 the head's own
+    # norm √s · C = 1e-6 clips every example (the clients' grouped clipping)
+    base = {**tiny_run_config, "lora.train-head": True, "privacy.max-grad-norm": 1e6}
+    flat = _saved_run(tmp_path / "flat", base, sigma=1.0)
+    grouped = _saved_run(tmp_path / "grouped", {**base, "privacy.head-clip-share": 1e-24},
+                         sigma=1.0)
+    assert diagnose(flat, batches=1, partition=0, num_partitions=2)["clipped"] == 0.0
+    assert diagnose(grouped, batches=1, partition=0, num_partitions=2)["clipped"] == 1.0
