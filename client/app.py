@@ -61,11 +61,21 @@ def node_privacy_state(context: Context, cfg: AppConfig) -> Iterator[None]:
 
     ``Context.state`` lives only as long as the SuperNode process (and one run); the file makes
     a restarted node (or a resumed run) continue from every step it has ever taken, so it cannot
-    reset its ε. The file is read into ``Context.state`` before the round and written back
-    atomically after it, under an exclusive lock so concurrent rounds cannot drop steps.
+    reset its ε. A resumed private run without such a file is refused (ValueError): its node
+    would count from zero the steps it took before the resume. The file is read into
+    ``Context.state`` before the round and written back atomically after it, under an
+    exclusive lock so concurrent rounds cannot drop steps.
     """
     accountant = cfg.privacy.accountant
     path = ledger_path(context, cfg)
+    if path is None and cfg.output.resume and cfg.privacy.is_private:
+        # the steps before the crash are in no file this node can read: counting from 0 would
+        # spend the budget a second time
+        raise ValueError(
+            f"output.resume=true with output.dir={cfg.output.dir!r} (relative) and no node "
+            f"config {PRIVACY_STATE_KEY}: this node cannot read the privacy ledger of the "
+            "rounds before the resume; set output.dir to an absolute path (simulations.run "
+            f"does) or give each node a {PRIVACY_STATE_KEY}")
     if path is None:
         yield
         return

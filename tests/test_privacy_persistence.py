@@ -129,3 +129,15 @@ def test_with_a_relative_output_dir_the_ledger_stays_in_the_context(tiny_run_con
 
     cfg = AppConfig.from_run_config({**tiny_run_config, "output.dir": "results"})
     assert ledger_path(_sim_context(tiny_run_config), cfg) is None
+
+
+def test_a_resumed_private_run_without_a_ledger_file_refuses_to_train(tiny_run_config):
+    # a relative output.dir and no node state file: the steps before the crash are unknown here
+    run_config = {**tiny_run_config, "output.dir": "results", "output.resume": True}
+    cfg = AppConfig.from_run_config(run_config)
+    arrays = global_arrays(cfg, t.load_local_data(cfg, 0, 2).num_labels)
+    with pytest.raises(ValueError, match="cannot read the privacy ledger"):
+        train(train_message(arrays), _sim_context(run_config))
+    public = {**run_config, "privacy.epsilon": math.inf}  # nothing to count: trains
+    metrics = train(train_message(arrays), _sim_context(public)).content[contract.METRICS]
+    assert metrics[contract.STEPS] == AppConfig.from_run_config(public).train.local_steps
