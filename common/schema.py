@@ -5,6 +5,8 @@ A run writes ``<output.dir>/<run name>/`` (:func:`server.results.save_run`):
 - ``metrics.csv`` (:data:`METRICS_FILE`): one row per round, round 0 being the initial
   adapter, with the :data:`COLUMNS` below in this order (a column no row has is left out);
 - ``config.json`` (:data:`CONFIG_FILE`): the flat run config (``AppConfig.to_dict``);
+- ``environment.json`` (:data:`ENVIRONMENT_FILE`): what computed it: the resolved precision,
+  device, CPU and package versions (:func:`common.environment.run_environment`);
 - ``adapter/`` (:data:`ADAPTER_DIR`): the peft adapter;
 - ``run.log`` (:data:`RUN_LOG`): everything the run printed, when ``simulations.run`` ran it
   (each attempt appended after a header line).
@@ -24,6 +26,7 @@ from common import contract
 
 METRICS_FILE = "metrics.csv"
 CONFIG_FILE = "config.json"
+ENVIRONMENT_FILE = "environment.json"
 ADAPTER_DIR = "adapter"
 RUN_LOG = "run.log"
 

@@ -13,6 +13,7 @@ from common import schema
 from common.adapter import AdapterLayout
 from common.config import AppConfig
 from common.data import encode, eval_subset
+from common.environment import run_environment
 from common.model import build_model, load_tokenizer
 from common.precision import resolve_compute_dtype
 from common.public_head import set_class_name_head
@@ -78,11 +79,14 @@ def run(grid: Grid, context: Context) -> None:
                     cfg.model.max_length)
     training = RoundTrainingMetrics()  # the strategy records each round's, the evaluator reads
     strategy = build_strategy(cfg, layout, training_metrics=training)
+    model_device = next(model.parameters()).device
+    compute_dtype = resolve_compute_dtype(cfg.model.compute_dtype, model_device)
+    log(INFO, "frozen encoder computes in %s here (model.compute-dtype=%s)",
+        str(compute_dtype).removeprefix("torch."), cfg.model.compute_dtype)
     evaluator = GlobalEvaluator(model, layout, subset=subset, full=full_test,
                                 final_round=cfg.strategy.num_rounds, training=training,
                                 split=corpus.eval_split, eval_every=cfg.strategy.eval_every,
-                                compute_dtype=resolve_compute_dtype(
-                                    cfg.model.compute_dtype, next(model.parameters()).device))
+                                compute_dtype=compute_dtype)
     if cfg.train.deterministic:  # the same clients sampled in the same order, given node ids
         random.seed(cfg.seed)
     checkpointed, initial = prepare_run(strategy, evaluator, folder, cfg,
@@ -95,5 +99,6 @@ def run(grid: Grid, context: Context) -> None:
                         "rejected or had spent its budget (see the WARNING lines above); nothing "
                         f"was saved to {folder}")
     save_run(folder, cfg, evaluator.rows, model=model, layout=layout,
-             arrays=result.arrays or initial)
+             arrays=result.arrays or initial,
+             environment=run_environment(compute_dtype, model_device))
     log(INFO, "results written to %s", folder)

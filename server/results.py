@@ -71,9 +71,13 @@ def load_model(base: torch.nn.Module, folder: Path) -> PeftModel:
 
 
 def save_run(folder: Path, cfg: AppConfig, rows: list[dict], *, model: PeftModel,
-             layout: AdapterLayout, arrays: ArrayRecord) -> None:
-    """Write ``config.json``, ``metrics.csv`` and ``adapter/`` into ``folder`` (the schema's)."""
+             layout: AdapterLayout, arrays: ArrayRecord, environment: dict[str, object]) -> None:
+    """Write ``config.json``, ``environment.json``, ``metrics.csv`` and ``adapter/`` (the schema's).
+
+    ``environment`` is :func:`common.environment.run_environment`: what computed the run.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     (folder / schema.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+    (folder / schema.ENVIRONMENT_FILE).write_text(json.dumps(environment, indent=2))
     write_metrics(folder / schema.METRICS_FILE, rows)
     save_adapter(model, layout, arrays, folder / schema.ADAPTER_DIR)

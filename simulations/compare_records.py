@@ -8,7 +8,8 @@ same name (method, ε, α, seed) in the first folder and another are paired: the
 evaluation subset, initial adapter and, with seeded client sampling, the same clients each
 round; only the setting that tells the folders apart differs (and the clients' OS-random DP
 noise). For every folder after the first it prints the final accuracy of each pair, the mean
-difference (that folder − the first) with its 95 % t-interval, and the wall time of each;
+difference (that folder − the first) with its 95 % t-interval, the wall time and the precision
+each computed in (``compute_dtype`` of :mod:`simulations.reports.records`);
 ``--markdown`` then prints one table row per folder. Exit 2 if an argument is not a record folder
 (no ``cells/``), 1 if some folder shares no cell with the first.
 """
@@ -29,18 +30,20 @@ def paired_rows(first: Path, second: Path) -> pd.DataFrame:
     """Final rows of the cells recorded in both folders, merged on the cell name."""
     a = load_runs(first, records=True).final
     b = load_runs(second, records=True).final
-    columns = ["run", "accuracy", "wall_seconds"]
+    columns = ["run", "accuracy", "wall_seconds", "compute_dtype"]
     return a[columns].merge(b[columns], on="run", suffixes=("_first", "_second"))
 
 
 def print_pairs(pairs: pd.DataFrame, first: Path, other: Path) -> None:
     """Each pair's final accuracy and wall seconds, then ``other`` − ``first`` with its interval."""
     print(f"{other} against {first}")
-    print(f"{'cell':<32}{'this':>9}{'first':>9}{'diff':>9}{'s this':>9}{'s first':>10}")
+    print(f"{'cell':<32}{'this':>9}{'first':>9}{'diff':>9}{'s this':>9}{'s first':>10}"
+          "  computed in (this / first)")
     for row in pairs.itertuples():
         print(f"{row.run:<32}{row.accuracy_second:>9.4f}{row.accuracy_first:>9.4f}"
               f"{row.accuracy_second - row.accuracy_first:>+9.4f}{row.wall_seconds_second:>9.0f}"
-              f"{row.wall_seconds_first:>10.0f}")
+              f"{row.wall_seconds_first:>10.0f}  {row.compute_dtype_second} / "
+              f"{row.compute_dtype_first}")
     mean, half = t_interval(pairs["accuracy_second"] - pairs["accuracy_first"])
     print(f"this − first: {mean:+.4f} ± {half:.4f} (95 % t-interval, n = {len(pairs)}); "
           f"wall time {pairs['wall_seconds_second'].mean():.0f} s against "

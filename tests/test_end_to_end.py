@@ -1,6 +1,7 @@
 """The app through Flower end to end: `flwr run` on a private simulation SuperLink."""
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,10 @@ def test_the_default_launcher_runs_two_rounds_prints_a_line_per_round_and_saves_
 
     rows = _metrics(folder)
     assert all(int(r["bytes-up"]) > 0 and int(r["bytes-down"]) > 0 for r in rows[1:])
+    # What computed it: the precision auto resolved to on this host, as the log says
+    environment = json.loads((folder / "environment.json").read_text())
+    assert f"frozen encoder computes in {environment['compute-dtype']} here" in log
+    assert environment["device"] == "cpu"
     # The saved adapter loads with peft and reproduces the server's final evaluation.
     loss, accuracy = _peft_evaluation(tiny_run_config, folder / "adapter")
     assert accuracy == pytest.approx(float(rows[-1]["accuracy"]), abs=1e-9)

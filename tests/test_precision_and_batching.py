@@ -1,11 +1,13 @@
 """bfloat16 autocast keeps what trains in float32; padding trimmed per batch changes no output."""
 
+import json
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from client import training as t
-from common import precision
+from common import environment, precision
 from common.adapter import AdapterLayout
 from common.batching import collate_trimmed, length_sorted_batches, trim
 from common.config import AppConfig
@@ -30,6 +32,19 @@ def test_auto_takes_bfloat16_only_where_the_hardware_has_it(monkeypatch):
     assert precision.resolve_compute_dtype("bfloat16", "cpu") == torch.bfloat16
     with pytest.raises(ValueError, match="model.compute-dtype"):
         precision.resolve_compute_dtype("float16", "cpu")
+
+
+def test_the_environment_names_the_resolved_precision_and_the_cpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(environment, "native_bfloat16", lambda device: True)
+    described = environment.run_environment(torch.bfloat16, "cpu")
+    assert described["compute-dtype"] == "bfloat16" and described["native-bfloat16"] is True
+    assert described["device"] == "cpu"
+    assert described["packages"]["torch"].startswith(torch.__version__.split("+")[0])
+    assert json.loads(json.dumps(described)) == described  # what environment.json holds
+    assert environment.run_environment(torch.float32, "cpu")["compute-dtype"] == "float32"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t: avx512_bf16\n")
+    assert environment.cpu_model(cpuinfo) == "AMD EPYC 9R14"
 
 
 def test_bfloat16_path_keeps_per_sample_gradients_in_float32(tiny_run_config):

@@ -19,13 +19,19 @@ from simulations.experiments import cells as sweep_cells
 from simulations.experiments.cells import (
     cell_config,
     grid,
+    record_environment_path,
     record_paths,
     run_cells,
     write_record,
 )
 from simulations.launch import console
 from simulations.launch.console import Progress, parse_round_line
-from simulations.reports.records import RECORD_COLUMNS, load_runs, settings_digest
+from simulations.reports.records import (
+    RECORD_COLUMNS,
+    compute_dtype,
+    load_runs,
+    settings_digest,
+)
 from simulations.reports.tables import README_END, README_START, write_report
 from tests.test_sweep import FINALS, fake_runner, write_run
 
@@ -191,7 +197,7 @@ def test_a_thread_follows_only_new_lines(tmp_path):
 
 def test_a_record_is_the_metrics_with_the_cell_columns_and_the_config(tmp_path):
     run = write_run(tmp_path / "out", method="ffa", epsilon=INF, seed=2, lr=0.5, rounds=3)
-    table, config = write_record(run, tmp_path / "rec")
+    table, config = write_record(run, tmp_path / "rec")  # no environment.json: two files
     assert (table, config) == record_paths(tmp_path / "rec", "ffa-epsinf-a0.5-seed2")
     assert config.read_text() == (run / "config.json").read_text()
     rows = list(csv.DictReader(table.open()))
@@ -204,6 +210,30 @@ def test_a_record_is_the_metrics_with_the_cell_columns_and_the_config(tmp_path):
                                                   "2", "0.5", "3")}
     assert rows[0]["settings"] == settings_digest(json.loads(config.read_text()))
     assert sorted(p.name for p in table.parent.iterdir()) == [table.name, config.name]
+
+
+def test_a_record_keeps_what_computed_the_run(tmp_path):
+    run = write_run(tmp_path / "out", method="ffa", seed=1)
+    environment = {"compute-dtype": "bfloat16", "native-bfloat16": True, "cpu": "X"}
+    (run / "environment.json").write_text(json.dumps(environment))
+    written = write_record(run, tmp_path / "rec")
+    assert written[:2] == list(record_paths(tmp_path / "rec", "ffa-eps6-a0.5-seed1"))
+    assert written[2] == record_environment_path(tmp_path / "rec", "ffa-eps6-a0.5-seed1")
+    assert json.loads(written[2].read_text()) == environment
+    assert written[2].name == "ffa-eps6-a0.5-seed1.environment.json"
+    # the report reads cells by their CSV: the environment file is not taken for a cell
+    tidy = load_runs(tmp_path / "rec").tidy
+    assert list(tidy["run"].unique()) == ["ffa-eps6-a0.5-seed1"]
+    assert set(tidy["compute_dtype"]) == {"bfloat16"}
+    pd.testing.assert_frame_equal(load_runs(tmp_path / "out").tidy, tidy, check_dtype=False)
+
+
+def test_the_precision_of_a_run_without_environment_is_pinned_or_unrecorded():
+    assert compute_dtype({"model.compute-dtype": "auto"}, None) == "unrecorded"
+    assert compute_dtype({}, None) == "unrecorded"
+    assert compute_dtype({"model.compute-dtype": "float32"}, None) == "float32"
+    assert compute_dtype({"model.compute-dtype": "auto"}, {"compute-dtype": "bfloat16"}) == \
+        "bfloat16"
 
 
 def test_settings_digest_is_shared_by_the_cells_of_one_experiment():
@@ -368,6 +398,7 @@ def test_report_only_from_records_alone(tmp_path, capsys):
     assert "Target: a paired half-width ≤ 0.03; met by 0 of 1 comparisons with n ≥ 2" in table
     assert "Total machine time: **3 min 20 s** (sum of the last round's wall-seconds of the " \
         "10 recorded cells" in table  # 10 cells × 20 s
+    assert "Frozen encoder computed in (cells): unrecorded 10." in table  # auto, no environment
     assert "![accuracy_vs_round_a0.5](accuracy_vs_round_a0.5.png)" in table
     text = readme.read_text()
     assert "](experiments/main/accuracy_vs_epsilon_a0.5.png)" in text

@@ -9,7 +9,8 @@ line per round, :class:`Progress`), and every attempt is appended to ``sweep-att
 (name, status, seconds, command): the report's wall time and command.
 
 With a record folder (``--record DIR``, tracked in git), every complete cell is also written to
-``DIR/cells/<cell name>.csv`` and ``.json`` (:func:`write_record`) and, with ``--commit``,
+``DIR/cells/<cell name>.csv``, ``.json`` and ``.environment.json`` (:func:`write_record`) and,
+with ``--commit``,
 committed (:func:`commit_record`); a recorded cell is skipped even without its run folder, so
 a sweep resumes on a fresh clone.
 """
@@ -152,6 +153,11 @@ def record_paths(record: Path, name: str) -> tuple[Path, Path]:
     return cells / f"{name}.csv", cells / f"{name}.json"
 
 
+def record_environment_path(record: Path, name: str) -> Path:
+    """``record/cells/<name>.environment.json``: what computed the cell (its precision, CPU)."""
+    return Path(record) / CELLS_DIR / f"{name}.{schema.ENVIRONMENT_FILE}"
+
+
 def is_recorded(record: Path, name: str, num_rounds: int) -> bool:
     """Whether ``record`` holds the config of run ``name`` and its row of round ``num_rounds``."""
     table, config = record_paths(record, name)
@@ -163,14 +169,16 @@ def recorded_stale_settings(record: Path, name: str, cfg: AppConfig) -> list[str
     return _differing_settings(record_paths(record, name)[1], cfg)
 
 
-def write_record(run_folder: Path, record: Path) -> tuple[Path, Path]:
-    """Write the record of a complete run: ``record/cells/<run>.csv`` and ``<run>.json``.
+def write_record(run_folder: Path, record: Path) -> list[Path]:
+    """Write the record of a complete run: ``record/cells/<run>.csv``, ``.json``, environment.
 
     The CSV holds RECORD_COLUMNS (run, method, epsilon, alpha, seed, learning_rate,
     num_rounds, settings: :func:`simulations.reports.records.settings_digest`), all from the
     run's ``config.json``, then every column of its ``metrics.csv`` as written, one row per
-    round; the JSON is the run's ``config.json``. No adapter: a few kB per cell. Each file is
-    written to a temporary file and renamed, so a reader never sees half of one.
+    round; the JSON is the run's ``config.json``; ``<run>.environment.json`` is the run's
+    ``environment.json`` (the resolved precision, CPU and versions), when it wrote one. No
+    adapter: a few kB per cell. Each file is written to a temporary file and renamed, so a
+    reader never sees half of one. Returns the paths written, the CSV and the JSON first.
     """
     run_folder = Path(run_folder)
     config_text = (run_folder / schema.CONFIG_FILE).read_text()
@@ -188,7 +196,12 @@ def write_record(run_folder: Path, record: Path) -> tuple[Path, Path]:
     table.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(config_path, config_text)
     _write_atomic(table, text.getvalue())
-    return table, config_path
+    written = [table, config_path]
+    environment = run_folder / schema.ENVIRONMENT_FILE
+    if environment.is_file():
+        written.append(record_environment_path(record, run_folder.name))
+        _write_atomic(written[-1], environment.read_text())
+    return written
 
 
 def _write_atomic(path: Path, text: str) -> None:

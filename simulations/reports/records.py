@@ -9,6 +9,11 @@ Two layouts are read (:func:`load_runs`):
   columns of RECORD_COLUMNS) and ``DIR/cells/<run>.json`` (its ``config.json``), plus
   ``DIR/commands.txt``.
 
+Each run's ``compute_dtype`` is the precision its frozen encoder computed in: from its
+``environment.json`` (``DIR/cells/<run>.environment.json`` in a record), else from a pinned
+``model.compute-dtype``, else ``"unrecorded"`` (``auto`` in a run older than the environment
+file: float32 or bfloat16, depending on the host it ran on).
+
 Method, ε, α, seed and learning rate come from the run's config, never from its name; the runs
 and records are left untouched.
 """
@@ -88,40 +93,60 @@ def load_runs(folder: Path, also_varied: Collection[str] = (), *,
     if records is None:
         records = is_record_folder(folder)
     frames, incomplete, configs = [], [], {}
-    for name, config, metrics in (_records if records else _run_folders)(Path(folder)):
+    source = _records if records else _run_folders
+    for name, config, metrics, environment in source(Path(folder)):
         if config is None or metrics is None or \
                 config["strategy.num-rounds"] not in set(metrics["round"]):
             incomplete.append(name)
             continue
         configs[name] = config
-        frames.append(_tidy(name, config, metrics))
+        frames.append(_tidy(name, config, metrics, environment))
     _check_same_settings(configs, VARIED | set(also_varied))
     tidy = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=[*CONFIG_COLUMNS, "eval_split", *METRIC_COLUMNS, "num_rounds", "settings", "run"])
+        columns=[*CONFIG_COLUMNS, "eval_split", *METRIC_COLUMNS, "num_rounds", "settings", "run",
+                 "compute_dtype"])
     return Runs(tidy, tuple(incomplete))
 
 
-Source = Iterator[tuple[str, dict | None, pd.DataFrame | None]]  # name, config, metrics
+# name, config, metrics, environment (None: the run wrote none)
+Source = Iterator[tuple[str, dict | None, pd.DataFrame | None, dict | None]]
 
 
 def _run_folders(folder: Path) -> Source:
     for run in sorted(p for p in folder.iterdir() if (p / schema.METRICS_FILE).is_file()):
         if not (run / schema.CONFIG_FILE).is_file():
-            yield run.name, None, None
+            yield run.name, None, None, None
             continue
         yield (run.name, json.loads((run / schema.CONFIG_FILE).read_text()),
-               pd.read_csv(run / schema.METRICS_FILE))
+               pd.read_csv(run / schema.METRICS_FILE),
+               _read_json(run / schema.ENVIRONMENT_FILE))
 
 
 def _records(folder: Path) -> Source:
     for path in sorted((folder / CELLS_DIR).glob("*.csv")):
-        config = path.with_suffix(".json")
         try:
             metrics = pd.read_csv(path).drop(columns=list(RECORD_COLUMNS), errors="ignore")
         except (ValueError, OSError):  # empty or torn: not a record
             metrics = None
-        yield (path.stem, json.loads(config.read_text()) if config.is_file() else None,
-               metrics if metrics is not None and "round" in metrics else None)
+        yield (path.stem, _read_json(path.with_suffix(".json")),
+               metrics if metrics is not None and "round" in metrics else None,
+               _read_json(path.with_name(f"{path.stem}.{schema.ENVIRONMENT_FILE}")))
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def compute_dtype(config: Mapping[str, object], environment: Mapping[str, object] | None) -> str:
+    """The precision a run's frozen encoder computed in, or ``"unrecorded"``.
+
+    Its ``environment.json`` says it; without one, a pinned ``model.compute-dtype`` does;
+    ``auto`` without an environment (runs before 2026-12-04) depended on the host.
+    """
+    if environment and "compute-dtype" in environment:
+        return str(environment["compute-dtype"])
+    setting = str(config.get("model.compute-dtype", "auto"))
+    return "unrecorded" if setting == "auto" else setting
 
 
 def settings_digest(config: Mapping[str, object], varied: Collection[str] = VARIED) -> str:
@@ -138,7 +163,8 @@ def settings_digest(config: Mapping[str, object], varied: Collection[str] = VARI
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def _tidy(name: str, config: dict, metrics: pd.DataFrame) -> pd.DataFrame:
+def _tidy(name: str, config: dict, metrics: pd.DataFrame,
+          environment: dict | None) -> pd.DataFrame:
     frame = pd.DataFrame({column: config[key] for column, key in CONFIG_COLUMNS.items()},
                          index=metrics.index)
     frame["eval_split"] = "validation" if config.get("data.validation-fraction") else "test"
@@ -147,6 +173,7 @@ def _tidy(name: str, config: dict, metrics: pd.DataFrame) -> pd.DataFrame:
     frame["num_rounds"] = config["strategy.num-rounds"]
     frame["settings"] = settings_digest(config)
     frame["run"] = name
+    frame["compute_dtype"] = compute_dtype(config, environment)
     return frame
 
 

@@ -107,10 +107,18 @@ def report_block(summary: pd.DataFrame, runs: Runs, *, commands: list[str], wall
                   "sampling): mean difference ± 95 % t-interval; positive: FedSVD ahead.", "",
                   markdown_table(paired), "", target_line(paired), ""]
     lines.append(f"{wall_label}: **{duration(wall)}** ({wall_source}).")
+    lines.append(precision_line(runs.final))
     if runs.incomplete:
         lines.append(f"Left out, incomplete: {', '.join(runs.incomplete)}.")
     lines += ["", *(f"![{Path(i).stem}]({i})" for i in images)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def precision_line(final: pd.DataFrame) -> str:
+    """How many cells computed in each precision (``compute_dtype``): a table may mix hosts."""
+    counts = final["compute_dtype"].value_counts()
+    parts = ", ".join(f"{dtype} {count}" for dtype, count in sorted(counts.items()))
+    return f"Frozen encoder computed in (cells): {parts or 'none'}."
 
 
 def replace_between_markers(text: str, block: str,
