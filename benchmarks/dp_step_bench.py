@@ -20,9 +20,13 @@ to ``--max-length`` and padded to it, the same for every mode. Modes, each in it
   ``model.compute-dtype = auto`` runs ``default+bf16`` where bfloat16 is native and
   ``default`` elsewhere; the first line says which.
 
-``--concurrent K`` instead runs K clients at once, each a process stepping ``default`` with
-``--threads`` torch threads (after all have built their model, so the timed steps overlap), and
-prints their joint examples per second for each thread count given (``--threads 1,2``). Flower's
+``--threads N`` runs every mode (and the matmul peak) with N torch threads: a simulation's
+ClientApp gets one per CPU (``--threads 1`` for the default 1 CPU per client).
+
+``--concurrent K`` instead runs K clients at once, each a process stepping the default path
+(``default+bf16`` where ``auto`` picks bfloat16, else ``default``) with ``--threads`` torch
+threads (after all have built their model, so the timed steps overlap), and prints their joint
+examples per second for each thread count given (``--threads 1,2``). Flower's
 simulation runs cores / ``client-resources-num-cpus`` ClientApps side by side and Ray gives each
 ``OMP_NUM_THREADS`` = its CPUs, so ``--concurrent 2 --threads 1`` is two 1-CPU clients on 2 cores
 and ``--concurrent 1 --threads 2`` one 2-CPU client.
@@ -129,13 +133,20 @@ def run_mode(mode: str, batch_size: int, steps: int, device: str, max_length: in
             "tokens": int(batch[0].shape[1])}
 
 
+def auto_mode(device: str) -> str:
+    """The mode ``model.compute-dtype = auto`` runs on ``device``."""
+    from common.precision import native_bfloat16
+
+    return "default+bf16" if native_bfloat16(device) else "default"
+
+
 def run_concurrent_child(batch_size: int, steps: int, device: str, max_length: int,
                          threads: int) -> dict:
-    """Build ``default`` with ``threads`` torch threads, say ready, wait for a line, time steps."""
+    """Build the auto mode with ``threads`` torch threads, say ready, wait for a line, time."""
     import torch
 
     torch.set_num_threads(threads)
-    private, batch, dtype = build("default", batch_size, device, max_length)
+    private, batch, dtype = build(auto_mode(device), batch_size, device, max_length)
     step(private, batch, dtype, device)  # warm-up
     print("ready", flush=True)
     sys.stdin.readline()
@@ -210,17 +221,24 @@ def main() -> None:
                         "(about 100x slower than float32 on an AVX2 CPU)")
     parser.add_argument("--concurrent", type=int, default=0, metavar="K",
                         help="time K concurrent clients (the default path) instead of modes")
-    parser.add_argument("--threads", default="1,2",
-                        help="with --concurrent: torch threads per client, comma-separated")
+    parser.add_argument("--threads", default=None,
+                        help="torch threads of each mode's process (default: torch's own); "
+                             "with --concurrent: per client, comma-separated (default 1,2)")
     parser.add_argument("--mode", choices=(*MODES, "flops", "concurrent-child"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.mode in (*MODES, "flops") and args.threads:
+        import torch
+
+        torch.set_num_threads(int(args.threads))
     if args.mode == "concurrent-child":
         print(json.dumps(run_concurrent_child(args.batch_size, args.steps, args.device,
                                               args.max_length, int(args.threads))))
         return
     if args.concurrent:
-        print(f"{args.concurrent} concurrent clients, default path, batch {args.batch_size}, "
+        args.threads = args.threads or "1,2"
+        print(f"{args.concurrent} concurrent clients, {auto_mode(args.device)}, batch "
+              f"{args.batch_size}, "
               f"max length {args.max_length}, {args.steps} steps each, {os.cpu_count()} CPUs, "
               f"load average {os.getloadavg()[0]:.1f}")
         rates = {int(t): concurrent_rate(args.concurrent, int(t), args)
@@ -243,7 +261,8 @@ def main() -> None:
         out = subprocess.run(
             [sys.executable, "-m", "benchmarks.dp_step_bench", "--mode", mode,
              "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-             "--device", args.device, "--max-length", str(args.max_length)],
+             "--device", args.device, "--max-length", str(args.max_length),
+             *(["--threads", args.threads] if args.threads else [])],
             capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -259,9 +278,10 @@ def main() -> None:
     base = results[REFERENCE]["median_s"] if REFERENCE in results else None
     print(f"MiniLM + LoRA r=8 (q, v) + head, batch {args.batch_size} real 20 Newsgroups texts, "
           f"max length {args.max_length}, device {args.device}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}, "
+          f"threads {args.threads or torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f}, "
           f"native bfloat16: {'yes' if native else 'no'} (model.compute-dtype=auto runs "
-          f"{'default+bf16' if native else 'default'} here); median of {args.steps} steps")
+          f"{auto_mode(args.device)} here); median of {args.steps} steps")
     print(f"{'mode':<17}{'tokens':>7}{'step':>9}{'examples/s':>12}{'vs hooks':>10}"
           f"{'peak memory':>13}")
     for mode, r in results.items():

@@ -48,6 +48,19 @@ def resolve_compute_dtype(setting: str, device: torch.device | str) -> torch.dty
     return torch.float32
 
 
+def emulation_warning(setting: str, device: torch.device | str) -> str | None:
+    """Why ``model.compute-dtype = setting`` will be slow on ``device``, or None.
+
+    Only a pinned ``bfloat16`` on a device without native bfloat16 is: torch emulates it about
+    100 times slower than float32 (``auto`` would pick float32 there).
+    """
+    if setting != "bfloat16" or native_bfloat16(device):
+        return None
+    return (f"model.compute-dtype=bfloat16 on {torch.device(device)}, which has no native "
+            "bfloat16: it is emulated, about 100x slower than float32; \"auto\" picks float32 "
+            "here")
+
+
 def autocast(device: torch.device | str, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """``torch.autocast`` to ``dtype`` on ``device``; a no-op context for float32."""
     if dtype == torch.float32:

@@ -15,7 +15,7 @@ from common.config import AppConfig
 from common.data import encode, eval_subset
 from common.environment import run_environment
 from common.model import build_model, load_tokenizer
-from common.precision import resolve_compute_dtype
+from common.precision import emulation_warning, resolve_compute_dtype
 from common.public_head import set_class_name_head
 from common.schema import RoundTrainingMetrics
 from server.evaluation import GlobalEvaluator
@@ -83,6 +83,8 @@ def run(grid: Grid, context: Context) -> None:
     compute_dtype = resolve_compute_dtype(cfg.model.compute_dtype, model_device)
     log(INFO, "frozen encoder computes in %s here (model.compute-dtype=%s)",
         str(compute_dtype).removeprefix("torch."), cfg.model.compute_dtype)
+    if slow := emulation_warning(cfg.model.compute_dtype, model_device):
+        log(WARNING, "%s", slow)
     evaluator = GlobalEvaluator(model, layout, subset=subset, full=full_test,
                                 final_round=cfg.strategy.num_rounds, training=training,
                                 split=corpus.eval_split, eval_every=cfg.strategy.eval_every,

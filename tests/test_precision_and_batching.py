@@ -34,6 +34,15 @@ def test_auto_takes_bfloat16_only_where_the_hardware_has_it(monkeypatch):
         precision.resolve_compute_dtype("float16", "cpu")
 
 
+def test_a_pinned_bfloat16_without_hardware_support_is_called_slow(monkeypatch):
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: False)
+    assert "emulated, about 100x slower" in precision.emulation_warning("bfloat16", "cpu")
+    assert precision.emulation_warning("auto", "cpu") is None
+    assert precision.emulation_warning("float32", "cpu") is None
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: True)
+    assert precision.emulation_warning("bfloat16", "cpu") is None
+
+
 def test_the_environment_names_the_resolved_precision_and_the_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(environment, "native_bfloat16", lambda device: True)
     described = environment.run_environment(torch.bfloat16, "cpu")
