@@ -22,6 +22,7 @@ PARTITIONERS = ("dirichlet", "iid", "column")  # column: one client per value of
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # common.precision
+DEVICES = ("auto", "cpu", "cuda")  # common.devices
 HEAD_INITS = ("random", "class-names")  # common.public_head
 CLIENT_SAMPLINGS = ("seeded", "random")  # strategies.sampling
 # How the valid replies of a round are combined (strategies.aggregation): the weighted mean, or
@@ -147,6 +148,9 @@ class ModelConfig:
     # The frozen encoder's matrix products (common.precision): auto = bfloat16 where the
     # hardware has it natively, else float32; what trains is float32 always.
     compute_dtype: str = "auto"
+    # Where each process computes (common.devices): auto = CUDA where the process has a GPU,
+    # else the CPU; "cuda" is refused where there is none.
+    device: str = "auto"
     # The frozen encoder's own dropout (hidden, attention) during local training; off: it runs
     # as at evaluation (common.model.train_mode). LoRA's dropout is lora.dropout.
     encoder_dropout: bool = False
@@ -157,6 +161,7 @@ class ModelConfig:
         _check(p, self.max_length >= 8, "model.max-length", self.max_length, "must be >= 8")
         _check(p, self.compute_dtype in COMPUTE_DTYPES, "model.compute-dtype",
                self.compute_dtype, f"one of {COMPUTE_DTYPES}")
+        _check(p, self.device in DEVICES, "model.device", self.device, f"one of {DEVICES}")
         if self.path:
             _check(p, (Path(self.path).expanduser() / "config.json").is_file(), "model.path",
                    self.path, "empty, or a local model folder with a config.json (not found)")

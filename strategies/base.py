@@ -82,6 +82,8 @@ class LoraStrategy(FedAvg):
         (:class:`strategies.sampling.PartitionSampler`); None: Flower's unseeded draw of node ids.
     training_metrics : where each round's training columns are recorded (the server's
         evaluator reads the same object); None: a new one.
+    device : where :meth:`merge` and its kernels compute (the server's ``model.device``); the
+        state it returns is sent from the CPU.
     **kwargs : passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """
 
@@ -95,7 +97,8 @@ class LoraStrategy(FedAvg):
                  stop_on_failed_round: bool = True,
                  max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
                  sampler: PartitionSampler | None = None,
-                 training_metrics: RoundTrainingMetrics | None = None, **kwargs) -> None:
+                 training_metrics: RoundTrainingMetrics | None = None,
+                 device: torch.device | str = "cpu", **kwargs) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         kwargs.setdefault("arrayrecord_key", contract.ARRAYS)
         kwargs.setdefault("configrecord_key", contract.CONFIG)
@@ -121,6 +124,7 @@ class LoraStrategy(FedAvg):
         self.max_num_examples = max_num_examples
         self.sampler = sampler
         self.training_metrics = training_metrics or RoundTrainingMetrics()
+        self.device = torch.device(device)
         self._global: ArrayRecord | None = None
         self._bytes_down = 0
 
@@ -213,11 +217,15 @@ class LoraStrategy(FedAvg):
         else:
             averaged = robust_arrays(self.aggregator, server_round, valid)
             metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
-        state = self.merge(server_round, self._global.to_torch_state_dict(),
-                           averaged.to_torch_state_dict(), valid)
+        state = self.merge(server_round, self._on_device(self._global),
+                           self._on_device(averaged), valid)
         metrics = MetricRecord({**(metrics or {}), **counts})
         self.training_metrics.record(server_round, metrics)
         return ArrayRecord(torch_state_dict=state), metrics
+
+    def _on_device(self, arrays: ArrayRecord) -> State:
+        """``arrays`` as tensors on :attr:`device`, where :meth:`merge` computes."""
+        return {k: v.to(self.device) for k, v in arrays.to_torch_state_dict().items()}
 
     def validator(self, global_arrays: ArrayRecord, server_round: int) -> ReplyValidator:
         """The reply check of a round: its factors and the head, shaped as in ``global_arrays``."""
@@ -244,7 +252,7 @@ class LoraStrategy(FedAvg):
 
         def stack(factor: Factor) -> torch.Tensor:
             key = contract.lora_key(module, factor)
-            return torch.stack([torch.from_numpy(a[key].numpy()) for a in arrays])
+            return torch.stack([torch.from_numpy(a[key].numpy()) for a in arrays]).to(self.device)
 
         return stacked_product(stack("B"), stack("A"), weights)  # (K, m, r) and (K, r, n)
 
