@@ -23,6 +23,7 @@ ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # common.precision
 DEVICES = ("auto", "cpu", "cuda")  # common.devices
+BROADCASTS = ("changes", "full")  # strategies.broadcast
 HEAD_INITS = ("random", "class-names")  # common.public_head
 CLIENT_SAMPLINGS = ("seeded", "random")  # strategies.sampling
 # How the valid replies of a round are combined (strategies.aggregation): the weighted mean, or
@@ -84,6 +85,9 @@ class StrategyConfig:
     stop_on_failed_round: bool = True  # a round where every sampled client failed stops the run
     merged_adapter: str = ""  # merge-sv only: the peft adapter folder of `python -m merging`
     sv_rounds: int = 0  # merge-sv only: σ for this many rounds, then FedSVD; 0: σ every round
+    # "changes": send each node only the arrays changed since the state it holds, a LoRA A that
+    # only turned as its r × r maps (strategies.broadcast); "full": the whole state every round
+    broadcast: str = "changes"
 
     @property
     def svd_form(self) -> bool:
@@ -131,6 +135,8 @@ class StrategyConfig:
                "must be in [0, 0.5)")
         _check(p, self.num_malicious >= 0, "strategy.num-malicious", self.num_malicious,
                "must be >= 0")
+        _check(p, self.broadcast in BROADCASTS, "strategy.broadcast", self.broadcast,
+               f"one of {BROADCASTS}")
         _check(p, self.sv_rounds >= 0, "strategy.sv-rounds", self.sv_rounds,
                "must be >= 0 (0: merge-sv trains σ every round)")
         _check(p, bool(self.merged_adapter) == self.svd_form, "strategy.merged-adapter",

@@ -37,7 +37,8 @@ from strategies.aggregation import (
     robust_aggregator,
     robust_arrays,
 )
-from strategies.metrics import aggregate_train_metrics, broadcast_bytes, reply_bytes
+from strategies.broadcast import FullBroadcast
+from strategies.metrics import aggregate_train_metrics, reply_bytes
 from strategies.sampling import PartitionSampler
 from strategies.validation import (
     DEFAULT_MAX_NORM_RATIO,
@@ -84,6 +85,8 @@ class LoraStrategy(FedAvg):
         evaluator reads the same object); None: a new one.
     device : where :meth:`merge` and its kernels compute (the server's ``model.device``); the
         state it returns is sent from the CPU.
+    broadcast : how the global state reaches the nodes (:mod:`strategies.broadcast`): the whole
+        of it (default) or only what changed for each node.
     **kwargs : passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """
 
@@ -98,7 +101,8 @@ class LoraStrategy(FedAvg):
                  max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
                  sampler: PartitionSampler | None = None,
                  training_metrics: RoundTrainingMetrics | None = None,
-                 device: torch.device | str = "cpu", **kwargs) -> None:
+                 device: torch.device | str = "cpu", broadcast: FullBroadcast | None = None,
+                 **kwargs) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         kwargs.setdefault("arrayrecord_key", contract.ARRAYS)
         kwargs.setdefault("configrecord_key", contract.CONFIG)
@@ -125,6 +129,7 @@ class LoraStrategy(FedAvg):
         self.sampler = sampler
         self.training_metrics = training_metrics or RoundTrainingMetrics()
         self.device = torch.device(device)
+        self.broadcast = broadcast or FullBroadcast()
         self._global: ArrayRecord | None = None
         self._bytes_down = 0
 
@@ -153,6 +158,7 @@ class LoraStrategy(FedAvg):
         """Log the strategy settings."""
         log(INFO, "\t├──> %s: %d LoRA layers, %s", type(self).__name__, len(self.lora_modules),
             self.describe())
+        log(INFO, "\t├──> %s", self.broadcast.describe())
         log(INFO, "\t├──> replies: need %d valid, reject updates > %g × the others' median "
             "norm or at cosine < %g with their mean; weights <= %g × the others' median; %s",
             self.min_valid_replies, self.max_norm_ratio, self.min_update_cosine,
@@ -168,7 +174,8 @@ class LoraStrategy(FedAvg):
             messages = list(super().configure_train(server_round, arrays, config, grid))
         else:
             messages = self._seeded_messages(server_round, arrays, config, grid)
-        self._bytes_down = broadcast_bytes(arrays, len(messages))
+        messages = self.broadcast.messages(arrays, messages)
+        self._bytes_down = sum(m.content[contract.ARRAYS].count_bytes() for m in messages)
         return messages
 
     def _seeded_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -188,6 +195,7 @@ class LoraStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen the replies, take the weighted means of the valid ones, :meth:`merge`."""
         replies = list(replies)
+        self.broadcast.delivered(replies)
         if self._global is None:
             log(WARNING, "aggregate_train: no global adapter (configure_train was not called)")
             return None, None
@@ -217,8 +225,9 @@ class LoraStrategy(FedAvg):
         else:
             averaged = robust_arrays(self.aggregator, server_round, valid)
             metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
-        state = self.merge(server_round, self._on_device(self._global),
-                           self._on_device(averaged), valid)
+        previous = self._on_device(self._global)
+        state = self.broadcast.settle(previous, self.merge(server_round, previous,
+                                                           self._on_device(averaged), valid))
         metrics = MetricRecord({**(metrics or {}), **counts})
         self.training_metrics.record(server_round, metrics)
         return ArrayRecord(torch_state_dict=state), metrics

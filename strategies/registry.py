@@ -11,6 +11,7 @@ from common.config import AppConfig
 from common.methods import METHODS
 from common.schema import RoundTrainingMetrics
 from strategies.base import LoraStrategy
+from strategies.broadcast import ChangesBroadcast, FullBroadcast
 from strategies.sampling import PartitionSampler
 
 
@@ -49,4 +50,6 @@ def build_strategy(cfg: AppConfig, layout: AdapterLayout, *,
         min_train_nodes=s.min_train_nodes, min_available_nodes=s.min_train_nodes,
         min_evaluate_nodes=1 if s.fraction_evaluate else 0, training_metrics=training_metrics,
         device=device,
+        broadcast=(ChangesBroadcast(layout.modules) if s.broadcast == "changes"
+                   else FullBroadcast()),
     )
