@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import training as t
+from client.received_state import received_state
 from common import contract
 from common.config import RUN_LEDGER_DIR, AppConfig
 from common.evaluation import evaluate as evaluate_model
@@ -95,7 +96,7 @@ def node_privacy_state(context: Context, cfg: AppConfig) -> Iterator[None]:
 def _train(msg: Message, context: Context, cfg: AppConfig) -> Message:
     partition_id, num_partitions = t.node_partition(context)
     data = t.load_local_data(cfg, partition_id, num_partitions)
-    model, layout = t.build_global_model(cfg, data.num_labels, msg.content[contract.ARRAYS])
+    model, layout = t.build_global_model(cfg, data.num_labels, received_state(msg.content, context))
     t.seed_local_randomness(cfg, msg.content[contract.CONFIG], partition_id)
     factors = t.parse_factors(msg.content[contract.CONFIG])
     ledger, sigma = t.load_ledger(context, cfg.privacy.accountant)

@@ -27,6 +27,7 @@ from common.data import (
     partition_value,
 )
 from common.data_files import DataError
+from common.devices import resolve_device
 from common.model import build_model, load_tokenizer, train_mode
 from common.precision import autocast, resolve_compute_dtype
 from privacy import PrivacyLedger, PrivateTraining, frozen_input_backward, make_private
@@ -87,16 +88,16 @@ def node_partition(context: Context) -> tuple[int, int]:
                          "--node-config 'partition-id=<i> num-partitions=<n>'") from exc
 
 
-def device() -> torch.device:
-    """CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def device(cfg: AppConfig) -> torch.device:
+    """The device of this node for ``model.device`` (:func:`common.devices.resolve_device`)."""
+    return resolve_device(cfg.model.device)
 
 
 def build_global_model(cfg: AppConfig, num_labels: int,
                        arrays: ArrayRecord) -> tuple[PeftModel, AdapterLayout]:
     """Fresh LoRA model on this node's device, with the server's global adapter loaded."""
-    model = build_model(cfg.model, cfg.lora, num_labels=num_labels, seed=cfg.seed, device=device(),
-                        svd_form=cfg.strategy.svd_form)
+    model = build_model(cfg.model, cfg.lora, num_labels=num_labels, seed=cfg.seed,
+                        device=device(cfg), svd_form=cfg.strategy.svd_form)
     layout = AdapterLayout.from_model(model)
     layout.load(arrays.to_torch_state_dict())
     return model, layout
@@ -173,12 +174,16 @@ def _batches(loader: DataLoader) -> Iterator:
 
 def compute_dtype(cfg: AppConfig) -> torch.dtype:
     """The frozen encoder's dtype here (``model.compute-dtype``, :mod:`common.precision`)."""
-    return resolve_compute_dtype(cfg.model.compute_dtype, device())
+    return resolve_compute_dtype(cfg.model.compute_dtype, device(cfg))
 
 
 def train_loader(cfg: AppConfig, train: TensorDataset) -> DataLoader:
-    """The loader ``make_private`` turns into Poisson batches, each cut to its longest example."""
-    return DataLoader(train, batch_size=cfg.train.batch_size, collate_fn=collate_trimmed)
+    """The loader ``make_private`` turns into Poisson batches, each cut to its longest example.
+
+    On CUDA its batches are in pinned memory, so that copying them to the GPU can overlap.
+    """
+    return DataLoader(train, batch_size=cfg.train.batch_size, collate_fn=collate_trimmed,
+                      pin_memory=device(cfg).type == "cuda")
 
 
 def clip_groups(cfg: AppConfig, layout: AdapterLayout,
@@ -204,11 +209,11 @@ def run_local_steps(private: PrivateTraining, steps: int,
     dropout is on only with ``encoder_dropout`` (:func:`common.model.train_mode`).
     """
     train_mode(private.module, encoder_dropout=encoder_dropout)
-    dev = device()
+    dev = next(private.module.parameters()).device
     losses: list[float] = []
     batches = _batches(private.data_loader)
     for _ in range(steps):
-        input_ids, mask, labels = (t.to(dev) for t in next(batches))
+        input_ids, mask, labels = (t.to(dev, non_blocking=True) for t in next(batches))
         private.optimizer.zero_grad(set_to_none=True)
         with autocast(dev, dtype):
             logits = private.module(input_ids=input_ids, attention_mask=mask).logits

@@ -22,6 +22,8 @@ PARTITIONERS = ("dirichlet", "iid", "column")  # column: one client per value of
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # common.precision
+DEVICES = ("auto", "cpu", "cuda")  # common.devices
+BROADCASTS = ("changes", "full")  # strategies.broadcast
 HEAD_INITS = ("random", "class-names")  # common.public_head
 CLIENT_SAMPLINGS = ("seeded", "random")  # strategies.sampling
 # How the valid replies of a round are combined (strategies.aggregation): the weighted mean, or
@@ -83,6 +85,9 @@ class StrategyConfig:
     stop_on_failed_round: bool = True  # a round where every sampled client failed stops the run
     merged_adapter: str = ""  # merge-sv only: the peft adapter folder of `python -m merging`
     sv_rounds: int = 0  # merge-sv only: σ for this many rounds, then FedSVD; 0: σ every round
+    # "changes": send each node only the arrays changed since the state it holds, a LoRA A that
+    # only turned as its r × r maps (strategies.broadcast); "full": the whole state every round
+    broadcast: str = "changes"
 
     @property
     def svd_form(self) -> bool:
@@ -130,6 +135,8 @@ class StrategyConfig:
                "must be in [0, 0.5)")
         _check(p, self.num_malicious >= 0, "strategy.num-malicious", self.num_malicious,
                "must be >= 0")
+        _check(p, self.broadcast in BROADCASTS, "strategy.broadcast", self.broadcast,
+               f"one of {BROADCASTS}")
         _check(p, self.sv_rounds >= 0, "strategy.sv-rounds", self.sv_rounds,
                "must be >= 0 (0: merge-sv trains σ every round)")
         _check(p, bool(self.merged_adapter) == self.svd_form, "strategy.merged-adapter",
@@ -147,6 +154,9 @@ class ModelConfig:
     # The frozen encoder's matrix products (common.precision): auto = bfloat16 where the
     # hardware has it natively, else float32; what trains is float32 always.
     compute_dtype: str = "auto"
+    # Where each process computes (common.devices): auto = CUDA where the process has a GPU,
+    # else the CPU; "cuda" is refused where there is none.
+    device: str = "auto"
     # The frozen encoder's own dropout (hidden, attention) during local training; off: it runs
     # as at evaluation (common.model.train_mode). LoRA's dropout is lora.dropout.
     encoder_dropout: bool = False
@@ -157,6 +167,7 @@ class ModelConfig:
         _check(p, self.max_length >= 8, "model.max-length", self.max_length, "must be >= 8")
         _check(p, self.compute_dtype in COMPUTE_DTYPES, "model.compute-dtype",
                self.compute_dtype, f"one of {COMPUTE_DTYPES}")
+        _check(p, self.device in DEVICES, "model.device", self.device, f"one of {DEVICES}")
         if self.path:
             _check(p, (Path(self.path).expanduser() / "config.json").is_file(), "model.path",
                    self.path, "empty, or a local model folder with a config.json (not found)")

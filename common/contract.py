@@ -10,7 +10,11 @@ arrays only ever travel down: clients never send them.
 
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -20,6 +24,12 @@ METRICS = "metrics"
 SERVER_ROUND = "server-round"
 TRAIN_FACTORS = "train-factors"  # LoRA factors the client trains and sends back: "B", "A",
 # "A,B", or "S" (the singular values σ of a layer in SVD form, see common.singular_values)
+# Sending only what changed (strategies.broadcast): the ArrayRecord then holds the arrays that
+# changed since the state whose state_digest is BROADCAST_BASE (which the client holds), and for
+# a LoRA A that only turned, its r × r maps (rotation_key); BROADCAST_DIGEST is the state_digest
+# of the whole state the client must rebuild. Without BROADCAST_BASE the arrays are the whole state.
+BROADCAST_BASE = "broadcast-base"
+BROADCAST_DIGEST = "broadcast-digest"
 
 # MetricRecord keys of a train reply.
 NUM_EXAMPLES = "num-examples"
@@ -66,6 +76,33 @@ def base_key(module: str) -> str:
 def is_base_key(key: str) -> bool:
     """Whether an array name is a base-weight residual (see :func:`base_key`)."""
     return key.startswith(BASE_PREFIX)
+
+
+def rotation_key(module: str) -> str:
+    """Array name of the maps of one LoRA layer's A since the client's state: (k, r, r) float32.
+
+    The client rebuilds A ← T_k ⋯ T_1 A by k calls of :func:`kernels.rotation.rotate_rows`, in
+    order (never their product, which would round differently).
+    """
+    return f"rotation.{module}.lora_A"
+
+
+def is_rotation_key(key: str) -> bool:
+    """Whether an array name holds rotations of a LoRA A (see :func:`rotation_key`)."""
+    return key.startswith("rotation.")
+
+
+def state_digest(record: ArrayRecord) -> str:
+    """SHA-256 (hex) of a global state: its array names and serialized arrays, in name order.
+
+    The server and a client that rebuilt the same tensors (float32, same shapes) get the same
+    digest, so a client can check the state it rebuilt from a partial broadcast.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(record):
+        digest.update(key.encode())
+        digest.update(record[key].data)
+    return digest.hexdigest()
 
 
 def head_key(parameter: str) -> str:

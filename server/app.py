@@ -13,6 +13,7 @@ from common import schema
 from common.adapter import AdapterLayout
 from common.config import AppConfig
 from common.data import encode, eval_subset
+from common.devices import resolve_device
 from common.environment import run_environment
 from common.model import build_model, load_tokenizer
 from common.precision import emulation_warning, resolve_compute_dtype
@@ -64,8 +65,9 @@ def run(grid: Grid, context: Context) -> None:
     folder = cfg.results_folder
     if cfg.output.overwrite and (removed := clear_results(folder)):
         log(WARNING, "output.overwrite=true: removed %s from %s", ", ".join(removed), folder)
+    model_device = resolve_device(cfg.model.device)
     model = build_model(cfg.model, cfg.lora, num_labels=corpus.num_labels, seed=cfg.seed,
-                        svd_form=cfg.strategy.svd_form)
+                        device=model_device, svd_form=cfg.strategy.svd_form)
     layout = AdapterLayout.from_model(model)
     tokenizer = load_tokenizer(cfg.model)
     if cfg.lora.head_init == "class-names":  # public: the encoder and the class names alone
@@ -78,8 +80,7 @@ def run(grid: Grid, context: Context) -> None:
     subset = encode(eval_subset(corpus.test, cfg.data.max_eval_examples, cfg.seed), tokenizer,
                     cfg.model.max_length)
     training = RoundTrainingMetrics()  # the strategy records each round's, the evaluator reads
-    strategy = build_strategy(cfg, layout, training_metrics=training)
-    model_device = next(model.parameters()).device
+    strategy = build_strategy(cfg, layout, training_metrics=training, device=model_device)
     compute_dtype = resolve_compute_dtype(cfg.model.compute_dtype, model_device)
     log(INFO, "frozen encoder computes in %s here (model.compute-dtype=%s)",
         str(compute_dtype).removeprefix("torch."), cfg.model.compute_dtype)

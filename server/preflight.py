@@ -77,14 +77,17 @@ def clear_results(folder: Path) -> list[str]:
 
 
 def check_run(cfg: AppConfig, *, num_partitions: int | None = None) -> Corpus:
-    """Load and check the data, δ, the model folder and the results folder; return the corpus.
+    """Check the device, load and check the data, δ, the model and results folders; the corpus.
 
     ``num_partitions`` (known in simulation: the number of SuperNodes): also refuse any
-    partition too small to train. In a deployment each client checks its own.
+    partition too small to train. In a deployment each client checks its own partition and
+    device.
     """
     from common.data import check_partitions, load_corpus
+    from common.devices import resolve_device
     from privacy.policy import check_delta
 
+    resolve_device(cfg.model.device)  # model.device='cuda' without a GPU: ValueError
     resolve_model_path(cfg.model)
     corpus = load_corpus(cfg.data, cfg.seed)
     if cfg.privacy.is_private:  # each client checks its own partition again

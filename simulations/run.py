@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                              "pyproject); may be repeated")
     parser.add_argument("--num-supernodes", type=int, default=6)
     parser.add_argument("--cpus-per-client", type=int, default=1)
+    parser.add_argument("--gpus-per-client", type=float, default=0.0,
+                        help="share of a GPU each ClientApp reserves (0: none; 0.5: two per GPU)")
     parser.add_argument("--results-dir", default=str(ROOT / "results"),
                         help="folder for metrics.csv, config.json, the adapter and run.log")
     parser.add_argument("--verbose", action="store_true",
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_supernodes < 1 or args.cpus_per_client < 1:
         parser.error("--num-supernodes and --cpus-per-client must be >= 1")
+    if not 0 <= args.gpus_per_client <= 1:
+        parser.error(f"--gpus-per-client {args.gpus_per_client:g}: a share of one GPU, in [0, 1]")
     run_config = [f"output.dir={json.dumps(args.results_dir)}", *args.run_config]
     try:
         cfg = preflight(app_run_config(ROOT, run_config), num_partitions=args.num_supernodes)
@@ -80,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with console.output_to(log), console.following(log, _console(cfg, verbose=args.verbose)):
         code = flwr_run(ROOT, run_config=run_config, num_supernodes=args.num_supernodes,
-                        cpus_per_client=args.cpus_per_client)
+                        cpus_per_client=args.cpus_per_client,
+                        gpus_per_client=args.gpus_per_client)
     if code:
         reason = console.failure_reason(log) or f"exit code {code}"
         console.say(f"[run] FAILED after {console.duration(time.monotonic() - started)}: "

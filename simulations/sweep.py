@@ -84,6 +84,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="'k=v ...' or a .toml file, for every cell (repeatable)")
     p.add_argument("--num-supernodes", type=int, default=6, help="clients")
     p.add_argument("--cpus-per-client", type=int, default=1)
+    p.add_argument("--gpus-per-client", type=float, default=0.0,
+                   help="share of a GPU per ClientApp (0: none; 0.5: two per GPU)")
     p.add_argument("--cell-timeout", type=float, help="seconds; a slower cell fails")
     p.add_argument("--lr-file", default=str(sweep_lr.LR_FILE),
                    help="learning rate per method; 'none': train.learning-rate for all")
@@ -136,7 +138,9 @@ def _main(args: argparse.Namespace, argv: list[str], runner: Runner | None) -> i
         return report(args.record or args.out, args.readme, records=args.record is not None)
     command = shlex.join(["python", "-m", "simulations.sweep", *argv])
     runner = runner or flwr_runner(num_supernodes=args.num_supernodes,
-                                   cpus_per_client=args.cpus_per_client, timeout=args.cell_timeout)
+                                   cpus_per_client=args.cpus_per_client,
+                                   gpus_per_client=args.gpus_per_client,
+                                   timeout=args.cell_timeout)
     if args.tune_lr:
         return tune(args, runner, command)
     cells = grid(args.methods, args.epsilons, args.alphas, args.seeds, _learning_rates(args))

@@ -37,7 +37,8 @@ from strategies.aggregation import (
     robust_aggregator,
     robust_arrays,
 )
-from strategies.metrics import aggregate_train_metrics, broadcast_bytes, reply_bytes
+from strategies.broadcast import FullBroadcast
+from strategies.metrics import aggregate_train_metrics, reply_bytes
 from strategies.sampling import PartitionSampler
 from strategies.validation import (
     DEFAULT_MAX_NORM_RATIO,
@@ -82,6 +83,10 @@ class LoraStrategy(FedAvg):
         (:class:`strategies.sampling.PartitionSampler`); None: Flower's unseeded draw of node ids.
     training_metrics : where each round's training columns are recorded (the server's
         evaluator reads the same object); None: a new one.
+    device : where :meth:`merge` and its kernels compute (the server's ``model.device``); the
+        state it returns is sent from the CPU.
+    broadcast : how the global state reaches the nodes (:mod:`strategies.broadcast`): the whole
+        of it (default) or only what changed for each node.
     **kwargs : passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """
 
@@ -95,7 +100,9 @@ class LoraStrategy(FedAvg):
                  stop_on_failed_round: bool = True,
                  max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
                  sampler: PartitionSampler | None = None,
-                 training_metrics: RoundTrainingMetrics | None = None, **kwargs) -> None:
+                 training_metrics: RoundTrainingMetrics | None = None,
+                 device: torch.device | str = "cpu", broadcast: FullBroadcast | None = None,
+                 **kwargs) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         kwargs.setdefault("arrayrecord_key", contract.ARRAYS)
         kwargs.setdefault("configrecord_key", contract.CONFIG)
@@ -121,6 +128,8 @@ class LoraStrategy(FedAvg):
         self.max_num_examples = max_num_examples
         self.sampler = sampler
         self.training_metrics = training_metrics or RoundTrainingMetrics()
+        self.device = torch.device(device)
+        self.broadcast = broadcast or FullBroadcast()
         self._global: ArrayRecord | None = None
         self._bytes_down = 0
 
@@ -149,6 +158,7 @@ class LoraStrategy(FedAvg):
         """Log the strategy settings."""
         log(INFO, "\t├──> %s: %d LoRA layers, %s", type(self).__name__, len(self.lora_modules),
             self.describe())
+        log(INFO, "\t├──> %s", self.broadcast.describe())
         log(INFO, "\t├──> replies: need %d valid, reject updates > %g × the others' median "
             "norm or at cosine < %g with their mean; weights <= %g × the others' median; %s",
             self.min_valid_replies, self.max_norm_ratio, self.min_update_cosine,
@@ -164,7 +174,8 @@ class LoraStrategy(FedAvg):
             messages = list(super().configure_train(server_round, arrays, config, grid))
         else:
             messages = self._seeded_messages(server_round, arrays, config, grid)
-        self._bytes_down = broadcast_bytes(arrays, len(messages))
+        messages = self.broadcast.messages(arrays, messages)
+        self._bytes_down = sum(m.content[contract.ARRAYS].count_bytes() for m in messages)
         return messages
 
     def _seeded_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -184,6 +195,7 @@ class LoraStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen the replies, take the weighted means of the valid ones, :meth:`merge`."""
         replies = list(replies)
+        self.broadcast.delivered(replies)
         if self._global is None:
             log(WARNING, "aggregate_train: no global adapter (configure_train was not called)")
             return None, None
@@ -213,11 +225,16 @@ class LoraStrategy(FedAvg):
         else:
             averaged = robust_arrays(self.aggregator, server_round, valid)
             metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
-        state = self.merge(server_round, self._global.to_torch_state_dict(),
-                           averaged.to_torch_state_dict(), valid)
+        previous = self._on_device(self._global)
+        state = self.broadcast.settle(previous, self.merge(server_round, previous,
+                                                           self._on_device(averaged), valid))
         metrics = MetricRecord({**(metrics or {}), **counts})
         self.training_metrics.record(server_round, metrics)
         return ArrayRecord(torch_state_dict=state), metrics
+
+    def _on_device(self, arrays: ArrayRecord) -> State:
+        """``arrays`` as tensors on :attr:`device`, where :meth:`merge` computes."""
+        return {k: v.to(self.device) for k, v in arrays.to_torch_state_dict().items()}
 
     def validator(self, global_arrays: ArrayRecord, server_round: int) -> ReplyValidator:
         """The reply check of a round: its factors and the head, shaped as in ``global_arrays``."""
@@ -244,7 +261,7 @@ class LoraStrategy(FedAvg):
 
         def stack(factor: Factor) -> torch.Tensor:
             key = contract.lora_key(module, factor)
-            return torch.stack([torch.from_numpy(a[key].numpy()) for a in arrays])
+            return torch.stack([torch.from_numpy(a[key].numpy()) for a in arrays]).to(self.device)
 
         return stacked_product(stack("B"), stack("A"), weights)  # (K, m, r) and (K, r, n)
 

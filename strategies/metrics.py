@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 
 from common import contract, schema
 
@@ -36,9 +36,3 @@ def reply_bytes(replies: Iterable[Message]) -> int:
         for msg in replies if not msg.has_error()
         for record in msg.content.array_records.values()
     )
-
-
-def broadcast_bytes(arrays: ArrayRecord, num_nodes: int) -> int:
-    """Bytes of the global arrays sent to ``num_nodes`` clients (the download of one round)."""
-    return arrays.count_bytes() * num_nodes
-

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+
 from common.adapter import AdapterLayout
 from common.config import AppConfig
 from common.methods import METHODS
 from common.schema import RoundTrainingMetrics
 from strategies.base import LoraStrategy
+from strategies.broadcast import ChangesBroadcast, FullBroadcast
 from strategies.sampling import PartitionSampler
 
 
@@ -22,12 +25,14 @@ def strategy_class(name: str) -> type[LoraStrategy]:
 
 
 def build_strategy(cfg: AppConfig, layout: AdapterLayout, *,
-                   training_metrics: RoundTrainingMetrics | None = None) -> LoraStrategy:
+                   training_metrics: RoundTrainingMetrics | None = None,
+                   device: torch.device | str = "cpu") -> LoraStrategy:
     """The strategy named by ``strategy.name``, for the LoRA layers of ``layout``.
 
     Its own settings come from its :class:`common.methods.Method`; the reply screen, the
     aggregation and client sampling are the same for every method. It records each round's
-    training columns into ``training_metrics`` (None: a new one, ``strategy.training_metrics``).
+    training columns into ``training_metrics`` (None: a new one, ``strategy.training_metrics``)
+    and merges on ``device``.
     """
     s = cfg.strategy
     return strategy_class(s.name)(
@@ -44,4 +49,7 @@ def build_strategy(cfg: AppConfig, layout: AdapterLayout, *,
         fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=s.min_train_nodes, min_available_nodes=s.min_train_nodes,
         min_evaluate_nodes=1 if s.fraction_evaluate else 0, training_metrics=training_metrics,
+        device=device,
+        broadcast=(ChangesBroadcast(layout.modules) if s.broadcast == "changes"
+                   else FullBroadcast()),
     )

@@ -52,7 +52,8 @@ def running_pid(home: Path) -> int | None:
     return pid if alive else None
 
 
-def start(home: Path, *, num_supernodes: int, cpus_per_client: int) -> int:
+def start(home: Path, *, num_supernodes: int, cpus_per_client: int,
+          gpus_per_client: float = 0.0) -> int:
     """Start the SuperLink and configure its federation; return its PID."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "pids").mkdir(exist_ok=True)
@@ -67,7 +68,8 @@ def start(home: Path, *, num_supernodes: int, cpus_per_client: int) -> int:
         subprocess.run(
             ["flwr", "federation", "simulation-config", FEDERATION, CONNECTION,
              "--num-supernodes", str(num_supernodes),
-             "--client-resources-num-cpus", str(cpus_per_client)],
+             "--client-resources-num-cpus", str(cpus_per_client),
+             *(["--client-resources-num-gpus", f"{gpus_per_client:g}"] if gpus_per_client else [])],
             env=env, check=True, capture_output=True, text=True, timeout=120)
     except (RuntimeError, TimeoutError, subprocess.SubprocessError) as exc:
         stop_from_pid_files(home)
@@ -85,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="FLWR_HOME of the federation (config.toml, database, logs, PID)")
     parser.add_argument("--num-supernodes", type=int, default=6)
     parser.add_argument("--cpus-per-client", type=int, default=1)
+    parser.add_argument("--gpus-per-client", type=float, default=0.0,
+                        help="share of a GPU each ClientApp reserves (0: none)")
     args = parser.parse_args(argv)
     if args.num_supernodes < 1 or args.cpus_per_client < 1:
         parser.error("--num-supernodes and --cpus-per-client must be >= 1")
@@ -99,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         try:
             pid = start(home, num_supernodes=args.num_supernodes,
-                        cpus_per_client=args.cpus_per_client)
+                        cpus_per_client=args.cpus_per_client,
+                        gpus_per_client=args.gpus_per_client)
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

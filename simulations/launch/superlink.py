@@ -76,9 +76,22 @@ def simulation_superlink(flwr_home: Path | None = None) -> Iterator[dict[str, st
         log.close()
 
 
+def federation_config(num_supernodes: int, cpus_per_client: int,
+                      gpus_per_client: float = 0.0) -> str:
+    """``--federation-config`` of a local simulation: SuperNodes and each ClientApp's resources.
+
+    ``gpus_per_client`` is the share of one GPU a ClientApp reserves (0.5: two per GPU); Ray then
+    runs at most as many ClientApps at once as the GPUs hold, and each sees its GPU as CUDA.
+    """
+    config = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
+    if gpus_per_client > 0:
+        config += f" client-resources-num-gpus={gpus_per_client:g}"
+    return config
+
+
 def flwr_run(app_dir: Path, *, run_config: Sequence[str] | str = (), num_supernodes: int = 6,
-             cpus_per_client: int = 1, flwr_home: Path | None = None,
-             timeout: float | None = None) -> int:
+             cpus_per_client: int = 1, gpus_per_client: float = 0.0,
+             flwr_home: Path | None = None, timeout: float | None = None) -> int:
     """``flwr run <app_dir> --stream`` on a private SuperLink; 0 only if the run completed.
 
     ``run_config``: override strings ("k=v k2=v2") or .toml files, passed as ``--run-config``.
@@ -86,7 +99,7 @@ def flwr_run(app_dir: Path, *, run_config: Sequence[str] | str = (), num_superno
     of the SuperLink before it stops: a run that did not finish as completed returns flwr's
     non-zero code or 1, and its reason is printed last (lines starting ``[run] FAILED``).
     """
-    federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
+    federation = federation_config(num_supernodes, cpus_per_client, gpus_per_client)
     cmd = ["flwr", "run", str(app_dir), CONNECTION, "--stream",
            "--federation-config", federation]
     for overrides in run_config_args([run_config] if isinstance(run_config, str) else run_config):
