@@ -64,8 +64,11 @@ def node_privacy_state(context: Context, cfg: AppConfig) -> Iterator[None]:
     a restarted node (or a resumed run) continue from every step it has ever taken, so it cannot
     reset its ε. A resumed private run without such a file is refused (ValueError): its node
     would count from zero the steps it took before the resume. The file is read into
-    ``Context.state`` before the round and written back atomically after it, under an
-    exclusive lock so concurrent rounds cannot drop steps.
+    ``Context.state`` before the round unless ``Context.state`` already counts at least as many
+    steps: a copy can only lag behind (a simulation spread over several machines writes each
+    node's file on whichever machine ran its round, so another machine's copy can be stale), and
+    the ledger that counts more is the true one. It is written back atomically after the round,
+    under an exclusive lock so concurrent rounds cannot drop steps.
     """
     accountant = cfg.privacy.accountant
     path = ledger_path(context, cfg)
@@ -83,8 +86,9 @@ def node_privacy_state(context: Context, cfg: AppConfig) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(path.with_name(path.name + ".lock")):
         if path.exists():
-            ledger, sigma = PrivacyLedger.load(path, accountant)
-            t.store_ledger(context, ledger, sigma)
+            on_disk, sigma = PrivacyLedger.load(path, accountant)
+            if on_disk.steps >= t.load_ledger(context, accountant)[0].steps:
+                t.store_ledger(context, on_disk, sigma)
         try:
             yield
         finally:

@@ -34,7 +34,7 @@ from common.config import AppConfig
 from common.run_config import app_run_config
 from server.preflight import REFUSED, preflight
 from simulations.launch import console
-from simulations.launch.superlink import flwr_run
+from simulations.launch.superlink import RAY_ADDRESS_HELP, flwr_run
 
 ROOT = Path(__file__).resolve().parent.parent
 REFUSED_EXIT_CODE = 2
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--gpus-per-client", type=float, default=0.0,
                         help="share of a GPU each ClientApp reserves (0: none; 0.5: two per GPU)")
+    parser.add_argument("--ray-address", metavar="HOST:PORT",
+                        help=RAY_ADDRESS_HELP)
     parser.add_argument("--results-dir", default=str(ROOT / "results"),
                         help="folder for metrics.csv, config.json, the adapter and run.log")
     parser.add_argument("--verbose", action="store_true",
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     with console.output_to(log), console.following(log, _console(cfg, verbose=args.verbose)):
         code = flwr_run(ROOT, run_config=run_config, num_supernodes=args.num_supernodes,
                         cpus_per_client=args.cpus_per_client,
-                        gpus_per_client=args.gpus_per_client)
+                        gpus_per_client=args.gpus_per_client, ray_address=args.ray_address)
     if code:
         reason = console.failure_reason(log) or f"exit code {code}"
         console.say(f"[run] FAILED after {console.duration(time.monotonic() - started)}: "

@@ -47,6 +47,7 @@ from simulations.experiments.cells import (
     report_outcomes,
     run_cells,
 )
+from simulations.launch.superlink import RAY_ADDRESS_HELP
 from simulations.reports.records import CELLS_DIR, is_record_folder, load_runs
 from simulations.reports.statistics import summarize
 from simulations.reports.tables import markdown_table, write_report
@@ -86,6 +87,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cpus-per-client", type=int, default=1)
     p.add_argument("--gpus-per-client", type=float, default=0.0,
                    help="share of a GPU per ClientApp (0: none; 0.5: two per GPU)")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help=RAY_ADDRESS_HELP)
     p.add_argument("--cell-timeout", type=float, help="seconds; a slower cell fails")
     p.add_argument("--lr-file", default=str(sweep_lr.LR_FILE),
                    help="learning rate per method; 'none': train.learning-rate for all")
@@ -140,7 +143,7 @@ def _main(args: argparse.Namespace, argv: list[str], runner: Runner | None) -> i
     runner = runner or flwr_runner(num_supernodes=args.num_supernodes,
                                    cpus_per_client=args.cpus_per_client,
                                    gpus_per_client=args.gpus_per_client,
-                                   timeout=args.cell_timeout)
+                                   timeout=args.cell_timeout, ray_address=args.ray_address)
     if args.tune_lr:
         return tune(args, runner, command)
     cells = grid(args.methods, args.epsilons, args.alphas, args.seeds, _learning_rates(args))

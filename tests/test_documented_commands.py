@@ -3,8 +3,9 @@
 Commands of this project (``python -m <module>``, the ``fedsvd-*`` names of pyproject.toml) are
 parsed by their own argparse parser and stopped right after it (nothing runs); ``make`` targets
 must exist in the Makefile; for Flower's executables (``flwr <command>``, ``flower-superlink``,
-``flower-supernode``) every ``--option`` used must appear in their ``--help``. Shell variables
-become placeholders; lines of other programs (``export``, ``kill``, loops) are skipped.
+``flower-supernode``) and ``ray start`` every ``--option`` used must appear in their
+``--help``. Shell variables become placeholders; lines of other programs (``export``, ``kill``,
+loops) are skipped.
 """
 
 from __future__ import annotations
@@ -140,6 +141,11 @@ def _check(words: list[str]) -> bool:
         flags = {a.split("=")[0] for a in args if a.startswith("--")}
         missing = sorted(f for f in flags if f not in text)
         assert not missing, f"{' '.join(command)} --help does not know {missing}"
+        return True
+    if program == "ray" and args[:1] == ["start"]:  # the Ray cluster recipe (docs/deployment.md)
+        text = _flower_help("ray", "start")
+        missing = sorted(a for a in args if a.startswith("--") and a not in text)
+        assert not missing, f"ray start --help does not know {missing}"
         return True
     return False
 

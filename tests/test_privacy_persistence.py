@@ -124,6 +124,28 @@ def test_resumed_simulation_reports_the_uninterrupted_epsilon(tiny_run_config, t
     assert sum(e["steps"] for e in json.loads(ledger.read_text())["history"]) == 3 * 2
 
 
+def test_a_stale_ledger_file_never_lowers_what_the_context_counts(tiny_run_config, tmp_path):
+    # Prepare: a node's rounds on two machines of a Ray cluster (each has its own disk): round
+    # 1 writes the file on machine A, rounds 2 and 3 run on machine B (file copy B)
+    run_config = {**tiny_run_config, "strategy.num-rounds": 4, "output.run-name": "ray",
+                  "output.dir": str(tmp_path / "results")}
+    cfg = AppConfig.from_run_config(run_config)
+    arrays = global_arrays(cfg, t.load_local_data(cfg, 0, 2).num_labels)
+    ledger = tmp_path / "results" / "ray" / "privacy" / "partition-0.json"
+    context = _sim_context(run_config)  # the simulation engine carries it between rounds
+    train(train_message(arrays), context)
+    stale = ledger.read_bytes()  # machine A's copy after round 1
+    eps = [train(train_message(arrays), context).content[contract.METRICS][contract.EPSILON]
+           for _ in range(2)]
+    # Execute: round 4 lands on machine A again, whose file only knows round 1
+    ledger.write_bytes(stale)
+    last = train(train_message(arrays), context).content[contract.METRICS]
+    # Assert: ε goes on from the 3 rounds the context counts, not from the file's 1
+    assert last[contract.EPSILON] > eps[-1]
+    assert sum(e["steps"] for e in json.loads(ledger.read_text())["history"]) == \
+        4 * cfg.train.local_steps
+
+
 def test_with_a_relative_output_dir_the_ledger_stays_in_the_context(tiny_run_config):
     from client.app import ledger_path
 

@@ -319,7 +319,8 @@ def cell_states(cells: Sequence[Cell], folder: Path, overrides: Sequence[str],
 
 
 def flwr_runner(*, num_supernodes: int = 6, cpus_per_client: int = 1,
-                gpus_per_client: float = 0.0, timeout: float | None = None) -> Runner:
+                gpus_per_client: float = 0.0, timeout: float | None = None,
+                ray_address: str | None = None) -> Runner:
     """Run a cell with ``flwr run`` on a private SuperLink; its output and log into ``log``."""
     def run(items: list[str], log: Path) -> int:
         with tempfile.TemporaryDirectory(prefix="flwr-home-") as home, output_to(log):
@@ -327,7 +328,7 @@ def flwr_runner(*, num_supernodes: int = 6, cpus_per_client: int = 1,
                 return flwr_run(ROOT, run_config=items, num_supernodes=num_supernodes,
                                 cpus_per_client=cpus_per_client,
                                 gpus_per_client=gpus_per_client, flwr_home=Path(home),
-                                timeout=timeout)
+                                timeout=timeout, ray_address=ray_address)
             finally:
                 superlink_log = Path(home) / "superlink.log"
                 if superlink_log.is_file():

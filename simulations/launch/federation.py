@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 
 from deploy.processes import flower_env, free_port, stop_from_pid_files, wait_for_port
-from simulations.launch.superlink import start_simulation_superlink
+from simulations.launch.superlink import RAY_ADDRESS_HELP, start_simulation_superlink
 
 ROOT = Path(__file__).resolve().parents[2]  # the app: pyproject.toml
 CONNECTION = "fedsvd"
@@ -53,7 +53,7 @@ def running_pid(home: Path) -> int | None:
 
 
 def start(home: Path, *, num_supernodes: int, cpus_per_client: int,
-          gpus_per_client: float = 0.0) -> int:
+          gpus_per_client: float = 0.0, ray_address: str | None = None) -> int:
     """Start the SuperLink and configure its federation; return its PID."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "pids").mkdir(exist_ok=True)
@@ -61,7 +61,8 @@ def start(home: Path, *, num_supernodes: int, cpus_per_client: int,
     env = flower_env(home)
     log = home / "superlink.log"
     with log.open("a") as out:
-        proc = start_simulation_superlink(home, port, CONNECTION, out, cwd=ROOT)
+        proc = start_simulation_superlink(home, port, CONNECTION, out, cwd=ROOT,
+                                          ray_address=ray_address)
     (home / "pids" / "superlink.pid").write_text(f"{proc.pid}\n")
     try:
         wait_for_port(port, proc, log)
@@ -89,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--gpus-per-client", type=float, default=0.0,
                         help="share of a GPU each ClientApp reserves (0: none)")
+    parser.add_argument("--ray-address", metavar="HOST:PORT",
+                        help=RAY_ADDRESS_HELP)
     args = parser.parse_args(argv)
     if args.num_supernodes < 1 or args.cpus_per_client < 1:
         parser.error("--num-supernodes and --cpus-per-client must be >= 1")
@@ -104,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             pid = start(home, num_supernodes=args.num_supernodes,
                         cpus_per_client=args.cpus_per_client,
-                        gpus_per_client=args.gpus_per_client)
+                        gpus_per_client=args.gpus_per_client, ray_address=args.ray_address)
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

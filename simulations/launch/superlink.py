@@ -28,15 +28,20 @@ from deploy.processes import (
 )
 
 CONNECTION = "sim"
+RAY_ADDRESS_HELP = ("host:port of a running Ray cluster's head: the simulation joins it (its "
+                    "nodes run the ClientApps) instead of starting Ray on this machine")
 
 
 def start_simulation_superlink(home: Path, port: int, connection: str, log: IO[str], *,
-                               cwd: Path | None = None) -> subprocess.Popen:
+                               cwd: Path | None = None,
+                               ray_address: str | None = None) -> subprocess.Popen:
     """Start a simulation SuperLink on loopback ``port``; return it (not waited for).
 
     ``home/config.toml`` gets one insecure ``connection`` to it; the process runs in its own
     session. Runtime dependency installation is off (:func:`deploy.processes.flower_env`); its
-    database is ``home/state.db``, its output goes to ``log``.
+    database is ``home/state.db``, its output goes to ``log``. With ``ray_address``
+    (``host:port`` of a running Ray cluster's head) its simulations join that cluster
+    (``RAY_ADDRESS``, which Flower's ``ray.init`` reads) instead of starting Ray here.
     """
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{connection}"\n\n'
@@ -44,20 +49,23 @@ def start_simulation_superlink(home: Path, port: int, connection: str, log: IO[s
     return subprocess.Popen(
         ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
          "--host", "127.0.0.1", "--port", str(port), "--database", str(home / "state.db")],
-        env=flower_env(home), cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+        env=flower_env(home) | ({"RAY_ADDRESS": ray_address} if ray_address else {}),
+        cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True)
 
 
 @contextlib.contextmanager
-def simulation_superlink(flwr_home: Path | None = None) -> Iterator[dict[str, str]]:
+def simulation_superlink(flwr_home: Path | None = None,
+                         ray_address: str | None = None) -> Iterator[dict[str, str]]:
     """Run a simulation SuperLink for the duration of the block; yield the env for ``flwr``.
 
     ``flwr_home`` (default: a temporary folder, removed afterwards) receives ``config.toml``
-    with one connection to this SuperLink, its database and its log.
+    with one connection to this SuperLink, its database and its log; ``ray_address``: see
+    :func:`start_simulation_superlink`.
     """
     if flwr_home is None:
         with tempfile.TemporaryDirectory(prefix="flwr-home-") as tmp:
-            with simulation_superlink(Path(tmp)) as env:
+            with simulation_superlink(Path(tmp), ray_address) as env:
                 yield env
         return
     home = Path(flwr_home)
@@ -65,7 +73,7 @@ def simulation_superlink(flwr_home: Path | None = None) -> Iterator[dict[str, st
     port = free_port()  # since flwr 1.40 one HTTP port serves the Control, Fleet and Runtime APIs
     env = flower_env(home)  # it spawns flower-superexec, which must find the venv's apps
     log = (home / "superlink.log").open("w")
-    proc = start_simulation_superlink(home, port, CONNECTION, log)
+    proc = start_simulation_superlink(home, port, CONNECTION, log, ray_address=ray_address)
     try:
         with sigterm_raises_exit():  # a `kill` of this process still stops the SuperLink
             wait_for_port(port, proc)
@@ -91,7 +99,8 @@ def federation_config(num_supernodes: int, cpus_per_client: int,
 
 def flwr_run(app_dir: Path, *, run_config: Sequence[str] | str = (), num_supernodes: int = 6,
              cpus_per_client: int = 1, gpus_per_client: float = 0.0,
-             flwr_home: Path | None = None, timeout: float | None = None) -> int:
+             flwr_home: Path | None = None, timeout: float | None = None,
+             ray_address: str | None = None) -> int:
     """``flwr run <app_dir> --stream`` on a private SuperLink; 0 only if the run completed.
 
     ``run_config``: override strings ("k=v k2=v2") or .toml files, passed as ``--run-config``.
@@ -104,7 +113,7 @@ def flwr_run(app_dir: Path, *, run_config: Sequence[str] | str = (), num_superno
            "--federation-config", federation]
     for overrides in run_config_args([run_config] if isinstance(run_config, str) else run_config):
         cmd += ["--run-config", overrides]
-    with simulation_superlink(flwr_home) as env:
+    with simulation_superlink(flwr_home, ray_address) as env:
         code = subprocess.run(cmd, env=env, cwd=app_dir, timeout=timeout).returncode
         lines = failure_lines(code, last_run_status(env, CONNECTION))
     sys.stdout.flush()
