@@ -16,7 +16,8 @@ a cell runs, one line per round says its accuracy, ε and the cell's and the swe
 ``--record DIR`` (a folder tracked in git) keeps each complete cell as ``DIR/cells/<cell>.csv``
 (every round) and ``.json`` (its config), ``--commit`` commits them, one commit per cell; a
 recorded cell is skipped even when its run folder is missing, so the sweep resumes on a fresh
-clone, and the report is built from the records alone, into ``DIR``.
+clone, and the report is built from the records alone, into ``DIR``. ``--stop-file PATH``:
+once PATH exists the running cell finishes and no other starts (exit 3; rerun to go on).
 Scale with ``--run-config``: ``strategy.num-rounds`` (rounds), ``train.local-steps`` (DP-SGD
 steps per client per round), ``model.max-length`` (tokens per example),
 ``data.max-client-examples`` (training examples per client, 0 = all),
@@ -109,6 +110,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--readme", type=Path, nargs="?", const=ROOT / "docs" / "experiments.md",
                    help="also put the table between the sweep-table markers of this Markdown "
                         "page (default docs/experiments.md)")
+    p.add_argument("--stop-file", type=Path, metavar="PATH",
+                   help="when PATH exists, finish (and record) the running cell, run no more, "
+                        "exit 3; the same command goes on later")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells and whether each is recorded, complete or to run")
     args = p.parse_args(argv)
@@ -151,7 +155,7 @@ def _main(args: argparse.Namespace, argv: list[str], runner: Runner | None) -> i
         return dry_run(cells, args.out, args)
     outcomes = run_cells(cells, args.out, overrides=args.run_config, runner=runner,
                          command=command, num_partitions=args.num_supernodes,
-                         record=args.record, commit=args.commit)
+                         record=args.record, commit=args.commit, stop_file=args.stop_file)
     code = report_outcomes(outcomes)
     if any(o.status != "failed" for o in outcomes):
         code = max(code, report(args.record or args.out, args.readme,
@@ -191,9 +195,13 @@ def tune(args: argparse.Namespace, runner: Runner, command: str) -> int:
     folder = args.out / "lr-tuning"
     if args.dry_run:
         return dry_run(cells, folder, args)
-    code = report_outcomes(run_cells(cells, folder, overrides=args.run_config, runner=runner,
-                                     command=command, num_partitions=args.num_supernodes,
-                                     record=args.record, commit=args.commit))
+    outcomes = run_cells(cells, folder, overrides=args.run_config, runner=runner,
+                         command=command, num_partitions=args.num_supernodes,
+                         record=args.record, commit=args.commit, stop_file=args.stop_file)
+    code = report_outcomes(outcomes)
+    if any(o.status == "stopped" for o in outcomes):
+        print(f"[tune] stopped before the grid was complete: {args.lr_file} not written")
+        return code
     final = load_runs(args.record or folder, records=args.record is not None).final
     final = final[final["run"].isin({c.name for c in cells})]
     if final.empty:

@@ -134,6 +134,31 @@ def test_sweep_skips_complete_cells_survives_a_failure_and_reports_it(tmp_path):
     assert [c.run_name for c in runner.calls] == ["ffa-eps6-a0.5-seed0"]
 
 
+def test_a_stop_file_ends_the_sweep_after_the_running_cell_and_the_same_command_goes_on(
+        tmp_path, capsys):
+    stop = tmp_path / "STOP"
+    runner = fake_runner()
+
+    def run_then_ask_to_stop(items, log):  # the stop file appears while cell 2 runs
+        code = runner(items, log)
+        if len(runner.calls) == 2:
+            stop.touch()
+        return code
+
+    lr_file, out = tmp_path / "lr.toml", tmp_path / "sweep"
+    argv = ["--tune-lr", "--methods", "fedsvd,ffa", "--lrs", "0.5,1", "--out", str(out),
+            "--lr-file", str(lr_file), "--run-config", "strategy.num-rounds=2",
+            "--stop-file", str(stop)]
+    assert sweep.main(argv, runner=run_then_ask_to_stop) == sweep_cells.STOPPED_EXIT_CODE
+    printed = capsys.readouterr().out
+    assert len(runner.calls) == 2 and not lr_file.exists()
+    assert "STOPPED on request: 2 cell(s) not run" in printed
+    assert printed.rstrip().endswith(f"{lr_file} not written")
+    stop.unlink()
+    assert sweep.main(argv, runner=runner) == 0  # the same command: the two cells left
+    assert len(runner.calls) == 4 and lr_file.is_file()
+
+
 def test_complete_runs_with_other_settings_stop_the_sweep(tmp_path):
     write_run(tmp_path, method="fedsvd", seed=0, **{"train.local-steps": 99})
     with pytest.raises(ValueError, match="train.local-steps: 99 there, 10 now"):

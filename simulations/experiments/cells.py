@@ -343,7 +343,7 @@ class Outcome:
     """What happened to one cell in this invocation."""
 
     cell: Cell
-    status: str  # "skipped" (recorded or already complete), "done" or "failed"
+    status: str  # "skipped" (recorded or already complete), "done", "failed" or "stopped"
     seconds: float = 0.0
     detail: str = ""
     recorded: bool | None = None  # with a record folder: whether its record was written
@@ -352,7 +352,7 @@ class Outcome:
 def run_cells(cells: Sequence[Cell], folder: Path, *, overrides: Sequence[str], runner: Runner,
               command: str, say: Callable[[str], None] = say,
               num_partitions: int | None = None, record: Path | None = None,
-              commit: bool = False) -> list[Outcome]:
+              commit: bool = False, stop_file: Path | None = None) -> list[Outcome]:
     """Run every cell not yet complete, in order; a failed cell is logged and the sweep goes on.
 
     All cell configs are built (and validated) first, and runs in ``folder`` or records in
@@ -363,6 +363,9 @@ def run_cells(cells: Sequence[Cell], folder: Path, *, overrides: Sequence[str], 
     every complete cell without a record gets one (:func:`write_record`), committed with
     ``commit`` (:func:`commit_record`); a record that cannot be written or committed is said
     loudly and the sweep goes on. While a cell runs, its log is followed: one line per round.
+    When ``stop_file`` exists before a cell would start, that cell and the ones after it are
+    not run (status "stopped"): the cell running when it appeared finishes and is recorded
+    first, and the same command resumes the sweep.
     """
     folder = Path(folder)
     configs = {c: cell_config(run_config_items(c, folder, overrides)) for c in cells}
@@ -388,6 +391,11 @@ def run_cells(cells: Sequence[Cell], folder: Path, *, overrides: Sequence[str], 
     rounds = [configs[c].strategy.num_rounds for c in todo]
     start, spent, progress = time.monotonic(), [], Progress(say)
     for k, cell in enumerate(todo):
+        if stop_file is not None and Path(stop_file).exists():
+            say(f"[sweep] {stop_file} exists: stopping before {cell.name}; {len(todo) - k} "
+                "cell(s) not run, the same command goes on with them")
+            outcomes |= {c: Outcome(c, "stopped") for c in todo[k:]}
+            break
         tag = f"[{cells.index(cell) + 1}/{len(cells)}]"
         on_line = progress.cell(tag, cell.name, rounds[k], sum(rounds[k + 1:]))
         outcome = _run_one(cell, folder, overrides, runner, rounds[k], tag, say, on_line)
@@ -451,9 +459,17 @@ def _record_attempt(folder: Path, outcome: Outcome, command: str) -> None:
                          outcome.status, f"{outcome.seconds:.1f}", command])
 
 
+STOPPED_EXIT_CODE = 3  # the sweep stopped on request (--stop-file): not done, not failed
+
+
 def report_outcomes(outcomes: Sequence[Outcome], say: Callable[[str], None] = say) -> int:
-    """Print the end-of-sweep summary; 1 if a cell failed or a record was not written, else 0."""
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
+    """Print the end-of-sweep summary; the exit status of the sweep.
+
+    1 if a cell failed or a record was not written; else ``STOPPED_EXIT_CODE`` if cells were
+    left for later on request; else 0.
+    """
+    counts = {s: sum(o.status == s for o in outcomes)
+              for s in ("done", "skipped", "failed", "stopped")}
     unrecorded = [o for o in outcomes if o.recorded is False]
     seconds = sum(o.seconds for o in outcomes)
     say(f"[sweep] finished: {counts['done']} run, {counts['skipped']} already complete, "
@@ -465,7 +481,12 @@ def report_outcomes(outcomes: Sequence[Outcome], say: Callable[[str], None] = sa
     for o in unrecorded:
         say(f"[sweep] NOT RECORDED {o.cell.name}: done, but its record was not written or "
             "committed (see the [record] !!! line above)")
-    return 1 if counts["failed"] or unrecorded else 0
+    if counts["stopped"]:
+        say(f"[sweep] STOPPED on request: {counts['stopped']} cell(s) not run; run the same "
+            "command again to go on")
+    if counts["failed"] or unrecorded:
+        return 1
+    return STOPPED_EXIT_CODE if counts["stopped"] else 0
 
 
 def grid(methods: Sequence[str], epsilons: Sequence[float], alphas: Sequence[float],
