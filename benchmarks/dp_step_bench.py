@@ -1,10 +1,14 @@
 """One client DP-SGD step on LoRA B + head, by path, against today's default, same batch and model.
 
 python -m benchmarks.dp_step_bench [--batch-size 32] [--steps 8] [--device cpu] [--max-length 64]
+python -m benchmarks.dp_step_bench --task causal-lm --modes none,hooks,ghost,default,default+bf16
 
 The batch is real: ``--batch-size`` 20 Newsgroups training texts (the default task), tokenized
-to ``--max-length`` and padded to it, the same for every mode. Modes, each in its own process
-(so its peak memory, max RSS on CPU or max allocated on CUDA, is its own):
+to ``--max-length`` and padded to it, the same for every mode. ``--task causal-lm`` times the
+causal-LM configuration of ``simulations/conf/causal-lm.toml`` instead (SmolLM2-135M, LoRA on
+q_proj and v_proj, comp.graphics posts, next-token loss per sequence; batch 8 × 64 tokens).
+Modes, each in its own process (so its peak memory, max RSS on CPU or max allocated on CUDA, is
+its own):
 
 - ``none``: plain SGD, no DP (float32, fixed padding);
 - ``hooks``: Opacus per-sample gradients by hooks, float32, padded to ``--max-length``: the
@@ -47,51 +51,69 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 MODES = ("none", "hooks", "ghost", "hooks+trim", "hooks+eval", "hooks+eval+lora0", "default",
          "hooks+bf16", "default+bf16")
 REFERENCE = "hooks"
+ROOT = Path(__file__).resolve().parent.parent
+CAUSAL_LM_CONF = ROOT / "simulations" / "conf" / "causal-lm.toml"
 
 
-def real_batch(batch_size: int, max_length: int):
-    """``batch_size`` default-task training texts, tokenized and padded to ``max_length``."""
+def task_config(task: str):
+    """The configuration timed: the default run's (classification) or the causal-LM conf's."""
+    from common.config import AppConfig
+    from common.run_config import app_run_config
+
+    if task == "classification":
+        return AppConfig()
+    return AppConfig.from_run_config(app_run_config(ROOT, [str(CAUSAL_LM_CONF)]))
+
+
+def real_batch(task: str, batch_size: int, max_length: int):
+    """``batch_size`` training texts of the task's data, tokenized and padded to max_length."""
     import torch
 
-    from common.config import AppConfig
-    from common.data import encode, load_corpus
+    from common.data import load_corpus
     from common.model import load_tokenizer
+    from common.tasks import TASKS
 
-    cfg = AppConfig()
+    cfg = task_config(task)
     corpus = load_corpus(cfg.data, cfg.seed)
     index = torch.randperm(len(corpus.train), generator=torch.Generator().manual_seed(0))
     texts = corpus.train.select(index[:batch_size].tolist())
-    return encode(texts, load_tokenizer(cfg.model), max_length).tensors, corpus.num_labels
+    encoded = TASKS[task].encode(texts, load_tokenizer(cfg.model), max_length)
+    return encoded.tensors, corpus.num_labels
 
 
-def build(mode: str, batch_size: int, device: str, max_length: int):
+def build(mode: str, batch_size: int, device: str, max_length: int,
+          task: str = "classification"):
     """Model, private wrapper and the batch of one mode."""
+    import dataclasses
+
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
     from common.adapter import AdapterLayout
     from common.batching import collate_trimmed, trim
-    from common.config import AppConfig, LoraSettings
     from common.model import build_model, train_mode
+    from common.tasks import TASKS
     from privacy import PrivacyLedger, make_private
 
-    cfg = AppConfig()
+    cfg = task_config(task)
     new = mode.startswith("default")
-    lora = LoraSettings(dropout=0.0 if new or "lora0" in mode else 0.05)
-    (input_ids, mask, labels), num_labels = real_batch(batch_size, max_length)
+    lora = dataclasses.replace(cfg.lora, dropout=0.0 if new or "lora0" in mode else 0.05)
+    (input_ids, mask, labels), num_labels = real_batch(task, batch_size, max_length)
     model = build_model(cfg.model, lora, num_labels=num_labels, seed=0, device=device)
     layout = AdapterLayout.from_model(model)
-    trainable = layout.set_trainable(model, ("B",), train_head=True)
+    trainable = layout.set_trainable(model, ("B",), train_head=cfg.lora.train_head)
     data = TensorDataset(input_ids, mask, labels)
     private = make_private(
         module=model, optimizer=torch.optim.SGD(trainable, lr=0.1),
         data_loader=DataLoader(data, batch_size=batch_size, collate_fn=collate_trimmed),
         noise_multiplier=0.0 if mode == "none" else 1.0, max_grad_norm=2.0,
-        ledger=PrivacyLedger(), grad_sample_mode="ghost" if mode == "ghost" else "hooks")
+        ledger=PrivacyLedger(), grad_sample_mode="ghost" if mode == "ghost" else "hooks",
+        criterion=TASKS[task].criterion())
     batch = (trim(input_ids, mask, labels) if new or "trim" in mode
              else (input_ids, mask, labels))
     dtype = torch.bfloat16 if "bf16" in mode else torch.float32
@@ -112,11 +134,12 @@ def step(private, batch, dtype, device: str) -> None:
     private.optimizer.step()
 
 
-def run_mode(mode: str, batch_size: int, steps: int, device: str, max_length: int) -> dict:
+def run_mode(mode: str, batch_size: int, steps: int, device: str, max_length: int,
+             task: str = "classification") -> dict:
     """Time ``steps`` steps of one mode in this process (after two warm-up steps)."""
     import torch
 
-    private, batch, dtype = build(mode, batch_size, device, max_length)
+    private, batch, dtype = build(mode, batch_size, device, max_length, task)
     times = []
     for i in range(steps + 2):
         if device.startswith("cuda"):
@@ -141,12 +164,12 @@ def auto_mode(device: str) -> str:
 
 
 def run_concurrent_child(batch_size: int, steps: int, device: str, max_length: int,
-                         threads: int) -> dict:
+                         threads: int, task: str = "classification") -> dict:
     """Build the auto mode with ``threads`` torch threads, say ready, wait for a line, time."""
     import torch
 
     torch.set_num_threads(threads)
-    private, batch, dtype = build(auto_mode(device), batch_size, device, max_length)
+    private, batch, dtype = build(auto_mode(device), batch_size, device, max_length, task)
     step(private, batch, dtype, device)  # warm-up
     print("ready", flush=True)
     sys.stdin.readline()
@@ -160,7 +183,8 @@ def concurrent_rate(clients: int, threads: int, args: argparse.Namespace) -> flo
     """Joint examples/s of ``clients`` processes stepping at once, ``threads`` threads each."""
     cmd = [sys.executable, "-m", "benchmarks.dp_step_bench", "--mode", "concurrent-child",
            "--threads", str(threads), "--batch-size", str(args.batch_size), "--steps",
-           str(args.steps), "--device", args.device, "--max-length", str(args.max_length)]
+           str(args.steps), "--device", args.device, "--max-length", str(args.max_length),
+           "--task", args.task]
     procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for _ in range(clients)]
     for proc in procs:
@@ -175,11 +199,12 @@ def concurrent_rate(clients: int, threads: int, args: argparse.Namespace) -> flo
     return clients * args.steps * args.batch_size / max(seconds)
 
 
-def step_flops(batch_size: int, device: str, max_length: int) -> float:
+def step_flops(batch_size: int, device: str, max_length: int,
+               task: str = "classification") -> float:
     """FLOPs of one float32 DP-SGD step (hooks), counted by torch's flop counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    private, batch, dtype = build("hooks", batch_size, device, max_length)
+    private, batch, dtype = build("hooks", batch_size, device, max_length, task)
     counter = FlopCounterMode(display=False)
     with counter:
         step(private, batch, dtype, device)
@@ -211,10 +236,16 @@ def matmul_peak(device: str) -> dict[str, float]:
 def main() -> None:
     """Run every mode in a subprocess and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--task", choices=("classification", "causal-lm"),
+                        default="classification",
+                        help="the default run's model and data, or those of "
+                             "simulations/conf/causal-lm.toml (SmolLM2-135M)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default: the task's train.batch-size (32; causal-lm: 8)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="default: the task's model.max-length (64)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--emulated-bf16", action="store_true",
                         help="also time the bf16 modes where the device has no native bf16 "
@@ -227,13 +258,17 @@ def main() -> None:
     parser.add_argument("--mode", choices=(*MODES, "flops", "concurrent-child"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
+    cfg = task_config(args.task)
+    args.batch_size = args.batch_size or cfg.train.batch_size
+    args.max_length = args.max_length or cfg.model.max_length
     if args.mode in (*MODES, "flops") and args.threads:
         import torch
 
         torch.set_num_threads(int(args.threads))
     if args.mode == "concurrent-child":
         print(json.dumps(run_concurrent_child(args.batch_size, args.steps, args.device,
-                                              args.max_length, int(args.threads))))
+                                              args.max_length, int(args.threads),
+                                              args.task)))
         return
     if args.concurrent:
         args.threads = args.threads or "1,2"
@@ -249,12 +284,13 @@ def main() -> None:
                   f"({rate / first:.2f}x the first)")
         return
     if args.mode == "flops":
-        print(json.dumps({"flops": step_flops(args.batch_size, args.device, args.max_length),
+        print(json.dumps({"flops": step_flops(args.batch_size, args.device, args.max_length,
+                                              args.task),
                           "peak": matmul_peak(args.device)}))
         return
     if args.mode:
         print(json.dumps(run_mode(args.mode, args.batch_size, args.steps, args.device,
-                                  args.max_length)))
+                                  args.max_length, args.task)))
         return
 
     def child(mode: str) -> dict:
@@ -262,7 +298,7 @@ def main() -> None:
             [sys.executable, "-m", "benchmarks.dp_step_bench", "--mode", mode,
              "--batch-size", str(args.batch_size), "--steps", str(args.steps),
              "--device", args.device, "--max-length", str(args.max_length),
-             *(["--threads", args.threads] if args.threads else [])],
+             "--task", args.task, *(["--threads", args.threads] if args.threads else [])],
             capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -276,7 +312,9 @@ def main() -> None:
     results = {mode: child(mode) for mode in modes if mode not in skipped}
     bound = child("flops")
     base = results[REFERENCE]["median_s"] if REFERENCE in results else None
-    print(f"MiniLM + LoRA r=8 (q, v) + head, batch {args.batch_size} real 20 Newsgroups texts, "
+    what = ("MiniLM + LoRA r=8 (q, v) + head" if args.task == "classification" else
+            "SmolLM2-135M (dequantized Q4_1) + LoRA r=8 (q_proj, v_proj), causal LM")
+    print(f"{what}, batch {args.batch_size} real 20 Newsgroups texts, "
           f"max length {args.max_length}, device {args.device}, torch {torch.__version__}, "
           f"threads {args.threads or torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.1f}, "

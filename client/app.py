@@ -130,7 +130,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = AppConfig.from_run_config(context.run_config)
     data = t.load_local_data(cfg, *t.node_partition(context))
     model, _ = t.build_global_model(cfg, data.num_labels, msg.content[contract.ARRAYS])
-    loss, accuracy = evaluate_model(model, data.test, compute_dtype=t.compute_dtype(cfg))
+    loss, accuracy = evaluate_model(model, data.test, compute_dtype=t.compute_dtype(cfg),
+                                    task=data.task)
     metrics = MetricRecord({contract.NUM_EXAMPLES: len(data.test), contract.LOSS: loss,
                             contract.ACCURACY: accuracy})
     return Message(RecordDict({contract.METRICS: metrics}), reply_to=msg)

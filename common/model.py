@@ -1,4 +1,4 @@
-"""Build the frozen pretrained encoder with peft LoRA adapters, strictly offline."""
+"""Build the frozen pretrained model with peft LoRA adapters, strictly offline."""
 
 from __future__ import annotations
 
@@ -6,24 +6,28 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from common.config import LoraSettings, ModelConfig
 from common.model_path import resolve_model_path
 from common.precision import keep_float32
 from common.quiet import quiet_model_loading
 from common.singular_values import install_singular_values
-
-HEAD_MODULES = ["classifier"]  # the newly initialised sequence-classification head
+from common.tasks import TASKS
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """Load the tokenizer stored beside the model weights (from disk only, never a hub)."""
-    return AutoTokenizer.from_pretrained(resolve_model_path(cfg), local_files_only=True)
+    """Load the tokenizer stored beside the model weights (from disk only, never a hub).
+
+    A causal LM pads (right) with its end-of-sequence token when it has no padding token:
+    padding is masked out of attention and of the loss.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg), local_files_only=True)
+    if cfg.task == "causal-lm":
+        tokenizer.padding_side = "right"
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def build_model(
@@ -35,11 +39,12 @@ def build_model(
     device: torch.device | str = "cpu",
     svd_form: bool = False,
 ) -> PeftModel:
-    """Pretrained encoder + LoRA on ``lora_cfg.target_modules`` + a new classification head.
+    """The pretrained model of ``model_cfg.task`` + LoRA on ``lora_cfg.target_modules``.
 
-    The weights are read from disk only (``local_files_only``: nothing is ever downloaded).
-    Every base weight is frozen. The head is a peft ``modules_to_save`` module, so it is part of
-    the saved adapter; whether it trains is decided later by the caller. ``seed`` makes the head
+    Classification adds a new head (a peft ``modules_to_save`` module, so it is part of the
+    saved adapter; whether it trains is decided later by the caller); a causal LM adds none
+    (:mod:`common.tasks`). The weights are read from disk only (``local_files_only``: nothing
+    is ever downloaded). Every base weight is frozen. ``seed`` makes the head
     and A initialisation identical on every node. The model is moved to ``device`` *before*
     ``get_peft_model`` (Opacus #820: otherwise LoRA weights can silently never change).
     With ``svd_form`` every LoRA layer computes W0 + s · B diag(σ) A with a σ (r,) of its own
@@ -48,18 +53,17 @@ def build_model(
     autocast (:func:`common.precision.keep_float32`).
     """
     torch.manual_seed(seed)
+    task = TASKS[model_cfg.task]
     config = LoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
         target_modules=list(lora_cfg.target_modules),
-        modules_to_save=HEAD_MODULES,
+        modules_to_save=task.head_modules,
+        task_type=task.peft_task_type,
     )
     with quiet_model_loading():
-        base = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(model_cfg), num_labels=num_labels, local_files_only=True,
-            ignore_mismatched_sizes=True,  # a local checkpoint's own head is replaced by a new one
-        ).to(device)
+        base = task.load_model(resolve_model_path(model_cfg), num_labels=num_labels).to(device)
         model = get_peft_model(base, config)
     if svd_form:
         install_singular_values(model)

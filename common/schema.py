@@ -8,6 +8,8 @@ A run writes ``<output.dir>/<run name>/`` (:func:`server.results.save_run`):
 - ``environment.json`` (:data:`ENVIRONMENT_FILE`): what computed it: the resolved precision,
   device, CPU and package versions (:func:`common.environment.run_environment`);
 - ``adapter/`` (:data:`ADAPTER_DIR`): the peft adapter;
+- ``generations.json`` (:data:`GENERATIONS_FILE`), causal LM only: the final model's greedy
+  continuations of fixed held-out prompts (:mod:`server.generations`);
 - ``run.log`` (:data:`RUN_LOG`): everything the run printed, when ``simulations.run`` ran it
   (each attempt appended after a header line).
 
@@ -26,6 +28,7 @@ from common import contract
 
 METRICS_FILE = "metrics.csv"
 CONFIG_FILE = "config.json"
+GENERATIONS_FILE = "generations.json"
 ENVIRONMENT_FILE = "environment.json"
 ADAPTER_DIR = "adapter"
 RUN_LOG = "run.log"
@@ -35,6 +38,7 @@ WALL_SECONDS = "wall-seconds"
 EVAL_SPLIT = "eval-split"
 ACCURACY = contract.ACCURACY
 LOSS = contract.LOSS
+PERPLEXITY = "perplexity"
 EVAL_EXAMPLES = "eval-examples"
 TRAIN_LOSS = contract.TRAIN_LOSS
 EPSILON_MEAN = "epsilon-mean"
@@ -63,9 +67,12 @@ COLUMNS: tuple[Column, ...] = (
     Column(ROUND, int, "server round; 0: the initial adapter, before any training"),
     Column(WALL_SECONDS, float, "seconds since the run started (a resumed run goes on counting)"),
     Column(EVAL_SPLIT, str, "what the server evaluated on: test, or validation when tuning"),
-    Column(ACCURACY, float, "accuracy of the global model on the evaluated examples (empty: "
-                            "round not evaluated, strategy.eval-every)"),
-    Column(LOSS, float, "mean cross-entropy of the global model on the evaluated examples"),
+    Column(ACCURACY, float, "accuracy of the global model on the evaluated examples (causal "
+                            "LM: of the next token; empty: round not evaluated, "
+                            "strategy.eval-every)"),
+    Column(LOSS, float, "mean cross-entropy of the global model on the evaluated examples "
+                        "(causal LM: per predicted token)"),
+    Column(PERPLEXITY, float, "causal LM only: exp(loss), per predicted token"),
     Column(EVAL_EXAMPLES, int, "examples evaluated: the fixed subset, or the whole split in "
                                "the last round"),
     Column(TRAIN_LOSS, float, "mean local training loss, weighted by the clients' examples"),

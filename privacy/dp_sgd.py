@@ -58,6 +58,7 @@ def make_private(
     ledger: PrivacyLedger,
     grad_sample_mode: str = "hooks",
     clip_groups: Sequence[ClipGroup] | None = None,
+    criterion: nn.Module | None = None,
 ) -> PrivateTraining:
     """Wrap for DP-SGD: Poisson sampling, per-sample clipping to C, Gaussian noise σ·C.
 
@@ -69,9 +70,11 @@ def make_private(
     this round frozen before this call), so per-sample gradients are computed for those alone.
     The engine's accountant starts from ``ledger``'s history, so its ε after this round is
     cumulative. With ``noise_multiplier = 0`` (ε = inf) the same loop runs with Poisson batches
-    but no clipping, no noise, no accounting.
+    but no clipping, no noise, no accounting. ``criterion`` is the loss of a batch, the mean
+    over its examples (default: cross-entropy of class logits; a causal LM's is
+    :class:`common.tasks.SequenceCrossEntropy`, one sequence one example).
     """
-    criterion: nn.Module = nn.CrossEntropyLoss()
+    criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
     if noise_multiplier == 0:
         loader = DPDataLoader.from_data_loader(data_loader)
         return PrivateTraining(module, optimizer, loader, criterion, engine=None)

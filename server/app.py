@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from logging import ERROR, INFO, WARNING
 
@@ -12,14 +13,16 @@ from flwr.serverapp import Grid, ServerApp
 from common import schema
 from common.adapter import AdapterLayout
 from common.config import AppConfig
-from common.data import encode, eval_subset
+from common.data import eval_subset
 from common.devices import resolve_device
 from common.environment import run_environment
 from common.model import build_model, load_tokenizer
 from common.precision import emulation_warning, resolve_compute_dtype
 from common.public_head import set_class_name_head
 from common.schema import RoundTrainingMetrics
+from common.tasks import TASKS
 from server.evaluation import GlobalEvaluator
+from server.generations import generate_samples
 from server.merged_adapter import merged_adapter_state
 from server.preflight import check_run, clear_results
 from server.results import save_run
@@ -70,15 +73,16 @@ def run(grid: Grid, context: Context) -> None:
                         device=model_device, svd_form=cfg.strategy.svd_form)
     layout = AdapterLayout.from_model(model)
     tokenizer = load_tokenizer(cfg.model)
+    task = TASKS[cfg.model.task]
     if cfg.lora.head_init == "class-names":  # public: the encoder and the class names alone
         set_class_name_head(model, tokenizer, corpus.label_names)
     initial_state = layout.tensors()  # B = 0, A = peft's init, the seeded or public head
     if cfg.strategy.svd_form:  # merge-sv: U, V and σ of the merged adapter
         initial_state |= merged_adapter_state(cfg.strategy.merged_adapter, layout.modules,
                                               cfg.lora.r, layout.scale)
-    full_test = encode(corpus.test, tokenizer, cfg.model.max_length)
-    subset = encode(eval_subset(corpus.test, cfg.data.max_eval_examples, cfg.seed), tokenizer,
-                    cfg.model.max_length)
+    full_test = task.encode(corpus.test, tokenizer, cfg.model.max_length)
+    subset = task.encode(eval_subset(corpus.test, cfg.data.max_eval_examples, cfg.seed),
+                         tokenizer, cfg.model.max_length)
     training = RoundTrainingMetrics()  # the strategy records each round's, the evaluator reads
     strategy = build_strategy(cfg, layout, training_metrics=training, device=model_device)
     compute_dtype = resolve_compute_dtype(cfg.model.compute_dtype, model_device)
@@ -89,7 +93,7 @@ def run(grid: Grid, context: Context) -> None:
     evaluator = GlobalEvaluator(model, layout, subset=subset, full=full_test,
                                 final_round=cfg.strategy.num_rounds, training=training,
                                 split=corpus.eval_split, eval_every=cfg.strategy.eval_every,
-                                compute_dtype=compute_dtype)
+                                compute_dtype=compute_dtype, task=task)
     if cfg.train.deterministic:  # the same clients sampled in the same order, given node ids
         random.seed(cfg.seed)
     checkpointed, initial = prepare_run(strategy, evaluator, folder, cfg,
@@ -104,4 +108,8 @@ def run(grid: Grid, context: Context) -> None:
     save_run(folder, cfg, evaluator.rows, model=model, layout=layout,
              arrays=result.arrays or initial,
              environment=run_environment(compute_dtype, model_device))
+    if task.name == "causal-lm":  # the saved model's own words, beside its adapter
+        samples = generate_samples(model, tokenizer, eval_subset(
+            corpus.test, cfg.data.max_eval_examples, cfg.seed), cfg.model.max_length)
+        (folder / schema.GENERATIONS_FILE).write_text(json.dumps(samples, indent=2) + "\n")
     log(INFO, "results written to %s", folder)

@@ -14,6 +14,7 @@ from torch.utils.data import TensorDataset
 from common import schema
 from common.adapter import AdapterLayout
 from common.evaluation import evaluate
+from common.tasks import TASKS, Task, perplexity
 
 
 class GlobalEvaluator:
@@ -23,19 +24,22 @@ class GlobalEvaluator:
     of the test split (fast); the final round uses the whole split. The other rounds are not
     evaluated: their row holds the round's training metrics alone. Each row also records wall
     time since start. The columns are those of :mod:`common.schema`; ``training`` holds the
-    training columns the strategy recorded for each round. The encoder runs under
-    ``compute_dtype`` (:mod:`common.precision`).
+    training columns the strategy recorded for each round. The model runs under
+    ``compute_dtype`` (:mod:`common.precision`); a causal LM's rows add its perplexity
+    (:mod:`common.tasks`).
     """
 
     def __init__(self, model: PeftModel, layout: AdapterLayout, *, subset: TensorDataset,
                  full: TensorDataset, final_round: int, training: schema.RoundTrainingMetrics,
-                 split: str = "test",
-                 eval_every: int = 1, compute_dtype: torch.dtype = torch.float32) -> None:
+                 split: str = "test", eval_every: int = 1,
+                 compute_dtype: torch.dtype = torch.float32,
+                 task: Task = TASKS["classification"]) -> None:
         self.model, self.layout = model, layout
         self.subset, self.full, self.final_round = subset, full, final_round
         self.eval_every, self.compute_dtype = eval_every, compute_dtype
         self.split = split  # "test", or "validation" when tuning (data.validation-fraction)
         self.training = training
+        self.task = task
         self.rows: list[dict[str, float]] = []
         self._t0 = time.monotonic()
 
@@ -66,9 +70,12 @@ class GlobalEvaluator:
             return None
         self.layout.load(arrays.to_torch_state_dict())
         data = self.full if server_round == self.final_round else self.subset
-        loss, accuracy = evaluate(self.model, data, compute_dtype=self.compute_dtype)
+        loss, accuracy = evaluate(self.model, data, compute_dtype=self.compute_dtype,
+                                  task=self.task)
         metrics = MetricRecord({schema.ACCURACY: accuracy, schema.LOSS: loss,
                                 schema.EVAL_EXAMPLES: len(data)})
+        if self.task.name == "causal-lm":
+            metrics[schema.PERPLEXITY] = perplexity(loss)
         row[schema.WALL_SECONDS] = time.monotonic() - self._t0
         self.rows.append({**row, **metrics, **train})
         log(INFO, "round %d | %s accuracy %.4f | %s loss %.4f | client ε mean %s max %s "

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 # ("checkpoint.safetensors" is server.checkpoint.CHECKPOINT_FILE, spelled out here so that a bad
 # key is refused without importing torch; tests/test_launcher.py checks that they agree).
 RESULT_FILES = (schema.METRICS_FILE, schema.CONFIG_FILE, schema.ENVIRONMENT_FILE,
-                schema.ADAPTER_DIR, "checkpoint.safetensors", RUN_LEDGER_DIR)
+                schema.GENERATIONS_FILE, schema.ADAPTER_DIR, "checkpoint.safetensors",
+                RUN_LEDGER_DIR)
 REFUSED = (ValueError, OSError)  # what preflight and check_run raise for input they refuse
 
 

@@ -31,18 +31,42 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide random BERT with the MiniLM tokenizer."""
     from transformers import BertConfig, BertForSequenceClassification
 
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    return _with_minilm_tokenizer(BertForSequenceClassification(config),
+                                  tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide random Llama (a decoder) with the MiniLM tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, pad_token_id=0)
+    return _with_minilm_tokenizer(LlamaForCausalLM(config), tmp_path_factory.mktemp("tiny-llama"))
+
+
+def _with_minilm_tokenizer(model, folder: Path) -> Path:
+    """``model`` saved into ``folder`` beside the MiniLM tokenizer (vocabulary 30,522)."""
     from common.config import ModelConfig
     from common.model_path import resolve_model_path
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    BertForSequenceClassification(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     minilm = resolve_model_path(ModelConfig())
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json"):
         shutil.copy(minilm / name, folder / name)
     return folder
+
+
+@pytest.fixture()
+def tiny_lm_run_config(tiny_run_config, tiny_llama_dir) -> dict:
+    """The tiny run config as a causal-LM run: the tiny Llama on the texts of the tiny CSV."""
+    return {**tiny_run_config, "model.task": "causal-lm", "model.path": str(tiny_llama_dir),
+            "lora.target-modules": "q_proj,v_proj", "lora.train-head": False,
+            "data.label-column": ""}
 
 
 @pytest.fixture(scope="session")

@@ -78,9 +78,10 @@ def test_federated_evaluation_tokenizes_the_test_share_only_when_asked(tiny_run_
     from flwr.app import Message, MessageType
 
     from client.app import evaluate
-    from common.data import encode, load_partition
+    from common.data import load_partition
     from common.evaluation import evaluate as evaluate_model
     from common.model import load_tokenizer
+    from common.tasks import TASKS
 
     cfg = AppConfig.from_run_config(tiny_run_config)
     t.load_local_data.cache_clear()
@@ -95,7 +96,7 @@ def test_federated_evaluation_tokenizes_the_test_share_only_when_asked(tiny_run_
     # The reply is the evaluation of the global adapter on this node's test share, tokenized
     # as the training share is
     _, test = load_partition(cfg.data, cfg.seed, 0, 2)
-    expected = encode(test, load_tokenizer(cfg.model), cfg.model.max_length)
+    expected = TASKS["classification"].encode(test, load_tokenizer(cfg.model), cfg.model.max_length)
     assert all(torch.equal(a, b) for a, b in zip(data.test.tensors, expected.tensors,
                                                  strict=True))
     model, _ = t.build_global_model(cfg, data.num_labels, arrays)

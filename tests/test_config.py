@@ -46,7 +46,7 @@ def test_wrong_type_is_rejected():
     ("data.source", "/no/such/notes.csv", "data.source='/no/such/notes.csv': no such file"),
     ("data.test-source", "/no/such/test.jsonl",
      "data.test-source='/no/such/test.jsonl': no such file"),
-    ("model.path", "/no/such/model", "model.path='/no/such/model': empty, or a local model"),
+    ("model.path", "/no/such/model", "model.path='/no/such/model': empty, a local model"),
     ("strategy.fraction-train", 0.0, "strategy.fraction-train=0.0: must be in (0, 1]"),
     ("privacy.delta", 1.0, "privacy.delta=1.0: must be in (0, 1)"),
     ("privacy.epsilon", 0.0, "privacy.epsilon=0.0: must be > 0"),

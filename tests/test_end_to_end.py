@@ -12,10 +12,11 @@ from test_merging import random_pairs, write_adapter
 from transformers import AutoModelForSequenceClassification
 
 from common.config import AppConfig
-from common.data import encode, load_corpus
+from common.data import load_corpus
 from common.evaluation import evaluate
 from common.model import load_tokenizer
 from common.run_config import override_text
+from common.tasks import TASKS
 from merging.sources import load_adapter
 from simulations.launch.superlink import flwr_run
 from tests.conftest import ROOT
@@ -52,7 +53,8 @@ def _peft_evaluation(run_config: dict, adapter: Path) -> tuple[float, float]:
     base = AutoModelForSequenceClassification.from_pretrained(
         cfg.model.path, num_labels=corpus.num_labels, ignore_mismatched_sizes=True)
     model = PeftModel.from_pretrained(base, adapter)
-    return evaluate(model, encode(corpus.test, load_tokenizer(cfg.model), cfg.model.max_length))
+    return evaluate(model, TASKS["classification"].encode(corpus.test, load_tokenizer(cfg.model),
+                                                     cfg.model.max_length))
 
 
 def test_the_default_launcher_runs_two_rounds_prints_a_line_per_round_and_saves_the_adapter(

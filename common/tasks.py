@@ -1,0 +1,188 @@
+"""What differs between the tasks: model class, head, how examples are encoded, the loss.
+
+``model.task = "classification"``: a sequence classifier, the pretrained encoder plus a new
+K-way head (a peft ``modules_to_save`` module). An example is (text, label); its loss is the
+cross-entropy of the head's logits; evaluation reports the mean loss per example and accuracy.
+
+``model.task = "causal-lm"``: a decoder trained on next-token prediction, with no head of its
+own to train (embeddings and the LM head stay frozen). An example is one sequence: a text, or
+a prompt followed by its response (``data.prompt-column``), whose prompt tokens are context
+only (label −100, out of the loss). The loss of an example is the mean cross-entropy of its
+predicted tokens, so DP-SGD clips, noises and counts one sequence as one example; the loss of
+a batch is the mean over its examples. Evaluation is token-weighted: the mean loss per
+predicted token, perplexity exp(loss), and next-token accuracy.
+
+Tensors are (input_ids, attention_mask, labels) with the real tokens first (right padding);
+labels are (N,) class ids or (N, T) token ids.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from datasets import Dataset
+from peft import TaskType
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+from torch.utils.data import TensorDataset
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedTokenizerBase,
+)
+
+IGNORED = -100  # a label out of the loss: prompt tokens and padding
+
+
+class SequenceCrossEntropy(nn.Module):
+    """Mean over a batch (B, T, V) of each sequence's mean next-token cross-entropy.
+
+    Position t predicts label t + 1; a sequence's loss is the mean over its labels ≠ −100, so
+    every example weighs the same whatever its length. ``reduction`` combines the sequences'
+    losses: ``"mean"`` (the training loss), ``"sum"``, or ``"none"`` (B,), which Opacus' ghost
+    clipping sets to get one loss per example. An empty batch (a Poisson batch may be) gives a
+    zero that keeps the graph.
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) logits and (B, T) labels → the loss, reduced over sequences."""
+        if logits.shape[0] == 0:
+            return logits.sum() * 0.0
+        per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
+                                    ignore_index=IGNORED, reduction="none")  # (B, T − 1)
+        counted = (labels[:, 1:] != IGNORED).sum(dim=1).clamp_min(1)  # (B,)
+        per_sequence = per_token.sum(dim=1) / counted  # (B,)
+        if self.reduction == "none":
+            return per_sequence
+        return per_sequence.sum() if self.reduction == "sum" else per_sequence.mean()
+
+
+class Task:
+    """One task's pieces; :data:`TASKS` holds one instance per ``model.task``.
+
+    ``name`` is the ``model.task`` value, ``peft_task_type`` peft's task type of the LoRA
+    model (None: a plain ``PeftModel``), ``head_modules`` the new modules saved with the
+    adapter (a classification head), or None.
+    """
+
+    name: str
+    peft_task_type: TaskType | None
+    head_modules: list[str] | None
+
+    def load_model(self, path, *, num_labels: int) -> nn.Module:
+        """The pretrained model of this task from ``path``, from disk only."""
+        raise NotImplementedError
+
+    def encode(self, dataset: Dataset, tokenizer: PreTrainedTokenizerBase,
+               max_length: int) -> TensorDataset:
+        """Tokenize ``dataset`` to (input_ids, attention_mask, labels), padded to max_length."""
+        raise NotImplementedError
+
+    def criterion(self) -> nn.Module:
+        """The training loss of a batch: (logits, labels) → mean over its examples."""
+        raise NotImplementedError
+
+    def loss_sums(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+        """(summed loss, correct predictions, predictions) of one evaluation batch."""
+        raise NotImplementedError
+
+
+class Classification(Task):
+    """A sequence classifier: encoder + new head; one label per text."""
+
+    name = "classification"
+    peft_task_type = None  # a plain PeftModel; peft's SEQ_CLS would add heads of its own
+    head_modules = ["classifier"]  # the newly initialised sequence-classification head
+
+    def load_model(self, path, *, num_labels: int) -> nn.Module:
+        """``AutoModelForSequenceClassification`` with a new K-way head."""
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, local_files_only=True,
+            ignore_mismatched_sizes=True)  # a local checkpoint's own head is replaced
+
+    def encode(self, dataset: Dataset, tokenizer: PreTrainedTokenizerBase,
+               max_length: int) -> TensorDataset:
+        """Texts truncated and padded to ``max_length``; labels (N,) class ids."""
+        enc = tokenizer(list(dataset["text"]), truncation=True, max_length=max_length,
+                        padding="max_length", return_tensors="pt")
+        labels = torch.tensor(dataset["label"], dtype=torch.long)
+        return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
+
+    def criterion(self) -> nn.Module:
+        """Cross-entropy of the head's logits, mean over the batch."""
+        return nn.CrossEntropyLoss()
+
+    def loss_sums(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+        """Per-example cross-entropy summed, correct argmax predictions, examples."""
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        return loss, int((logits.argmax(-1) == labels).sum()), labels.numel()
+
+
+class CausalLM(Task):
+    """A decoder on next-token prediction; its LM head and embeddings stay frozen."""
+
+    name = "causal-lm"
+    peft_task_type = TaskType.CAUSAL_LM
+    head_modules = None
+
+    def load_model(self, path, *, num_labels: int) -> nn.Module:
+        """``AutoModelForCausalLM`` (``num_labels`` is unused)."""
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+
+    def encode(self, dataset: Dataset, tokenizer: PreTrainedTokenizerBase,
+               max_length: int) -> TensorDataset:
+        """Prompt (if any) then text, cut to ``max_length``; labels (N, T), −100 off the loss.
+
+        A text is tokenized as the tokenizer does by itself (special tokens included); with a
+        ``prompt`` column the prompt is tokenized so, and the response after it without special
+        tokens, then the end-of-sequence token if the tokenizer has one. Labels are the token
+        ids, except −100 on the prompt and the padding.
+        """
+        prompts = dataset["prompt"] if "prompt" in dataset.column_names else None
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(dataset), max_length), pad, dtype=torch.long)
+        labels = torch.full((len(dataset), max_length), IGNORED, dtype=torch.long)
+        mask = torch.zeros((len(dataset), max_length), dtype=torch.long)
+        for i, text in enumerate(dataset["text"]):
+            if prompts is None:
+                context, target = [], tokenizer(text)["input_ids"]
+            else:
+                context = tokenizer(prompts[i])["input_ids"]
+                target = tokenizer(text, add_special_tokens=False)["input_ids"]
+                if tokenizer.eos_token_id is not None:
+                    target = [*target, tokenizer.eos_token_id]
+            tokens = (list(context) + list(target))[:max_length]
+            n, n_context = len(tokens), min(len(context), max_length)
+            ids[i, :n] = torch.tensor(tokens, dtype=torch.long)
+            mask[i, :n] = 1
+            labels[i, n_context:n] = ids[i, n_context:n]
+        return TensorDataset(ids, mask, labels)
+
+    def criterion(self) -> nn.Module:
+        """:class:`SequenceCrossEntropy`: one sequence is one example."""
+        return SequenceCrossEntropy()
+
+    def loss_sums(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+        """Next-token cross-entropy summed over predicted tokens, correct tokens, tokens."""
+        predicted, targets = logits[:, :-1].float(), labels[:, 1:]
+        counted = targets != IGNORED
+        loss = F.cross_entropy(predicted.transpose(1, 2), targets, ignore_index=IGNORED,
+                               reduction="sum").item()
+        correct = int(((predicted.argmax(-1) == targets) & counted).sum())
+        return loss, correct, int(counted.sum())
+
+
+TASKS: dict[str, Task] = {task.name: task for task in (Classification(), CausalLM())}
+
+
+def perplexity(loss_per_token: float) -> float:
+    """exp(mean next-token cross-entropy); inf where it overflows."""
+    try:
+        return math.exp(loss_per_token)
+    except OverflowError:
+        return math.inf
