@@ -3,6 +3,11 @@
     python -m privacy.planning --epsilon 6 --examples 1885 --local-steps 10 --rounds 10
     python -m privacy.planning --sigma 1.1 --examples 1885 --batch-size 32 --rounds 10
     python -m privacy.planning --epsilon 3 --examples 1700 --rounds 30 --batch-sizes 16,32,64,128
+    python -m privacy.planning --recommend --epsilon 3 --examples 400
+
+``--recommend`` prints the defaults fitted to the smallest client's ``--examples`` at
+``--epsilon`` (the rule of :mod:`privacy.recommend`), their σ and noise, and the overrides that
+apply them.
 
 ``--batch-sizes`` compares expected batch sizes B at the same compute per round as
 ``--batch-size`` B₀ × ``--local-steps`` K₀ (K = max(1, round(K₀ · B₀ / B)) steps of batch B) and
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +65,7 @@ from common.config import (
 )
 from privacy.accounting import calibrate_noise
 from privacy.policy import check_delta, sample_rate
+from privacy.recommend import describe, fitted_batch, recommend
 
 ORDERS = RDPAccountant.DEFAULT_ALPHAS
 # run-config key of a value training checks -> the flag of this command line that sets it
@@ -264,7 +271,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", type=_sizes, metavar="B,B,...",
                         help="with --epsilon: compare these expected batch sizes at the compute "
                              "per round of --batch-size x --local-steps")
+    parser.add_argument("--recommend", action="store_true",
+                        help="with --epsilon and --examples (the smallest client's): the "
+                             "defaults fitted to them, with σ and the run-config overrides")
     args = parser.parse_args(argv)
+    if args.recommend:
+        problems = recommend_problems(args, argv)
+        if problems:
+            parser.error("; ".join(problems))
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        print("\n".join(describe(recommend(args.examples, args.epsilon, args.delta,
+                                           args.accountant))))
+        return
     problems = cli_problems(args)
     if args.batch_sizes and args.epsilon is None:
         problems.append("--batch-sizes: needs --epsilon (the budget every option meets)")
@@ -303,6 +321,35 @@ def main(argv: Sequence[str] | None = None) -> None:
         expected = max(1, round(args.participation * args.rounds))
         print(f"expected rounds sampled at p = {args.participation}: {expected} "
               f"-> ε ≈ {curve[expected - 1]:.4f}")
+
+
+def recommend_problems(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
+    """What ``--recommend`` refuses: no ``--epsilon``, flags it sets itself, what training refuses.
+
+    The schedule flags (``--batch-size``, ``--local-steps``, ``--rounds``, ``--batch-sizes``,
+    ``--sigma``, ``--participation``, ``--amplification``) are the recommendation's output, so
+    giving one is refused rather than silently ignored.
+    """
+    given = [a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])]
+    problems = [f"{flag}: --recommend chooses it (drop the flag)" for flag in
+                ("--batch-size", "--local-steps", "--rounds", "--batch-sizes", "--sigma",
+                 "--participation", "--amplification") if flag in given]
+    if args.epsilon is None:
+        problems.append("--recommend: needs --epsilon (the budget to plan for)")
+        return problems
+    problems += [_as_flag(p) for p in PrivacyConfig(epsilon=args.epsilon, delta=args.delta,
+                                                    accountant=args.accountant).problems()]
+    if args.examples < 1:
+        problems.append(f"--examples {args.examples}: must be >= 1")
+    elif fewer_than_one_batch(args.examples, fitted_batch(args.examples, TrainConfig().batch_size)):
+        problems.append(f"--examples {args.examples}: fewer than one batch of the smallest "
+                        "recommended size; a client with fewer examples refuses to train")
+    elif math.isfinite(args.epsilon) and 0 < args.delta < 1:
+        try:
+            check_delta(args.delta, args.examples, "this client")
+        except ConfigError as exc:
+            problems += [_as_flag(p) for p in exc.problems]
+    return problems
 
 
 def _sizes(text: str) -> list[int]:
