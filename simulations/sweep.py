@@ -36,7 +36,7 @@ from pathlib import Path
 from flwr.common.config import parse_config_args
 
 from common.methods import FROM_SCRATCH, METHOD_NAMES, METHODS
-from common.run_config import run_config_args
+from common.run_config import app_run_config, run_config_args
 from simulations.experiments import learning_rates as sweep_lr
 from simulations.experiments.cells import (
     ROOT,
@@ -209,8 +209,13 @@ def tune(args: argparse.Namespace, runner: Runner, command: str) -> int:
         return 1
     table = markdown_table(summarize(final, by=("method", "learning_rate", "alpha")),
                            column="learning_rate")
-    (folder / "results.md").write_text(f"Final validation accuracy\n\n{table}\n")
-    chosen, incomplete = sweep_lr.choose_learning_rates(final, args.lrs)
+    by = tuning_criterion(args.run_config)
+    chosen, incomplete = sweep_lr.choose_learning_rates(final, args.lrs, by=by)
+    losses = "".join(f"\n{m}: rates {t['grid']}, mean final validation loss "
+                     f"{t['validation-loss']}\n" for m, t in chosen.items())
+    (folder / "results.md").write_text(f"Final validation accuracy\n\n{table}\n\n"
+                                       f"Chosen by the best mean final validation {by}.\n"
+                                       + losses)
     note = {"tuned-on": (f"ε {','.join(f'{e:g}' for e in args.epsilons)}; α "
                          f"{','.join(f'{a:g}' for a in args.alphas)}; seeds "
                          f"{','.join(map(str, args.seeds))}; data.validation-fraction "
@@ -218,11 +223,17 @@ def tune(args: argparse.Namespace, runner: Runner, command: str) -> int:
             "command": command}
     if chosen:
         sweep_lr.write_learning_rates(Path(args.lr_file), chosen, note)
-    print(f"{table}\n\n[tune] chosen: " + ", ".join(
+    print(f"{table}\n\n[tune] chosen by the best mean final validation {by}: " + ", ".join(
         f"{m} {t['learning-rate']:g}" for m, t in chosen.items()) + f" -> {args.lr_file}")
     if incomplete:
         print(f"[tune] not written (some rate has no complete run): {', '.join(incomplete)}")
     return 1 if incomplete else code
+
+
+def tuning_criterion(run_config: list[str]) -> str:
+    """``"loss"`` for a causal LM (``model.task`` in the run config), else ``"accuracy"``."""
+    task = app_run_config(ROOT, run_config).get("model.task", "classification")
+    return "loss" if task == "causal-lm" else "accuracy"
 
 
 def report(folder: Path, readme: Path | None, records: bool = False) -> int:

@@ -304,6 +304,21 @@ def test_choose_learning_rates_best_mean_then_lower_loss():
     assert chosen["fedsvd"]["learning-rate"] == 0.5 and chosen["fedsvd"]["runs-per-rate"] == 2
 
 
+def test_a_causal_lm_s_rate_is_chosen_by_the_lowest_validation_loss(tmp_path):
+    final = pd.DataFrame({"method": ["fedsvd"] * 3, "learning_rate": [0.25, 1.0, 4.0],
+                          "accuracy": [0.279, 0.281, 0.270], "loss": [4.10, 4.17, 4.60]})
+    chosen, _ = sweep_lr.choose_learning_rates(final, [0.25, 1.0, 4.0], by="loss")
+    assert chosen["fedsvd"]["learning-rate"] == 0.25  # not 1.0, whose accuracy is higher
+    assert chosen["fedsvd"]["validation-loss"] == [4.1, 4.17, 4.6]
+    assert chosen["fedsvd"]["chosen-by"] == "loss"
+    assert sweep_lr.choose_learning_rates(final, [0.25, 1.0, 4.0])[0]["fedsvd"][
+        "learning-rate"] == 1.0
+    conf = tmp_path / "clm.toml"
+    conf.write_text('model.task = "causal-lm"\n')
+    assert sweep.tuning_criterion([str(conf)]) == "loss"
+    assert sweep.tuning_criterion(["strategy.num-rounds=2"]) == "accuracy"
+
+
 def test_learning_rate_file_round_trip_keeps_other_methods(tmp_path):
     path = tmp_path / "lr.toml"
     sweep_lr.write_learning_rates(path, {"ffa": {"learning-rate": 2.0}}, {"command": 'a "b"'})

@@ -3,7 +3,8 @@
 ``python -m simulations.sweep --tune-lr --lrs 0.25,0.5,1,2`` runs the same grid for every
 method with ``data.validation-fraction`` > 0 (a seeded share of the training data, carved out
 before partitioning, is the evaluation split; the test split is not loaded), picks per method
-the rate with the best mean final validation accuracy, and writes it to
+the rate with the best mean final validation accuracy (for ``model.task = "causal-lm"``: the
+lowest mean final validation loss, the log of perplexity), and writes it to
 ``simulations/learning_rates.toml``, which the sweep then applies per method.
 """
 
@@ -42,13 +43,18 @@ def tuning_grid(methods: Sequence[str], epsilons: Sequence[float], alphas: Seque
                               for a in alphas for e in epsilons for lr in lrs for m in methods))
 
 
-def choose_learning_rates(final: pd.DataFrame, lrs: Sequence[float]
+def choose_learning_rates(final: pd.DataFrame, lrs: Sequence[float], by: str = "accuracy"
                           ) -> tuple[dict[str, dict], list[str]]:
     """Per method with a complete grid: the chosen rate and the mean accuracy of every rate.
 
-    ``final``: one row per tuning run (method, learning_rate, accuracy, loss). Returns the
-    tables to write and the methods left out because some rate has no complete run.
+    ``final``: one row per tuning run (method, learning_rate, accuracy, loss). ``by``:
+    ``"accuracy"`` (highest mean, ties to the lower loss) or ``"loss"`` (lowest mean, for a
+    causal LM, whose next-token accuracy moves in the third decimal; ties to the higher
+    accuracy); remaining ties go to the smaller rate. Returns the tables to write and the
+    methods left out because some rate has no complete run.
     """
+    if by not in ("accuracy", "loss"):
+        raise ValueError(f"by={by!r}: 'accuracy' or 'loss'")
     summary = summarize(final, by=("method", "learning_rate"))
     chosen, incomplete = {}, []
     for method in method_order(summary["method"]):
@@ -56,13 +62,16 @@ def choose_learning_rates(final: pd.DataFrame, lrs: Sequence[float]
         if not all(any(math.isclose(lr, r) for r in rows["learning_rate"]) for lr in lrs):
             incomplete.append(method)
             continue
-        best = rows.sort_values(["mean", "loss", "learning_rate"],
-                                ascending=[False, True, True]).iloc[0]
+        keys = ["mean", "loss"] if by == "accuracy" else ["loss", "mean"]
+        best = rows.sort_values([*keys, "learning_rate"],
+                                ascending=[by == "loss", by == "accuracy", True]).iloc[0]
         ordered = rows.sort_values("learning_rate")
         chosen[method] = {
             "learning-rate": float(best["learning_rate"]),
             "grid": [float(v) for v in ordered["learning_rate"]],
             "validation-accuracy": [round(float(v), 4) for v in ordered["mean"]],
+            "validation-loss": [round(float(v), 4) for v in ordered["loss"]],
+            "chosen-by": by,
             "runs-per-rate": int(ordered["n"].min()),
         }
     return chosen, incomplete
