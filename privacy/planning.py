@@ -46,8 +46,8 @@ subsampled at rate p · q per step. It needs the ``rdp`` accountant.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
-import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,6 +68,9 @@ from privacy.policy import check_delta, sample_rate
 from privacy.recommend import describe, fitted_batch, recommend
 
 ORDERS = RDPAccountant.DEFAULT_ALPHAS
+# the flags whose values --recommend chooses: refused beside it
+CHOSEN_BY_RECOMMEND = ("--batch-size", "--local-steps", "--rounds", "--batch-sizes", "--sigma",
+                       "--participation", "--amplification")
 # run-config key of a value training checks -> the flag of this command line that sets it
 FLAGS = {"privacy.epsilon": "--epsilon", "privacy.delta": "--delta",
          "privacy.accountant": "--accountant", "train.local-steps": "--local-steps",
@@ -239,11 +242,8 @@ def cli_problems(args: argparse.Namespace) -> list[str]:
         problems.append(f"--examples {args.examples}: fewer than one batch (--batch-size "
                             f"{args.batch_size}); a client with fewer examples refuses to train")
     private = math.isfinite(epsilon) if args.sigma is None else args.sigma > 0
-    if private and 0 < args.delta < 1 and args.examples >= 1:
-        try:
-            check_delta(args.delta, args.examples, "this client")
-        except ConfigError as exc:
-            problems += [_as_flag(p) for p in exc.problems]
+    if private:
+        problems += _delta_problems(args.delta, args.examples)
     return problems
 
 
@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "defaults fitted to them, with σ and the run-config overrides")
     args = parser.parse_args(argv)
     if args.recommend:
-        problems = recommend_problems(args, argv)
+        problems = recommend_problems(args, given_flags(parser, argv, CHOSEN_BY_RECOMMEND))
         if problems:
             parser.error("; ".join(problems))
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
@@ -323,17 +323,27 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"-> ε ≈ {curve[expected - 1]:.4f}")
 
 
-def recommend_problems(args: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
+def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                flags: Sequence[str]) -> list[str]:
+    """Those of ``flags`` that ``argv`` sets, however spelt (``--flag=v``, an abbreviation).
+
+    ``argv`` is parsed again with those options' defaults set to None, so an option is given
+    exactly when its value is not None.
+    """
+    probe = copy.deepcopy(parser)
+    dests = {flag: flag.removeprefix("--").replace("-", "_") for flag in flags}
+    probe.set_defaults(**dict.fromkeys(dests.values()))
+    values = probe.parse_args(argv)
+    return [flag for flag, dest in dests.items() if getattr(values, dest) is not None]
+
+
+def recommend_problems(args: argparse.Namespace, given: Sequence[str]) -> list[str]:
     """What ``--recommend`` refuses: no ``--epsilon``, flags it sets itself, what training refuses.
 
-    The schedule flags (``--batch-size``, ``--local-steps``, ``--rounds``, ``--batch-sizes``,
-    ``--sigma``, ``--participation``, ``--amplification``) are the recommendation's output, so
-    giving one is refused rather than silently ignored.
+    ``given``: the flags of :data:`CHOSEN_BY_RECOMMEND` on the command line. They are the
+    recommendation's output, so giving one is refused rather than silently ignored.
     """
-    given = [a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])]
-    problems = [f"{flag}: --recommend chooses it (drop the flag)" for flag in
-                ("--batch-size", "--local-steps", "--rounds", "--batch-sizes", "--sigma",
-                 "--participation", "--amplification") if flag in given]
+    problems = [f"{flag}: --recommend chooses it (drop the flag)" for flag in given]
     if args.epsilon is None:
         problems.append("--recommend: needs --epsilon (the budget to plan for)")
         return problems
@@ -344,12 +354,20 @@ def recommend_problems(args: argparse.Namespace, argv: Sequence[str] | None) -> 
     elif fewer_than_one_batch(args.examples, fitted_batch(args.examples, TrainConfig().batch_size)):
         problems.append(f"--examples {args.examples}: fewer than one batch of the smallest "
                         "recommended size; a client with fewer examples refuses to train")
-    elif math.isfinite(args.epsilon) and 0 < args.delta < 1:
-        try:
-            check_delta(args.delta, args.examples, "this client")
-        except ConfigError as exc:
-            problems += [_as_flag(p) for p in exc.problems]
+    elif math.isfinite(args.epsilon):
+        problems += _delta_problems(args.delta, args.examples)
     return problems
+
+
+def _delta_problems(delta: float, examples: int) -> list[str]:
+    """Training's δ < 1/n rule (`privacy.policy.check_delta`) for a private plan, by flag."""
+    if not (0 < delta < 1 and examples >= 1):
+        return []  # refused elsewhere: δ by PrivacyConfig, n by the batch checks
+    try:
+        check_delta(delta, examples, "this client")
+    except ConfigError as exc:
+        return [_as_flag(p) for p in exc.problems]
+    return []
 
 
 def _sizes(text: str) -> list[int]:

@@ -80,6 +80,10 @@ def test_cli_prints_the_schedule_sigma_and_the_noise_warning(capsys):
     (["--examples", "200", "--epsilon", "3", "--batch-size", "16"],
      "--batch-size: --recommend chooses it"),
     (["--examples", "200", "--epsilon", "3", "--rounds", "4"], "--rounds: --recommend chooses it"),
+    (["--examples", "200", "--epsilon", "3", "--local", "20"],  # an abbreviation of the flag
+     "--local-steps: --recommend chooses it"),
+    (["--examples", "200", "--epsilon", "3", "--batch-size=32"],  # its default, still refused
+     "--batch-size: --recommend chooses it"),
     (["--examples", "5", "--epsilon", "3"], "--examples 5: fewer than one batch"),
     (["--examples", "200", "--epsilon", "3", "--delta", "0.01"], "--delta 0.01: must be < 1/n"),
     (["--examples", "200", "--epsilon", "0"], "--epsilon 0.0: must be > 0"),
