@@ -81,8 +81,8 @@ def run(grid: Grid, context: Context) -> None:
         initial_state |= merged_adapter_state(cfg.strategy.merged_adapter, layout.modules,
                                               cfg.lora.r, layout.scale)
     full_test = task.encode(corpus.test, tokenizer, cfg.model.max_length)
-    subset = task.encode(eval_subset(corpus.test, cfg.data.max_eval_examples, cfg.seed),
-                         tokenizer, cfg.model.max_length)
+    subset_texts = eval_subset(corpus.test, cfg.data.max_eval_examples, cfg.seed)
+    subset = task.encode(subset_texts, tokenizer, cfg.model.max_length)
     training = RoundTrainingMetrics()  # the strategy records each round's, the evaluator reads
     strategy = build_strategy(cfg, layout, training_metrics=training, device=model_device)
     compute_dtype = resolve_compute_dtype(cfg.model.compute_dtype, model_device)
@@ -109,7 +109,6 @@ def run(grid: Grid, context: Context) -> None:
              arrays=result.arrays or initial,
              environment=run_environment(compute_dtype, model_device))
     if task.name == "causal-lm":  # the saved model's own words, beside its adapter
-        samples = generate_samples(model, tokenizer, eval_subset(
-            corpus.test, cfg.data.max_eval_examples, cfg.seed), cfg.model.max_length)
+        samples = generate_samples(model, tokenizer, subset_texts, cfg.model.max_length)
         (folder / schema.GENERATIONS_FILE).write_text(json.dumps(samples, indent=2) + "\n")
     log(INFO, "results written to %s", folder)
