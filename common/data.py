@@ -458,7 +458,8 @@ def partition_problem(cfg: DataConfig, num_examples: int, partition_id: int,
         advice = "use fewer clients, data.partitioner='iid', or a smaller train.batch-size"
     return (f"partition {partition_id} of {num_partitions} ({split} of data.source="
             f"{cfg.source!r}) got {num_examples} training example(s), fewer than one batch "
-            f"(train.batch-size={batch_size}): {advice}")
+            f"(train.batch-size={batch_size}): {advice} (`python -m privacy.planning "
+            f"--recommend --epsilon E --examples {num_examples}` fits the batch and steps to it)")
 
 
 def check_partitions(cfg: DataConfig, seed: int, num_partitions: int, batch_size: int) -> None:

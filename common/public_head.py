@@ -38,6 +38,32 @@ def name_text(label: str) -> str:
     return " ".join(label.replace(".", " ").replace("_", " ").replace("-", " ").split())
 
 
+def duplicate_name_texts(label_names: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Pairs of class names whose texts are the same ("a.b" and "a_b"): their head rows would be.
+
+    Two identical rows of a frozen head give the two classes the same logit for every text, so
+    the model could never tell them apart; ``server.preflight.check_run`` refuses such names.
+    """
+    first: dict[str, str] = {}
+    pairs = []
+    for name in label_names:
+        text = name_text(name).lower()
+        if text in first:
+            pairs.append((first[text], name))
+        else:
+            first[text] = name
+    return pairs
+
+
+def names_without_letters(label_names: tuple[str, ...]) -> list[str]:
+    """The class names with no letter in them ("0", "1"): the head cannot read a meaning there.
+
+    Their head rows are still distinct, fixed and public (the encoder's features of "0" and
+    "1"), so the adapter can learn against them, but not from what the names say.
+    """
+    return [name for name in label_names if not any(c.isalpha() for c in name)]
+
+
 @torch.no_grad()
 def name_features(model: PeftModel, tokenizer: PreTrainedTokenizerBase,
                   label_names: tuple[str, ...]) -> torch.Tensor:

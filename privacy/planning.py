@@ -258,11 +258,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--epsilon", type=float, help="budget per client for the whole run")
     target.add_argument("--sigma", type=float, help="noise multiplier to evaluate")
-    parser.add_argument("--delta", type=float, default=1e-5)
+    train, strategy = TrainConfig(), StrategyConfig()  # the run's defaults, one home
+    parser.add_argument("--delta", type=float, default=PrivacyConfig().delta)
     parser.add_argument("--examples", type=int, required=True, help="examples on the client")
-    parser.add_argument("--batch-size", type=int, default=32, help="expected Poisson batch")
-    parser.add_argument("--local-steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=train.batch_size,
+                        help="expected Poisson batch")
+    parser.add_argument("--local-steps", type=int, default=train.local_steps)
+    parser.add_argument("--rounds", type=int, default=strategy.num_rounds)
     parser.add_argument("--participation", type=float, default=1.0,
                         help="probability the server samples the client in a round")
     parser.add_argument("--amplification", action="store_true",

@@ -18,7 +18,7 @@ from common.devices import resolve_device
 from common.environment import run_environment
 from common.model import build_model, load_tokenizer
 from common.precision import emulation_warning, resolve_compute_dtype
-from common.public_head import set_class_name_head
+from common.public_head import names_without_letters, set_class_name_head
 from common.schema import RoundTrainingMetrics
 from common.tasks import TASKS
 from server.evaluation import GlobalEvaluator
@@ -76,6 +76,12 @@ def run(grid: Grid, context: Context) -> None:
     task = TASKS[cfg.model.task]
     if cfg.lora.head_init == "class-names":  # public: the encoder and the class names alone
         set_class_name_head(model, tokenizer, corpus.label_names)
+        if unnamed := names_without_letters(corpus.label_names):
+            log(WARNING, "lora.head-init='class-names': the class names %s have no letters, so "
+                "the frozen head set from them knows nothing of what the classes mean (it is "
+                "still public and spends no privacy); give the labels names in the data, or "
+                "train the head: lora.train-head=true (simulations/conf/trained_head.toml)",
+                ", ".join(unnamed[:5]) + (" …" if len(unnamed) > 5 else ""))
     initial_state = layout.tensors()  # B = 0, A = peft's init, the seeded or public head
     if cfg.strategy.svd_form:  # merge-sv: U, V and σ of the merged adapter
         initial_state |= merged_adapter_state(cfg.strategy.merged_adapter, layout.modules,

@@ -91,12 +91,27 @@ def check_run(cfg: AppConfig, *, num_partitions: int | None = None) -> Corpus:
     resolve_device(cfg.model.device)  # model.device='cuda' without a GPU: ValueError
     resolve_model_path(cfg.model)
     corpus = load_corpus(cfg.data, cfg.seed)
+    if cfg.lora.head_init == "class-names":  # classification only (AppConfig checks)
+        check_class_names(corpus.label_names)
     if cfg.privacy.is_private:  # each client checks its own partition again
         check_delta(cfg.privacy.delta, len(corpus.train), "the whole training split")
     if num_partitions is not None:
         check_partitions(cfg.data, cfg.seed, num_partitions, cfg.train.batch_size)
     check_output_folder(cfg.results_folder, cfg)
     return corpus
+
+
+def check_class_names(label_names: tuple[str, ...]) -> None:
+    """Refuse class names that would give a class-name head two identical rows."""
+    from common.data_files import DataError
+    from common.public_head import duplicate_name_texts
+
+    if pairs := duplicate_name_texts(label_names):
+        same = "; ".join(f"{a!r} and {b!r}" for a, b in pairs)
+        raise DataError([
+            f"lora.head-init='class-names': the class names {same} read as the same text, so "
+            "the head would score them alike for every example; rename the labels in "
+            "data.label-column, or use lora.head-init='random'"])
 
 
 def preflight(run_config: Mapping[str, Any], *, num_partitions: int | None) -> AppConfig:

@@ -66,7 +66,7 @@ def tiny_lm_run_config(tiny_run_config, tiny_llama_dir) -> dict:
     """The tiny run config as a causal-LM run: the tiny Llama on the texts of the tiny CSV."""
     return {**tiny_run_config, "model.task": "causal-lm", "model.path": str(tiny_llama_dir),
             "lora.target-modules": "q_proj,v_proj", "lora.train-head": False,
-            "data.label-column": ""}
+            "lora.head-init": "random", "data.label-column": ""}
 
 
 @pytest.fixture(scope="session")
@@ -95,6 +95,10 @@ def tiny_run_config(tiny_model_dir, tiny_csv, tmp_path) -> dict:
         "data.max-eval-examples": 40, "data.partitioner": "iid", "data.min-test-examples": 20,
         "train.batch-size": 8, "train.local-steps": 2, "strategy.num-rounds": 2,
         "lora.r": 4, "lora.alpha": 4, "output.dir": str(tmp_path / "results"),
+        # A trained head, the path with the most to check (a head clipped, sent up and
+        # averaged); the default frozen class-name head is run end to end by test_end_to_end
+        # (which takes only TINY_KEYS from here) and tested in test_paired_seeds.
+        "lora.train-head": True, "lora.head-init": "random",
     })
     return cfg
 

@@ -30,6 +30,9 @@ def test_a_causal_lm_run_refuses_what_it_cannot_have(tiny_lm_run_config):
     text = str(info.value)
     for key in ("lora.train-head", "data.partitioner", "data.label-column"):
         assert key in text, key
+    with pytest.raises(ConfigError, match="lora.head-init.*'class-names' is the classification "
+                       "default"):  # the default head-init names what a causal LM must set
+        AppConfig.from_run_config({**tiny_lm_run_config, "lora.head-init": "class-names"})
     with pytest.raises(ConfigError, match="only model.task='causal-lm' reads a prompt"):
         AppConfig.from_run_config({"data.prompt-column": "question"})
 
@@ -105,7 +108,7 @@ def test_two_rounds_of_fedsvd_through_flower_and_the_saved_adapter_reproduces_th
     from tests.test_end_to_end import TINY_KEYS
 
     keys = (*TINY_KEYS, "model.task", "lora.target-modules", "lora.train-head",
-            "data.label-column")
+            "lora.head-init", "data.label-column")
     overrides = {k: tiny_lm_run_config[k] for k in keys}
     overrides |= {"output.run-name": "lm", "model.compute-dtype": "float32"}
     code = sim_run.main(["--run-config", override_text(overrides), "--num-supernodes", "3",

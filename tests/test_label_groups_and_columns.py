@@ -195,7 +195,8 @@ def test_a_too_small_partition_names_its_value(tmp_path):
     assert (f"partition 1 of 4 (data.partition-column='site' value 'north' of data.source="
             f"'{path}') got {north} training example(s), fewer than one batch (train.batch-size"
             "=40): give this value more rows (or merge it into another value), or use a smaller "
-            "train.batch-size") in caught.value.problems
+            f"train.batch-size (`python -m privacy.planning --recommend --epsilon E --examples "
+            f"{north}` fits the batch and steps to it)") in caught.value.problems
     assert partition_problem(cfg, 3, 1, 4, 8).startswith(
         "partition 1 of 4 (data.partition-column='site' of data.source=")  # no value given
 

@@ -2,6 +2,8 @@
 
 import random
 
+import pandas as pd
+import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
@@ -11,8 +13,15 @@ from common import contract
 from common.adapter import AdapterLayout
 from common.config import AppConfig
 from common.data import load_corpus
+from common.data_files import DataError
 from common.model import build_model, load_tokenizer
-from common.public_head import head_linear, name_text, set_class_name_head
+from common.public_head import (
+    head_linear,
+    name_text,
+    names_without_letters,
+    set_class_name_head,
+)
+from server.preflight import check_run
 from strategies.sampling import PartitionSampler
 from tests.helpers import train_message
 
@@ -120,3 +129,24 @@ def test_public_frozen_head_is_identical_on_every_node_and_spends_no_privacy(tin
     random_head = reply({**run_config, "lora.head-init": "random"})
     assert public[contract.METRICS][contract.EPSILON] == \
         random_head[contract.METRICS][contract.EPSILON]
+
+
+def test_the_defaults_use_the_public_class_name_head():
+    cfg = AppConfig.from_run_config({})
+    assert cfg.lora.head_init == "class-names" and not cfg.lora.train_head
+
+
+def test_class_names_that_read_alike_are_refused_before_training(tiny_run_config, tmp_path):
+    rows = [{"body": f"text number {i}", "topic": ("sci.space", "sci_space", "rec")[i % 3]}
+            for i in range(300)]
+    source = tmp_path / "alike.csv"
+    pd.DataFrame(rows).to_csv(source, index=False)
+    run_config = {**tiny_run_config, "data.source": str(source),
+                  "lora.head-init": "class-names"}
+    with pytest.raises(DataError, match="'sci.space' and 'sci_space' read as the same text"):
+        check_run(AppConfig.from_run_config(run_config))
+    check_run(AppConfig.from_run_config({**run_config, "lora.head-init": "random"}))
+
+
+def test_names_without_letters_are_the_ones_a_class_name_head_cannot_read():
+    assert names_without_letters(("0", "1", "12.5", "spam", "class 2")) == ["0", "1", "12.5"]

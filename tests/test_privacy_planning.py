@@ -101,7 +101,8 @@ def test_bad_schedules_name_the_value(kwargs, match):
 
 
 def test_cli_prints_sigma_and_the_curve(capsys):
-    main(["--epsilon", "6", "--examples", "1885", "--rounds", "3", "--participation", "0.5"])
+    main(["--epsilon", "6", "--examples", "1885", "--rounds", "3", "--participation", "0.5",
+          "--batch-size", "32", "--local-steps", "10"])
     out = capsys.readouterr().out
     sigma = plan_noise(6.0, Schedule(1 / 59, 10, 3), DELTA)
     assert f"σ = {sigma:.4f}" in out
@@ -188,7 +189,8 @@ def test_batch_options_keep_the_compute_and_the_budget():
 
 
 def test_cli_compares_batch_sizes_and_refuses_them_without_a_budget(capsys):
-    main(["--epsilon", "3", "--examples", "1700", "--rounds", "30", "--batch-sizes", "16,32,64"])
+    main(["--epsilon", "3", "--examples", "1700", "--rounds", "30", "--batch-sizes", "16,32,64",
+          "--batch-size", "32", "--local-steps", "10"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
             if line.strip()[:2].isdigit()]
     assert [row[:3] for row in rows] == [["16", "20", "320"], ["32", "10", "320"],
@@ -205,7 +207,8 @@ def test_cli_compares_batch_sizes_and_refuses_them_without_a_budget(capsys):
         main(["--epsilon", "3", "--examples", "1700", "--batch-sizes", "16,32", "--amplification",
               "--participation", "0.5"])
     assert "--batch-sizes: compares plans without amplification" in capsys.readouterr().err
-    main(["--epsilon", "3", "--examples", "1700", "--batch-sizes", "64,128"])  # 32 not listed
+    main(["--epsilon", "3", "--examples", "1700", "--batch-sizes", "64,128",
+          "--batch-size", "32", "--local-steps", "10"])  # the reference, 32, not listed
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
             if line.strip()[:2].isdigit()]
     assert [row[0] for row in rows] == ["64", "128"] and float(rows[0][6][:-1]) < 1

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from common.config import AppConfig
+from common.config import AppConfig, TrainConfig
 from common.run_config import override_text
 from simulations import sweep
 from simulations.experiments import cells as sweep_cells
@@ -161,7 +161,8 @@ def test_a_stop_file_ends_the_sweep_after_the_running_cell_and_the_same_command_
 
 def test_complete_runs_with_other_settings_stop_the_sweep(tmp_path):
     write_run(tmp_path, method="fedsvd", seed=0, **{"train.local-steps": 99})
-    with pytest.raises(ValueError, match="train.local-steps: 99 there, 10 now"):
+    now = TrainConfig().local_steps
+    with pytest.raises(ValueError, match=f"train.local-steps: 99 there, {now} now"):
         run_cells(grid(["fedsvd"], [6.0], [0.5], [0]), tmp_path,
                   overrides=["strategy.num-rounds=2"], runner=fake_runner(), command="c",
                   say=print)

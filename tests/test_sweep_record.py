@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from common.config import TrainConfig
 from simulations import sweep
 from simulations.experiments import cells as sweep_cells
 from simulations.experiments.cells import (
@@ -322,7 +323,8 @@ def test_a_recorded_cell_with_other_settings_stops_the_sweep(tmp_path, capsys):
             str(tmp_path / "out"), "--record", str(rec), *RC]
     assert sweep.main(argv, runner=runner) == 2
     err = capsys.readouterr().err
-    assert "ffa-eps6-a0.5-seed0: train.local-steps: 99 there, 10 now" in err
+    local_steps = TrainConfig().local_steps
+    assert f"ffa-eps6-a0.5-seed0: train.local-steps: 99 there, {local_steps} now" in err
     assert "recorded in" in err and "nothing was run" in err
     assert runner.calls == []
     assert sweep.main([*argv, "--dry-run"]) == 2
