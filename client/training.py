@@ -30,7 +30,13 @@ from common.devices import resolve_device
 from common.model import build_model, load_tokenizer, train_mode
 from common.precision import autocast, resolve_compute_dtype
 from common.tasks import TASKS, Task
-from privacy import PrivacyLedger, PrivateTraining, frozen_input_backward, make_private
+from privacy import (
+    PrivacyLedger,
+    PrivateTraining,
+    empty_batch_step,
+    frozen_input_backward,
+    make_private,
+)
 from privacy.grouped_clipping import ClipGroup, head_and_adapter_groups
 from privacy.policy import RoundPrivacy
 
@@ -217,14 +223,16 @@ def run_local_steps(private: PrivateTraining, steps: int,
     for _ in range(steps):
         input_ids, mask, labels = (t.to(dev, non_blocking=True) for t in next(batches))
         private.optimizer.zero_grad(set_to_none=True)
+        if not labels.numel():  # an empty Poisson batch: the step is the noise alone
+            empty_batch_step(private.optimizer)
+            continue
         with autocast(dev, dtype):
             logits = private.module(input_ids=input_ids, attention_mask=mask).logits
         loss = private.criterion(logits.float(), labels)
         with frozen_input_backward():
             loss.backward()
-        private.optimizer.step()  # with an empty Poisson batch Opacus still adds the noise
-        if labels.numel():
-            losses.append(float(loss.item()))
+        private.optimizer.step()
+        losses.append(float(loss.item()))
     return sum(losses) / len(losses) if losses else math.nan
 
 

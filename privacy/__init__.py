@@ -24,7 +24,12 @@ def _import_opacus_leaving_the_root_logger_alone() -> None:
 _import_opacus_leaving_the_root_logger_alone()
 
 from privacy.accounting import PrivacyLedger, calibrate_noise  # noqa: E402
-from privacy.dp_sgd import PrivateTraining, frozen_input_backward, make_private  # noqa: E402
+from privacy.dp_sgd import (  # noqa: E402
+    PrivateTraining,
+    empty_batch_step,
+    frozen_input_backward,
+    make_private,
+)
 
-__all__ = ["PrivacyLedger", "calibrate_noise", "PrivateTraining", "frozen_input_backward",
-           "make_private"]
+__all__ = ["PrivacyLedger", "calibrate_noise", "PrivateTraining", "empty_batch_step",
+           "frozen_input_backward", "make_private"]

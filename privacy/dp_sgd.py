@@ -7,8 +7,10 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
@@ -46,6 +48,28 @@ class PrivateTraining:
         """Copy the steps taken in this round (the engine's accountant) back into ``ledger``."""
         if self.engine is not None:
             ledger.history = list(self.engine.accountant.history)
+
+
+def empty_batch_step(optimizer: Optimizer) -> None:
+    """The DP-SGD step of an empty Poisson batch, taken without running the model on it.
+
+    With no example the sum of clipped per-example gradients is 0, so the update is the noise
+    alone, p.grad = N(0, σ²C² I) / B (B the expected batch), exactly what Opacus computes for an
+    empty batch; the step is taken and accounted like any other (Poisson sampling's guarantee
+    counts the empty draws too). Only the forward pass is skipped: some models cannot run on 0
+    examples (Llama's attention reshapes with -1). Hooks and grouped clipping read each
+    parameter's per-sample gradients, (0, *shape) here; ghost clipping reads p.grad, zeros.
+    Without DP (a plain optimizer) an empty batch moves nothing, so nothing is done.
+    """
+    if isinstance(optimizer, DPOptimizerFastGradientClipping):
+        for p in optimizer.params:
+            p.grad = torch.zeros_like(p)
+    elif isinstance(optimizer, DPOptimizer):
+        for p in optimizer.params:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+    else:
+        return
+    optimizer.step()
 
 
 def make_private(

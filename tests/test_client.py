@@ -104,3 +104,25 @@ def test_federated_evaluation_tokenizes_the_test_share_only_when_asked(tiny_run_
     assert metrics[contract.NUM_EXAMPLES] == len(test) > 0
     assert metrics[contract.ACCURACY] == pytest.approx(accuracy, abs=1e-12)
     assert metrics[contract.LOSS] == pytest.approx(loss, rel=1e-6)
+
+
+def test_an_empty_poisson_batch_is_the_noise_only_step(tiny_run_config):
+    # No model runs on 0 rows (BERT and Llama both reshape with -1), so the step is taken
+    # without a forward: B ← B − lr · N(0, σ²C²) / B_expected, computed here independently
+    cfg = AppConfig.from_run_config(tiny_run_config)
+    data = t.load_local_data(cfg, 0, 2)
+    model = build_model(cfg.model, cfg.lora, num_labels=data.num_labels, seed=0)
+    layout = AdapterLayout.from_model(model)
+    private = private_sgd(model, layout.set_trainable(model, ("B",), cfg.lora.train_head),
+                          data.train, lr=0.5, noise_multiplier=1.3, max_grad_norm=2.0)
+    params = list(private.optimizer.params)
+    before = [p.detach().clone() for p in params]
+    private.data_loader = [tuple(x[:0] for x in data.train.tensors)]
+    torch.manual_seed(0)
+    assert math.isnan(t.run_local_steps(private, 1))  # no example, no loss
+    assert len(private.engine.accountant.history) == 1  # the step is counted
+    torch.manual_seed(0)  # the same draws, in the optimizer's order of parameters
+    expected_batch = private.optimizer.expected_batch_size
+    for p, start in zip(params, before, strict=True):
+        noise = torch.normal(mean=0, std=1.3 * 2.0, size=p.shape)
+        torch.testing.assert_close(p.detach(), start - 0.5 * noise / expected_batch)
