@@ -37,6 +37,7 @@ ROUND = "round"
 WALL_SECONDS = "wall-seconds"
 EVAL_SPLIT = "eval-split"
 ACCURACY = contract.ACCURACY
+BALANCED_ACCURACY = "balanced-accuracy"
 LOSS = contract.LOSS
 PERPLEXITY = "perplexity"
 EVAL_EXAMPLES = "eval-examples"
@@ -70,6 +71,9 @@ COLUMNS: tuple[Column, ...] = (
     Column(ACCURACY, float, "accuracy of the global model on the evaluated examples (causal "
                             "LM: of the next token; empty: round not evaluated, "
                             "strategy.eval-every)"),
+    Column(BALANCED_ACCURACY, float, "classification only: the mean over the classes present "
+                                     "in the evaluated examples of each one's recall (chance "
+                                     "1/K whatever the class shares; majority class: 1/K)"),
     Column(LOSS, float, "mean cross-entropy of the global model on the evaluated examples "
                         "(causal LM: per predicted token)"),
     Column(PERPLEXITY, float, "causal LM only: exp(loss), per predicted token"),

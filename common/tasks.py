@@ -2,7 +2,8 @@
 
 ``model.task = "classification"``: a sequence classifier, the pretrained encoder plus a new
 K-way head (a peft ``modules_to_save`` module). An example is (text, label); its loss is the
-cross-entropy of the head's logits; evaluation reports the mean loss per example and accuracy.
+cross-entropy of the head's logits; evaluation reports the mean loss per example, accuracy and
+balanced accuracy (the mean over the classes present of each class's recall).
 
 ``model.task = "causal-lm"``: a decoder trained on next-token prediction, with no head of its
 own to train (embeddings and the LM head stay frozen). An example is one sequence: a text, or
@@ -91,6 +92,11 @@ class Task:
         """(summed loss, correct predictions, predictions) of one evaluation batch."""
         raise NotImplementedError
 
+    def class_counts(self, logits: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per class, (correct predictions, examples) of one evaluation batch; None: no classes."""
+        return None
+
 
 class Classification(Task):
     """A sequence classifier: encoder + new head; one label per text."""
@@ -121,6 +127,14 @@ class Classification(Task):
         """Per-example cross-entropy summed, correct argmax predictions, examples."""
         loss = F.cross_entropy(logits.float(), labels, reduction="sum").item()
         return loss, int((logits.argmax(-1) == labels).sum()), labels.numel()
+
+    def class_counts(self, logits: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K,) int64 each: examples of class k predicted k, and examples of class k."""
+        k = logits.shape[-1]
+        labels = labels.cpu()
+        right = labels[logits.argmax(-1).cpu() == labels]
+        return torch.bincount(right, minlength=k), torch.bincount(labels, minlength=k)
 
 
 class CausalLM(Task):

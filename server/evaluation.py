@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 from common import schema
 from common.adapter import AdapterLayout
-from common.evaluation import evaluate
+from common.evaluation import evaluation
 from common.tasks import TASKS, Task, perplexity
 
 
@@ -70,10 +70,13 @@ class GlobalEvaluator:
             return None
         self.layout.load(arrays.to_torch_state_dict())
         data = self.full if server_round == self.final_round else self.subset
-        loss, accuracy = evaluate(self.model, data, compute_dtype=self.compute_dtype,
-                                  task=self.task)
+        measured = evaluation(self.model, data, compute_dtype=self.compute_dtype,
+                              task=self.task)
+        loss, accuracy = measured.loss, measured.accuracy
         metrics = MetricRecord({schema.ACCURACY: accuracy, schema.LOSS: loss,
                                 schema.EVAL_EXAMPLES: len(data)})
+        if measured.balanced_accuracy is not None:
+            metrics[schema.BALANCED_ACCURACY] = measured.balanced_accuracy
         if self.task.name == "causal-lm":
             metrics[schema.PERPLEXITY] = perplexity(loss)
         row[schema.WALL_SECONDS] = time.monotonic() - self._t0

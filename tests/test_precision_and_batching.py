@@ -11,8 +11,9 @@ from common import environment, precision
 from common.adapter import AdapterLayout
 from common.batching import collate_trimmed, length_sorted_batches, trim
 from common.config import AppConfig
-from common.evaluation import evaluate
+from common.evaluation import evaluate, evaluation
 from common.model import build_model
+from common.tasks import TASKS
 from tests.helpers import private_sgd
 
 
@@ -136,3 +137,25 @@ def test_length_sorted_evaluation_visits_every_example_once_and_matches(tiny_run
     assert accuracy == correct / n
     assert loss == pytest.approx(total / n, rel=1e-5)
     assert isinstance(data.test, TensorDataset)
+
+
+def test_balanced_accuracy_is_scikit_learns_over_the_classes_present(tiny_run_config):
+    from sklearn.metrics import balanced_accuracy_score
+
+    cfg, model, _, data = _model_and_data(tiny_run_config)
+    ids, mask, labels = data.test.tensors
+    keep = labels != 2  # a class absent from the examples counts for nothing
+    subset = TensorDataset(ids[keep], mask[keep], labels[keep])
+    model.eval()
+    with torch.no_grad():
+        predicted = model(input_ids=subset.tensors[0],
+                          attention_mask=subset.tensors[1]).logits.argmax(-1)
+    measured = evaluation(model, subset, batch_size=7)
+    want = balanced_accuracy_score(subset.tensors[2].numpy(), predicted.numpy())
+    assert measured.balanced_accuracy == pytest.approx(want, abs=1e-12)
+    assert measured.accuracy == float((predicted == subset.tensors[2]).float().mean())
+    # All one class predicted: accuracy is that class's share, balanced accuracy 1/|classes|
+    always_first = TASKS["classification"].class_counts(
+        torch.tensor([[1.0, 0.0, 0.0]]).repeat(4, 1), torch.tensor([0, 0, 0, 1]))
+    right, total = always_first
+    assert right.tolist() == [3, 0, 0] and total.tolist() == [3, 1, 0]

@@ -53,10 +53,12 @@ def evaluator_line(r, accuracy, epsilon, seconds, split="test"):
 def test_round_line_is_read_from_what_the_evaluator_logs(monkeypatch):
     from flwr.app import ArrayRecord
 
+    from common.evaluation import Evaluation
     from common.schema import RoundTrainingMetrics
     from server import evaluation
 
-    monkeypatch.setattr(evaluation, "evaluate", lambda model, data, **kw: (1.25, 0.3125))
+    monkeypatch.setattr(evaluation, "evaluation",
+                        lambda model, data, **kw: Evaluation(1.25, 0.3125, 0.5))
 
     class Layout:
         def load(self, state):
