@@ -1,4 +1,4 @@
-"""Loss and accuracy of a model on a tokenized dataset, as its task counts them (common.tasks)."""
+"""Loss, accuracy and balanced accuracy of a model on tokenized data, as its task counts them."""
 
 from __future__ import annotations
 
