@@ -17,7 +17,7 @@ from common.adapter import AdapterLayout
 from common.config import AppConfig, ConfigError
 from common.model import build_model, load_tokenizer
 from common.tasks import IGNORED, TASKS, SequenceCrossEntropy
-from tests.helpers import global_arrays, train_message
+from tests.helpers import global_arrays, private_sgd, train_message
 from tests.test_client import NODE
 
 LM = TASKS["causal-lm"]
@@ -191,17 +191,12 @@ def test_the_default_causal_lm_is_smollm2_dequantized_once_into_the_model_cache(
 def test_an_empty_poisson_batch_steps_without_running_the_model(tiny_lm_run_config, mode):
     # Llama's attention cannot run on 0 sequences (a reshape with -1): with an expected batch of
     # 8 about 1 step in 3,000 draws an empty batch, so a run of the causal-LM conf failed by chance
-    from privacy import PrivacyLedger, make_private
-
     cfg = AppConfig.from_run_config(tiny_lm_run_config)
     data = t.load_local_data(cfg, 0, 2)
     model = build_model(cfg.model, cfg.lora, num_labels=data.num_labels, seed=0)
     layout = AdapterLayout.from_model(model)
-    trainable = layout.set_trainable(model, ("B",), train_head=False)
-    private = make_private(module=model, optimizer=torch.optim.SGD(trainable, lr=0.5),
-                           data_loader=torch.utils.data.DataLoader(data.train, batch_size=8),
-                           noise_multiplier=1.0, max_grad_norm=1.0, ledger=PrivacyLedger(),
-                           grad_sample_mode=mode, criterion=SequenceCrossEntropy())
+    private = private_sgd(model, layout.set_trainable(model, ("B",), train_head=False),
+                          data.train, grad_sample_mode=mode, criterion=SequenceCrossEntropy())
     private.data_loader = [tuple(x[:0] for x in data.train.tensors)]
     assert math.isnan(t.run_local_steps(private, 1))
     assert len(private.engine.accountant.history) == 1
