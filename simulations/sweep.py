@@ -138,12 +138,29 @@ def main(argv: list[str] | None = None, runner: Runner | None = None) -> int:
         return 2
 
 
+def reproducing_command(argv: list[str]) -> str:
+    """The command line recorded beside the results: ``argv`` without ``--stop-file PATH``.
+
+    The stop file only says when this invocation ends, not what it computes, and its path is
+    the machine's own; the recorded command is the one that reproduces the cells anywhere.
+    """
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--stop-file":
+            skip = True
+        elif not arg.startswith("--stop-file="):
+            kept.append(arg)
+    return shlex.join(["python", "-m", "simulations.sweep", *kept])
+
+
 def _main(args: argparse.Namespace, argv: list[str], runner: Runner | None) -> int:
     if args.commit and args.record is None:
         raise ValueError("--commit needs --record DIR (the tracked folder to commit into)")
     if args.report_only:
         return report(args.record or args.out, args.readme, records=args.record is not None)
-    command = shlex.join(["python", "-m", "simulations.sweep", *argv])
+    command = reproducing_command(argv)
     runner = runner or flwr_runner(num_supernodes=args.num_supernodes,
                                    cpus_per_client=args.cpus_per_client,
                                    gpus_per_client=args.gpus_per_client,

@@ -159,6 +159,13 @@ def test_a_stop_file_ends_the_sweep_after_the_running_cell_and_the_same_command_
     assert len(runner.calls) == 4 and lr_file.is_file()
 
 
+def test_the_recorded_command_leaves_out_the_stop_file():
+    argv = ["--seeds", "0,1", "--stop-file", "/tmp/STOP", "--run-config", "a=1 b='x y'",
+            "--stop-file=/tmp/OTHER"]
+    assert sweep.reproducing_command(argv) == (
+        "python -m simulations.sweep --seeds 0,1 --run-config 'a=1 b='\"'\"'x y'\"'\"''")
+
+
 def test_complete_runs_with_other_settings_stop_the_sweep(tmp_path):
     write_run(tmp_path, method="fedsvd", seed=0, **{"train.local-steps": 99})
     now = TrainConfig().local_steps
