@@ -45,20 +45,23 @@ def name_text(label: str) -> str:
     return " ".join(label.replace(".", " ").replace("_", " ").replace("-", " ").split())
 
 
-def duplicate_name_texts(label_names: tuple[str, ...]) -> list[tuple[str, str]]:
-    """Pairs of class names whose texts are the same ("a.b" and "a_b"): their head rows would be.
+def duplicate_name_texts(label_names: tuple[str, ...],
+                         tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, str]]:
+    """Pairs of class names the encoder reads as the same tokens: their head rows would be equal.
 
-    Two identical rows of a frozen head give the two classes the same logit for every text, so
-    the model could never tell them apart; ``server.preflight.check_run`` refuses such names.
+    The tokenizer decides, not a rule of ours: for an uncased model "sci.space" and "Sci_Space"
+    are one text, for a cased one "Spam" and "spam" are two. Two identical rows of a frozen
+    head give the two classes the same logit for every text, so the model could never tell
+    them apart; ``server.preflight.check_run`` refuses such names.
     """
-    first: dict[str, str] = {}
+    first: dict[tuple[int, ...], str] = {}
     pairs = []
     for name in label_names:
-        text = name_text(name).lower()
-        if text in first:
-            pairs.append((first[text], name))
+        tokens = tuple(tokenizer(name_text(name))["input_ids"])
+        if tokens in first:
+            pairs.append((first[tokens], name))
         else:
-            first[text] = name
+            first[tokens] = name
     return pairs
 
 

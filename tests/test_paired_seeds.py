@@ -16,6 +16,7 @@ from common.data import load_corpus
 from common.data_files import DataError
 from common.model import build_model, load_tokenizer
 from common.public_head import (
+    duplicate_name_texts,
     head_linear,
     name_features,
     name_text,
@@ -173,6 +174,18 @@ def test_class_names_that_read_alike_are_refused_before_training(tiny_run_config
     with pytest.raises(DataError, match="'sci.space' and 'sci_space' read as the same text"):
         check_run(AppConfig.from_run_config(run_config))
     check_run(AppConfig.from_run_config({**run_config, "lora.head-init": "random"}))
+
+
+def test_the_tokenizer_decides_which_class_names_read_alike(tiny_run_config):
+    from tokenizers.normalizers import BertNormalizer
+
+    names = ("Spam", "spam", "sci.space", "sci_space")
+    model_cfg = AppConfig.from_run_config(tiny_run_config).model
+    uncased = load_tokenizer(model_cfg)  # MiniLM's
+    assert duplicate_name_texts(names, uncased) == [("Spam", "spam"), ("sci.space", "sci_space")]
+    cased = load_tokenizer(model_cfg)  # the same vocabulary, read without lower-casing
+    cased.backend_tokenizer.normalizer = BertNormalizer(lowercase=False)
+    assert duplicate_name_texts(names, cased) == [("sci.space", "sci_space")]
 
 
 def test_names_without_letters_are_the_ones_a_class_name_head_cannot_read():
