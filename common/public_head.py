@@ -5,11 +5,18 @@ nothing but the pretrained encoder and the K class names, which are public (they
 task, not an example). For class k, x_k (d,) is the feature the head reads (BERT: the pooler
 output of the [CLS] token) for the text of its name ("comp.graphics" → "comp graphics"):
 
-    W_k = τ · x_k / ‖x_k‖,    b = 0,    τ = 1 / mean_k std_j (x_k · W_j / τ)
+    u_k = x_k / ‖x_k‖,    W_k = τ · (u_k − ū),    ū = (1/K) Σ_k u_k,    b = 0,
+    τ = 1 / mean_k std_j (x_k · (u_j − ū))
 
 so the head scores a text by the cosine of its features with each class name's, and τ makes
 the names' own logits spread by about 1 (the scale a freshly initialised head has), not by the
-0.1 that raw cosines between pooled features give. No training example is read, so the head
+0.1 that raw cosines between pooled features give. Subtracting ū from every row adds the same
+−τ x·ū to every logit of a text, which changes neither its softmax, its loss nor its prediction,
+and its gradient under cross-entropy is zero; but it removes the part the names share. Pooled
+features are far from isotropic (every text's points in much the same direction), so without
+it every logit would carry a large common term τ x·ū on top of the differences that decide:
+on an encoder that barely tells the names apart (τ large) that term reached 1.7e5 with
+differences of order 10, which float32 cannot resolve. No training example is read, so the head
 spends no privacy, and the server computes it once and sends it to every node with the LoRA
 factors. With ``lora.train-head = false`` it stays as it is (a public, frozen head); with true
 it is where the trained head starts.
@@ -38,20 +45,23 @@ def name_text(label: str) -> str:
     return " ".join(label.replace(".", " ").replace("_", " ").replace("-", " ").split())
 
 
-def duplicate_name_texts(label_names: tuple[str, ...]) -> list[tuple[str, str]]:
-    """Pairs of class names whose texts are the same ("a.b" and "a_b"): their head rows would be.
+def duplicate_name_texts(label_names: tuple[str, ...],
+                         tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, str]]:
+    """Pairs of class names the encoder reads as the same tokens: their head rows would be equal.
 
-    Two identical rows of a frozen head give the two classes the same logit for every text, so
-    the model could never tell them apart; ``server.preflight.check_run`` refuses such names.
+    The tokenizer decides, not a rule of ours: for an uncased model "sci.space" and "Sci_Space"
+    are one text, for a cased one "Spam" and "spam" are two. Two identical rows of a frozen
+    head give the two classes the same logit for every text, so the model could never tell
+    them apart; ``server.preflight.check_run`` refuses such names.
     """
-    first: dict[str, str] = {}
+    first: dict[tuple[int, ...], str] = {}
     pairs = []
     for name in label_names:
-        text = name_text(name).lower()
-        if text in first:
-            pairs.append((first[text], name))
+        tokens = tuple(tokenizer(name_text(name))["input_ids"])
+        if tokens in first:
+            pairs.append((first[tokens], name))
         else:
-            first[text] = name
+            first[tokens] = name
     return pairs
 
 
@@ -87,14 +97,16 @@ def name_features(model: PeftModel, tokenizer: PreTrainedTokenizerBase,
 @torch.no_grad()
 def set_class_name_head(model: PeftModel, tokenizer: PreTrainedTokenizerBase,
                         label_names: tuple[str, ...]) -> None:
-    """Set the head's weight to the scaled, normalised class-name features and its bias to 0."""
+    """Set the head's weight to the scaled, centred, normalised class-name features, bias 0."""
     head = head_linear(model)
     if head.out_features != len(label_names):
         raise ValueError(f"the head has {head.out_features} outputs for {len(label_names)} "
                          "class names")
-    features = name_features(model, tokenizer, label_names)
+    features = name_features(model, tokenizer, label_names).double()  # float64: see below
     unit = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    spread = (features @ unit.T).std(dim=1).mean().clamp_min(1e-12)
-    head.weight.copy_((unit / spread).to(head.weight.dtype))
+    # In float32 the mean's own rounding (eps·|ū|, times τ) would leave a common term again
+    centred = unit - unit.mean(dim=0, keepdim=True)
+    spread = (features @ centred.T).std(dim=1).mean().clamp_min(1e-12)
+    head.weight.copy_((centred / spread).to(head.weight.dtype))
     if head.bias is not None:
         head.bias.zero_()

@@ -33,6 +33,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from common import schema
+
 IGNORED = -100  # a label out of the loss: prompt tokens and padding
 
 
@@ -68,12 +70,18 @@ class Task:
 
     ``name`` is the ``model.task`` value, ``peft_task_type`` peft's task type of the LoRA
     model (None: a plain ``PeftModel``), ``head_modules`` the new modules saved with the
-    adapter (a classification head), or None.
+    adapter (a classification head), or None; ``writes_generations``: whether a finished run
+    saves samples of the model's own text beside its adapter (``server.generations``).
     """
 
     name: str
     peft_task_type: TaskType | None
     head_modules: list[str] | None
+    writes_generations: bool = False
+
+    def loss_metrics(self, loss: float) -> dict[str, float]:
+        """What an evaluation reports beside its mean ``loss`` and accuracy, from the loss."""
+        return {}
 
     def load_model(self, path, *, num_labels: int) -> nn.Module:
         """The pretrained model of this task from ``path``, from disk only."""
@@ -143,6 +151,11 @@ class CausalLM(Task):
     name = "causal-lm"
     peft_task_type = TaskType.CAUSAL_LM
     head_modules = None
+    writes_generations = True
+
+    def loss_metrics(self, loss: float) -> dict[str, float]:
+        """The perplexity exp(loss) of the mean loss per predicted token."""
+        return {schema.PERPLEXITY: perplexity(loss)}
 
     def load_model(self, path, *, num_labels: int) -> nn.Module:
         """``AutoModelForCausalLM`` (``num_labels`` is unused)."""

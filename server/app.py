@@ -114,7 +114,7 @@ def run(grid: Grid, context: Context) -> None:
     save_run(folder, cfg, evaluator.rows, model=model, layout=layout,
              arrays=result.arrays or initial,
              environment=run_environment(compute_dtype, model_device))
-    if task.name == "causal-lm":  # the saved model's own words, beside its adapter
+    if task.writes_generations:  # the saved model's own words, beside its adapter
         samples = generate_samples(model, tokenizer, subset_texts, cfg.model.max_length)
         (folder / schema.GENERATIONS_FILE).write_text(json.dumps(samples, indent=2) + "\n")
     log(INFO, "results written to %s", folder)

@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 from common import schema
 from common.adapter import AdapterLayout
 from common.evaluation import evaluation
-from common.tasks import TASKS, Task, perplexity
+from common.tasks import TASKS, Task
 
 
 class GlobalEvaluator:
@@ -77,8 +77,8 @@ class GlobalEvaluator:
                                 schema.EVAL_EXAMPLES: len(data)})
         if measured.balanced_accuracy is not None:
             metrics[schema.BALANCED_ACCURACY] = measured.balanced_accuracy
-        if self.task.name == "causal-lm":
-            metrics[schema.PERPLEXITY] = perplexity(loss)
+        for key, value in self.task.loss_metrics(loss).items():
+            metrics[key] = value
         row[schema.WALL_SECONDS] = time.monotonic() - self._t0
         self.rows.append({**row, **metrics, **train})
         log(INFO, "round %d | %s accuracy %.4f | %s loss %.4f | client ε mean %s max %s "

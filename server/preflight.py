@@ -25,6 +25,8 @@ from common.model_path import resolve_model_path
 from common.run_config import app_run_config
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from common.data import Corpus
 
 # What a run writes into its folder; any of them present means the folder holds a result
@@ -86,13 +88,14 @@ def check_run(cfg: AppConfig, *, num_partitions: int | None = None) -> Corpus:
     """
     from common.data import check_partitions, load_corpus
     from common.devices import resolve_device
+    from common.model import load_tokenizer
     from privacy.policy import check_delta
 
     resolve_device(cfg.model.device)  # model.device='cuda' without a GPU: ValueError
     resolve_model_path(cfg.model)
     corpus = load_corpus(cfg.data, cfg.seed)
     if cfg.lora.head_init == "class-names":  # classification only (AppConfig checks)
-        check_class_names(corpus.label_names)
+        check_class_names(corpus.label_names, load_tokenizer(cfg.model))
     if cfg.privacy.is_private:  # each client checks its own partition again
         check_delta(cfg.privacy.delta, len(corpus.train), "the whole training split")
     if num_partitions is not None:
@@ -101,12 +104,12 @@ def check_run(cfg: AppConfig, *, num_partitions: int | None = None) -> Corpus:
     return corpus
 
 
-def check_class_names(label_names: tuple[str, ...]) -> None:
+def check_class_names(label_names: tuple[str, ...], tokenizer: PreTrainedTokenizerBase) -> None:
     """Refuse class names that would give a class-name head two identical rows."""
     from common.data_files import DataError
     from common.public_head import duplicate_name_texts
 
-    if pairs := duplicate_name_texts(label_names):
+    if pairs := duplicate_name_texts(label_names, tokenizer):
         same = "; ".join(f"{a!r} and {b!r}" for a, b in pairs)
         raise DataError([
             f"lora.head-init='class-names': the class names {same} read as the same text, so "

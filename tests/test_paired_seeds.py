@@ -16,11 +16,14 @@ from common.data import load_corpus
 from common.data_files import DataError
 from common.model import build_model, load_tokenizer
 from common.public_head import (
+    duplicate_name_texts,
     head_linear,
+    name_features,
     name_text,
     names_without_letters,
     set_class_name_head,
 )
+from common.tasks import TASKS
 from server.preflight import check_run
 from strategies.sampling import PartitionSampler
 from tests.helpers import train_message
@@ -104,6 +107,31 @@ def test_class_name_head_is_a_function_of_public_values_alone(tiny_run_config):
     assert name_text("rec.sport.hockey") == "rec sport hockey"
 
 
+@torch.no_grad()
+def test_class_name_head_is_centred_so_every_logit_row_sums_to_zero(tiny_run_config):
+    # The tiny random encoder barely tells its class names apart (τ ~ 1e5): without centring,
+    # every logit carried a common term of ~1.7e5 that float32 could not resolve
+    cfg, model, _ = _server_model(tiny_run_config)
+    corpus = load_corpus(cfg.data, cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    W = head_linear(model).weight.double()
+    features = name_features(model, tokenizer, corpus.label_names).double()
+    names = features @ W.T  # (K, K): the names' own logits
+    assert names.std(dim=1).mean().item() == pytest.approx(1.0, rel=1e-4)
+    # The uncentred head τ·u_k has the same softmax: the logits differ by one constant per text
+    unit = features / features.norm(dim=1, keepdim=True)
+    tau = (W[0].norm() / (unit[0] - unit.mean(dim=0)).norm()).item()
+    shift = features @ (tau * unit).T - names
+    assert torch.allclose(shift, shift[:, :1].expand_as(shift), rtol=1e-6, atol=1e-6 * tau)
+    # Every text's logits (bias 0) average to zero, up to the head's float32 rounding, on the
+    # test texts as on the names: no common term beside the differences that decide
+    model.eval()
+    ids, mask, _ = TASKS["classification"].encode(corpus.test, tokenizer,
+                                                  cfg.model.max_length).tensors
+    logits = model(input_ids=ids, attention_mask=mask).logits.double()
+    assert logits.mean(dim=1).abs().max().item() <= 1e-4 * logits.std(dim=1).mean().item()
+
+
 def test_public_frozen_head_is_identical_on_every_node_and_spends_no_privacy(tiny_run_config):
     run_config = {**tiny_run_config, "lora.train-head": False, "lora.head-init": "class-names",
                   "privacy.epsilon": 6.0}
@@ -146,6 +174,18 @@ def test_class_names_that_read_alike_are_refused_before_training(tiny_run_config
     with pytest.raises(DataError, match="'sci.space' and 'sci_space' read as the same text"):
         check_run(AppConfig.from_run_config(run_config))
     check_run(AppConfig.from_run_config({**run_config, "lora.head-init": "random"}))
+
+
+def test_the_tokenizer_decides_which_class_names_read_alike(tiny_run_config):
+    from tokenizers.normalizers import BertNormalizer
+
+    names = ("Spam", "spam", "sci.space", "sci_space")
+    model_cfg = AppConfig.from_run_config(tiny_run_config).model
+    uncased = load_tokenizer(model_cfg)  # MiniLM's
+    assert duplicate_name_texts(names, uncased) == [("Spam", "spam"), ("sci.space", "sci_space")]
+    cased = load_tokenizer(model_cfg)  # the same vocabulary, read without lower-casing
+    cased.backend_tokenizer.normalizer = BertNormalizer(lowercase=False)
+    assert duplicate_name_texts(names, cased) == [("sci.space", "sci_space")]
 
 
 def test_names_without_letters_are_the_ones_a_class_name_head_cannot_read():
