@@ -77,8 +77,7 @@ class GlobalEvaluator:
                                 schema.EVAL_EXAMPLES: len(data)})
         if measured.balanced_accuracy is not None:
             metrics[schema.BALANCED_ACCURACY] = measured.balanced_accuracy
-        for key, value in self.task.loss_metrics(loss).items():
-            metrics[key] = value
+        metrics.update(self.task.loss_metrics(loss))
         row[schema.WALL_SECONDS] = time.monotonic() - self._t0
         self.rows.append({**row, **metrics, **train})
         log(INFO, "round %d | %s accuracy %.4f | %s loss %.4f | client ε mean %s max %s "

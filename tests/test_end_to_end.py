@@ -9,6 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 from test_merging import random_pairs, write_adapter
+from torch.utils.data import TensorDataset
 from transformers import AutoModelForSequenceClassification
 
 from common.config import AppConfig
@@ -46,37 +47,34 @@ def _metrics(folder: Path) -> list[dict]:
     return rows
 
 
-def _peft_evaluation(run_config: dict, adapter: Path) -> tuple[float, float]:
-    """(loss, accuracy) on the test split of the adapter loaded by peft alone."""
+def _peft_model_and_test(run_config: dict, adapter: Path) -> tuple[PeftModel, TensorDataset]:
+    """The adapter loaded by peft alone onto the base model, and the encoded test split."""
     cfg = AppConfig.from_run_config(run_config)
     corpus = load_corpus(cfg.data, cfg.seed)
     base = AutoModelForSequenceClassification.from_pretrained(
         cfg.model.path, num_labels=corpus.num_labels, ignore_mismatched_sizes=True)
-    model = PeftModel.from_pretrained(base, adapter)
-    return evaluate(model, TASKS["classification"].encode(corpus.test, load_tokenizer(cfg.model),
-                                                     cfg.model.max_length))
+    return PeftModel.from_pretrained(base, adapter), TASKS["classification"].encode(
+        corpus.test, load_tokenizer(cfg.model), cfg.model.max_length)
+
+
+def _peft_evaluation(run_config: dict, adapter: Path) -> tuple[float, float]:
+    """(loss, accuracy) on the test split of the adapter loaded by peft alone."""
+    return evaluate(*_peft_model_and_test(run_config, adapter))
 
 
 @torch.no_grad()
-def _peft_accuracy_bounds(run_config: dict, adapter: Path, relative_tolerance: float
+def _peft_accuracy_bounds(model: PeftModel, test: TensorDataset, relative_tolerance: float
                           ) -> tuple[float, float]:
-    """The accuracy any evaluation within ``relative_tolerance`` of peft's logits must score.
+    """The accuracy any evaluation within ``relative_tolerance`` of ``model``'s logits must score.
 
-    peft's logits in float64 are the reference. An example whose top-two margin is below
+    ``model``'s logits in float64 are the reference. An example whose top-two margin is below
     ``relative_tolerance`` × its largest |logit| is a near tie that another correct float32
     computation order may decide either way; every other example has one right answer. Returns
     (correct decided examples, correct decided + near ties) / n: exact where rounding cannot
     decide the prediction, and equal bounds when there is no near tie.
     """
-    cfg = AppConfig.from_run_config(run_config)
-    corpus = load_corpus(cfg.data, cfg.seed)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        cfg.model.path, num_labels=corpus.num_labels, ignore_mismatched_sizes=True)
-    model = PeftModel.from_pretrained(base, adapter).double().eval()
-    test = TASKS["classification"].encode(corpus.test, load_tokenizer(cfg.model),
-                                          cfg.model.max_length)
     input_ids, mask, labels = test.tensors
-    logits = model(input_ids=input_ids, attention_mask=mask).logits
+    logits = model.double().eval()(input_ids=input_ids, attention_mask=mask).logits
     top2 = logits.topk(2, dim=1).values
     tied = (top2[:, 0] - top2[:, 1]) < relative_tolerance * logits.abs().amax(dim=1)
     decided_right = ((logits.argmax(dim=1) == labels) & ~tied).sum().item()
@@ -158,8 +156,8 @@ def test_merge_sv_simulation_trains_only_sigma_of_the_merged_adapter(tiny_run_co
     # (one run: peft 8.39128 in float32, 8.38982 in float64, server 8.39082), enough to flip a
     # near-tied prediction (one run: 0.362 against 0.345, one of 58). So the accuracy is checked
     # exactly on every example rounding cannot decide, and a near tie may go either way.
-    loss, _ = _peft_evaluation({**tiny_run_config, **extra}, folder / "adapter")
+    model, test = _peft_model_and_test({**tiny_run_config, **extra}, folder / "adapter")
+    loss, _ = evaluate(model, test)  # float32, as peft computes
     assert loss == pytest.approx(float(rows[-1]["loss"]), rel=1e-3)
-    lowest, highest = _peft_accuracy_bounds({**tiny_run_config, **extra}, folder / "adapter",
-                                            relative_tolerance=1e-3)
+    lowest, highest = _peft_accuracy_bounds(model, test, relative_tolerance=1e-3)
     assert lowest - 1e-9 <= float(rows[-1]["accuracy"]) <= highest + 1e-9
