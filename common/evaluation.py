@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 
 from common.batching import length_sorted_batches
 from common.precision import autocast
-from common.tasks import TASKS, Task
+from common.tasks import TASKS, ClassCounts, Task
 
 
 @dataclass(frozen=True)
@@ -21,12 +21,16 @@ class Evaluation:
     P present among the examples (n_k > 0), i.e. the mean per-class recall, as scikit-learn's
     ``balanced_accuracy_score``. Chance is 1/|P| whatever the class shares, so on imbalanced
     data it shows learning that accuracy hides (predicting the majority class scores 1/|P|).
-    None for a task without classes (causal LM).
+    ``most_predicted`` and ``most_predicted_share`` (classification): the class the model
+    predicted for the most examples and the share of the examples given it (1.0: one answer
+    for every example, whatever it reads). All three None for a task without classes (causal LM).
     """
 
     loss: float
     accuracy: float
     balanced_accuracy: float | None
+    most_predicted: int | None = None
+    most_predicted_share: float | None = None
 
 
 @torch.no_grad()
@@ -45,8 +49,7 @@ def evaluation(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
-    class_right: torch.Tensor | None = None
-    class_total: torch.Tensor | None = None
+    classes: ClassCounts | None = None
     for input_ids, mask, labels in length_sorted_batches(dataset, batch_size):
         input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
         with autocast(device, compute_dtype):
@@ -54,16 +57,17 @@ def evaluation(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
         loss, right, predicted = task.loss_sums(logits, labels)
         total_loss, correct, count = total_loss + loss, correct + right, count + predicted
         if (counts := task.class_counts(logits, labels)) is not None:
-            class_right = counts[0] if class_right is None else class_right + counts[0]
-            class_total = counts[1] if class_total is None else class_total + counts[1]
+            classes = counts if classes is None else classes + counts
     model.train(was_training)
     if count == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    balanced = None
-    if class_right is not None and class_total is not None:
-        present = class_total > 0
-        balanced = float((class_right[present] / class_total[present]).mean())
-    return Evaluation(total_loss / count, correct / count, balanced)
+    if classes is None:
+        return Evaluation(total_loss / count, correct / count, None)
+    present = classes.examples > 0
+    balanced = float((classes.right[present] / classes.examples[present]).mean())
+    most = int(classes.predicted.argmax())
+    return Evaluation(total_loss / count, correct / count, balanced, most,
+                      int(classes.predicted[most]) / int(classes.predicted.sum()))
 
 
 def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,

@@ -38,6 +38,7 @@ WALL_SECONDS = "wall-seconds"
 EVAL_SPLIT = "eval-split"
 ACCURACY = contract.ACCURACY
 BALANCED_ACCURACY = "balanced-accuracy"
+MOST_PREDICTED_SHARE = "most-predicted-share"
 LOSS = contract.LOSS
 PERPLEXITY = "perplexity"
 EVAL_EXAMPLES = "eval-examples"
@@ -74,6 +75,9 @@ COLUMNS: tuple[Column, ...] = (
     Column(BALANCED_ACCURACY, float, "classification only: the mean over the classes present "
                                      "in the evaluated examples of each one's recall (chance "
                                      "1/K whatever the class shares; majority class: 1/K)"),
+    Column(MOST_PREDICTED_SHARE, float, "classification only: the share of the evaluated "
+                                        "examples given the class the model predicts most "
+                                        "often (1: one answer for every example)"),
     Column(LOSS, float, "mean cross-entropy of the global model on the evaluated examples "
                         "(causal LM: per predicted token)"),
     Column(PERPLEXITY, float, "causal LM only: exp(loss), per predicted token"),

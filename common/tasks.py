@@ -20,6 +20,7 @@ labels are (N,) class ids or (N, T) token ids.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
@@ -36,6 +37,23 @@ from transformers import (
 from common import schema
 
 IGNORED = -100  # a label out of the loss: prompt tokens and padding
+
+
+@dataclass(frozen=True)
+class ClassCounts:
+    """What a classifier predicted on some examples, per class k: three (K,) int64 tensors.
+
+    ``right[k]``: examples of class k predicted k; ``examples[k]``: examples of class k;
+    ``predicted[k]``: examples predicted k (whatever their class). Counts of two batches add.
+    """
+
+    right: torch.Tensor
+    examples: torch.Tensor
+    predicted: torch.Tensor
+
+    def __add__(self, other: ClassCounts) -> ClassCounts:
+        return ClassCounts(self.right + other.right, self.examples + other.examples,
+                           self.predicted + other.predicted)
 
 
 class SequenceCrossEntropy(nn.Module):
@@ -100,9 +118,8 @@ class Task:
         """(summed loss, correct predictions, predictions) of one evaluation batch."""
         raise NotImplementedError
 
-    def class_counts(self, logits: torch.Tensor,
-                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per class, (correct predictions, examples) of one evaluation batch; None: no classes."""
+    def class_counts(self, logits: torch.Tensor, labels: torch.Tensor) -> ClassCounts | None:
+        """Per class, what one evaluation batch predicted; None for a task without classes."""
         return None
 
 
@@ -136,13 +153,13 @@ class Classification(Task):
         loss = F.cross_entropy(logits.float(), labels, reduction="sum").item()
         return loss, int((logits.argmax(-1) == labels).sum()), labels.numel()
 
-    def class_counts(self, logits: torch.Tensor,
-                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K,) int64 each: examples of class k predicted k, and examples of class k."""
+    def class_counts(self, logits: torch.Tensor, labels: torch.Tensor) -> ClassCounts:
+        """The argmax of each example's (K,) logits against its label, counted per class."""
         k = logits.shape[-1]
-        labels = labels.cpu()
-        right = labels[logits.argmax(-1).cpu() == labels]
-        return torch.bincount(right, minlength=k), torch.bincount(labels, minlength=k)
+        labels, predicted = labels.cpu(), logits.argmax(-1).cpu()
+        return ClassCounts(right=torch.bincount(labels[predicted == labels], minlength=k),
+                           examples=torch.bincount(labels, minlength=k),
+                           predicted=torch.bincount(predicted, minlength=k))
 
 
 class CausalLM(Task):

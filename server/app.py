@@ -99,7 +99,8 @@ def run(grid: Grid, context: Context) -> None:
     evaluator = GlobalEvaluator(model, layout, subset=subset, full=full_test,
                                 final_round=cfg.strategy.num_rounds, training=training,
                                 split=corpus.eval_split, eval_every=cfg.strategy.eval_every,
-                                compute_dtype=compute_dtype, task=task)
+                                compute_dtype=compute_dtype, task=task,
+                                label_names=corpus.label_names)
     if cfg.train.deterministic:  # the same clients sampled in the same order, given node ids
         random.seed(cfg.seed)
     checkpointed, initial = prepare_run(strategy, evaluator, folder, cfg,

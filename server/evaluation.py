@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from logging import INFO
+from collections.abc import Sequence
+from logging import INFO, WARNING
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord
@@ -13,8 +14,12 @@ from torch.utils.data import TensorDataset
 
 from common import schema
 from common.adapter import AdapterLayout
-from common.evaluation import evaluation
+from common.evaluation import Evaluation, evaluation
 from common.tasks import TASKS, Task
+
+# A final model that gives one class to at least this share of the evaluated examples is
+# reported as not having learned to tell the classes apart (its accuracy is that class's share).
+ONE_ANSWER_SHARE = 0.99
 
 
 class GlobalEvaluator:
@@ -26,20 +31,23 @@ class GlobalEvaluator:
     time since start. The columns are those of :mod:`common.schema`; ``training`` holds the
     training columns the strategy recorded for each round. The model runs under
     ``compute_dtype`` (:mod:`common.precision`); a causal LM's rows add its perplexity
-    (:mod:`common.tasks`).
+    (:mod:`common.tasks`). A classifier whose final model gives one class (named from
+    ``label_names``) to ≥ :data:`ONE_ANSWER_SHARE` of the examples gets a WARNING: its accuracy
+    is then that class's share of the split, not learning.
     """
 
     def __init__(self, model: PeftModel, layout: AdapterLayout, *, subset: TensorDataset,
                  full: TensorDataset, final_round: int, training: schema.RoundTrainingMetrics,
                  split: str = "test", eval_every: int = 1,
                  compute_dtype: torch.dtype = torch.float32,
-                 task: Task = TASKS["classification"]) -> None:
+                 task: Task = TASKS["classification"],
+                 label_names: Sequence[str] | None = None) -> None:
         self.model, self.layout = model, layout
         self.subset, self.full, self.final_round = subset, full, final_round
         self.eval_every, self.compute_dtype = eval_every, compute_dtype
         self.split = split  # "test", or "validation" when tuning (data.validation-fraction)
         self.training = training
-        self.task = task
+        self.task, self.label_names = task, label_names
         self.rows: list[dict[str, float]] = []
         self._t0 = time.monotonic()
 
@@ -75,17 +83,39 @@ class GlobalEvaluator:
         loss, accuracy = measured.loss, measured.accuracy
         metrics = MetricRecord({schema.ACCURACY: accuracy, schema.LOSS: loss,
                                 schema.EVAL_EXAMPLES: len(data)})
+        balanced = ""
         if measured.balanced_accuracy is not None:
             metrics[schema.BALANCED_ACCURACY] = measured.balanced_accuracy
+            metrics[schema.MOST_PREDICTED_SHARE] = measured.most_predicted_share
+            balanced = f"balanced accuracy {measured.balanced_accuracy:.4f} | "
         metrics.update(self.task.loss_metrics(loss))
         row[schema.WALL_SECONDS] = time.monotonic() - self._t0
         self.rows.append({**row, **metrics, **train})
-        log(INFO, "round %d | %s accuracy %.4f | %s loss %.4f | client ε mean %s max %s "
-            "| MB up %.2f down %.2f | %.0f s", server_round, self.split, accuracy, self.split, loss,
-            _fmt(train.get(schema.EPSILON_MEAN)), _fmt(train.get(schema.EPSILON_MAX)),
-            train.get(schema.BYTES_UP, 0) / 1e6, train.get(schema.BYTES_DOWN, 0) / 1e6,
-            row[schema.WALL_SECONDS])
+        log(INFO, "round %d | %s accuracy %.4f | %s%s loss %.4f | client ε mean %s max %s "
+            "| MB up %.2f down %.2f | %.0f s", server_round, self.split, accuracy, balanced,
+            self.split, loss, _fmt(train.get(schema.EPSILON_MEAN)),
+            _fmt(train.get(schema.EPSILON_MAX)), train.get(schema.BYTES_UP, 0) / 1e6,
+            train.get(schema.BYTES_DOWN, 0) / 1e6, row[schema.WALL_SECONDS])
+        if server_round == self.final_round and (warning := self.one_answer(measured, len(data))):
+            log(WARNING, "%s", warning)
         return metrics
+
+    def one_answer(self, measured: Evaluation, examples: int) -> str | None:
+        """What to tell a user whose final classifier gives (almost) every example one class.
+
+        None unless ≥ :data:`ONE_ANSWER_SHARE` of the ``examples`` got the same class.
+        """
+        share, most = measured.most_predicted_share, measured.most_predicted
+        if share is None or most is None or share < ONE_ANSWER_SHARE:
+            return None
+        name = self.label_names[most] if self.label_names else str(most)
+        return (f"the final model predicts class {name!r} for {share:.1%} of the {examples} "
+                f"{self.split} examples: its accuracy {measured.accuracy:.4f} is about that "
+                f"class's share of them and its balanced accuracy "
+                f"{measured.balanced_accuracy:.4f} is chance, so it has not learned to tell the "
+                "classes apart; train longer (strategy.num-rounds; a binary or imbalanced file "
+                "needs more rounds than the defaults, README: 'What the defaults assume'), or "
+                "with a larger privacy.epsilon")
 
 
 def _fmt(value) -> str:

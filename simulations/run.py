@@ -116,16 +116,18 @@ def _console(cfg: AppConfig, *, verbose: bool):
 
 
 def _summary(folder: Path, cfg: AppConfig, seconds: float) -> str:
-    """The last line: final accuracy on how many examples, the largest client ε, where."""
+    """The last line: final accuracy and balanced accuracy, examples, largest client ε, where."""
     with (folder / schema.METRICS_FILE).open(newline="") as f:
         rows = list(csv.DictReader(f))
     last = rows[-1]
     epsilons = [float(r[schema.EPSILON_MAX]) for r in rows if r.get(schema.EPSILON_MAX)]
     spent = (f"largest client ε {max(epsilons):.2f} (budget {cfg.privacy.epsilon:g})"
              if epsilons and math.isfinite(cfg.privacy.epsilon) else "no privacy budget")
+    balanced = (f" (balanced {float(last[schema.BALANCED_ACCURACY]):.4f})"
+                if last.get(schema.BALANCED_ACCURACY) else "")
     return (f"[run] done in {console.duration(seconds)}: final {last[schema.EVAL_SPLIT]} "
-            f"accuracy {float(last[schema.ACCURACY]):.4f} on {last[schema.EVAL_EXAMPLES]} "
-            f"examples, {spent}; results in {folder}")
+            f"accuracy {float(last[schema.ACCURACY]):.4f}{balanced} on "
+            f"{last[schema.EVAL_EXAMPLES]} examples, {spent}; results in {folder}")
 
 
 if __name__ == "__main__":

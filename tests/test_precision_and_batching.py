@@ -1,6 +1,7 @@
 """bfloat16 autocast keeps what trains in float32; padding trimmed per batch changes no output."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -155,8 +156,53 @@ def test_balanced_accuracy_is_scikit_learns_over_the_classes_present(tiny_run_co
     assert measured.balanced_accuracy == pytest.approx(want, abs=1e-12)
     right = int((predicted == subset.tensors[2]).sum())
     assert measured.accuracy == pytest.approx(right / len(subset), abs=1e-12)
+    most = torch.bincount(predicted, minlength=3)
+    assert measured.most_predicted == int(most.argmax())
+    assert measured.most_predicted_share == pytest.approx(int(most.max()) / len(subset))
     # All one class predicted: accuracy is that class's share, balanced accuracy 1/|classes|
     always_first = TASKS["classification"].class_counts(
         torch.tensor([[1.0, 0.0, 0.0]]).repeat(4, 1), torch.tensor([0, 0, 0, 1]))
-    right, total = always_first
-    assert right.tolist() == [3, 0, 0] and total.tolist() == [3, 1, 0]
+    assert always_first.right.tolist() == [3, 0, 0]
+    assert always_first.examples.tolist() == [3, 1, 0]
+    assert always_first.predicted.tolist() == [4, 0, 0]
+
+
+def test_a_final_model_with_one_answer_for_everything_is_reported(monkeypatch):
+    """Accuracy 0.86 that is the share of 'ham' must not read as learning: a WARNING says so."""
+    from flwr.app import ArrayRecord
+
+    from common.evaluation import Evaluation
+    from common.schema import RoundTrainingMetrics
+    from server import evaluation as server_evaluation
+
+    measured = {"share": 1.0}
+    monkeypatch.setattr(server_evaluation, "evaluation", lambda model, data, **kw: Evaluation(
+        0.33, 0.8611, 0.5, 0, measured["share"]))
+
+    class Layout:
+        def load(self, state):
+            pass
+
+    def warnings_of(final_round, server_round, share, names=("ham", "spam")):
+        measured["share"] = share
+        evaluator = server_evaluation.GlobalEvaluator(
+            None, Layout(), subset=[0] * 5, full=[0] * 1159, final_round=final_round,
+            training=RoundTrainingMetrics(), label_names=names)
+        said = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = lambda record: said.append(record.getMessage())
+        logger = logging.getLogger("flwr")
+        logger.addHandler(handler)
+        try:
+            evaluator(server_round, ArrayRecord())
+        finally:
+            logger.removeHandler(handler)
+        return said
+
+    (said,) = warnings_of(final_round=5, server_round=5, share=0.999)
+    assert "predicts class 'ham' for 99.9% of the 1159 test examples" in said
+    assert "accuracy 0.8611" in said and "balanced accuracy 0.5000 is chance" in said
+    assert "strategy.num-rounds" in said
+    assert warnings_of(final_round=5, server_round=5, share=0.98) == []  # it tells classes apart
+    assert warnings_of(final_round=5, server_round=3, share=1.0) == []  # not the final model
+    assert "predicts class '0'" in warnings_of(5, 5, 1.0, names=None)[0]

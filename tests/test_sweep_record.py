@@ -40,11 +40,12 @@ INF = math.inf
 RC = ["--run-config", "strategy.num-rounds=2", "--lr-file", "none"]
 
 
-def evaluator_line(r, accuracy, epsilon, seconds, split="test"):
+def evaluator_line(r, accuracy, epsilon, seconds, split="test", balanced=None):
     """The line server.evaluation.GlobalEvaluator logs (its format string, copied)."""
     eps = "-" if epsilon is None else f"{epsilon:.3f}"
-    return ("round %d | %s accuracy %.4f | %s loss %.4f | client ε mean %s max %s "  # noqa: UP031
-            "| MB up %.2f down %.2f | %.0f s") % (r, split, accuracy, split, 2.0, eps, eps,
+    bal = "" if balanced is None else f"balanced accuracy {balanced:.4f} | "
+    return ("round %d | %s accuracy %.4f | %s%s loss %.4f | client ε mean %s max %s "  # noqa: UP031
+            "| MB up %.2f down %.2f | %.0f s") % (r, split, accuracy, bal, split, 2.0, eps, eps,
                                                   1.5, 3.0, seconds)
 
 
@@ -58,7 +59,7 @@ def test_round_line_is_read_from_what_the_evaluator_logs(monkeypatch):
     from server import evaluation
 
     monkeypatch.setattr(evaluation, "evaluation",
-                        lambda model, data, **kw: Evaluation(1.25, 0.3125, 0.5))
+                        lambda model, data, **kw: Evaluation(1.25, 0.3125, 0.5, 1, 0.75))
 
     class Layout:
         def load(self, state):
@@ -84,6 +85,8 @@ def test_round_line_is_read_from_what_the_evaluator_logs(monkeypatch):
     rows = [parse_round_line(line) for line in logged if "round" in line]
     assert [r.round for r in rows] == [0, 2, 3]
     assert rows[1].accuracy == pytest.approx(0.3125) and rows[1].epsilon == pytest.approx(1.25)
+    assert rows[1].balanced_accuracy == pytest.approx(0.5)
+    assert evaluator.rows[1]["most-predicted-share"] == 0.75
     assert math.isnan(rows[0].epsilon)
     # round 3 is not evaluated (strategy.eval-every = 2): no accuracy, ε all the same
     assert math.isnan(rows[2].accuracy) and rows[2].epsilon == pytest.approx(1.25)
@@ -109,6 +112,9 @@ def test_progress_line_rates_and_etas():
     on_line(evaluator_line(4, 0.312, 1.2, 185))  # repeated: once
     assert lines == ["[1/2] fedsvd-eps3-a0.5-seed1 round 4/20 | accuracy 0.312 | ε 1.20 | "
                      "45 s/round | cell ETA 12 min | sweep ETA 27 min"]
+    on_line(evaluator_line(5, 0.32, 1.3, 230, balanced=0.297))  # a classifier's line
+    assert lines[-1].startswith("[1/2] fedsvd-eps3-a0.5-seed1 round 5/20 | accuracy 0.320 "
+                                "(balanced 0.297) | ε 1.30 | 45 s/round")
     assert progress.seconds_per_round == pytest.approx(45)
     later = progress.cell("[2/2]", "ffa-eps3-a0.5-seed1", 20, rounds_after=0)
     later(evaluator_line(10, 0.4, 2.0, 1000))  # resumed at round 10: its own mean, 100 s
