@@ -9,6 +9,7 @@ python -m simulations.sweep --methods fedsvd,ffa --epsilons 6,1 --seeds 0,1 --ou
 python -m simulations.sweep --report-only --readme         # CSV, plots; table into the docs
 python -m simulations.sweep --record experiments/main --commit   # a sweep that spans machines
 python -m simulations.sweep --report-only --record experiments/main --readme
+python -m simulations.sweep --report-only --record experiments/side-eps --readme --table side-eps
 
 Cells run one at a time (``<out>/<method>-eps<ε>-a<α>-seed<s>/``); complete cells are skipped,
 so the same command resumes a sweep, and a failed cell is logged and reported at the end; while
@@ -110,6 +111,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--readme", type=Path, nargs="?", const=ROOT / "docs" / "experiments.md",
                    help="also put the table between the sweep-table markers of this Markdown "
                         "page (default docs/experiments.md)")
+    p.add_argument("--table", metavar="NAME",
+                   help="with --readme: between '<!-- sweep-table:start NAME -->' and "
+                        "'<!-- sweep-table:end NAME -->' instead (several tables on one page)")
     p.add_argument("--stop-file", type=Path, metavar="PATH",
                    help="when PATH exists, finish (and record) the running cell, run no more, "
                         "exit 3; the same command goes on later")
@@ -158,8 +162,11 @@ def reproducing_command(argv: list[str]) -> str:
 def _main(args: argparse.Namespace, argv: list[str], runner: Runner | None) -> int:
     if args.commit and args.record is None:
         raise ValueError("--commit needs --record DIR (the tracked folder to commit into)")
+    if args.table is not None and args.readme is None:
+        raise ValueError("--table NAME names the markers of a --readme page: give --readme")
     if args.report_only:
-        return report(args.record or args.out, args.readme, records=args.record is not None)
+        return report(args.record or args.out, args.readme, records=args.record is not None,
+                      table=args.table)
     command = reproducing_command(argv)
     runner = runner or flwr_runner(num_supernodes=args.num_supernodes,
                                    cpus_per_client=args.cpus_per_client,
@@ -176,7 +183,7 @@ def _main(args: argparse.Namespace, argv: list[str], runner: Runner | None) -> i
     code = report_outcomes(outcomes)
     if any(o.status != "failed" for o in outcomes):
         code = max(code, report(args.record or args.out, args.readme,
-                                records=args.record is not None))
+                                records=args.record is not None, table=args.table))
     return code
 
 
@@ -253,7 +260,8 @@ def tuning_criterion(run_config: list[str]) -> str:
     return "loss" if task == "causal-lm" else "accuracy"
 
 
-def report(folder: Path, readme: Path | None, records: bool = False) -> int:
+def report(folder: Path, readme: Path | None, records: bool = False,
+           table: str | None = None) -> int:
     """Build CSV, plots and table from ``folder``; print the table; 1 on a problem.
 
     ``records``: ``folder`` is a record folder (``--record``), read from ``folder/cells``.
@@ -262,7 +270,7 @@ def report(folder: Path, readme: Path | None, records: bool = False) -> int:
         print(f"[report] no record in {Path(folder) / CELLS_DIR}: nothing to report")
         return 1
     try:
-        written = write_report(folder, readme=readme)
+        written = write_report(folder, readme=readme, table=table)
     except (ValueError, FileNotFoundError) as exc:
         print(f"[report] {exc}")
         return 1

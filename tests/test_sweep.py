@@ -26,6 +26,7 @@ from simulations.reports.tables import (
     README_START,
     markdown_table,
     replace_between_markers,
+    table_markers,
     write_report,
 )
 
@@ -263,6 +264,31 @@ def test_readme_markers_replace_only_what_is_between_them():
     for broken in ("no markers", f"{README_END}\n{README_START}", README_START * 2 + README_END):
         with pytest.raises(ValueError, match="sweep-table"):
             replace_between_markers(broken, "x")
+
+
+def test_named_markers_keep_several_tables_on_one_page(tmp_path):
+    """Each table goes between its own markers; the other tables of the page stay as they are."""
+    side_start, side_end = table_markers("side-eps")
+    assert (side_start, side_end) == ("<!-- sweep-table:start side-eps -->",
+                                      "<!-- sweep-table:end side-eps -->")
+    assert table_markers() == (README_START, README_END)
+    page = (f"{README_START}\nmain table\n{README_END}\n\n{side_start}\nold side\n{side_end}\n")
+    assert replace_between_markers(page, "new side", (side_start, side_end)) == (
+        f"{README_START}\nmain table\n{README_END}\n\n{side_start}\nnew side\n{side_end}\n")
+    assert replace_between_markers(page, "new main") == (
+        f"{README_START}\nnew main\n{README_END}\n\n{side_start}\nold side\n{side_end}\n")
+    for bad in ("", " side", "a -- b"):
+        with pytest.raises(ValueError, match="table name"):
+            table_markers(bad)
+    folder = synthetic_sweep(tmp_path / "sweep")
+    readme = tmp_path / "page.md"
+    readme.write_text(page)
+    write_report(folder, readme=readme, table="side-eps")
+    text = readme.read_text()
+    assert "main table" in text and "old side" not in text and "| method |" in text
+    with pytest.raises(ValueError, match="sweep-table:start other"):  # no such markers: refused
+        write_report(folder, readme=readme, table="other")
+    assert sweep.main(["--report-only", "--out", str(folder), "--table", "side-eps"]) == 2
 
 
 def test_report_writes_csv_plots_table_and_readme(tmp_path):

@@ -33,6 +33,20 @@ from simulations.reports.statistics import paired_differences, summarize, target
 README_START, README_END = "<!-- sweep-table:start -->", "<!-- sweep-table:end -->"
 
 
+def table_markers(name: str | None = None) -> tuple[str, str]:
+    """The markers a page puts around a generated table; ``name`` tells several apart.
+
+    None: ``<!-- sweep-table:start -->`` … ``<!-- sweep-table:end -->``; ``"side-eps"``:
+    ``<!-- sweep-table:start side-eps -->`` … ``<!-- sweep-table:end side-eps -->``.
+    """
+    if name is None:
+        return README_START, README_END
+    if not name.strip() or "--" in name or name != name.strip():
+        raise ValueError(f"table name {name!r}: a word such as side-eps (no spaces around it, "
+                         "no '--')")
+    return f"<!-- sweep-table:start {name} -->", f"<!-- sweep-table:end {name} -->"
+
+
 def markdown_table(summary: pd.DataFrame, column: str = "epsilon") -> str:
     """Rows: method (and α when there are several); columns: ``column`` (ε: ∞ first, then down).
 
@@ -136,16 +150,18 @@ def replace_between_markers(text: str, block: str,
     return pattern.sub(lambda _: f"{start}\n{block.strip()}\n{end}", text)
 
 
-def write_report(folder: Path, *, readme: Path | None = None) -> dict[str, Path]:
+def write_report(folder: Path, *, readme: Path | None = None,
+                 table: str | None = None) -> dict[str, Path]:
     """Write the report of a sweep folder or a record folder into it; return the paths.
 
     A sweep folder gets ``sweep.csv``, ``summary.csv``, ``paired.csv``, ``results.md`` and
     ``plots/``; a record folder (:func:`is_record_folder`) ``sweep.csv``, ``summary.csv``,
     ``paired.csv``, ``table.md`` and its plots beside them. With ``readme`` (a Markdown page,
-    e.g. ``docs/experiments.md``), also the table between its markers (checked first, so a page
-    without them changes nothing), linking the plots: those of a record folder (tracked in
-    git) where they are, by a relative path (``../experiments/...``), the others copied, with
-    the two CSVs, into ``_static/sweep/`` beside the page.
+    e.g. ``docs/experiments.md``), also the table between its markers (:func:`table_markers`
+    of ``table``; checked first, so a page without them changes nothing), linking the plots:
+    those of a record folder (tracked in git) where they are, by a relative path
+    (``../experiments/...``), the others copied, with the two CSVs, into ``_static/sweep/``
+    beside the page.
     """
     from simulations.reports import plots  # matplotlib only when plotting
 
@@ -158,8 +174,9 @@ def write_report(folder: Path, *, readme: Path | None = None) -> dict[str, Path]
     if len(splits) > 1:
         raise ValueError(f"{folder} mixes {' and '.join(splits)} runs (learning-rate tuning "
                          "evaluates on validation data): give each its own folder")
+    markers = table_markers(table)
     if readme:
-        replace_between_markers(readme.read_text(), "")  # no markers: fail before writing
+        replace_between_markers(readme.read_text(), "", markers)  # none: fail before writing
     written = {"tidy": folder / "sweep.csv", "summary": folder / "summary.csv",
                "table": folder / ("table.md" if records else "results.md")}
     runs.tidy.to_csv(written["tidy"], index=False)
@@ -190,6 +207,6 @@ def write_report(folder: Path, *, readme: Path | None = None) -> dict[str, Path]
                 (static / file.name).write_bytes(file.read_bytes())
             links = [f"_static/sweep/{p.name}" for p in images]
         readme.write_text(replace_between_markers(
-            readme.read_text(), report_block(summary, runs, images=links, **block)))
+            readme.read_text(), report_block(summary, runs, images=links, **block), markers))
         written["readme"] = readme
     return written
