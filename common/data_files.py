@@ -106,6 +106,10 @@ Record = tuple[int, dict[str, Any]]  # (line number, column -> value)
 
 
 def _csv_records(text: str, where: str) -> Iterator[Record]:
+    # One field may be as long as the file: a long document is valid CSV, which the csv
+    # module's default limit (128 KiB a field) would refuse. The limit is process-wide; raising
+    # it only lets longer valid fields through.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.DictReader(io.StringIO(text, newline=""), restkey=_EXTRA)
     try:
         header = reader.fieldnames or []

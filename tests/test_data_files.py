@@ -48,6 +48,14 @@ def test_unreadable_csv_is_refused_with_its_line(tmp_path, content, message):
     assert str(caught.value) == f"unusable data:\n  data.source='{path}': {message}"
 
 
+def test_a_csv_field_longer_than_the_csv_modules_default_limit_is_read_whole(tmp_path):
+    """A 200,000-character post (20 Newsgroups has some) is one valid field, not an error."""
+    long_text = "word " * 40_000
+    path = _csv(tmp_path, f'text,label\n"{long_text}",a\nshort,b\n')
+    table = _read(path)
+    assert table.texts == [long_text, "short"] and table.labels == ["a", "b"]
+
+
 @pytest.mark.parametrize(("lines", "message"), [
     (['{"text": "a", "label": 1}', '{"text": "b", "label": 2'],
      "line 2 is not valid JSON (Expecting ',' delimiter, column 25); expected one JSON object "

@@ -11,10 +11,9 @@ the rows:
 
     python -m simulations.experiments.imbalanced_pair results/binary-check/comp-rec-13.jsonl
 
-One JSON object per line, ``text`` and ``label`` (the group's name); JSON lines rather than
-CSV because some posts are longer than Python's CSV field limit (128 KiB). Blank posts (a
-header-only post, once headers are removed) are left out: a user's file may not have them. An
-existing file is not overwritten (``--overwrite``).
+One JSON object per line, ``text`` and ``label`` (the group's name), which ``data.source``
+reads as it reads a CSV. Blank posts (a header-only post, once headers are removed) are left
+out: a user's file may not have them. An existing file is not overwritten (``--overwrite``).
 """
 
 from __future__ import annotations
