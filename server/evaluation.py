@@ -113,9 +113,9 @@ class GlobalEvaluator:
                 f"{self.split} examples: its accuracy {measured.accuracy:.4f} is about that "
                 f"class's share of them and its balanced accuracy "
                 f"{measured.balanced_accuracy:.4f} is chance, so it has not learned to tell the "
-                "classes apart; train longer (strategy.num-rounds; a binary or imbalanced file "
-                "needs more rounds than the defaults, README: 'What the defaults assume'), or "
-                "with a larger privacy.epsilon")
+                "classes apart; train longer (strategy.num-rounds; an imbalanced file needs more "
+                "rounds than the defaults, README: 'What the defaults assume'), or with a larger "
+                "privacy.epsilon")
 
 
 def _fmt(value) -> str:
