@@ -56,7 +56,7 @@ def cut_minority(rows: Sequence[tuple[str, str]], minority: str, share: float,
         raise ValueError(f"{minority!r}: {len(mine)} rows, fewer than the {wanted} that make "
                          f"{share:.3f} of the file")
     kept = set(random.Random(seed).sample(mine, wanted))
-    return [row for i, row in enumerate(rows) if rows[i][1] != minority or i in kept]
+    return [row for i, row in enumerate(rows) if row[1] != minority or i in kept]
 
 
 def write_jsonl(rows: Sequence[tuple[str, str]], out: Path, *, overwrite: bool) -> None:

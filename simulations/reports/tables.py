@@ -41,7 +41,7 @@ def table_markers(name: str | None = None) -> tuple[str, str]:
     """
     if name is None:
         return README_START, README_END
-    if not name.strip() or "--" in name or name != name.strip():
+    if not name or "--" in name or name != name.strip():
         raise ValueError(f"table name {name!r}: a word such as side-eps (no spaces around it, "
                          "no '--')")
     return f"<!-- sweep-table:start {name} -->", f"<!-- sweep-table:end {name} -->"
