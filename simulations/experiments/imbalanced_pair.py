@@ -59,10 +59,14 @@ def cut_minority(rows: Sequence[tuple[str, str]], minority: str, share: float,
     return [row for i, row in enumerate(rows) if row[1] != minority or i in kept]
 
 
-def write_jsonl(rows: Sequence[tuple[str, str]], out: Path, *, overwrite: bool) -> None:
-    """``{"text": …, "label": …}`` per line; FileExistsError for an existing ``out``."""
+def refuse_existing(out: Path, *, overwrite: bool) -> None:
+    """FileExistsError for an existing ``out`` unless ``overwrite``: checked before any work."""
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+
+
+def write_jsonl(rows: Sequence[tuple[str, str]], out: Path) -> None:
+    """``{"text": …, "label": …}`` per line (``out`` replaced if it exists)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps({"text": text, "label": label}) + "\n"
                            for text, label in rows), encoding="utf-8")
@@ -81,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
     args = parser.parse_args(argv)
     try:
+        refuse_existing(args.out, overwrite=args.overwrite)
         rows = cut_minority(group_rows(args.majority, args.minority), args.minority,
                             args.minority_share, args.seed)
-        write_jsonl(rows, args.out, overwrite=args.overwrite)
+        write_jsonl(rows, args.out)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
