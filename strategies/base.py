@@ -67,8 +67,8 @@ class LoraStrategy(FedAvg):
     lora_modules : names of the LoRA layers; their arrays are ``lora_key(module, "A" | "B")``.
     train_head : whether clients train and send back the head (``lora.train-head``).
     min_valid_replies : fewest valid trained replies that make an update; fewer: no update.
-    max_norm_ratio : reject a reply array whose update norm exceeds this × the other replies'
-        median (0 or inf: off); see :mod:`strategies.validation`.
+    max_norm_ratio : reject a reply whose update norm (per group and large array) exceeds this ×
+        the other replies' median (0 or inf: off); see :mod:`strategies.validation`.
     min_update_cosine : reject an update whose cosine with the other replies' mean update is
         below this (-1: off).
     max_weight_ratio : weigh no reply more than this × the other replies' median

@@ -23,10 +23,15 @@ Last, across the round, on each reply's *update* u_k = X_k − X_sent (X_sent: t
 global state the round sent; a reply is judged by what it changes, so that a reply of −B_sent,
 whose own norm is that of B, is seen as the jump of 2‖B_sent‖ it is):
 
-1. norm: no array's ‖u_k‖_F may exceed ``max_norm_ratio`` × the median of the same array's
-   update norm over the *other* replies (per array, so a blow-up of one layer is not diluted;
-   the median of the others, so that the suspect does not move its own yardstick, and with two
-   replies each is held against the other);
+1. norm: no update may exceed ``max_norm_ratio`` × the median norm of the same update over the
+   *other* replies (the median of the others, so that the suspect does not move its own
+   yardstick, and with two replies each is held against the other). Compared: each group
+   (the LoRA factors together, the head together), and each array large enough to be judged
+   alone, so a blow-up of one layer is not diluted by the rest. An array of d numbers is
+   judged alone when two honest noise updates of it (under DP: Gaussian) pass the ratio by
+   chance with p ≤ 2·Φ(−MIN_NOISE_Z) ≈ 6e-5: their norm ratio is √F(d, d), so d ≥ 6 at the
+   default ratio 10 (a 3-class head's bias, d = 3, passed 10 × with p = 0.3 %: it is judged
+   within the head); ``ReplyValidator._judged_alone``;
 2. direction, each cosine held to ``min_update_cosine`` (default −0.5): (a) u_k of the LoRA
    factors (concatenated), and of the head, with the mean update of the other replies (the
    most opposed reply is left out first, then the rest are compared again): a reply that
@@ -56,12 +61,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from scipy import stats
 
 from common import contract
 
 DEFAULT_MAX_NORM_RATIO = 10.0
 DEFAULT_MIN_UPDATE_COSINE = -0.5
-MIN_NOISE_Z = 4.0  # a group is screened by direction when the bar is this many noise s.d.
+MIN_NOISE_Z = 4.0  # a screen applies where honest noise passes its bar with p <= Phi(-4) = 3e-5
 DEFAULT_MAX_NUM_EXAMPLES = 10_000_000
 # The metrics that the train-metric aggregation (strategies.metrics) reads from every reply.
 REQUIRED_METRICS = (contract.NUM_EXAMPLES, contract.TRAIN_LOSS, contract.EPSILON,
@@ -231,31 +237,60 @@ class ReplyValidator:
                             ) -> list[dict[str, np.ndarray]]:
         """Move replies with an update norm > ratio × the others' median to ``rejected``.
 
-        Returns the updates of the replies kept in ``out.valid``.
+        Compared per unit of :meth:`_norm_units`. Returns the updates of the replies kept in
+        ``out.valid``.
         """
         if not self.max_norm_ratio or math.isinf(self.max_norm_ratio) or len(updates) < 2:
             return updates
-        norms = [{key: float(np.linalg.norm(u)) for key, u in update.items()}
-                 for update in updates]
+        units = self._norm_units()
+        norms = [{what: math.sqrt(sum(float(np.vdot(u[k], u[k])) for k in keys))
+                  for what, keys in units} for u in updates]
         kept, kept_updates = [], []
         for k, (msg, update) in enumerate(zip(out.valid, updates, strict=True)):
             too_large = None
-            for key in self.expected:
-                median = statistics.median(n[key] for j, n in enumerate(norms) if j != k)
-                if median > 0 and norms[k][key] > self.max_norm_ratio * median:
-                    too_large = (key, median)
+            for what, _ in units:
+                median = statistics.median(n[what] for j, n in enumerate(norms) if j != k)
+                if median > 0 and norms[k][what] > self.max_norm_ratio * median:
+                    too_large = (what, median)
                     break
             if too_large is None:
                 kept.append(msg)
                 kept_updates.append(update)
                 continue
-            key, median = too_large
+            what, median = too_large
             out.rejected.append(_rejection(msg, InvalidReply(
-                f"array {key!r} changes by {norms[k][key]:.4g} (Frobenius norm of its update), "
+                f"{what} changes by {norms[k][what]:.4g} (Frobenius norm of the update), "
                 f"more than {self.max_norm_ratio:g} × the other replies' median "
                 f"{median:.4g}")))
         out.valid = kept
         return kept_updates
+
+    def _groups(self) -> list[tuple[str, list[str]]]:
+        """The non-empty groups of expected arrays: the LoRA factors, the head."""
+        return [(group, keys) for group, keys in (
+            ("LoRA factors", [k for k in self.expected if not contract.is_head_key(k)]),
+            ("head", [k for k in self.expected if contract.is_head_key(k)])) if keys]
+
+    def _norm_units(self) -> list[tuple[str, list[str]]]:
+        """What the norm screen compares, as (description, keys).
+
+        Each array judged alone, then each group as a whole (which holds the arrays too small
+        to be judged alone).
+        """
+        return ([(f"array {key!r}", [key]) for key in self.expected
+                 if self._judged_alone(key)]
+                + [(f"the {group} (all arrays together)", keys)
+                   for group, keys in self._groups()])
+
+    def _judged_alone(self, key: str) -> bool:
+        """Whether array ``key`` has enough numbers d for its own norm comparison.
+
+        The norm ratio of two independent Gaussian vectors of d numbers is √F(d, d); the array
+        is judged alone when P(F(d, d) > ratio²) ≤ Φ(−MIN_NOISE_Z) (3e-5), the chance that also
+        bounds the direction screen (:meth:`_enough_numbers`): d ≥ 6 at ratio 10, 17 at 3.
+        """
+        d = int(np.prod(self.expected[key].shape))
+        return stats.f.sf(self.max_norm_ratio ** 2, d, d) <= stats.norm.sf(MIN_NOISE_Z)
 
     def _drop_opposed(self, out: Screening, updates: list[dict[str, np.ndarray]]) -> None:
         """Move replies that undo the sent state or oppose the others' updates to ``rejected``.
@@ -274,10 +309,7 @@ class ReplyValidator:
         if self.min_update_cosine <= -1:
             return
         limit = f"< strategy.min-update-cosine={self.min_update_cosine:g}"
-        groups = [(group, keys) for group, keys in (
-            ("LoRA factors", [k for k in self.expected if not contract.is_head_key(k)]),
-            ("head", [k for k in self.expected if contract.is_head_key(k)]))
-            if keys and self._enough_numbers(keys)]
+        groups = [(group, keys) for group, keys in self._groups() if self._enough_numbers(keys)]
         if not groups:
             return
         flat = [{group: np.concatenate([u[k].ravel() for k in keys]) for group, keys in groups}

@@ -19,6 +19,7 @@ from flwr.app import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import stats
 
 from common import contract
 from common.config import AppConfig, ConfigError
@@ -229,7 +230,7 @@ def test_norm_outlier_reason_names_the_update_norm_and_the_others_median():
     norms = sorted(float(np.linalg.norm(_good_arrays(n)[B1].astype(np.float64))) for n in (1, 2, 3))
     huge = 100 * float(np.linalg.norm(_good_arrays(1)[B1].astype(np.float64)))
     assert [r.reason for r in screening.rejected] == [
-        f"array 'l1.value.lora_B' changes by {huge:.4g} (Frobenius norm of its update), more "
+        f"array 'l1.value.lora_B' changes by {huge:.4g} (Frobenius norm of the update), more "
         f"than 10 × the other replies' median {norms[1]:.4g}"]
 
 
@@ -507,3 +508,49 @@ def test_a_group_too_small_for_the_direction_screen_is_not_screened_by_direction
     large = ReplyValidator({"m.lora_B": ArraySpec((8, 8), "float32")},
                            sent={"m.lora_B": np.ones((8, 8), np.float32)}, min_update_cosine=-0.5)
     assert large._enough_numbers(["m.lora_B"])  # 64 numbers: the bar is 4 noise s.d.
+
+
+BIAS = contract.head_key("classifier.bias")
+HEAD_SPECS = {B1: ArraySpec((8, 8), "float32"), HEAD: ArraySpec((3, 64), "float32"),
+              BIAS: ArraySpec((3,), "float32")}
+
+
+def _noise_reply(node: int, *, bias_scale: float = 1.0) -> Message:
+    """A DP-like reply: Gaussian updates (from 0) of every array of HEAD_SPECS."""
+    rng = np.random.default_rng(node)
+    arrays = {k: rng.normal(size=s.shape).astype(np.float32) for k, s in HEAD_SPECS.items()}
+    arrays[BIAS] = (bias_scale * arrays[BIAS]).astype(np.float32)
+    return _reply(node, arrays, _good_metrics(10 * node))
+
+
+def test_an_array_too_small_to_judge_alone_is_judged_within_its_group():
+    # Two honest noise updates of a 3-class head's bias (3 numbers) differ in norm by 10 x with
+    # p = 0.3 % (CI once rejected an honest client so); the head's weight sets the yardstick.
+    validator = ReplyValidator(HEAD_SPECS)
+    assert not validator._judged_alone(BIAS) and validator._judged_alone(HEAD)
+    honest = [_noise_reply(1), _noise_reply(2, bias_scale=30.0)]
+    assert validator.screen(honest).rejected == []
+    # A blow-up of the small array still moves its group past the bar
+    blown = validator.screen([_noise_reply(1), _noise_reply(2), _noise_reply(3, bias_scale=1e4)])
+    [rejection] = blown.rejected
+    assert rejection.node_id == 3
+    assert rejection.reason.startswith("the head (all arrays together) changes by")
+
+
+@pytest.mark.parametrize(("ratio", "smallest"), [(10.0, 6), (3.0, 17), (2.0, 37)])
+def test_arrays_are_judged_alone_from_the_size_where_noise_rarely_passes_the_ratio(ratio,
+                                                                                   smallest):
+    def judged(d):
+        return ReplyValidator({"x": ArraySpec((d,), "float32")},
+                              max_norm_ratio=ratio)._judged_alone("x")
+    assert not judged(smallest - 1) and judged(smallest)
+
+
+def test_the_norm_ratio_of_two_noise_vectors_follows_the_f_distribution_the_bar_uses():
+    # ‖x‖² / ‖y‖² of two independent N(0, I_d) vectors is F(d, d): checked by sampling at
+    # d = 3 (a 3-class head's bias), where passing 10 x is common enough to count
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(2, 1_000_000, 3))
+    passed = np.mean(np.linalg.norm(x, axis=1) > 10 * np.linalg.norm(y, axis=1))
+    expected = stats.f.sf(100, 3, 3)  # 0.00167
+    assert abs(passed - expected) < 4 * math.sqrt(expected / 1_000_000)
