@@ -477,3 +477,18 @@ def test_tiny_lr_tuning_through_flower_evaluates_on_the_validation_split(tiny_ru
     cfg = AppConfig.from_run_config({**tiny_run_config, "data.validation-fraction": 0.2})
     validation = load_corpus(cfg.data, cfg.seed).test
     assert int(rows[-1]["eval-examples"]) == len(validation)  # not the test split's size
+
+
+@pytest.mark.parametrize(("share", "flagged"), [("0.995", True), ("0.62", False), ("", False)])
+def test_a_finished_cell_line_flags_a_final_model_with_one_answer(tmp_path, share, flagged):
+    # The one-answer WARNING is in the cell's log; the sweep's own line must not hide it
+    (tmp_path / "metrics.csv").write_text(
+        "round,accuracy,balanced-accuracy,most-predicted-share\n"
+        f"0,0.2,0.25,0.7\n1,0.861,0.5,{share}\n")
+    text = sweep_cells._final_result(tmp_path)
+    assert text.startswith(": final accuracy 0.8610 (balanced 0.5000)")
+    assert ("ONE ANSWER: the final model gives one class to 99.5% of the examples" in text) \
+        == flagged
+    # Older records have neither column
+    (tmp_path / "metrics.csv").write_text("round,accuracy\n0,0.2\n1,0.4\n")
+    assert sweep_cells._final_result(tmp_path) == ": final accuracy 0.4000"

@@ -35,6 +35,7 @@ from common import schema
 from common.config import AppConfig
 from common.run_config import app_run_config, override_text
 from server.checkpoint import CHECKPOINT_FILE
+from server.evaluation import ONE_ANSWER_SHARE
 from server.preflight import check_run
 from simulations.launch.console import (
     Progress,
@@ -432,8 +433,7 @@ def _run_one(cell: Cell, folder: Path, overrides: Sequence[str], runner: Runner,
         why = f"exit code {code}"
     seconds = time.monotonic() - started
     if code == 0 and is_complete(run_folder, num_rounds):
-        return Outcome(cell, "done", seconds,
-                       f": final accuracy {_last_accuracy(run_folder):.4f}")
+        return Outcome(cell, "done", seconds, _final_result(run_folder))
     reason = failure_reason(log)
     detail = (f" ({why}{'' if code else ', no final round in metrics.csv'}"
               f"{': ' + reason if reason else ''}; log {log})")
@@ -442,10 +442,30 @@ def _run_one(cell: Cell, folder: Path, overrides: Sequence[str], runner: Runner,
 
 
 
-def _last_accuracy(run_folder: Path) -> float:
+def _final_row(run_folder: Path) -> dict[str, str]:
     with (run_folder / schema.METRICS_FILE).open() as f:
-        rows = list(csv.DictReader(f))
-    return float(rows[-1][schema.ACCURACY])
+        return list(csv.DictReader(f))[-1]
+
+
+def _last_accuracy(run_folder: Path) -> float:
+    return float(_final_row(run_folder)[schema.ACCURACY])
+
+
+def _final_result(run_folder: Path) -> str:
+    """The end of a finished cell's line: ``: final accuracy 0.4148 (balanced 0.4012)``.
+
+    A ``ONE ANSWER`` flag follows when the final model gives one class to ≥
+    ``ONE_ANSWER_SHARE`` of the examples (the cell's log has the WARNING that names it).
+    """
+    row = _final_row(run_folder)
+    text = f": final accuracy {float(row[schema.ACCURACY]):.4f}"
+    if row.get(schema.BALANCED_ACCURACY):
+        text += f" (balanced {float(row[schema.BALANCED_ACCURACY]):.4f})"
+    share = row.get(schema.MOST_PREDICTED_SHARE)
+    if share and float(share) >= ONE_ANSWER_SHARE:
+        text += (f"; ONE ANSWER: the final model gives one class to {float(share):.1%} of the "
+                 "examples (not learning; WARNING in its log)")
+    return text
 
 
 def _record_attempt(folder: Path, outcome: Outcome, command: str) -> None:
