@@ -29,7 +29,7 @@ whose own norm is that of B, is seen as the jump of 2‖B_sent‖ it is):
    (the LoRA factors together, the head together), and each array large enough to be judged
    alone, so a blow-up of one layer is not diluted by the rest. An array of d numbers is
    judged alone when two honest noise updates of it (under DP: Gaussian) pass the ratio by
-   chance with p ≤ 2·Φ(−MIN_NOISE_Z) ≈ 6e-5: their norm ratio is √F(d, d), so d ≥ 6 at the
+   chance with p ≤ Φ(−MIN_NOISE_Z) ≈ 3e-5: their norm ratio is √F(d, d), so d ≥ 6 at the
    default ratio 10 (a 3-class head's bias, d = 3, passed 10 × with p = 0.3 %: it is judged
    within the head); ``ReplyValidator._judged_alone``;
 2. direction, each cosine held to ``min_update_cosine`` (default −0.5): (a) u_k of the LoRA
