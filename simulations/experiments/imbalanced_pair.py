@@ -27,6 +27,7 @@ from pathlib import Path
 
 from common.config import DataConfig
 from common.data import load_corpus
+from simulations.experiments.outputs import refuse_existing
 
 SMS_MINORITY_SHARE = 747 / 5574  # spam in the SMS Spam Collection
 
@@ -57,12 +58,6 @@ def cut_minority(rows: Sequence[tuple[str, str]], minority: str, share: float,
                          f"{share:.3f} of the file")
     kept = set(random.Random(seed).sample(mine, wanted))
     return [row for i, row in enumerate(rows) if row[1] != minority or i in kept]
-
-
-def refuse_existing(out: Path, *, overwrite: bool) -> None:
-    """FileExistsError for an existing ``out`` unless ``overwrite``: checked before any work."""
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
 
 
 def write_jsonl(rows: Sequence[tuple[str, str]], out: Path) -> None:

