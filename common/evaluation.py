@@ -1,10 +1,11 @@
-"""Loss, accuracy and balanced accuracy of a model on tokenized data, as its task counts them."""
+"""Loss, accuracy, balanced accuracy and ROC AUC of a model on tokenized data, by its task."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from scipy.stats import rankdata
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -23,7 +24,10 @@ class Evaluation:
     data it shows learning that accuracy hides (predicting the majority class scores 1/|P|).
     ``most_predicted`` and ``most_predicted_share`` (classification): the class the model
     predicted for the most examples and the share of the examples given it (1.0: one answer
-    for every example, whatever it reads). All three None for a task without classes (causal LM).
+    for every example, whatever it reads). ``auc`` (classification): :func:`one_vs_rest_auc`,
+    which no decision threshold decides: a model that ranks the classes well but gives the
+    majority class to every example (its logits lean on the class prior) has a high AUC and a
+    chance balanced accuracy. All four None for a task without classes (causal LM).
     """
 
     loss: float
@@ -31,13 +35,37 @@ class Evaluation:
     balanced_accuracy: float | None
     most_predicted: int | None = None
     most_predicted_share: float | None = None
+    auc: float | None = None
+
+
+def one_vs_rest_auc(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Mean over the classes k present of the one-vs-rest ROC AUC of p_k = softmax(z)_k.
+
+    logits (N, K), labels (N,) in [0, K). For class k with n_k examples among N, by the rank
+    (Mann–Whitney) form, ties counted ½ as scikit-learn's ``roc_auc_score``:
+    AUC_k = (Σ_{i: y_i = k} rank_i(p_k) − n_k (n_k + 1) / 2) / (n_k (N − n_k)), the probability
+    that an example of class k gets a higher p_k than one of another class (0.5: chance,
+    whatever the class shares). Two classes: the AUC of z_1 − z_0. None when fewer than two
+    classes are present.
+    """
+    probs = torch.softmax(logits.double(), dim=-1).numpy()
+    y = labels.numpy()
+    per_class = []
+    for k in range(probs.shape[1]):
+        positive = y == k
+        n_k = int(positive.sum())
+        if 0 < n_k < len(y):
+            ranks = rankdata(probs[:, k])
+            per_class.append((ranks[positive].sum() - n_k * (n_k + 1) / 2)
+                             / (n_k * (len(y) - n_k)))
+    return float(sum(per_class) / len(per_class)) if len(per_class) >= 2 else None
 
 
 @torch.no_grad()
 def evaluation(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
                compute_dtype: torch.dtype = torch.float32,
                task: Task = TASKS["classification"]) -> Evaluation:
-    """Mean loss, accuracy and balanced accuracy of ``model`` on ``dataset`` (ids, mask, labels).
+    """Loss, accuracy, balanced accuracy and AUC of ``model`` on ``dataset`` (ids, mask, labels).
 
     Classification: loss per example and the share of correct labels; causal LM: loss per
     predicted token and the share of correct next tokens (:meth:`common.tasks.Task.loss_sums`).
@@ -50,6 +78,8 @@ def evaluation(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     classes: ClassCounts | None = None
+    class_logits: list[torch.Tensor] = []  # classification: each batch's (B, K), for the AUC
+    class_labels: list[torch.Tensor] = []
     for input_ids, mask, labels in length_sorted_batches(dataset, batch_size):
         input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
         with autocast(device, compute_dtype):
@@ -58,6 +88,8 @@ def evaluation(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
         total_loss, correct, count = total_loss + loss, correct + right, count + predicted
         if (counts := task.class_counts(logits, labels)) is not None:
             classes = counts if classes is None else classes + counts
+            class_logits.append(logits.cpu())
+            class_labels.append(labels.cpu())
     model.train(was_training)
     if count == 0:
         raise ValueError("cannot evaluate on an empty dataset")
@@ -67,7 +99,8 @@ def evaluation(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
     balanced = float((classes.right[present] / classes.examples[present]).mean())
     most = int(classes.predicted.argmax())
     return Evaluation(total_loss / count, correct / count, balanced, most,
-                      int(classes.predicted[most]) / int(classes.predicted.sum()))
+                      int(classes.predicted[most]) / int(classes.predicted.sum()),
+                      one_vs_rest_auc(torch.cat(class_logits), torch.cat(class_labels)))
 
 
 def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,

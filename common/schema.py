@@ -39,6 +39,7 @@ EVAL_SPLIT = "eval-split"
 ACCURACY = contract.ACCURACY
 BALANCED_ACCURACY = "balanced-accuracy"
 MOST_PREDICTED_SHARE = "most-predicted-share"
+AUC = "auc"
 LOSS = contract.LOSS
 PERPLEXITY = "perplexity"
 EVAL_EXAMPLES = "eval-examples"
@@ -78,6 +79,10 @@ COLUMNS: tuple[Column, ...] = (
     Column(MOST_PREDICTED_SHARE, float, "classification only: the share of the evaluated "
                                         "examples given the class the model predicts most "
                                         "often (1: one answer for every example)"),
+    Column(AUC, float, "classification only: the mean over the classes present of the "
+                       "one-vs-rest ROC AUC of the softmax (0.5: chance; no decision threshold "
+                       "decides it, so a model that ranks the classes but gives the majority "
+                       "class to every example scores high here and 1/K in balanced accuracy)"),
     Column(LOSS, float, "mean cross-entropy of the global model on the evaluated examples "
                         "(causal LM: per predicted token)"),
     Column(PERPLEXITY, float, "causal LM only: exp(loss), per predicted token"),

@@ -88,6 +88,9 @@ class GlobalEvaluator:
             metrics[schema.BALANCED_ACCURACY] = measured.balanced_accuracy
             metrics[schema.MOST_PREDICTED_SHARE] = measured.most_predicted_share
             balanced = f"balanced accuracy {measured.balanced_accuracy:.4f} | "
+        if measured.auc is not None:
+            metrics[schema.AUC] = measured.auc
+            balanced += f"AUC {measured.auc:.4f} | "
         metrics.update(self.task.loss_metrics(loss))
         row[schema.WALL_SECONDS] = time.monotonic() - self._t0
         self.rows.append({**row, **metrics, **train})
@@ -109,13 +112,17 @@ class GlobalEvaluator:
         if share is None or most is None or share < ONE_ANSWER_SHARE:
             return None
         name = self.label_names[most] if self.label_names else str(most)
+        ranking = ("" if measured.auc is None else
+                   f" Its ROC AUC, which no decision threshold decides, is {measured.auc:.4f} "
+                   "(0.5: chance): near 0.5 it has not learned to tell the classes apart; well "
+                   "above, it ranks them but its decisions lean on the larger class's share "
+                   "(docs/experiments.md, step 4).")
         return (f"the final model predicts class {name!r} for {share:.1%} of the {examples} "
                 f"{self.split} examples: its accuracy {measured.accuracy:.4f} is about that "
                 f"class's share of them and its balanced accuracy "
-                f"{measured.balanced_accuracy:.4f} is chance, so it has not learned to tell the "
-                "classes apart; train longer (strategy.num-rounds; an imbalanced file needs more "
-                "rounds than the defaults, README: 'What the defaults assume'), or with a larger "
-                "privacy.epsilon")
+                f"{measured.balanced_accuracy:.4f} is chance.{ranking} Train longer "
+                "(strategy.num-rounds; an imbalanced file needs more rounds than the defaults, "
+                "README: 'What the defaults assume'), or with a larger privacy.epsilon")
 
 
 def _fmt(value) -> str:

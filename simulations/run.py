@@ -116,14 +116,15 @@ def _console(cfg: AppConfig, *, verbose: bool):
 
 
 def _summary(folder: Path, cfg: AppConfig, seconds: float) -> str:
-    """The last line: final accuracy and balanced accuracy, examples, largest client ε, where."""
+    """The last line: final accuracy, balanced accuracy, AUC, examples, largest client ε, where."""
     with (folder / schema.METRICS_FILE).open(newline="") as f:
         rows = list(csv.DictReader(f))
     last = rows[-1]
     epsilons = [float(r[schema.EPSILON_MAX]) for r in rows if r.get(schema.EPSILON_MAX)]
     spent = (f"largest client ε {max(epsilons):.2f} (budget {cfg.privacy.epsilon:g})"
              if epsilons and math.isfinite(cfg.privacy.epsilon) else "no privacy budget")
-    balanced = (f" (balanced {float(last[schema.BALANCED_ACCURACY]):.4f})"
+    auc = f", AUC {float(last[schema.AUC]):.4f}" if last.get(schema.AUC) else ""
+    balanced = (f" (balanced {float(last[schema.BALANCED_ACCURACY]):.4f}{auc})"
                 if last.get(schema.BALANCED_ACCURACY) else "")
     return (f"[run] done in {console.duration(seconds)}: final {last[schema.EVAL_SPLIT]} "
             f"accuracy {float(last[schema.ACCURACY]):.4f}{balanced} on "

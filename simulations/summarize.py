@@ -16,6 +16,7 @@ COLUMNS = [  # (metrics.csv column of common.schema, header, format)
     (schema.ROUND, "round", "{:.0f}"),
     (schema.ACCURACY, "test accuracy", "{:.4f}"),
     (schema.BALANCED_ACCURACY, "balanced accuracy", "{:.4f}"),
+    (schema.AUC, "AUC", "{:.4f}"),
     (schema.LOSS, "test loss", "{:.4f}"),
     (schema.EVAL_EXAMPLES, "eval examples", "{:.0f}"),
     (schema.TRAIN_LOSS, "train loss", "{:.4f}"),

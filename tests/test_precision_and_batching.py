@@ -141,7 +141,7 @@ def test_length_sorted_evaluation_visits_every_example_once_and_matches(tiny_run
 
 
 def test_balanced_accuracy_is_scikit_learns_over_the_classes_present(tiny_run_config):
-    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
     cfg, model, _, data = _model_and_data(tiny_run_config)
     ids, mask, labels = data.test.tensors
@@ -159,6 +159,12 @@ def test_balanced_accuracy_is_scikit_learns_over_the_classes_present(tiny_run_co
     most = torch.bincount(predicted, minlength=3)
     assert measured.most_predicted == int(most.argmax())
     assert measured.most_predicted_share == pytest.approx(int(most.max()) / len(subset))
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=subset.tensors[0],
+                                    attention_mask=subset.tensors[1]).logits, -1)
+    y = subset.tensors[2].numpy()  # one-vs-rest over the classes present, as scikit-learn's
+    want_auc = sum(roc_auc_score(y == k, probs[:, k].numpy()) for k in set(y)) / len(set(y))
+    assert measured.auc == pytest.approx(want_auc, abs=1e-6)
     # All one class predicted: accuracy is that class's share, balanced accuracy 1/|classes|
     always_first = TASKS["classification"].class_counts(
         torch.tensor([[1.0, 0.0, 0.0]]).repeat(4, 1), torch.tensor([0, 0, 0, 1]))
@@ -177,7 +183,7 @@ def test_a_final_model_with_one_answer_for_everything_is_reported(monkeypatch):
 
     measured = {"share": 1.0}
     monkeypatch.setattr(server_evaluation, "evaluation", lambda model, data, **kw: Evaluation(
-        0.33, 0.8611, 0.5, 0, measured["share"]))
+        0.33, 0.8611, 0.5, 0, measured["share"], measured.get("auc")))
 
     class Layout:
         def load(self, state):
@@ -202,7 +208,30 @@ def test_a_final_model_with_one_answer_for_everything_is_reported(monkeypatch):
     (said,) = warnings_of(final_round=5, server_round=5, share=0.999)
     assert "predicts class 'ham' for 99.9% of the 1159 test examples" in said
     assert "accuracy 0.8611" in said and "balanced accuracy 0.5000 is chance" in said
-    assert "strategy.num-rounds" in said
+    assert "strategy.num-rounds" in said and "AUC" not in said  # none measured
+    measured["auc"] = 0.987  # ranks the classes, answers with the majority: the AUC shows it
+    (said,) = warnings_of(final_round=5, server_round=5, share=0.999)
+    assert "Its ROC AUC, which no decision threshold decides, is 0.9870 (0.5: chance)" in said
     assert warnings_of(final_round=5, server_round=5, share=0.98) == []  # it tells classes apart
     assert warnings_of(final_round=5, server_round=3, share=1.0) == []  # not the final model
     assert "predicts class '0'" in warnings_of(5, 5, 1.0, names=None)[0]
+
+
+def test_auc_is_scikit_learns_one_vs_rest_and_needs_no_threshold():
+    from sklearn.metrics import roc_auc_score
+
+    from common.evaluation import one_vs_rest_auc
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (300,), generator=gen)
+    logits = torch.randn(300, 4, generator=gen) + 1.5 * torch.nn.functional.one_hot(labels, 4)
+    want = roc_auc_score(labels.numpy(), torch.softmax(logits.double(), -1).numpy(),
+                         multi_class="ovr", average="macro")
+    assert one_vs_rest_auc(logits, labels) == pytest.approx(want, abs=1e-12)
+    # A binary model that ranks every example right but answers the majority for all of them
+    binary = (torch.arange(100) < 13).long()
+    margin = binary.double() - 5.0  # z_1 − z_0 < 0 everywhere: argmax is class 0 throughout
+    shifted = torch.stack([torch.zeros(100, dtype=torch.float64), margin], 1)
+    assert one_vs_rest_auc(shifted, binary) == 1.0
+    assert one_vs_rest_auc(torch.zeros(100, 2), binary) == 0.5  # all tied: chance
+    assert one_vs_rest_auc(torch.randn(5, 3), torch.zeros(5, dtype=torch.long)) is None

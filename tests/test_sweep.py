@@ -489,6 +489,10 @@ def test_a_finished_cell_line_flags_a_final_model_with_one_answer(tmp_path, shar
     assert text.startswith(": final accuracy 0.8610 (balanced 0.5000)")
     assert ("ONE ANSWER: the final model gives one class to 99.5% of the examples" in text) \
         == flagged
-    # Older records have neither column
+    (tmp_path / "metrics.csv").write_text("round,accuracy,balanced-accuracy,auc\n"
+                                          "1,0.861,0.5,0.987\n")
+    assert sweep_cells._final_result(tmp_path) == (": final accuracy 0.8610 "
+                                                   "(balanced 0.5000, AUC 0.9870)")
+    # Older records have none of these columns
     (tmp_path / "metrics.csv").write_text("round,accuracy\n0,0.2\n1,0.4\n")
     assert sweep_cells._final_result(tmp_path) == ": final accuracy 0.4000"

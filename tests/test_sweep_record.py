@@ -40,10 +40,11 @@ INF = math.inf
 RC = ["--run-config", "strategy.num-rounds=2", "--lr-file", "none"]
 
 
-def evaluator_line(r, accuracy, epsilon, seconds, split="test", balanced=None):
+def evaluator_line(r, accuracy, epsilon, seconds, split="test", balanced=None, auc=None):
     """The line server.evaluation.GlobalEvaluator logs (its format string, copied)."""
     eps = "-" if epsilon is None else f"{epsilon:.3f}"
     bal = "" if balanced is None else f"balanced accuracy {balanced:.4f} | "
+    bal += "" if auc is None else f"AUC {auc:.4f} | "
     return ("round %d | %s accuracy %.4f | %s%s loss %.4f | client ε mean %s max %s "  # noqa: UP031
             "| MB up %.2f down %.2f | %.0f s") % (r, split, accuracy, bal, split, 2.0, eps, eps,
                                                   1.5, 3.0, seconds)
@@ -59,7 +60,7 @@ def test_round_line_is_read_from_what_the_evaluator_logs(monkeypatch):
     from server import evaluation
 
     monkeypatch.setattr(evaluation, "evaluation",
-                        lambda model, data, **kw: Evaluation(1.25, 0.3125, 0.5, 1, 0.75))
+                        lambda model, data, **kw: Evaluation(1.25, 0.3125, 0.5, 1, 0.75, 0.875))
 
     class Layout:
         def load(self, state):
@@ -85,8 +86,8 @@ def test_round_line_is_read_from_what_the_evaluator_logs(monkeypatch):
     rows = [parse_round_line(line) for line in logged if "round" in line]
     assert [r.round for r in rows] == [0, 2, 3]
     assert rows[1].accuracy == pytest.approx(0.3125) and rows[1].epsilon == pytest.approx(1.25)
-    assert rows[1].balanced_accuracy == pytest.approx(0.5)
-    assert evaluator.rows[1]["most-predicted-share"] == 0.75
+    assert rows[1].balanced_accuracy == pytest.approx(0.5) and rows[1].auc == pytest.approx(0.875)
+    assert evaluator.rows[1]["most-predicted-share"] == 0.75 and evaluator.rows[1]["auc"] == 0.875
     assert math.isnan(rows[0].epsilon)
     # round 3 is not evaluated (strategy.eval-every = 2): no accuracy, ε all the same
     assert math.isnan(rows[2].accuracy) and rows[2].epsilon == pytest.approx(1.25)
@@ -97,6 +98,7 @@ def test_round_line_is_read_from_what_the_evaluator_logs(monkeypatch):
             "1.0949 | client ε mean 5.995 max 5.995 | MB up 0.01 down 0.01 | 22 s")
     row = parse_round_line(real)
     assert (row.round, row.accuracy, row.epsilon, row.seconds) == (1, 0.375, 5.995, 22.0)
+    assert math.isnan(row.balanced_accuracy) and math.isnan(row.auc)
     assert parse_round_line(evaluator_line(4, 0.5, INF, 80)).epsilon == INF
     for other in ("INFO :      ├── Number of rounds: 1", "round 3 | nothing else", ""):
         assert parse_round_line(other) is None
@@ -116,6 +118,8 @@ def test_progress_line_rates_and_etas():
     assert lines[-1].startswith("[1/2] fedsvd-eps3-a0.5-seed1 round 5/20 | accuracy 0.320 "
                                 "(balanced 0.297) | ε 1.30 | 45 s/round")
     assert progress.seconds_per_round == pytest.approx(45)
+    on_line(evaluator_line(6, 0.33, 1.4, 275, balanced=0.31, auc=0.8612))
+    assert "| accuracy 0.330 (balanced 0.310, AUC 0.861) | ε 1.40 |" in lines[-1]
     later = progress.cell("[2/2]", "ffa-eps3-a0.5-seed1", 20, rounds_after=0)
     later(evaluator_line(10, 0.4, 2.0, 1000))  # resumed at round 10: its own mean, 100 s
     assert lines[-1].endswith("| 100 s/round | cell ETA 17 min | sweep ETA 8 min")

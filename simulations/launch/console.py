@@ -48,7 +48,7 @@ def say(line: str) -> None:
 
 ROUND_LINE = re.compile(  # server.evaluation.GlobalEvaluator's lines, after the logger's prefix
     r"round (?P<round>\d+) \| (?:\S+ accuracy (?P<accuracy>\S+) \| "
-    r"(?:balanced accuracy (?P<balanced>\S+) \| )?\S+ loss \S+"
+    r"(?:balanced accuracy (?P<balanced>\S+) \| )?(?:AUC (?P<auc>\S+) \| )?\S+ loss \S+"
     r"|not evaluated[^|]*) \| client ε mean (?P<epsilon_mean>\S+) max (?P<epsilon_max>\S+) "
     r"\|(?:.*\|)? (?P<seconds>\d+(?:\.\d*)?) s\s*$")
 
@@ -57,7 +57,7 @@ ROUND_LINE = re.compile(  # server.evaluation.GlobalEvaluator's lines, after the
 class RoundLine:
     """One round as logged; accuracy nan: not evaluated, epsilon (the largest) nan: none yet.
 
-    ``balanced_accuracy`` nan: not evaluated, or a task without classes.
+    ``balanced_accuracy`` and ``auc`` nan: not evaluated, or a task without classes.
     """
 
     round: int
@@ -65,6 +65,7 @@ class RoundLine:
     epsilon: float
     seconds: float  # since the ServerApp started
     balanced_accuracy: float = math.nan
+    auc: float = math.nan
 
 
 def parse_round_line(line: str) -> RoundLine | None:
@@ -81,7 +82,7 @@ def parse_round_line(line: str) -> RoundLine | None:
 
     return RoundLine(int(match["round"]), number(match["accuracy"]),
                      number(match["epsilon_max"]), float(match["seconds"]),
-                     number(match["balanced"]))
+                     number(match["balanced"]), number(match["auc"]))
 
 
 def rough_duration(seconds: float) -> str:
@@ -96,11 +97,11 @@ class Progress:
     """The sweep's clock: seconds per round measured so far, over the cells of this sweep.
 
     :meth:`cell` gives the ``on_line`` of one cell, which prints a line per finished round:
-    ``[3/30] <cell> round 4/20 | accuracy 0.312 (balanced 0.297) | ε 1.20 | 45 s/round |
-    cell ETA 12 min | sweep ETA 3 h 10 min`` (the balanced accuracy where the task has
-    classes). Seconds per round come from the wall seconds that the rounds log (the cell's own
-    for its ETA, all measured rounds for the sweep's); the sweep ETA is that mean × the rounds
-    left of this cell and of the cells after it; SuperLink start-up is not counted.
+    ``[3/30] <cell> round 4/20 | accuracy 0.312 (balanced 0.297, AUC 0.861) | ε 1.20 |
+    45 s/round | cell ETA 12 min | sweep ETA 3 h 10 min`` (balanced accuracy and AUC where the
+    task has classes). Seconds per round come from the wall seconds that the rounds log (the
+    cell's own for its ETA, all measured rounds for the sweep's); the sweep ETA is that mean ×
+    the rounds left of this cell and of the cells after it; SuperLink start-up is not counted.
     """
 
     def __init__(self, say: Callable[[str], None] = say) -> None:
@@ -139,7 +140,8 @@ class Progress:
             epsilon = "-" if math.isnan(row.epsilon) else f"{row.epsilon:.2f}"
             accuracy = "-" if math.isnan(row.accuracy) else f"{row.accuracy:.3f}"
             if not math.isnan(row.balanced_accuracy):
-                accuracy += f" (balanced {row.balanced_accuracy:.3f})"
+                auc = "" if math.isnan(row.auc) else f", AUC {row.auc:.3f}"
+                accuracy += f" (balanced {row.balanced_accuracy:.3f}{auc})"
             line = (f"{prefix} round {row.round}/{num_rounds} | accuracy {accuracy} | "
                     f"ε {epsilon} | {rate:.0f} s/round")
             if rounds_after is None:
