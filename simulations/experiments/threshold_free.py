@@ -5,10 +5,10 @@ model can rank the classes well and still give the majority class to every examp
 its logits carry the training prior π (cross-entropy rewards log π_k in z_k) more strongly
 than what it reads. Two measures that this threshold does not decide:
 
-* **ROC AUC**: the probability that a random example of class k scores higher for k than a
-  random example of another class (binary: on z_1 − z_0; K > 2: the mean over k of the
-  one-vs-rest AUC on softmax(z)_k; scikit-learn's ``roc_auc_score``). 0.5 is chance,
-  whatever the class shares.
+* **ROC AUC** (:func:`common.evaluation.one_vs_rest_auc`, which every run's evaluation reports
+  since 2026-12-05; this script scores runs saved before): the probability that a random
+  example of class k gets a higher softmax(z)_k than a random example of another class, the
+  mean over k. 0.5 is chance, whatever the class shares.
 * **Balanced accuracy after logit adjustment** (Menon et al. 2021, "Long-tail learning via
   logit adjustment"): predict ``argmax_k (z_k − log π_k)``, the decision that maximises
   balanced accuracy when softmax(z) is the posterior under the prior π. π here is the class
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,11 +34,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score
 
 from common.batching import length_sorted_batches
 from common.config import AppConfig
 from common.data import load_corpus
+from common.evaluation import one_vs_rest_auc
 from common.model import load_tokenizer
 from common.model_path import resolve_model_path
 from common.precision import autocast, resolve_compute_dtype
@@ -49,7 +51,7 @@ from server.results import load_model
 class Scores:
     """What :func:`scores` measured on one set of examples (see the module's docstring)."""
 
-    auc: float
+    auc: float  # nan with fewer than two classes among the labels
     balanced_accuracy: float  # of argmax_k z_k, as the runs report it
     adjusted_balanced_accuracy: float  # of argmax_k (z_k − log π_k)
     most_predicted_share: float  # share of the examples given the most predicted class
@@ -59,16 +61,11 @@ def scores(logits: np.ndarray, labels: np.ndarray, prior: np.ndarray) -> Scores:
     """Scores of logits (N, K) against labels (N,) in [0, K), with the class prior π (K,) > 0."""
     if prior.shape != (logits.shape[1],) or (prior <= 0).any():
         raise ValueError(f"the prior needs {logits.shape[1]} shares > 0, got {prior}")
-    if logits.shape[1] == 2:
-        auc = roc_auc_score(labels, logits[:, 1] - logits[:, 0])
-    else:
-        z = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-        auc = roc_auc_score(labels, probs, multi_class="ovr", average="macro",
-                            labels=np.arange(logits.shape[1]))
+    auc = one_vs_rest_auc(torch.from_numpy(logits), torch.from_numpy(labels))
     predicted = logits.argmax(axis=1)
     adjusted = (logits - np.log(prior)).argmax(axis=1)
-    return Scores(float(auc), float(balanced_accuracy_score(labels, predicted)),
+    return Scores(math.nan if auc is None else auc,
+                  float(balanced_accuracy_score(labels, predicted)),
                   float(balanced_accuracy_score(labels, adjusted)),
                   float(np.bincount(predicted).max() / len(predicted)))
 
