@@ -164,7 +164,11 @@ def test_balanced_accuracy_is_scikit_learns_over_the_classes_present(tiny_run_co
                                     attention_mask=subset.tensors[1]).logits, -1)
     y = subset.tensors[2].numpy()  # one-vs-rest over the classes present, as scikit-learn's
     want_auc = sum(roc_auc_score(y == k, probs[:, k].numpy()) for k in set(y)) / len(set(y))
-    assert measured.auc == pytest.approx(want_auc, abs=1e-6)
+    # The tiny random model's probabilities nearly tie, and evaluation's trimmed batches change
+    # its logits in the last bits, which can swap a few near-tied ranks (each pair moves the AUC
+    # by 1 / (n_k (N − n_k)), about 0.003 here); the formula is checked exactly in
+    # test_auc_is_scikit_learns_one_vs_rest_and_needs_no_threshold.
+    assert measured.auc == pytest.approx(want_auc, abs=0.02)
     # All one class predicted: accuracy is that class's share, balanced accuracy 1/|classes|
     always_first = TASKS["classification"].class_counts(
         torch.tensor([[1.0, 0.0, 0.0]]).repeat(4, 1), torch.tensor([0, 0, 0, 1]))
