@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,23 @@ def one_vs_rest_auc(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
     return float(sum(per_class) / len(per_class)) if len(per_class) >= 2 else None
 
 
+def batch_logits(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
+                 compute_dtype: torch.dtype = torch.float32,
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(float32 logits, labels) of each batch of ``dataset`` (ids, mask, labels), on its device.
+
+    Examples in length order, each batch cut to its longest example
+    (:func:`common.batching.length_sorted_batches`); the model runs under ``compute_dtype``
+    autocast (:mod:`common.precision`). The caller sets eval mode and ``torch.no_grad``.
+    """
+    device = next(model.parameters()).device
+    for input_ids, mask, labels in length_sorted_batches(dataset, batch_size):
+        input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
+        with autocast(device, compute_dtype):
+            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+        yield logits, labels
+
+
 @torch.no_grad()
 def evaluation(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
                compute_dtype: torch.dtype = torch.float32,
@@ -73,17 +91,13 @@ def evaluation(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
     (:func:`common.batching.length_sorted_batches`); the model runs under ``compute_dtype``
     autocast (:mod:`common.precision`), the loss is summed in float32.
     """
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     classes: ClassCounts | None = None
     class_logits: list[torch.Tensor] = []  # classification: each batch's (B, K), for the AUC
     class_labels: list[torch.Tensor] = []
-    for input_ids, mask, labels in length_sorted_batches(dataset, batch_size):
-        input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
-        with autocast(device, compute_dtype):
-            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+    for logits, labels in batch_logits(model, dataset, batch_size, compute_dtype):
         loss, right, predicted = task.loss_sums(logits, labels)
         total_loss, correct, count = total_loss + loss, correct + right, count + predicted
         if (counts := task.class_counts(logits, labels)) is not None:

@@ -83,19 +83,19 @@ class GlobalEvaluator:
         loss, accuracy = measured.loss, measured.accuracy
         metrics = MetricRecord({schema.ACCURACY: accuracy, schema.LOSS: loss,
                                 schema.EVAL_EXAMPLES: len(data)})
-        balanced = ""
+        class_metrics = ""  # what the log line shows of a classifier
         if measured.balanced_accuracy is not None:
             metrics[schema.BALANCED_ACCURACY] = measured.balanced_accuracy
             metrics[schema.MOST_PREDICTED_SHARE] = measured.most_predicted_share
-            balanced = f"balanced accuracy {measured.balanced_accuracy:.4f} | "
+            class_metrics = f"balanced accuracy {measured.balanced_accuracy:.4f} | "
         if measured.auc is not None:
             metrics[schema.AUC] = measured.auc
-            balanced += f"AUC {measured.auc:.4f} | "
+            class_metrics += f"AUC {measured.auc:.4f} | "
         metrics.update(self.task.loss_metrics(loss))
         row[schema.WALL_SECONDS] = time.monotonic() - self._t0
         self.rows.append({**row, **metrics, **train})
         log(INFO, "round %d | %s accuracy %.4f | %s%s loss %.4f | client ε mean %s max %s "
-            "| MB up %.2f down %.2f | %.0f s", server_round, self.split, accuracy, balanced,
+            "| MB up %.2f down %.2f | %.0f s", server_round, self.split, accuracy, class_metrics,
             self.split, loss, _fmt(train.get(schema.EPSILON_MEAN)),
             _fmt(train.get(schema.EPSILON_MAX)), train.get(schema.BYTES_UP, 0) / 1e6,
             train.get(schema.BYTES_DOWN, 0) / 1e6, row[schema.WALL_SECONDS])

@@ -123,9 +123,7 @@ def _summary(folder: Path, cfg: AppConfig, seconds: float) -> str:
     epsilons = [float(r[schema.EPSILON_MAX]) for r in rows if r.get(schema.EPSILON_MAX)]
     spent = (f"largest client ε {max(epsilons):.2f} (budget {cfg.privacy.epsilon:g})"
              if epsilons and math.isfinite(cfg.privacy.epsilon) else "no privacy budget")
-    auc = f", AUC {float(last[schema.AUC]):.4f}" if last.get(schema.AUC) else ""
-    balanced = (f" (balanced {float(last[schema.BALANCED_ACCURACY]):.4f}{auc})"
-                if last.get(schema.BALANCED_ACCURACY) else "")
+    balanced = console.class_metrics_text(last)
     return (f"[run] done in {console.duration(seconds)}: final {last[schema.EVAL_SPLIT]} "
             f"accuracy {float(last[schema.ACCURACY]):.4f}{balanced} on "
             f"{last[schema.EVAL_EXAMPLES]} examples, {spent}; results in {folder}")

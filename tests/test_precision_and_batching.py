@@ -12,7 +12,7 @@ from common import environment, precision
 from common.adapter import AdapterLayout
 from common.batching import collate_trimmed, length_sorted_batches, trim
 from common.config import AppConfig
-from common.evaluation import evaluate, evaluation
+from common.evaluation import batch_logits, evaluate, evaluation
 from common.model import build_model
 from common.tasks import TASKS
 from tests.helpers import private_sgd
@@ -159,16 +159,15 @@ def test_balanced_accuracy_is_scikit_learns_over_the_classes_present(tiny_run_co
     most = torch.bincount(predicted, minlength=3)
     assert measured.most_predicted == int(most.argmax())
     assert measured.most_predicted_share == pytest.approx(int(most.max()) / len(subset))
+    # The AUC against scikit-learn's one-vs-rest over the classes present, on the very logits
+    # the evaluation scores (its trimmed batches change a random model's near-tied
+    # probabilities in the last bits, enough to swap ranks)
     with torch.no_grad():
-        probs = torch.softmax(model(input_ids=subset.tensors[0],
-                                    attention_mask=subset.tensors[1]).logits, -1)
-    y = subset.tensors[2].numpy()  # one-vs-rest over the classes present, as scikit-learn's
-    want_auc = sum(roc_auc_score(y == k, probs[:, k].numpy()) for k in set(y)) / len(set(y))
-    # The tiny random model's probabilities nearly tie, and evaluation's trimmed batches change
-    # its logits in the last bits, which can swap a few near-tied ranks (each pair moves the AUC
-    # by 1 / (n_k (N − n_k)), about 0.003 here); the formula is checked exactly in
-    # test_auc_is_scikit_learns_one_vs_rest_and_needs_no_threshold.
-    assert measured.auc == pytest.approx(want_auc, abs=0.02)
+        batches = list(batch_logits(model, subset, batch_size=7))
+    probs = torch.softmax(torch.cat([z for z, _ in batches]).double(), -1).numpy()
+    y = torch.cat([labels for _, labels in batches]).numpy()
+    want_auc = sum(roc_auc_score(y == k, probs[:, k]) for k in set(y)) / len(set(y))
+    assert measured.auc == pytest.approx(want_auc, abs=1e-12)
     # All one class predicted: accuracy is that class's share, balanced accuracy 1/|classes|
     always_first = TASKS["classification"].class_counts(
         torch.tensor([[1.0, 0.0, 0.0]]).repeat(4, 1), torch.tensor([0, 0, 0, 1]))

@@ -39,6 +39,7 @@ from server.evaluation import ONE_ANSWER_SHARE
 from server.preflight import check_run
 from simulations.launch.console import (
     Progress,
+    class_metrics_text,
     duration,
     failure_reason,
     following,
@@ -459,9 +460,7 @@ def _final_result(run_folder: Path) -> str:
     """
     row = _final_row(run_folder)
     text = f": final accuracy {float(row[schema.ACCURACY]):.4f}"
-    if row.get(schema.BALANCED_ACCURACY):
-        auc = f", AUC {float(row[schema.AUC]):.4f}" if row.get(schema.AUC) else ""
-        text += f" (balanced {float(row[schema.BALANCED_ACCURACY]):.4f}{auc})"
+    text += class_metrics_text(row)
     share = row.get(schema.MOST_PREDICTED_SHARE)
     if share and float(share) >= ONE_ANSWER_SHARE:
         text += (f"; ONE ANSWER: the final model gives one class to {float(share):.1%} of the "

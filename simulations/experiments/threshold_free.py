@@ -36,13 +36,12 @@ import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-from common.batching import length_sorted_batches
 from common.config import AppConfig
 from common.data import load_corpus
-from common.evaluation import one_vs_rest_auc
+from common.evaluation import batch_logits, one_vs_rest_auc
 from common.model import load_tokenizer
 from common.model_path import resolve_model_path
-from common.precision import autocast, resolve_compute_dtype
+from common.precision import resolve_compute_dtype
 from common.tasks import TASKS
 from server.results import load_model
 
@@ -81,11 +80,7 @@ def logits_on_test_split(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
     model = load_model(base, folder / "adapter").eval()
     data = task.encode(corpus.test, load_tokenizer(cfg.model), cfg.model.max_length)
     dtype = resolve_compute_dtype(cfg.model.compute_dtype, "cpu")
-    logits, labels = [], []
-    for input_ids, mask, batch_labels in length_sorted_batches(data, 128):
-        with autocast(torch.device("cpu"), dtype):
-            logits.append(model(input_ids=input_ids, attention_mask=mask).logits.float())
-        labels.append(batch_labels)
+    logits, labels = zip(*batch_logits(model, data, compute_dtype=dtype), strict=True)
     counts = np.bincount(np.asarray(corpus.train["label"]), minlength=num_labels)
     return (torch.cat(logits).numpy(), torch.cat(labels).numpy(), counts / counts.sum())
 

@@ -14,9 +14,11 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from common import schema
 
 
 def duration(seconds: float) -> str:
@@ -83,6 +85,14 @@ def parse_round_line(line: str) -> RoundLine | None:
     return RoundLine(int(match["round"]), number(match["accuracy"]),
                      number(match["epsilon_max"]), float(match["seconds"]),
                      number(match["balanced"]), number(match["auc"]))
+
+
+def class_metrics_text(row: Mapping[str, str]) -> str:
+    """`` (balanced 0.5000, AUC 0.9870)`` of a metrics.csv row; "" without balanced accuracy."""
+    if not row.get(schema.BALANCED_ACCURACY):
+        return ""
+    auc = f", AUC {float(row[schema.AUC]):.4f}" if row.get(schema.AUC) else ""
+    return f" (balanced {float(row[schema.BALANCED_ACCURACY]):.4f}{auc})"
 
 
 def rough_duration(seconds: float) -> str:
