@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from common.class_prior import parse_class_prior
 from common.methods import METHOD_NAMES, METHODS
 
 PARTITIONERS = ("dirichlet", "iid", "column")  # column: one client per value of a column
@@ -233,6 +234,8 @@ class DataConfig:
     label_groups: str = ""  # after `labels`: "prefix" (before the first "."), "topics"; "": off
     drop_missing: bool = False  # drop rows with an empty / NaN text, label (or partition value)
     min_test_examples: int = 50  # refuse a smaller test (or validation) split
+    # "name=share,...": a public prior; the server decides argmax(z − log π) (common.class_prior)
+    class_prior: tuple[str, ...] = ()
 
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
@@ -269,7 +272,13 @@ class DataConfig:
         _check(p, self.label_groups in ("", "prefix", "topics"), "data.label-groups",
                self.label_groups, "'' (off), 'prefix' (the text before the first '.') or "
                "'topics' (the six 20 Newsgroups topic groups)")
+        p += parse_class_prior(self.class_prior)[1]
         return p
+
+    @property
+    def declared_prior(self) -> dict[str, float]:
+        """``data.class-prior`` as {class name: share as given}; empty when none is declared."""
+        return parse_class_prior(self.class_prior)[0]
 
 
 @dataclass(frozen=True)
@@ -476,6 +485,8 @@ def _causal_lm_problems(cfg: AppConfig) -> list[str]:
            "label to split by)")
     _check(p, not cfg.data.label_groups, "data.label-groups", cfg.data.label_groups,
            "must be empty with model.task='causal-lm'")
+    _check(p, not cfg.data.class_prior, "data.class-prior", ",".join(cfg.data.class_prior),
+           "must be empty with model.task='causal-lm' (it has no classes)")
     _check(p, not cfg.data.label_column, "data.label-column", cfg.data.label_column,
            "must be '' with model.task='causal-lm' (its examples are texts, without a label)")
     return p

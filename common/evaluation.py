@@ -82,11 +82,15 @@ def batch_logits(model: nn.Module, dataset: TensorDataset, batch_size: int = 128
 @torch.no_grad()
 def evaluation(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
                compute_dtype: torch.dtype = torch.float32,
-               task: Task = TASKS["classification"]) -> Evaluation:
+               task: Task = TASKS["classification"],
+               log_prior: torch.Tensor | None = None) -> Evaluation:
     """Loss, accuracy, balanced accuracy and AUC of ``model`` on ``dataset`` (ids, mask, labels).
 
     Classification: loss per example and the share of correct labels; causal LM: loss per
     predicted token and the share of correct next tokens (:meth:`common.tasks.Task.loss_sums`).
+    ``log_prior`` (K,) (classification, ``data.class-prior``): each example's decision is
+    argmax_k (z_k − log π_k) (:mod:`common.class_prior`) instead of argmax_k z_k; it moves
+    accuracy, balanced accuracy and the most predicted class, not the loss or the AUC.
     Examples are visited in length order with each batch cut to its longest example
     (:func:`common.batching.length_sorted_batches`); the model runs under ``compute_dtype``
     autocast (:mod:`common.precision`), the loss is summed in float32.
@@ -100,7 +104,7 @@ def evaluation(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
     for logits, labels in batch_logits(model, dataset, batch_size, compute_dtype):
         loss, right, predicted = task.loss_sums(logits, labels)
         total_loss, correct, count = total_loss + loss, correct + right, count + predicted
-        if (counts := task.class_counts(logits, labels)) is not None:
+        if (counts := task.class_counts(logits, labels, log_prior)) is not None:
             classes = counts if classes is None else classes + counts
             class_logits.append(logits.cpu())
             class_labels.append(labels.cpu())
@@ -112,6 +116,7 @@ def evaluation(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
     present = classes.examples > 0
     balanced = float((classes.right[present] / classes.examples[present]).mean())
     most = int(classes.predicted.argmax())
+    correct = int(classes.right.sum())  # the decisions' (adjusted by log_prior, if given)
     return Evaluation(total_loss / count, correct / count, balanced, most,
                       int(classes.predicted[most]) / int(classes.predicted.sum()),
                       one_vs_rest_auc(torch.cat(class_logits), torch.cat(class_labels)))
@@ -120,6 +125,6 @@ def evaluation(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
 def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
              compute_dtype: torch.dtype = torch.float32,
              task: Task = TASKS["classification"]) -> tuple[float, float]:
-    """(mean loss, accuracy) of :func:`evaluation`."""
+    """(mean loss, accuracy) of :func:`evaluation` (argmax decisions)."""
     measured = evaluation(model, dataset, batch_size, compute_dtype, task)
     return measured.loss, measured.accuracy

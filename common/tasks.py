@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from common import schema
+from common.class_prior import adjusted_decisions
 
 IGNORED = -100  # a label out of the loss: prompt tokens and padding
 
@@ -118,7 +119,8 @@ class Task:
         """(summed loss, correct predictions, predictions) of one evaluation batch."""
         raise NotImplementedError
 
-    def class_counts(self, logits: torch.Tensor, labels: torch.Tensor) -> ClassCounts | None:
+    def class_counts(self, logits: torch.Tensor, labels: torch.Tensor,
+                     log_prior: torch.Tensor | None = None) -> ClassCounts | None:
         """Per class, what one evaluation batch predicted; None for a task without classes."""
         return None
 
@@ -153,10 +155,15 @@ class Classification(Task):
         loss = F.cross_entropy(logits.float(), labels, reduction="sum").item()
         return loss, int((logits.argmax(-1) == labels).sum()), labels.numel()
 
-    def class_counts(self, logits: torch.Tensor, labels: torch.Tensor) -> ClassCounts:
-        """The argmax of each example's (K,) logits against its label, counted per class."""
+    def class_counts(self, logits: torch.Tensor, labels: torch.Tensor,
+                     log_prior: torch.Tensor | None = None) -> ClassCounts:
+        """Each example's decision against its label, counted per class.
+
+        The decision is argmax_k z_k of its (K,) logits, or argmax_k (z_k − log π_k) with a
+        declared ``log_prior`` (K,) (:func:`common.class_prior.adjusted_decisions`).
+        """
         k = logits.shape[-1]
-        labels, predicted = labels.cpu(), logits.argmax(-1).cpu()
+        labels, predicted = labels.cpu(), adjusted_decisions(logits, log_prior).cpu()
         return ClassCounts(right=torch.bincount(labels[predicted == labels], minlength=k),
                            examples=torch.bincount(labels, minlength=k),
                            predicted=torch.bincount(predicted, minlength=k))

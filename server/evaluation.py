@@ -33,7 +33,10 @@ class GlobalEvaluator:
     ``compute_dtype`` (:mod:`common.precision`); a causal LM's rows add its perplexity
     (:mod:`common.tasks`). A classifier whose final model gives one class (named from
     ``label_names``) to ≥ :data:`ONE_ANSWER_SHARE` of the examples gets a WARNING: its accuracy
-    is then that class's share of the split, not learning.
+    is then that class's share of the split, not learning. With ``log_prior`` (K,), the log of
+    the declared public class prior (``data.class-prior``, :mod:`common.class_prior`), every
+    decision is argmax_k (z_k − log π_k): accuracy, balanced accuracy and the one-answer check
+    follow it; loss and AUC are the model's own.
     """
 
     def __init__(self, model: PeftModel, layout: AdapterLayout, *, subset: TensorDataset,
@@ -41,13 +44,14 @@ class GlobalEvaluator:
                  split: str = "test", eval_every: int = 1,
                  compute_dtype: torch.dtype = torch.float32,
                  task: Task = TASKS["classification"],
-                 label_names: Sequence[str] | None = None) -> None:
+                 label_names: Sequence[str] | None = None,
+                 log_prior: torch.Tensor | None = None) -> None:
         self.model, self.layout = model, layout
         self.subset, self.full, self.final_round = subset, full, final_round
         self.eval_every, self.compute_dtype = eval_every, compute_dtype
         self.split = split  # "test", or "validation" when tuning (data.validation-fraction)
         self.training = training
-        self.task, self.label_names = task, label_names
+        self.task, self.label_names, self.log_prior = task, label_names, log_prior
         self.rows: list[dict[str, float]] = []
         self._t0 = time.monotonic()
 
@@ -79,7 +83,7 @@ class GlobalEvaluator:
         self.layout.load(arrays.to_torch_state_dict())
         data = self.full if server_round == self.final_round else self.subset
         measured = evaluation(self.model, data, compute_dtype=self.compute_dtype,
-                              task=self.task)
+                              task=self.task, log_prior=self.log_prior)
         loss, accuracy = measured.loss, measured.accuracy
         metrics = MetricRecord({schema.ACCURACY: accuracy, schema.LOSS: loss,
                                 schema.EVAL_EXAMPLES: len(data)})
@@ -122,7 +126,10 @@ class GlobalEvaluator:
                 f"class's share of them and its balanced accuracy "
                 f"{measured.balanced_accuracy:.4f} is chance.{ranking} Train longer "
                 "(strategy.num-rounds; an imbalanced file needs more rounds than the defaults, "
-                "README: 'What the defaults assume'), or with a larger privacy.epsilon")
+                "README: 'What the defaults assume'), or with a larger privacy.epsilon"
+                + ("" if self.log_prior is not None else
+                   ", or declare the classes' public shares (data.class-prior) so that each "
+                   "decision divides a class's probability by its share"))
 
 
 def _fmt(value) -> str:

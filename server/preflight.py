@@ -96,6 +96,7 @@ def check_run(cfg: AppConfig, *, num_partitions: int | None = None) -> Corpus:
     corpus = load_corpus(cfg.data, cfg.seed)
     if cfg.lora.head_init == "class-names":  # classification only (AppConfig checks)
         check_class_names(corpus.label_names, load_tokenizer(cfg.model))
+    check_class_prior(cfg.data.declared_prior, corpus.label_names)
     if cfg.privacy.is_private:  # each client checks its own partition again
         check_delta(cfg.privacy.delta, len(corpus.train), "the whole training split")
     if num_partitions is not None:
@@ -115,6 +116,15 @@ def check_class_names(label_names: tuple[str, ...], tokenizer: PreTrainedTokeniz
             f"lora.head-init='class-names': the class names {same} read as the same text, so "
             "the head would score them alike for every example; rename the labels in "
             "data.label-column, or use lora.head-init='random'"])
+
+
+def check_class_prior(prior: Mapping[str, float], label_names: tuple[str, ...]) -> None:
+    """Refuse a declared ``data.class-prior`` that does not name each class of the data once."""
+    from common.class_prior import class_prior_problems
+    from common.data_files import DataError
+
+    if prior and (problems := class_prior_problems(prior, label_names)):
+        raise DataError(problems)
 
 
 def preflight(run_config: Mapping[str, Any], *, num_partitions: int | None) -> AppConfig:
