@@ -2,16 +2,20 @@
 
 python -m simulations.compare_records experiments/speed-paired/after experiments/speed-paired/before
 python -m simulations.compare_records experiments/head-pilot/* --markdown
+python -m simulations.compare_records experiments/sms-check/defaults-names \
+    experiments/sms-check/defaults-names-prior --metric balanced_accuracy
 
 Each argument is a record folder of ``python -m simulations.sweep --record DIR``. Cells with the
 same name (method, ε, α, seed) in the first folder and another are paired: the same partitions,
 evaluation subset, initial adapter and, with seeded client sampling, the same clients each
 round; only the setting that tells the folders apart differs (and the clients' OS-random DP
-noise). For every folder after the first it prints the final accuracy of each pair, the mean
-difference (that folder − the first) with its 95 % t-interval, the wall time and the precision
-each computed in (``compute_dtype`` of :mod:`simulations.reports.records`);
-``--markdown`` then prints one table row per folder. Exit 2 if an argument is not a record folder
-(no ``cells/``), 1 if some folder shares no cell with the first.
+noise). For every folder after the first it prints the final value of ``--metric`` (accuracy,
+balanced_accuracy or auc; default accuracy) of each pair, the mean difference (that folder − the
+first) with its 95 % t-interval, the wall time and the precision each computed in
+(``compute_dtype`` of :mod:`simulations.reports.records`); ``--markdown`` then prints one table
+row per folder. A cell recorded without the metric (before it was logged) pairs with nothing.
+Exit 2 if an argument is not a record folder (no ``cells/``), 1 if some folder shares no cell
+with the first.
 """
 
 from __future__ import annotations
@@ -25,26 +29,33 @@ import pandas as pd
 from simulations.reports.records import CELLS_DIR, is_record_folder, load_runs
 from simulations.reports.statistics import t_interval
 
-
-def paired_rows(first: Path, second: Path) -> pd.DataFrame:
-    """Final rows of the cells recorded in both folders, merged on the cell name."""
-    a = load_runs(first, records=True).final
-    b = load_runs(second, records=True).final
-    columns = ["run", "accuracy", "wall_seconds", "compute_dtype"]
-    return a[columns].merge(b[columns], on="run", suffixes=("_first", "_second"))
+METRICS = ("accuracy", "balanced_accuracy", "auc")  # final-round columns it can pair
 
 
-def print_pairs(pairs: pd.DataFrame, first: Path, other: Path) -> None:
-    """Each pair's final accuracy and wall seconds, then ``other`` − ``first`` with its interval."""
-    print(f"{other} against {first}")
+def paired_rows(first: Path, second: Path, metric: str = "accuracy") -> pd.DataFrame:
+    """Final rows of the cells recorded in both folders with ``metric``, merged on the name.
+
+    The merged frame has ``<metric>_first`` and ``<metric>_second`` (and the same for
+    ``wall_seconds`` and ``compute_dtype``).
+    """
+    columns = ["run", metric, "wall_seconds", "compute_dtype"]
+    a, b = (load_runs(folder, records=True).final[columns].dropna(subset=[metric])
+            for folder in (first, second))
+    return a.merge(b, on="run", suffixes=("_first", "_second"))
+
+
+def print_pairs(pairs: pd.DataFrame, first: Path, other: Path, metric: str = "accuracy"
+                ) -> None:
+    """Each pair's final ``metric`` and wall seconds, then ``other`` − ``first``, its interval."""
+    this, ref = pairs[f"{metric}_second"], pairs[f"{metric}_first"]
+    print(f"{other} against {first}: final {metric}")
     print(f"{'cell':<32}{'this':>9}{'first':>9}{'diff':>9}{'s this':>9}{'s first':>10}"
           "  computed in (this / first)")
-    for row in pairs.itertuples():
-        print(f"{row.run:<32}{row.accuracy_second:>9.4f}{row.accuracy_first:>9.4f}"
-              f"{row.accuracy_second - row.accuracy_first:>+9.4f}{row.wall_seconds_second:>9.0f}"
+    for row, a, b in zip(pairs.itertuples(), this, ref, strict=True):
+        print(f"{row.run:<32}{a:>9.4f}{b:>9.4f}{a - b:>+9.4f}{row.wall_seconds_second:>9.0f}"
               f"{row.wall_seconds_first:>10.0f}  {row.compute_dtype_second} / "
               f"{row.compute_dtype_first}")
-    mean, half = t_interval(pairs["accuracy_second"] - pairs["accuracy_first"])
+    mean, half = t_interval(this - ref)
     print(f"this − first: {mean:+.4f} ± {half:.4f} (95 % t-interval, n = {len(pairs)}); "
           f"wall time {pairs['wall_seconds_second'].mean():.0f} s against "
           f"{pairs['wall_seconds_first'].mean():.0f} s per cell "
@@ -52,20 +63,22 @@ def print_pairs(pairs: pd.DataFrame, first: Path, other: Path) -> None:
           "the first's speed)\n")
 
 
-def markdown_rows(first: Path, paired: dict[Path, pd.DataFrame]) -> list[str]:
-    """One table row per folder: cells, mean final accuracy, paired difference to the first.
+def markdown_rows(first: Path, paired: dict[Path, pd.DataFrame], metric: str = "accuracy"
+                  ) -> list[str]:
+    """One table row per folder: cells, mean final ``metric``, paired difference to the first.
 
     ``paired``: each other folder's :func:`paired_rows` with ``first``.
     """
-    reference = load_runs(first, records=True).final
-    rows = ["| record folder | cells | final accuracy (mean) | − first (95 % t) | s per cell |",
+    reference = load_runs(first, records=True).final.dropna(subset=[metric])
+    label = metric.replace("_", " ")
+    rows = [f"| record folder | cells | final {label} (mean) | − first (95 % t) | s per cell |",
             "|---|---|---|---|---|",
-            f"| `{first}` | {len(reference)} | {reference['accuracy'].mean():.4f} | "
+            f"| `{first}` | {len(reference)} | {reference[metric].mean():.4f} | "
             f"(reference) | {reference['wall_seconds'].mean():.0f} |"]
     for other, pairs in paired.items():
-        mean, half = t_interval(pairs["accuracy_second"] - pairs["accuracy_first"])
+        mean, half = t_interval(pairs[f"{metric}_second"] - pairs[f"{metric}_first"])
         interval = f"{mean:+.4f}" + (f" ± {half:.4f}" if len(pairs) > 1 else " (n = 1)")
-        rows.append(f"| `{other}` | {len(pairs)} | {pairs['accuracy_second'].mean():.4f} | "
+        rows.append(f"| `{other}` | {len(pairs)} | {pairs[f'{metric}_second'].mean():.4f} | "
                     f"{interval} | {pairs['wall_seconds_second'].mean():.0f} |")
     return rows
 
@@ -77,23 +90,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("others", type=Path, nargs="+", help="record folders paired with it")
     parser.add_argument("--markdown", action="store_true",
                         help="also one markdown table row per folder")
+    parser.add_argument("--metric", choices=METRICS, default="accuracy",
+                        help="the final-round column to pair (default accuracy)")
     args = parser.parse_args(argv)
     for folder in (args.first, *args.others):
         if not is_record_folder(folder):
             print(f"[compare] {folder} is not a record folder (no {folder / CELLS_DIR}/): give "
                   "the --record DIR of a sweep", file=sys.stderr)
             return 2
-    paired = {other: paired_rows(args.first, other) for other in args.others}
+    paired = {other: paired_rows(args.first, other, args.metric) for other in args.others}
     unpaired = [other for other, pairs in paired.items() if pairs.empty]
     for other, pairs in paired.items():
         if not pairs.empty:
-            print_pairs(pairs, args.first, other)
+            print_pairs(pairs, args.first, other, args.metric)
     if unpaired:
         print(f"[compare] no cell is recorded in both {args.first} and "
               f"{', '.join(map(str, unpaired))}")
         return 1
     if args.markdown:
-        print("\n".join(markdown_rows(args.first, paired)))
+        print("\n".join(markdown_rows(args.first, paired, args.metric)))
     return 0
 
 

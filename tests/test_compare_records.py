@@ -44,3 +44,31 @@ def test_no_common_cell_exits_1(tmp_path):
     assert compare_records.main([str(first), str(tmp_path / "missing")]) == 2
     with pytest.raises(SystemExit):
         compare_records.main(["--help"])
+
+
+def test_pairs_another_final_metric_and_skips_cells_recorded_without_it(tmp_path, capsys):
+    import pandas as pd
+
+    def with_balanced(name, finals, balanced):
+        out, rec = tmp_path / f"{name}-runs", tmp_path / name
+        for seed, (final, value) in enumerate(zip(finals, balanced, strict=True)):
+            run = write_run(out, seed=seed, final=final)
+            metrics = pd.read_csv(run / "metrics.csv")
+            metrics["balanced-accuracy"] = value
+            metrics.to_csv(run / "metrics.csv", index=False)
+            write_record(run, rec)
+        return rec
+
+    argmax = with_balanced("argmax", [0.87, 0.87, 0.87], [0.5, 0.5, 0.5])
+    prior = with_balanced("prior", [0.70, 0.80, 0.75], [0.80, 0.70, 0.75])
+    pairs = compare_records.paired_rows(argmax, prior, "balanced_accuracy")
+    assert list(pairs["balanced_accuracy_second"]) == [0.80, 0.70, 0.75]
+    assert compare_records.main([str(argmax), str(prior), "--metric", "balanced_accuracy",
+                                 "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "final balanced_accuracy" in out and "this − first: +0.2500 ±" in out
+    assert f"| `{prior}` | 3 | 0.7500 | +0.2500 ± " in out
+    assert compare_records.main([str(argmax), str(prior)]) == 0  # accuracy: 0.87 → 0.75
+    assert "this − first: -0.1200 ±" in capsys.readouterr().out
+    older = _record(tmp_path, "older", [0.5, 0.6, 0.7])  # written before the column existed
+    assert compare_records.main([str(older), str(prior), "--metric", "balanced_accuracy"]) == 1

@@ -55,7 +55,8 @@ CONFIG_COLUMNS = {  # tidy column: config.json key
 
 METRIC_COLUMNS = {  # tidy column: metrics.csv column (common.schema)
     column.replace("-", "_"): column for column in (
-        schema.ROUND, schema.ACCURACY, schema.LOSS, schema.EVAL_EXAMPLES, schema.TRAIN_LOSS,
+        schema.ROUND, schema.ACCURACY, schema.BALANCED_ACCURACY, schema.AUC, schema.LOSS,
+        schema.EVAL_EXAMPLES, schema.TRAIN_LOSS,
         schema.EPSILON_MEAN, schema.EPSILON_MAX, schema.BYTES_UP, schema.BYTES_DOWN,
         schema.WALL_SECONDS)
 }
