@@ -22,6 +22,11 @@ from common.tasks import TASKS, Task
 ONE_ANSWER_SHARE = 0.99
 
 
+def gives_one_answer(most_predicted_share: float | None) -> bool:
+    """Whether a classifier gave one class to ≥ :data:`ONE_ANSWER_SHARE` of the examples."""
+    return most_predicted_share is not None and most_predicted_share >= ONE_ANSWER_SHARE
+
+
 class GlobalEvaluator:
     """``evaluate_fn`` for ``Strategy.start``: accuracy and loss of the global model.
 
@@ -113,7 +118,7 @@ class GlobalEvaluator:
         None unless ≥ :data:`ONE_ANSWER_SHARE` of the ``examples`` got the same class.
         """
         share, most = measured.most_predicted_share, measured.most_predicted
-        if share is None or most is None or share < ONE_ANSWER_SHARE:
+        if most is None or not gives_one_answer(share):
             return None
         name = self.label_names[most] if self.label_names else str(most)
         ranking = ("" if measured.auc is None else

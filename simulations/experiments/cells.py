@@ -35,7 +35,7 @@ from common import schema
 from common.config import AppConfig
 from common.run_config import app_run_config, override_text
 from server.checkpoint import CHECKPOINT_FILE
-from server.evaluation import ONE_ANSWER_SHARE
+from server.evaluation import gives_one_answer
 from server.preflight import check_run
 from simulations.launch.console import (
     Progress,
@@ -456,13 +456,14 @@ def _final_result(run_folder: Path) -> str:
     """The end of a finished cell's line: ``: final accuracy 0.4148 (balanced 0.4012)``.
 
     A ``ONE ANSWER`` flag follows when the final model gives one class to ≥
-    ``ONE_ANSWER_SHARE`` of the examples (the cell's log has the WARNING that names it).
+    ``server.evaluation.ONE_ANSWER_SHARE`` of the examples (the cell's log has the WARNING that
+    names it).
     """
     row = _final_row(run_folder)
     text = f": final accuracy {float(row[schema.ACCURACY]):.4f}"
     text += class_metrics_text(row)
     share = row.get(schema.MOST_PREDICTED_SHARE)
-    if share and float(share) >= ONE_ANSWER_SHARE:
+    if share and gives_one_answer(float(share)):
         text += (f"; ONE ANSWER: the final model gives one class to {float(share):.1%} of the "
                  "examples (not learning; WARNING in its log)")
     return text
