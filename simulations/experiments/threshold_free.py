@@ -14,7 +14,8 @@ than what it reads. Two measures that this threshold does not decide:
   balanced accuracy when softmax(z) is the posterior under the prior π. π here is the class
   shares of the run's whole training split: in a federation that is the clients' data, so
   this is a diagnostic of a simulation, not a decision a deployment could make without a
-  public (or privately counted) prior.
+  public (or privately counted) prior. A run can declare such a prior (``data.class-prior``,
+  :mod:`common.class_prior`); its evaluation then reports these decisions itself.
 
     python -m simulations.experiments.threshold_free results/binary-check/RUN/CELL ...
 
