@@ -452,3 +452,16 @@ def test_learning_rate_tuning_resumes_from_its_records(tmp_path):
     runner = fake_runner()
     assert sweep.main(argv, runner=runner) == 0 and runner.calls == []
     assert sweep_lr.learning_rates_for(lr_file, ["fedsvd"]) == {"fedsvd": 0.5}
+
+
+def test_one_text_for_balanced_accuracy_and_auc_from_a_row_or_a_logged_round():
+    from simulations.launch.console import balanced_auc_text, class_metrics_text
+
+    assert balanced_auc_text(0.5, 0.987) == " (balanced 0.5000, AUC 0.9870)"
+    assert balanced_auc_text(0.5, 0.987, digits=3) == " (balanced 0.500, AUC 0.987)"
+    assert balanced_auc_text(0.5, math.nan) == " (balanced 0.5000)"  # before AUC was logged
+    assert balanced_auc_text(math.nan, 0.9) == ""  # not evaluated, or no classes
+    row = {"accuracy": "0.86", "balanced-accuracy": "0.5", "auc": "0.987"}
+    assert class_metrics_text(row) == " (balanced 0.5000, AUC 0.9870)"
+    assert class_metrics_text({**row, "auc": ""}) == " (balanced 0.5000)"
+    assert class_metrics_text({"accuracy": "0.3", "perplexity": "12.0"}) == ""

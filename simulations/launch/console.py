@@ -87,12 +87,24 @@ def parse_round_line(line: str) -> RoundLine | None:
                      number(match["balanced"]), number(match["auc"]))
 
 
-def class_metrics_text(row: Mapping[str, str]) -> str:
-    """`` (balanced 0.5000, AUC 0.9870)`` of a metrics.csv row; "" without balanced accuracy."""
-    if not row.get(schema.BALANCED_ACCURACY):
+def balanced_auc_text(balanced_accuracy: float, auc: float, digits: int = 4) -> str:
+    """`` (balanced 0.5000, AUC 0.9870)`` at ``digits`` decimals.
+
+    "" when ``balanced_accuracy`` is nan (not evaluated, or a task without classes); no AUC part
+    when ``auc`` is nan (not measured).
+    """
+    if math.isnan(balanced_accuracy):
         return ""
-    auc = f", AUC {float(row[schema.AUC]):.4f}" if row.get(schema.AUC) else ""
-    return f" (balanced {float(row[schema.BALANCED_ACCURACY]):.4f}{auc})"
+    part = "" if math.isnan(auc) else f", AUC {auc:.{digits}f}"
+    return f" (balanced {balanced_accuracy:.{digits}f}{part})"
+
+
+def class_metrics_text(row: Mapping[str, str]) -> str:
+    """:func:`balanced_auc_text` of a metrics.csv row (an empty cell or a missing column: nan)."""
+    def number(column: str) -> float:
+        return float(row[column]) if row.get(column) else math.nan
+
+    return balanced_auc_text(number(schema.BALANCED_ACCURACY), number(schema.AUC))
 
 
 def rough_duration(seconds: float) -> str:
@@ -149,9 +161,7 @@ class Progress:
             left = max(num_rounds - row.round, 0)
             epsilon = "-" if math.isnan(row.epsilon) else f"{row.epsilon:.2f}"
             accuracy = "-" if math.isnan(row.accuracy) else f"{row.accuracy:.3f}"
-            if not math.isnan(row.balanced_accuracy):
-                auc = "" if math.isnan(row.auc) else f", AUC {row.auc:.3f}"
-                accuracy += f" (balanced {row.balanced_accuracy:.3f}{auc})"
+            accuracy += balanced_auc_text(row.balanced_accuracy, row.auc, digits=3)
             line = (f"{prefix} round {row.round}/{num_rounds} | accuracy {accuracy} | "
                     f"ε {epsilon} | {rate:.0f} s/round")
             if rounds_after is None:
