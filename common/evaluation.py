@@ -114,7 +114,8 @@ def evaluation(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
     if classes is None:
         return Evaluation(total_loss / count, correct / count, None)
     present = classes.examples > 0
-    balanced = float((classes.right[present] / classes.examples[present]).mean())
+    # float64: int64 / int64 gives float32 in torch, off in the 8th digit
+    balanced = float((classes.right[present].double() / classes.examples[present]).mean())
     most = int(classes.predicted.argmax())
     correct = int(classes.right.sum())  # the decisions' (adjusted by log_prior, if given)
     return Evaluation(total_loss / count, correct / count, balanced, most,

@@ -155,3 +155,12 @@ def test_the_evaluator_decides_with_the_declared_prior_and_says_so_when_there_is
     prior = log_prior({"comp": 0.87, "rec": 0.13}, ("comp", "rec"))
     assert "data.class-prior" not in final_warning(prior)
     assert seen["log_prior"] is prior
+
+
+def test_balanced_accuracy_is_exact_in_double_precision():
+    """15 of 22 and 11 of 11 right: (15/22 + 1) / 2, which float32 misses in the 8th digit."""
+    labels = torch.tensor([0] * 22 + [1] * 11)
+    predicted = torch.tensor([0] * 15 + [1] * 7 + [1] * 11)
+    model = FixedLogits(torch.nn.functional.one_hot(predicted, 2).float())
+    data = TensorDataset(torch.arange(33)[:, None], torch.ones(33, 1, dtype=torch.long), labels)
+    assert evaluation(model, data, batch_size=8).balanced_accuracy == (15 / 22 + 1) / 2
