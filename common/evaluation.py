@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 
 from common.batching import length_sorted_batches
 from common.precision import autocast
-from common.tasks import TASKS, ClassCounts, Task
+from common.tasks import TASKS, BatchSums, Task
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def evaluation(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
     """Loss, accuracy, balanced accuracy and AUC of ``model`` on ``dataset`` (ids, mask, labels).
 
     Classification: loss per example and the share of correct labels; causal LM: loss per
-    predicted token and the share of correct next tokens (:meth:`common.tasks.Task.loss_sums`).
+    predicted token and the share of correct next tokens (:meth:`common.tasks.Task.batch_sums`).
     ``log_prior`` (K,) (classification, ``data.class-prior``): each example's decision is
     argmax_k (z_k − log π_k) (:mod:`common.class_prior`) instead of argmax_k z_k; it moves
     accuracy, balanced accuracy and the most predicted class, not the loss or the AUC.
@@ -97,28 +97,26 @@ def evaluation(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
     """
     was_training = model.training
     model.eval()
-    total_loss, correct, count = 0.0, 0, 0
-    classes: ClassCounts | None = None
+    sums = BatchSums(0.0, 0, 0)
     class_logits: list[torch.Tensor] = []  # classification: each batch's (B, K), for the AUC
     class_labels: list[torch.Tensor] = []
     for logits, labels in batch_logits(model, dataset, batch_size, compute_dtype):
-        loss, right, predicted = task.loss_sums(logits, labels)
-        total_loss, correct, count = total_loss + loss, correct + right, count + predicted
-        if (counts := task.class_counts(logits, labels, log_prior)) is not None:
-            classes = counts if classes is None else classes + counts
+        batch = task.batch_sums(logits, labels, log_prior)
+        sums = sums + batch
+        if batch.classes is not None:
             class_logits.append(logits.cpu())
             class_labels.append(labels.cpu())
     model.train(was_training)
-    if count == 0:
+    if sums.units == 0:
         raise ValueError("cannot evaluate on an empty dataset")
+    loss, accuracy, classes = sums.loss / sums.units, sums.right / sums.units, sums.classes
     if classes is None:
-        return Evaluation(total_loss / count, correct / count, None)
+        return Evaluation(loss, accuracy, None)
     present = classes.examples > 0
     # float64: int64 / int64 gives float32 in torch, off in the 8th digit
     balanced = float((classes.right[present].double() / classes.examples[present]).mean())
     most = int(classes.predicted.argmax())
-    correct = int(classes.right.sum())  # the decisions' (adjusted by log_prior, if given)
-    return Evaluation(total_loss / count, correct / count, balanced, most,
+    return Evaluation(loss, accuracy, balanced, most,
                       int(classes.predicted[most]) / int(classes.predicted.sum()),
                       one_vs_rest_auc(torch.cat(class_logits), torch.cat(class_labels)))
 

@@ -57,6 +57,28 @@ class ClassCounts:
                            self.predicted + other.predicted)
 
 
+@dataclass(frozen=True)
+class BatchSums:
+    """What an evaluation sums over its batches: loss, right decisions, units, class counts.
+
+    ``loss``: the summed loss; ``units``: what it is summed over (examples for a classifier,
+    predicted tokens for a causal LM); ``right``: the units decided right (a classifier's
+    decisions, adjusted by a declared prior if any; correct next tokens); ``classes``: a
+    classifier's :class:`ClassCounts`, None for a task without classes. Sums of two batches add.
+    """
+
+    loss: float
+    right: int
+    units: int
+    classes: ClassCounts | None = None
+
+    def __add__(self, other: BatchSums) -> BatchSums:
+        classes = (self.classes if other.classes is None else other.classes
+                   if self.classes is None else self.classes + other.classes)
+        return BatchSums(self.loss + other.loss, self.right + other.right,
+                         self.units + other.units, classes)
+
+
 class SequenceCrossEntropy(nn.Module):
     """Mean over a batch (B, T, V) of each sequence's mean next-token cross-entropy.
 
@@ -115,14 +137,10 @@ class Task:
         """The training loss of a batch: (logits, labels) → mean over its examples."""
         raise NotImplementedError
 
-    def loss_sums(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
-        """(summed loss, correct predictions, predictions) of one evaluation batch."""
+    def batch_sums(self, logits: torch.Tensor, labels: torch.Tensor,
+                   log_prior: torch.Tensor | None = None) -> BatchSums:
+        """The :class:`BatchSums` of one evaluation batch (``log_prior``: classification only)."""
         raise NotImplementedError
-
-    def class_counts(self, logits: torch.Tensor, labels: torch.Tensor,
-                     log_prior: torch.Tensor | None = None) -> ClassCounts | None:
-        """Per class, what one evaluation batch predicted; None for a task without classes."""
-        return None
 
 
 class Classification(Task):
@@ -150,10 +168,12 @@ class Classification(Task):
         """Cross-entropy of the head's logits, mean over the batch."""
         return nn.CrossEntropyLoss()
 
-    def loss_sums(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
-        """Per-example cross-entropy summed, correct argmax predictions, examples."""
+    def batch_sums(self, logits: torch.Tensor, labels: torch.Tensor,
+                   log_prior: torch.Tensor | None = None) -> BatchSums:
+        """Per-example cross-entropy summed; the decisions counted per class (class_counts)."""
         loss = F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        return loss, int((logits.argmax(-1) == labels).sum()), labels.numel()
+        classes = self.class_counts(logits, labels, log_prior)
+        return BatchSums(loss, int(classes.right.sum()), labels.numel(), classes)
 
     def class_counts(self, logits: torch.Tensor, labels: torch.Tensor,
                      log_prior: torch.Tensor | None = None) -> ClassCounts:
@@ -218,14 +238,20 @@ class CausalLM(Task):
         """:class:`SequenceCrossEntropy`: one sequence is one example."""
         return SequenceCrossEntropy()
 
-    def loss_sums(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
-        """Next-token cross-entropy summed over predicted tokens, correct tokens, tokens."""
+    def batch_sums(self, logits: torch.Tensor, labels: torch.Tensor,
+                   log_prior: torch.Tensor | None = None) -> BatchSums:
+        """Next-token cross-entropy summed over predicted tokens, correct tokens, tokens.
+
+        A causal LM has no classes: ``log_prior`` must be None (a prior is refused for it).
+        """
+        if log_prior is not None:
+            raise ValueError("a class prior applies to classification only")
         predicted, targets = logits[:, :-1].float(), labels[:, 1:]
         counted = targets != IGNORED
         loss = F.cross_entropy(predicted.transpose(1, 2), targets, ignore_index=IGNORED,
                                reduction="sum").item()
         correct = int(((predicted.argmax(-1) == targets) & counted).sum())
-        return loss, correct, int(counted.sum())
+        return BatchSums(loss, correct, int(counted.sum()))
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (Classification(), CausalLM())}

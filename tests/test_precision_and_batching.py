@@ -238,3 +238,24 @@ def test_auc_is_scikit_learns_one_vs_rest_and_needs_no_threshold():
     assert one_vs_rest_auc(shifted, binary) == 1.0
     assert one_vs_rest_auc(torch.zeros(100, 2), binary) == 0.5  # all tied: chance
     assert one_vs_rest_auc(torch.randn(5, 3), torch.zeros(5, dtype=torch.long)) is None
+
+
+def test_batch_sums_add_and_count_a_classifiers_decisions_once():
+    """A classifier's right count is its class counts' (adjusted by a prior); an LM refuses one."""
+    from common.tasks import BatchSums
+
+    task = TASKS["classification"]
+    logits, labels = torch.tensor([[2.0, 1.5], [0.0, 1.0], [3.0, 0.0]]), torch.tensor([1, 1, 0])
+    plain = task.batch_sums(logits, labels)
+    assert (plain.right, plain.units) == (2, 3)  # argmax: 0, 1, 0
+    leaning = torch.log(torch.tensor([0.9, 0.1]))  # subtracting log π moves example 0 to class 1
+    adjusted = task.batch_sums(logits, labels, leaning)
+    assert adjusted.right == int(adjusted.classes.right.sum()) == 3
+    assert adjusted.loss == pytest.approx(plain.loss)  # the prior moves decisions, not the loss
+    both = plain + adjusted
+    assert (both.right, both.units) == (5, 6)
+    assert both.classes.examples.tolist() == [2, 4]
+    assert (BatchSums(1.0, 1, 2) + BatchSums(2.0, 0, 3)) == BatchSums(3.0, 1, 5)
+    with pytest.raises(ValueError, match="classification only"):
+        TASKS["causal-lm"].batch_sums(torch.zeros(1, 3, 5), torch.zeros(1, 3, dtype=torch.long),
+                                      leaning)
