@@ -8,7 +8,12 @@ adjustment of Menon et al. (2021, "Long-tail learning via logit adjustment", τ 
 
     ŷ(x) = argmax_k (z_k(x) − log π_k),    π_k > 0,  Σ_k π_k = 1,
 
-i.e. argmax_k p(y = k | x) / π_k: each class's score is divided by its share. Only the
+i.e. argmax_k p(y = k | x) / π_k: each class's score is divided by its share. With a
+strength τ ≥ 0 (``data.class-prior-strength``, Menon et al.'s τ) the decision is
+argmax_k (z_k − τ log π_k): τ = 0 is plain argmax, τ = 1 the full adjustment, and a τ between
+moves each decision part of the way, for a model whose logits carry less of π than log π
+(an under-trained one: subtracting all of log π then overshoots). Choose τ on a validation
+split (``data.validation-fraction``), never on the test figures. Only the
 decision moves: the loss, the softmax and the AUC are the model's own, and training never
 sees π. A constant added to every log π_k changes no decision, so π may be given as shares
 or as counts ("comp=4777,rec=739"); it is normalised.
@@ -30,6 +35,7 @@ if TYPE_CHECKING:  # the run configuration parses a prior without importing torc
     import torch
 
 KEY = "data.class-prior"
+STRENGTH_KEY = "data.class-prior-strength"
 
 
 def parse_class_prior(entries: Sequence[str]) -> tuple[dict[str, float], list[str]]:
@@ -89,8 +95,22 @@ def log_prior(prior: Mapping[str, float], label_names: Sequence[str]) -> torch.T
     return (shares / shares.sum()).log().float()
 
 
+def decision_offsets(prior: Mapping[str, float], label_names: Sequence[str],
+                     strength: float = 1.0) -> torch.Tensor:
+    """τ · log π (K,) float32 in the order of ``label_names`` (:func:`log_prior`; τ = ``strength``).
+
+    What :func:`adjusted_decisions` subtracts from the logits: argmax_k (z_k − τ log π_k).
+    """
+    if not (math.isfinite(strength) and strength >= 0):
+        raise ValueError(f"{STRENGTH_KEY}={strength!r}: must be a finite number >= 0")
+    return strength * log_prior(prior, label_names)
+
+
 def adjusted_decisions(logits: torch.Tensor, log_prior: torch.Tensor | None) -> torch.Tensor:
-    """argmax_k (z_k − log π_k) of each row of ``logits`` (…, K); plain argmax when None."""
+    """argmax_k (z_k − log π_k) of each row of ``logits`` (…, K); plain argmax when None.
+
+    ``log_prior`` (K,) is log π, or τ · log π from :func:`decision_offsets` with a strength.
+    """
     if log_prior is None:
         return logits.argmax(-1)
     return (logits - log_prior.to(logits.device, logits.dtype)).argmax(-1)

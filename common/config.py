@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from common.class_prior import parse_class_prior
+from common.class_prior import STRENGTH_KEY, parse_class_prior
 from common.methods import METHOD_NAMES, METHODS
 
 PARTITIONERS = ("dirichlet", "iid", "column")  # column: one client per value of a column
@@ -236,6 +236,7 @@ class DataConfig:
     min_test_examples: int = 50  # refuse a smaller test (or validation) split
     # "name=share,...": a public prior; the server decides argmax(z − log π) (common.class_prior)
     class_prior: tuple[str, ...] = ()
+    class_prior_strength: float = 1.0  # τ: decisions argmax(z − τ log π); 0 = plain argmax
 
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
@@ -273,6 +274,12 @@ class DataConfig:
                self.label_groups, "'' (off), 'prefix' (the text before the first '.') or "
                "'topics' (the six 20 Newsgroups topic groups)")
         p += parse_class_prior(self.class_prior)[1]
+        _check(p, math.isfinite(self.class_prior_strength) and self.class_prior_strength >= 0,
+               STRENGTH_KEY, self.class_prior_strength, "must be a finite number >= 0 (0: plain "
+               "argmax, 1: the full adjustment by the declared data.class-prior)")
+        _check(p, bool(self.class_prior) or self.class_prior_strength == 1.0, STRENGTH_KEY,
+               self.class_prior_strength, "scales a declared prior: set data.class-prior too "
+               "(without one every decision is plain argmax)")
         return p
 
     @property

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import schema
 from common.adapter import AdapterLayout
-from common.class_prior import log_prior
+from common.class_prior import decision_offsets, log_prior
 from common.config import AppConfig
 from common.data import eval_subset
 from common.devices import resolve_device
@@ -97,13 +97,15 @@ def run(grid: Grid, context: Context) -> None:
         str(compute_dtype).removeprefix("torch."), cfg.model.compute_dtype)
     if slow := emulation_warning(cfg.model.compute_dtype, model_device):
         log(WARNING, "%s", slow)
-    decision_prior = None  # data.class-prior: decisions argmax(z − log π), checked above
+    decision_prior = None  # data.class-prior: decisions argmax(z − τ log π), checked above
     if prior := cfg.data.declared_prior:
-        decision_prior = log_prior(prior, corpus.label_names)
-        log(INFO, "data.class-prior: every decision is argmax(logit − log share), shares %s "
-            "(declared public; loss and AUC are the model's own)", ", ".join(
+        strength = cfg.data.class_prior_strength
+        decision_prior = decision_offsets(prior, corpus.label_names, strength)
+        log(INFO, "data.class-prior: every decision is argmax(logit − %g · log share), shares "
+            "%s (declared public; loss and AUC are the model's own)", strength, ", ".join(
                 f"{name} {share:.4g}" for name, share in
-                zip(corpus.label_names, decision_prior.exp().tolist(), strict=True)))
+                zip(corpus.label_names, log_prior(prior, corpus.label_names).exp().tolist(),
+                    strict=True)))
     evaluator = GlobalEvaluator(model, layout, subset=subset, full=full_test,
                                 final_round=cfg.strategy.num_rounds, training=training,
                                 split=corpus.eval_split, eval_every=cfg.strategy.eval_every,

@@ -39,9 +39,10 @@ class GlobalEvaluator:
     (:mod:`common.tasks`). A classifier whose final model gives one class (named from
     ``label_names``) to ≥ :data:`ONE_ANSWER_SHARE` of the examples gets a WARNING: its accuracy
     is then that class's share of the split, not learning. With ``log_prior`` (K,), the log of
-    the declared public class prior (``data.class-prior``, :mod:`common.class_prior`), every
-    decision is argmax_k (z_k − log π_k): accuracy, balanced accuracy and the one-answer check
-    follow it; loss and AUC are the model's own.
+    the declared public class prior (``data.class-prior``, :mod:`common.class_prior`; τ · log π
+    with a ``data.class-prior-strength`` τ), every decision is argmax_k (z_k − log π_k):
+    accuracy, balanced accuracy and the one-answer check follow it; loss and AUC are the
+    model's own.
     """
 
     def __init__(self, model: PeftModel, layout: AdapterLayout, *, subset: TensorDataset,

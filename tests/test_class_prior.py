@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 from common.class_prior import (
     adjusted_decisions,
     class_prior_problems,
+    decision_offsets,
     log_prior,
     parse_class_prior,
 )
@@ -88,6 +89,41 @@ def test_the_decision_divides_each_class_probability_by_its_share():
     assert adjusted_decisions(logits, prior).tolist() == probs.argmax(-1).tolist()
     # A constant added to every log share changes no decision
     assert adjusted_decisions(logits, prior + 5.0).tolist() == [1, 1, 1]
+
+
+def test_a_strength_moves_each_decision_part_of_the_way():
+    """τ = 0: plain argmax; τ = 1: the full adjustment; τ between: margins moved by τ log π."""
+    prior, names = {"ham": 0.9, "spam": 0.1}, ("ham", "spam")
+    # spam − ham margins: −3, −1.5, −0.5, +1; log(0.9 / 0.1) = 2.197 lifts them by τ · 2.197
+    logits = torch.tensor([[3.0, 0.0], [1.5, 0.0], [0.5, 0.0], [0.0, 1.0]])
+    assert torch.equal(decision_offsets(prior, names), log_prior(prior, names))
+    assert adjusted_decisions(logits, decision_offsets(prior, names, 0.0)).tolist() == [
+        0, 0, 0, 1]
+    assert adjusted_decisions(logits, decision_offsets(prior, names, 0.5)).tolist() == [
+        0, 0, 1, 1]  # lift 1.10 moves the −0.5 margin only
+    assert adjusted_decisions(logits, decision_offsets(prior, names, 1.0)).tolist() == [
+        0, 1, 1, 1]
+    assert adjusted_decisions(logits, decision_offsets(prior, names, 2.0)).tolist() == [
+        1, 1, 1, 1]
+    for bad in (-0.5, math.nan, math.inf):
+        with pytest.raises(ValueError, match="data.class-prior-strength"):
+            decision_offsets(prior, names, bad)
+
+
+def test_the_run_configuration_refuses_a_strength_without_a_prior_or_below_zero():
+    cfg = AppConfig.from_run_config({"data.class-prior": "ham=9,spam=1",
+                                     "data.class-prior-strength": 0.5})
+    assert cfg.data.class_prior_strength == 0.5
+    assert cfg.to_dict()["data.class-prior-strength"] == 0.5
+    assert AppConfig().data.class_prior_strength == 1.0
+    with pytest.raises(ConfigError, match=r"data.class-prior-strength=0.5: scales a declared "
+                                          r"prior: set data.class-prior too"):
+        AppConfig.from_run_config({"data.class-prior-strength": 0.5})
+    for bad in (-1.0, math.inf):
+        with pytest.raises(ConfigError, match=r"data.class-prior-strength=.*: must be a finite "
+                                              r"number >= 0"):
+            AppConfig.from_run_config({"data.class-prior": "ham=9,spam=1",
+                                       "data.class-prior-strength": bad})
 
 
 class FixedLogits(nn.Module):

@@ -169,25 +169,27 @@ def test_merge_sv_simulation_trains_only_sigma_of_the_merged_adapter(tiny_run_co
     assert lowest - 1e-9 <= float(rows[-1]["accuracy"]) <= highest + 1e-9
 
 
+@pytest.mark.parametrize("strength", [1.0, 0.0])
 def test_a_declared_class_prior_decides_the_server_evaluation_as_the_saved_adapter_does(
-        tiny_run_config, tmp_path):
-    """data.class-prior through Flower: the final row's accuracy is argmax(z − log π)'s.
+        tiny_run_config, tmp_path, strength):
+    """data.class-prior through Flower: the final row's accuracy is argmax(z − τ log π)'s.
 
-    The saved adapter holds the model's own logits; with the prior of the run's config.json
-    (:func:`common.class_prior.adjusted_decisions`) peft alone reproduces the server's decisions.
+    The saved adapter holds the model's own logits; with the prior and strength τ of the run's
+    config.json (:func:`common.class_prior.decision_offsets`, :func:`adjusted_decisions`)
+    peft alone reproduces the server's decisions: all moved at τ = 1, none at τ = 0.
     """
-    from common.class_prior import adjusted_decisions, log_prior
+    from common.class_prior import adjusted_decisions, decision_offsets
 
     # A prior far from any real one: log(1e-300) = −691 puts every decision on 'space' whatever
     # the logits, while the tiny model's class-name head (kept near its start by the small
     # rate) gives its own argmax to 'sport' by margins of about 10
     prior = "space=1e-300,sport=1,tech=1"
-    extra = {"data.class-prior": prior, "model.compute-dtype": "float32",
-             "train.learning-rate": 0.01}
+    extra = {"data.class-prior": prior, "data.class-prior-strength": strength,
+             "model.compute-dtype": "float32", "train.learning-rate": 0.01}
     folder, rows = _run_tiny(tiny_run_config, tmp_path, "prior", **extra)
     cfg = AppConfig.from_run_config({**tiny_run_config, **extra})
     saved = json.loads((folder / "config.json").read_text())
-    assert saved["data.class-prior"] == prior
+    assert (saved["data.class-prior"], saved["data.class-prior-strength"]) == (prior, strength)
     names = load_corpus(cfg.data, cfg.seed).label_names
     model, test = _peft_model_and_test({**tiny_run_config, **extra}, folder / "adapter")
     loss, _ = evaluate(model, test)
@@ -195,8 +197,14 @@ def test_a_declared_class_prior_decides_the_server_evaluation_as_the_saved_adapt
     input_ids, mask, labels = test.tensors
     with torch.no_grad():
         logits = model.eval()(input_ids=input_ids, attention_mask=mask).logits
-    decided = adjusted_decisions(logits, log_prior(cfg.data.declared_prior, names))
-    assert (logits.argmax(-1) != 0).any() and (decided == 0).all()  # the prior moved them
+    offsets = decision_offsets(cfg.data.declared_prior, names, saved["data.class-prior-strength"])
+    decided = adjusted_decisions(logits, offsets)
+    assert (logits.argmax(-1) != 0).any()
+    if strength:
+        assert (decided == 0).all()  # the prior moved them
+    else:
+        assert torch.equal(decided, logits.argmax(-1))  # τ = 0: plain argmax
     accuracy = (decided == labels).double().mean().item()
     assert accuracy == pytest.approx(float(rows[-1]["accuracy"]), abs=1e-9)
-    assert float(rows[-1]["most-predicted-share"]) == 1.0
+    if strength:
+        assert float(rows[-1]["most-predicted-share"]) == 1.0
