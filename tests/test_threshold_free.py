@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from simulations.experiments import threshold_free
-from simulations.experiments.threshold_free import scores
+from simulations.experiments.threshold_free import scores, strength_scores
 
 
 def test_a_model_that_ranks_perfectly_but_leans_on_the_prior_is_recovered_by_adjustment():
@@ -38,3 +38,27 @@ def test_a_prior_without_a_share_for_every_class_is_refused():
 def test_a_folder_without_a_saved_run_is_refused_before_any_model_loads(tmp_path, capsys):
     assert threshold_free.main([str(tmp_path)]) == 1
     assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_strengths_run_from_argmax_to_the_full_adjustment():
+    rng = np.random.default_rng(2)
+    labels = (rng.random(3000) < 0.13).astype(int)
+    prior = np.bincount(labels) / len(labels)
+    margin = 1.5 * (labels - 0.5) + np.log(prior[1] / prior[0]) + rng.normal(0, 1.0, 3000)
+    logits = np.stack([np.zeros_like(margin), margin], axis=1)
+    full = scores(logits, labels, prior)
+    rows = strength_scores(logits, labels, prior * 7, [0, 0.5, 1])  # counts work as shares
+    assert [r.strength for r in rows] == [0, 0.5, 1]
+    assert rows[0].balanced_accuracy == pytest.approx(full.balanced_accuracy)
+    assert rows[2].balanced_accuracy == pytest.approx(full.adjusted_balanced_accuracy)
+    assert rows[0].accuracy == pytest.approx(float(((margin > 0) == labels).mean()))  # argmax
+    # each larger τ gives the minority more decisions: its share of them only grows
+    minority = [1 - r.most_predicted_share for r in rows]
+    assert minority[0] <= minority[1] <= minority[2]
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        strength_scores(logits, labels, prior, [-1])
+
+
+def test_negative_strengths_are_refused_before_any_model_loads(tmp_path, capsys):
+    assert threshold_free.main(["--strengths", "0,-1", str(tmp_path)]) == 2
+    assert "--strengths" in capsys.readouterr().err

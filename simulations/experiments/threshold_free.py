@@ -18,9 +18,16 @@ than what it reads. Two measures that this threshold does not decide:
   :mod:`common.class_prior`); its evaluation then reports these decisions itself.
 
     python -m simulations.experiments.threshold_free results/binary-check/RUN/CELL ...
+    python -m simulations.experiments.threshold_free --strengths 0,0.25,0.5,0.75,1 RUN ...
 
 One markdown row per run folder (a folder ``simulations.run`` or the sweep wrote: its
-``config.json`` and ``adapter/``), on the run's whole test split, under the run's compute dtype.
+``config.json`` and ``adapter/``), on the run's whole held-out split (its test split, or its
+validation split when it ran with ``data.validation-fraction``), under the run's compute dtype.
+``--strengths``: a second table, one row per run and strength τ, of the decisions
+argmax_k (z_k − τ log π_k) (``data.class-prior-strength``): their accuracy and balanced
+accuracy, with π the run's declared ``data.class-prior`` (else its training shares, marked).
+Run on a validation run's folders, it is how τ is chosen without touching the test split: one
+trained model scores every τ, so the strengths are compared on the same logits.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
+from common.class_prior import log_prior
 from common.config import AppConfig
 from common.data import load_corpus
 from common.evaluation import batch_logits, one_vs_rest_auc
@@ -70,9 +78,50 @@ def scores(logits: np.ndarray, labels: np.ndarray, prior: np.ndarray) -> Scores:
                   float(np.bincount(predicted).max() / len(predicted)))
 
 
+@dataclass(frozen=True)
+class StrengthScores:
+    """The decisions argmax_k (z_k − τ log π_k) of one strength τ, scored."""
+
+    strength: float
+    accuracy: float
+    balanced_accuracy: float
+    most_predicted_share: float
+
+
+def strength_scores(logits: np.ndarray, labels: np.ndarray, prior: np.ndarray,
+                    strengths: Sequence[float]) -> list[StrengthScores]:
+    """Each τ of ``strengths`` scored on logits (N, K), labels (N,), π (K,) > 0 (normalised).
+
+    τ = 0 is argmax_k z_k, τ = 1 the full adjustment of :func:`scores`.
+    """
+    if prior.shape != (logits.shape[1],) or (prior <= 0).any():
+        raise ValueError(f"the prior needs {logits.shape[1]} shares > 0, got {prior}")
+    log_shares = np.log(prior / prior.sum())
+    rows = []
+    for tau in strengths:
+        if not (math.isfinite(tau) and tau >= 0):
+            raise ValueError(f"strength {tau!r}: must be a finite number >= 0")
+        decided = (logits - tau * log_shares).argmax(axis=1)
+        rows.append(StrengthScores(tau, float((decided == labels).mean()),
+                                   float(balanced_accuracy_score(labels, decided)),
+                                   float(np.bincount(decided).max() / len(decided))))
+    return rows
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A saved run's final model on its held-out split (``split``: "test" or "validation")."""
+
+    logits: np.ndarray  # (N, K) float32
+    labels: np.ndarray  # (N,)
+    training_prior: np.ndarray  # (K,) the class shares of the run's training split
+    declared_prior: np.ndarray | None  # (K,) its data.class-prior, normalised; None: none
+    split: str
+
+
 @torch.no_grad()
-def logits_on_test_split(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The saved run's final model on its test split: logits (N, K), labels (N,), prior (K,)."""
+def held_out_logits(folder: Path) -> HeldOut:
+    """The saved run's final model on its held-out split, with its priors."""
     cfg = AppConfig.from_run_config(json.loads((folder / "config.json").read_text()))
     corpus = load_corpus(cfg.data, cfg.seed)
     task = TASKS[cfg.model.task]
@@ -83,28 +132,53 @@ def logits_on_test_split(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
     dtype = resolve_compute_dtype(cfg.model.compute_dtype, "cpu")
     logits, labels = zip(*batch_logits(model, data, compute_dtype=dtype), strict=True)
     counts = np.bincount(np.asarray(corpus.train["label"]), minlength=num_labels)
-    return (torch.cat(logits).numpy(), torch.cat(labels).numpy(), counts / counts.sum())
+    declared = (None if not cfg.data.declared_prior else
+                log_prior(cfg.data.declared_prior, corpus.label_names).double().exp().numpy())
+    return HeldOut(torch.cat(logits).numpy(), torch.cat(labels).numpy(), counts / counts.sum(),
+                   declared, corpus.eval_split)
+
+
+def _strengths(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print each run folder's scores; 1, before any model loads, if one is not a run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("folders", nargs="+", type=Path, help="run folders (config.json, adapter/)")
+    parser.add_argument("--strengths", type=_strengths, default=[],
+                        help="comma-separated τ ≥ 0: also score argmax(z − τ log π) for each")
     args = parser.parse_args(argv)
+    if bad := [t for t in args.strengths if not (math.isfinite(t) and t >= 0)]:
+        print(f"error: --strengths {bad}: each must be a finite number >= 0", file=sys.stderr)
+        return 2
     missing = [str(f) for f in args.folders
                if not ((f / "config.json").is_file() and (f / "adapter").is_dir())]
     if missing:
         print(f"error: no config.json and adapter/ in {', '.join(missing)}", file=sys.stderr)
         return 1
-    print("| run | test examples | AUC | balanced accuracy (argmax) | balanced accuracy "
-          "(logit-adjusted) | most predicted share |")
+    print("| run | held-out examples | AUC | balanced accuracy (argmax) | balanced accuracy "
+          "(logit-adjusted by the training shares) | most predicted share |")
     print("|---|---|---|---|---|---|")
+    by_strength = []
     for folder in args.folders:
-        logits, labels, prior = logits_on_test_split(folder)
-        s = scores(logits, labels, prior)
-        print(f"| {folder.parent.name}/{folder.name} | {len(labels)} | {s.auc:.3f} | "
+        held = held_out_logits(folder)
+        s = scores(held.logits, held.labels, held.training_prior)
+        name = f"{folder.parent.name}/{folder.name}"
+        print(f"| {name} | {len(held.labels)} ({held.split}) | {s.auc:.3f} | "
               f"{s.balanced_accuracy:.3f} | {s.adjusted_balanced_accuracy:.3f} | "
               f"{s.most_predicted_share:.3f} |", flush=True)
+        if args.strengths:
+            prior, which = ((held.declared_prior, "declared") if held.declared_prior is not None
+                            else (held.training_prior, "training shares"))
+            by_strength += [(name, held.split, which, row) for row in
+                            strength_scores(held.logits, held.labels, prior, args.strengths)]
+    if by_strength:
+        print("\n| run | split | π | τ | accuracy | balanced accuracy | most predicted share |")
+        print("|---|---|---|---|---|---|---|")
+        for name, split, which, row in by_strength:
+            print(f"| {name} | {split} | {which} | {row.strength:g} | {row.accuracy:.4f} | "
+                  f"{row.balanced_accuracy:.4f} | {row.most_predicted_share:.3f} |")
     return 0
 
 
