@@ -65,10 +65,15 @@ class Scores:
     most_predicted_share: float  # share of the examples given the most predicted class
 
 
-def scores(logits: np.ndarray, labels: np.ndarray, prior: np.ndarray) -> Scores:
-    """Scores of logits (N, K) against labels (N,) in [0, K), with the class prior π (K,) > 0."""
+def _check_prior(logits: np.ndarray, prior: np.ndarray) -> None:
+    """Raise ValueError unless ``prior`` has one share > 0 per column of ``logits`` (N, K)."""
     if prior.shape != (logits.shape[1],) or (prior <= 0).any():
         raise ValueError(f"the prior needs {logits.shape[1]} shares > 0, got {prior}")
+
+
+def scores(logits: np.ndarray, labels: np.ndarray, prior: np.ndarray) -> Scores:
+    """Scores of logits (N, K) against labels (N,) in [0, K), with the class prior π (K,) > 0."""
+    _check_prior(logits, prior)
     auc = one_vs_rest_auc(torch.from_numpy(logits), torch.from_numpy(labels))
     predicted = logits.argmax(axis=1)
     adjusted = (logits - np.log(prior)).argmax(axis=1)
@@ -94,8 +99,7 @@ def strength_scores(logits: np.ndarray, labels: np.ndarray, prior: np.ndarray,
 
     τ = 0 is argmax_k z_k, τ = 1 the full adjustment of :func:`scores`.
     """
-    if prior.shape != (logits.shape[1],) or (prior <= 0).any():
-        raise ValueError(f"the prior needs {logits.shape[1]} shares > 0, got {prior}")
+    _check_prior(logits, prior)
     log_shares = np.log(prior / prior.sum())
     rows = []
     for tau in strengths:
