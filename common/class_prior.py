@@ -36,6 +36,13 @@ if TYPE_CHECKING:  # the run configuration parses a prior without importing torc
 
 KEY = "data.class-prior"
 STRENGTH_KEY = "data.class-prior-strength"
+STRENGTH_RULE = ("must be a finite number >= 0 (0: plain argmax, 1: the full adjustment by the "
+                 "declared data.class-prior)")
+
+
+def is_valid_strength(strength: float) -> bool:
+    """Whether τ = ``strength`` is a valid ``data.class-prior-strength`` (:data:`STRENGTH_RULE`)."""
+    return math.isfinite(strength) and strength >= 0
 
 
 def parse_class_prior(entries: Sequence[str]) -> tuple[dict[str, float], list[str]]:
@@ -101,8 +108,8 @@ def decision_offsets(prior: Mapping[str, float], label_names: Sequence[str],
 
     What :func:`adjusted_decisions` subtracts from the logits: argmax_k (z_k − τ log π_k).
     """
-    if not (math.isfinite(strength) and strength >= 0):
-        raise ValueError(f"{STRENGTH_KEY}={strength!r}: must be a finite number >= 0")
+    if not is_valid_strength(strength):
+        raise ValueError(f"{STRENGTH_KEY}={strength!r}: {STRENGTH_RULE}")
     return strength * log_prior(prior, label_names)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from common.class_prior import STRENGTH_KEY, parse_class_prior
+from common.class_prior import STRENGTH_KEY, STRENGTH_RULE, is_valid_strength, parse_class_prior
 from common.methods import METHOD_NAMES, METHODS
 
 PARTITIONERS = ("dirichlet", "iid", "column")  # column: one client per value of a column
@@ -274,9 +274,8 @@ class DataConfig:
                self.label_groups, "'' (off), 'prefix' (the text before the first '.') or "
                "'topics' (the six 20 Newsgroups topic groups)")
         p += parse_class_prior(self.class_prior)[1]
-        _check(p, math.isfinite(self.class_prior_strength) and self.class_prior_strength >= 0,
-               STRENGTH_KEY, self.class_prior_strength, "must be a finite number >= 0 (0: plain "
-               "argmax, 1: the full adjustment by the declared data.class-prior)")
+        _check(p, is_valid_strength(self.class_prior_strength), STRENGTH_KEY,
+               self.class_prior_strength, STRENGTH_RULE)
         _check(p, bool(self.class_prior) or self.class_prior_strength == 1.0, STRENGTH_KEY,
                self.class_prior_strength, "scales a declared prior: set data.class-prior too "
                "(without one every decision is plain argmax)")

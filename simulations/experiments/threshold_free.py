@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-from common.class_prior import log_prior
+from common.class_prior import STRENGTH_RULE, is_valid_strength, log_prior
 from common.config import AppConfig
 from common.data import load_corpus
 from common.evaluation import batch_logits, one_vs_rest_auc
@@ -103,8 +103,8 @@ def strength_scores(logits: np.ndarray, labels: np.ndarray, prior: np.ndarray,
     log_shares = np.log(prior / prior.sum())
     rows = []
     for tau in strengths:
-        if not (math.isfinite(tau) and tau >= 0):
-            raise ValueError(f"strength {tau!r}: must be a finite number >= 0")
+        if not is_valid_strength(tau):
+            raise ValueError(f"strength {tau!r}: {STRENGTH_RULE}")
         decided = (logits - tau * log_shares).argmax(axis=1)
         rows.append(StrengthScores(tau, float((decided == labels).mean()),
                                    float(balanced_accuracy_score(labels, decided)),
@@ -153,8 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--strengths", type=_strengths, default=[],
                         help="comma-separated τ ≥ 0: also score argmax(z − τ log π) for each")
     args = parser.parse_args(argv)
-    if bad := [t for t in args.strengths if not (math.isfinite(t) and t >= 0)]:
-        print(f"error: --strengths {bad}: each must be a finite number >= 0", file=sys.stderr)
+    if bad := [t for t in args.strengths if not is_valid_strength(t)]:
+        print(f"error: --strengths {bad}: each {STRENGTH_RULE}", file=sys.stderr)
         return 2
     missing = [str(f) for f in args.folders
                if not ((f / "config.json").is_file() and (f / "adapter").is_dir())]
