@@ -7,15 +7,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from filelock import FileLock
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import training as t
 from client.received_state import received_state
 from common import contract
 from common.config import RUN_LEDGER_DIR, AppConfig
+from common.data import load_corpus, load_partition
 from common.evaluation import evaluate as evaluate_model
 from privacy import PrivacyLedger
+from privacy.census import (
+    CENSUS_ACTION,
+    CENSUS_RECORD,
+    NOISY_COUNTS,
+    census_entry,
+    noisy_label_counts,
+)
 from privacy.policy import plan_round
 
 PRIVACY_STATE_KEY = "privacy-state-file"  # node config: where a SuperNode keeps its ledger
@@ -93,7 +101,7 @@ def node_privacy_state(context: Context, cfg: AppConfig) -> Iterator[None]:
             yield
         finally:
             ledger, sigma = t.load_ledger(context, accountant)
-            if sigma is not None:  # a round has trained here (store_ledger)
+            if ledger.history:  # a round has trained here, or a census was answered
                 ledger.save(path, noise_multiplier=sigma)
 
 
@@ -144,3 +152,47 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({contract.METRICS: MetricRecord({contract.PARTITION_ID:
                                                                 partition_id})}),
                    reply_to=msg)
+
+
+@app.query(CENSUS_ACTION)
+def census(msg: Message, context: Context) -> Message:
+    """Answer the census: the node's label counts under DP, once, before it trains.
+
+    Counts c + N(0, σ_c² I_K) of its training partition (:mod:`privacy.census`), σ_c =
+    ``privacy.census-noise-multiplier`` (exact counts in a run without DP). The release enters
+    the node's ledger first, so every ε it reports covers it and its DP-SGD σ is calibrated
+    after it. Refused (an error reply) when the run has no census, when the ledger already
+    holds anything (a second census could average the noise away; after training, σ was
+    calibrated without it), or when the census alone would take ε past the budget.
+    """
+    cfg = AppConfig.from_run_config(context.run_config)
+    with node_privacy_state(context, cfg):
+        return _census(msg, context, cfg)
+
+
+def _census(msg: Message, context: Context, cfg: AppConfig) -> Message:
+    if not cfg.data.class_prior_census:
+        raise ValueError("this run has no census (data.class-prior is not 'census'): this node "
+                         "sends no label counts")
+    partition_id, num_partitions = t.node_partition(context)
+    train, _ = load_partition(cfg.data, cfg.seed, partition_id, num_partitions)
+    ledger, sigma = t.load_ledger(context, cfg.privacy.accountant)
+    noise = cfg.privacy.census_noise_multiplier if cfg.privacy.is_private else 0.0
+    if cfg.privacy.is_private:
+        if ledger.history or sigma is not None:
+            raise ValueError(f"partition {partition_id} refuses the census: its privacy ledger "
+                             f"already holds {ledger.steps} step(s) (a census is answered once, "
+                             "before any training)")
+        entry = census_entry(noise)
+        if (after := ledger.epsilon_after(noise_multiplier=entry[0], sample_rate=entry[1],
+                                          steps=entry[2], delta=cfg.privacy.delta)) \
+                > cfg.privacy.epsilon:
+            raise ValueError(f"partition {partition_id} refuses the census: it alone would take "
+                             f"ε to {after:.4g}, past privacy.epsilon={cfg.privacy.epsilon!r}")
+        ledger.history.append(entry)
+        t.store_ledger(context, ledger, None)
+    counts = noisy_label_counts(train["label"], load_corpus(cfg.data, cfg.seed).num_labels, noise)
+    metrics = MetricRecord({contract.PARTITION_ID: partition_id,
+                            contract.EPSILON: ledger.epsilon(cfg.privacy.delta)})
+    return Message(RecordDict({CENSUS_RECORD: ConfigRecord({NOISY_COUNTS: counts.tolist()}),
+                               contract.METRICS: metrics}), reply_to=msg)

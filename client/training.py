@@ -139,7 +139,8 @@ def load_ledger(context: Context, accountant: str) -> tuple[PrivacyLedger, float
     """The node's privacy ledger kept in ``Context.state`` across rounds, and its run's σ.
 
     σ is None before the node's first trained round (:func:`privacy.policy.plan_round`
-    calibrates it then; :func:`store_ledger` keeps it beside the ledger).
+    calibrates it then; :func:`store_ledger` keeps it beside the ledger); the ledger may then
+    already hold a census (:mod:`privacy.census`).
     """
     record = context.state.config_records.get(LEDGER_RECORD)
     if record is None:
@@ -148,12 +149,11 @@ def load_ledger(context: Context, accountant: str) -> tuple[PrivacyLedger, float
     return PrivacyLedger.from_dict(accountant, dict(record)), sigma
 
 
-def store_ledger(context: Context, ledger: PrivacyLedger, noise_multiplier: float) -> None:
-    """Persist the ledger (and σ) in ``Context.state``."""
+def store_ledger(context: Context, ledger: PrivacyLedger, noise_multiplier: float | None) -> None:
+    """Persist the ledger (and σ; None before the first trained round) in ``Context.state``."""
     if ledger.history:
-        context.state.config_records[LEDGER_RECORD] = ConfigRecord(
-            {**ledger.to_dict(), NOISE_KEY: noise_multiplier}
-        )
+        sigma = {} if noise_multiplier is None else {NOISE_KEY: noise_multiplier}
+        context.state.config_records[LEDGER_RECORD] = ConfigRecord({**ledger.to_dict(), **sigma})
 
 
 def privatize(cfg: AppConfig, model: PeftModel, layout: AdapterLayout,

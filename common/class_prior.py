@@ -21,8 +21,10 @@ or as counts ("comp=4777,rec=739"); it is normalised.
 Privacy: π is *declared* by the user as a public fact (a base rate known outside the
 federation, as a class name is), not measured by the system. The server reads it and no
 client sends anything for it, so it costs no ε. A prior computed from the clients' own data
-would be a release of that data that the accountant does not count: estimate it privately
-(e.g. a DP histogram) or take it from a public source.
+would be a release of that data that the accountant does not count. Without a public one,
+``data.class-prior = "census"`` estimates π under DP instead: each node sends its label counts
+once, through the Gaussian mechanism, and its ledger counts that release
+(:mod:`privacy.census`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ if TYPE_CHECKING:  # the run configuration parses a prior without importing torc
 
 KEY = "data.class-prior"
 STRENGTH_KEY = "data.class-prior-strength"
+CENSUS = "census"  # data.class-prior = "census": π estimated under DP by privacy.census
 STRENGTH_RULE = ("must be a finite number >= 0 (0: plain argmax, 1: the full adjustment by the "
                  "declared data.class-prior)")
 
@@ -50,9 +53,12 @@ def parse_class_prior(entries: Sequence[str]) -> tuple[dict[str, float], list[st
 
     A name may contain "=" (the share is after the last one). Every share must be a finite
     number > 0; a name may appear once; two classes at least. The shares are returned as
-    given (not normalised). ``entries`` empty: no prior, no problem.
+    given (not normalised). ``entries`` empty, or ``["census"]`` (a prior the nodes count under
+    DP, :func:`is_census`): no declared prior, no problem.
     """
     prior: dict[str, float] = {}
+    if is_census(entries):
+        return prior, []
     problems: list[str] = []
     for entry in entries:
         name, sep, value = entry.rpartition("=")
@@ -72,6 +78,11 @@ def parse_class_prior(entries: Sequence[str]) -> tuple[dict[str, float], list[st
         problems.append(f"{KEY}={','.join(entries)!r}: name every class of the task (two at "
                         "least), e.g. 'comp=0.87,rec=0.13'")
     return prior, problems
+
+
+def is_census(entries: Sequence[str]) -> bool:
+    """Whether ``data.class-prior`` asks for a prior counted under DP (the one entry "census")."""
+    return [e.strip() for e in entries] == [CENSUS]
 
 
 def class_prior_problems(prior: Mapping[str, float], label_names: Sequence[str]) -> list[str]:

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from common.class_prior import STRENGTH_KEY, STRENGTH_RULE, is_valid_strength, parse_class_prior
+from common.class_prior import (
+    STRENGTH_KEY,
+    STRENGTH_RULE,
+    is_census,
+    is_valid_strength,
+    parse_class_prior,
+)
 from common.methods import METHOD_NAMES, METHODS
 
 PARTITIONERS = ("dirichlet", "iid", "column")  # column: one client per value of a column
@@ -234,7 +240,8 @@ class DataConfig:
     label_groups: str = ""  # after `labels`: "prefix" (before the first "."), "topics"; "": off
     drop_missing: bool = False  # drop rows with an empty / NaN text, label (or partition value)
     min_test_examples: int = 50  # refuse a smaller test (or validation) split
-    # "name=share,...": a public prior; the server decides argmax(z − log π) (common.class_prior)
+    # "name=share,...": a public prior; the server decides argmax(z − log π) (common.class_prior);
+    # "census": π counted by the nodes under DP (privacy.census)
     class_prior: tuple[str, ...] = ()
     class_prior_strength: float = 1.0  # τ: decisions argmax(z − τ log π); 0 = plain argmax
 
@@ -286,6 +293,11 @@ class DataConfig:
         """``data.class-prior`` as {class name: share as given}; empty when none is declared."""
         return parse_class_prior(self.class_prior)[0]
 
+    @property
+    def class_prior_census(self) -> bool:
+        """Whether the prior is counted by the nodes under DP (``data.class-prior = "census"``)."""
+        return is_census(self.class_prior)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -323,6 +335,8 @@ class PrivacyConfig:
     # > 0: clip the head to √share · C and the LoRA factors to √(1 − share) · C separately
     # (privacy.grouped_clipping; the noise stays σ · C); 0: one norm C for everything trained
     head_clip_share: float = 0.0
+    # σ_c of the DP label census (data.class-prior = "census"): counts + N(0, σ_c²); Δ₂ = 1
+    census_noise_multiplier: float = 10.0
 
     @property
     def is_private(self) -> bool:
@@ -345,6 +359,9 @@ class PrivacyConfig:
         _check(p, self.head_clip_share == 0 or self.grad_sample_mode == "hooks",
                "privacy.head-clip-share", self.head_clip_share,
                "grouped clipping needs privacy.grad-sample-mode='hooks'")
+        _check(p, math.isfinite(self.census_noise_multiplier) and self.census_noise_multiplier > 0,
+               "privacy.census-noise-multiplier", self.census_noise_multiplier,
+               "must be a finite number > 0 (the noise std of each class count of the census)")
         return p
 
 

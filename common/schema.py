@@ -10,6 +10,8 @@ A run writes ``<output.dir>/<run name>/`` (:func:`server.results.save_run`):
 - ``adapter/`` (:data:`ADAPTER_DIR`): the peft adapter;
 - ``generations.json`` (:data:`GENERATIONS_FILE`), causal LM only: the final model's greedy
   continuations of fixed held-out prompts (:mod:`server.generations`);
+- ``class-prior.json`` (:data:`CLASS_PRIOR_FILE`), with ``data.class-prior = "census"`` only:
+  the class shares the nodes' DP label counts gave (:mod:`server.census`);
 - ``run.log`` (:data:`RUN_LOG`): everything the run printed, when ``simulations.run`` ran it
   (each attempt appended after a header line).
 
@@ -30,6 +32,7 @@ METRICS_FILE = "metrics.csv"
 CONFIG_FILE = "config.json"
 GENERATIONS_FILE = "generations.json"
 ENVIRONMENT_FILE = "environment.json"
+CLASS_PRIOR_FILE = "class-prior.json"
 ADAPTER_DIR = "adapter"
 RUN_LOG = "run.log"
 

@@ -5,7 +5,9 @@ budget: σ = min{σ : ε_acc(σ, q, T) ≤ ε_target at δ}, with sample rate q 
 T = rounds × local steps, the most steps it could ever take (it may be sampled every round).
 Client subsampling by the server is *not* counted as amplification: the server is untrusted.
 The ledger keeps the accountant's history [(σ, q, steps), ...] across rounds, so the reported
-ε covers every step the client has ever taken.
+ε covers every step the client has ever taken. A release before training (the DP label census
+of :mod:`privacy.census`) is in the history too, and σ is then calibrated for the T steps
+*after* it: ε_acc(history + (σ, q, T)) ≤ ε_target.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -48,10 +51,13 @@ def calibrate_noise(
     sample_rate: float,
     steps: int,
     accountant: str = "rdp",
+    spent: Sequence[HistoryEntry] = (),
 ) -> float:
     """Smallest σ such that ``steps`` Poisson-subsampled Gaussian steps stay within (ε, δ).
 
-    Returns 0.0 for ``target_epsilon = inf`` (no noise).
+    With ``spent`` (an accountant history already taken, e.g. a census), the smallest σ with
+    ε_acc(spent + (σ, q, steps)) ≤ ε, to Opacus' tolerance of 0.01 below ε; ValueError when
+    ``spent`` alone leaves no ε. Returns 0.0 for ``target_epsilon = inf`` (no noise).
     """
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate={sample_rate}: must be in (0, 1] "
@@ -60,11 +66,43 @@ def calibrate_noise(
         raise ValueError(f"steps={steps}: must be >= 1")
     if math.isinf(target_epsilon):
         return 0.0
+    if spent:
+        return _calibrate_after(list(spent), target_epsilon=target_epsilon,
+                                target_delta=target_delta, sample_rate=sample_rate, steps=steps,
+                                accountant=accountant)
     with largest_order_is_optimal():
         return float(get_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
             steps=steps, accountant=accountant,
         ))
+
+
+def _calibrate_after(spent: list[HistoryEntry], *, target_epsilon: float, target_delta: float,
+                     sample_rate: float, steps: int, accountant: str,
+                     tolerance: float = 0.01) -> float:
+    """Bisection of Opacus' ``get_noise_multiplier``, on the history ``spent`` + (σ, q, steps).
+
+    ε(σ) falls from inf (σ → 0) to ε(spent) (σ → inf), so a σ within ``tolerance`` below the
+    target exists iff ε(spent) < target.
+    """
+    def eps(sigma: float) -> float:
+        return epsilon_of(accountant, spent + [(sigma, sample_rate, steps)], target_delta)
+
+    already = epsilon_of(accountant, spent, target_delta)
+    if not already < target_epsilon:
+        raise ValueError(f"the history already spends ε = {already:.4g} of the target "
+                         f"{target_epsilon:g}: no σ leaves room for {steps} steps")
+    low, high = 0.0, 10.0
+    while eps(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise ValueError(f"no σ ≤ 1e6 keeps {steps} steps within ε = {target_epsilon:g}")
+    for _ in range(200):
+        if eps(high) >= target_epsilon - tolerance:
+            break
+        mid = (low + high) / 2
+        low, high = (low, mid) if eps(mid) <= target_epsilon else (mid, high)
+    return high
 
 
 @dataclass
@@ -87,13 +125,13 @@ class PrivacyLedger:
 
     def epsilon(self, delta: float) -> float:
         """Cumulative ε at ``delta`` over the whole history (0 if no step, inf if σ = 0)."""
-        return _epsilon(self.accountant, self.history, delta)
+        return epsilon_of(self.accountant, self.history, delta)
 
     def epsilon_after(self, *, noise_multiplier: float, sample_rate: float, steps: int,
                       delta: float) -> float:
         """ε the client would have after ``steps`` more steps at (σ, q)."""
         planned = self.history + [(noise_multiplier, sample_rate, steps)]
-        return _epsilon(self.accountant, planned, delta)
+        return epsilon_of(self.accountant, planned, delta)
 
     def to_dict(self) -> dict[str, list]:
         """Plain lists, storable in a Flower ConfigRecord."""
@@ -110,15 +148,16 @@ class PrivacyLedger:
                    data.get("steps", []), strict=True)
         return cls(accountant, [(float(s), float(q), int(n)) for s, q, n in rows])
 
-    def save(self, path: str | os.PathLike, *, noise_multiplier: float) -> None:
-        """Write the history and the run's σ to ``path`` as JSON, atomically.
+    def save(self, path: str | os.PathLike, *, noise_multiplier: float | None) -> None:
+        """Write the history and the run's σ (None before calibration) to ``path``, atomically.
 
         A temporary file in the same folder is fsync'ed, then renamed over ``path``
         (``os.replace``), so a crash leaves either the old or the new ledger, never a torn one.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"accountant": self.accountant, "noise-multiplier": float(noise_multiplier),
+        sigma = None if noise_multiplier is None else float(noise_multiplier)
+        payload = {"accountant": self.accountant, "noise-multiplier": sigma,
                    "history": [{"noise-multiplier": float(s), "sample-rate": float(q),
                                 "steps": int(n)} for s, q, n in self.history]}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -132,24 +171,30 @@ class PrivacyLedger:
             tmp.unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, accountant: str) -> tuple[PrivacyLedger, float]:
-        """Inverse of :meth:`save`: (ledger on ``accountant``, σ); raise ValueError if corrupt."""
+    def load(cls, path: str | os.PathLike, accountant: str) -> tuple[PrivacyLedger, float | None]:
+        """Inverse of :meth:`save`: (ledger on ``accountant``, σ or None); ValueError if corrupt."""
         try:
             payload = json.loads(Path(path).read_text(encoding="utf-8"))
             history = [(float(e["noise-multiplier"]), float(e["sample-rate"]), int(e["steps"]))
                        for e in payload["history"]]
-            return cls(accountant, history), float(payload["noise-multiplier"])
+            sigma = payload["noise-multiplier"]
+            return cls(accountant, history), None if sigma is None else float(sigma)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"privacy state file {path} is unreadable ({exc}); refusing to "
                              "train with an unknown privacy history") from exc
 
 
-def _epsilon(accountant: str, history: list[HistoryEntry], delta: float) -> float:
+def epsilon_of(accountant: str, history: Sequence[HistoryEntry], delta: float) -> float:
+    """ε at ``delta`` of ``history`` [(σ, q, steps), ...] (0 if empty, inf if a σ is 0).
+
+    A q = 1 entry (the Gaussian mechanism) makes the PRV accountant take log(1 − q) = −inf, a
+    case its formula handles; numpy's divide-by-zero warning for it is silenced.
+    """
     if not history:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in history):
         return math.inf
     acc = create_accountant(accountant)
     acc.history = list(history)
-    with largest_order_is_optimal():
+    with largest_order_is_optimal(), np.errstate(divide="ignore"):
         return float(acc.get_epsilon(delta=delta))

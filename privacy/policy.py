@@ -7,7 +7,9 @@ For a client with n training examples, expected batch b, local steps K per round
   ``DPDataLoader`` samples;
 - one noise multiplier σ for the whole run, the smallest with ε_acc(σ, q, T = R · K) ≤ ε at δ
   (:func:`privacy.accounting.calibrate_noise`): the node could be sampled every round. It is
-  computed once and then reused from the node's ledger, so it never changes within a run;
+  computed once and then reused from the node's ledger, so it never changes within a run; what
+  the ledger already holds when σ is calibrated (a DP label census, :mod:`privacy.census`) is
+  composed in: ε_acc(ledger + (σ, q, T)) ≤ ε;
 - a round is refused when the ledger's ε after its K more steps would exceed ε
   (:meth:`RoundPrivacy.exhausted`): a node never goes past its budget.
 
@@ -60,7 +62,8 @@ def plan_round(cfg: AppConfig, ledger: PrivacyLedger, *, num_examples: int,
     """The next round of a node that holds ``ledger`` and ``num_examples`` training examples.
 
     K = ``train.local-steps``, T = ``strategy.num-rounds`` × K; ``noise_multiplier`` is the
-    node's σ from an earlier round of this run (None: calibrate it now). Raise
+    node's σ from an earlier round of this run (None: calibrate it now, after what ``ledger``
+    already holds). Raise
     :class:`ConfigError` if δ ≥ 1/n (private runs only; ``where`` names the node). Without
     noise (ε = inf) nothing is ever exhausted.
     """
@@ -71,7 +74,8 @@ def plan_round(cfg: AppConfig, ledger: PrivacyLedger, *, num_examples: int,
     check_delta(privacy.delta, num_examples, where)
     sigma = noise_multiplier if noise_multiplier is not None else calibrate_noise(
         target_epsilon=privacy.epsilon, target_delta=privacy.delta, sample_rate=q,
-        steps=cfg.strategy.num_rounds * steps, accountant=privacy.accountant)
+        steps=cfg.strategy.num_rounds * steps, accountant=privacy.accountant,
+        spent=ledger.history)
     after = ledger.epsilon_after(noise_multiplier=sigma, sample_rate=q, steps=steps,
                                  delta=privacy.delta)
     return RoundPrivacy(sigma, q, steps, after, exhausted=after > privacy.epsilon)

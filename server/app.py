@@ -22,6 +22,7 @@ from common.precision import emulation_warning, resolve_compute_dtype
 from common.public_head import names_without_letters, set_class_name_head
 from common.schema import RoundTrainingMetrics
 from common.tasks import TASKS
+from server.census import take_census
 from server.evaluation import GlobalEvaluator
 from server.generations import generate_samples
 from server.merged_adapter import merged_adapter_state
@@ -98,14 +99,17 @@ def run(grid: Grid, context: Context) -> None:
     if slow := emulation_warning(cfg.model.compute_dtype, model_device):
         log(WARNING, "%s", slow)
     decision_prior = None  # data.class-prior: decisions argmax(z − τ log π), checked above
-    if prior := cfg.data.declared_prior:
+    prior, source = cfg.data.declared_prior, "declared public"
+    if cfg.data.class_prior_census:  # before any training: the nodes' ledgers count it first
+        prior, source = take_census(grid, cfg, corpus.label_names, folder), "counted under DP"
+    if prior:
         strength = cfg.data.class_prior_strength
         decision_prior = decision_offsets(prior, corpus.label_names, strength)
+        shares = log_prior(prior, corpus.label_names).exp().tolist()
         log(INFO, "data.class-prior: every decision is argmax(logit − %g · log share), shares "
-            "%s (declared public; loss and AUC are the model's own)", strength, ", ".join(
+            "%s (%s; loss and AUC are the model's own)", strength, ", ".join(
                 f"{name} {share:.4g}" for name, share in
-                zip(corpus.label_names, log_prior(prior, corpus.label_names).exp().tolist(),
-                    strict=True)))
+                zip(corpus.label_names, shares, strict=True)), source)
     evaluator = GlobalEvaluator(model, layout, subset=subset, full=full_test,
                                 final_round=cfg.strategy.num_rounds, training=training,
                                 split=corpus.eval_split, eval_every=cfg.strategy.eval_every,

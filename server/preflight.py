@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 # key is refused without importing torch; tests/test_launcher.py checks that they agree).
 RESULT_FILES = (schema.METRICS_FILE, schema.CONFIG_FILE, schema.ENVIRONMENT_FILE,
                 schema.GENERATIONS_FILE, schema.ADAPTER_DIR, "checkpoint.safetensors",
-                RUN_LEDGER_DIR)
+                RUN_LEDGER_DIR, schema.CLASS_PRIOR_FILE)
 REFUSED = (ValueError, OSError)  # what preflight and check_run raise for input they refuse
 
 
@@ -89,6 +89,7 @@ def check_run(cfg: AppConfig, *, num_partitions: int | None = None) -> Corpus:
     from common.data import check_partitions, load_corpus
     from common.devices import resolve_device
     from common.model import load_tokenizer
+    from privacy.census import check_census_budget
     from privacy.policy import check_delta
 
     resolve_device(cfg.model.device)  # model.device='cuda' without a GPU: ValueError
@@ -99,6 +100,7 @@ def check_run(cfg: AppConfig, *, num_partitions: int | None = None) -> Corpus:
     check_class_prior(cfg.data.declared_prior, corpus.label_names)
     if cfg.privacy.is_private:  # each client checks its own partition again
         check_delta(cfg.privacy.delta, len(corpus.train), "the whole training split")
+    check_census_budget(cfg)
     if num_partitions is not None:
         check_partitions(cfg.data, cfg.seed, num_partitions, cfg.train.batch_size)
     check_output_folder(cfg.results_folder, cfg)

@@ -208,3 +208,32 @@ def test_a_declared_class_prior_decides_the_server_evaluation_as_the_saved_adapt
     assert accuracy == pytest.approx(float(rows[-1]["accuracy"]), abs=1e-9)
     if strength:
         assert float(rows[-1]["most-predicted-share"]) == 1.0
+
+
+def test_a_census_prior_is_counted_under_dp_by_every_node_before_it_trains(tiny_run_config,
+                                                                           tmp_path):
+    """data.class-prior = "census" through Flower: each node's ledger starts with its census.
+
+    The server writes the shares it decided by (class-prior.json, every class > 0, summing to
+    1, from all 3 partitions); each node's ledger holds (σ_c, 1, 1) first, then its DP-SGD
+    steps at a σ calibrated after it, and the ε the rows report covers both within the budget.
+    """
+    from privacy.accounting import PrivacyLedger
+    from privacy.census import census_entry
+
+    folder, rows = _run_tiny(tiny_run_config, tmp_path, "census",
+                             **{"data.class-prior": "census"})
+    prior = json.loads((folder / "class-prior.json").read_text())
+    assert sorted(prior["shares"]) == ["space", "sport", "tech"]
+    assert all(s > 0 for s in prior["shares"].values())
+    assert sum(prior["shares"].values()) == pytest.approx(1.0)
+    assert prior["partitions"] == [0, 1, 2] and prior["noise-multiplier"] == 10.0
+    epsilons = []
+    for partition in range(3):
+        ledger, sigma = PrivacyLedger.load(folder / "privacy" / f"partition-{partition}.json",
+                                           "rdp")
+        assert ledger.history[0] == census_entry(10.0)
+        if len(ledger.history) > 1:  # sampled at least once
+            assert sigma is not None and ledger.history[1][0] == sigma
+        epsilons.append(ledger.epsilon(1e-5))
+    assert max(float(r["epsilon-max"]) for r in rows[1:]) <= max(epsilons) <= 6.0
