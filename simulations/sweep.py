@@ -114,6 +114,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--table", metavar="NAME",
                    help="with --readme: between '<!-- sweep-table:start NAME -->' and "
                         "'<!-- sweep-table:end NAME -->' instead (several tables on one page)")
+    p.add_argument("--reference-record", type=Path, metavar="DIR",
+                   help="with --record: add DIR's FedSVD cells at this record's ε, α and seeds "
+                   "to the report, so the other methods pair with them (same settings only)")
     p.add_argument("--stop-file", type=Path, metavar="PATH",
                    help="when PATH exists, finish (and record) the running cell, run no more, "
                         "exit 3; the same command goes on later")
@@ -164,9 +167,11 @@ def _main(args: argparse.Namespace, argv: list[str], runner: Runner | None) -> i
         raise ValueError("--commit needs --record DIR (the tracked folder to commit into)")
     if args.table is not None and args.readme is None:
         raise ValueError("--table NAME names the markers of a --readme page: give --readme")
+    if args.reference_record is not None and args.record is None:
+        raise ValueError("--reference-record DIR pairs with a record: give --record too")
     if args.report_only:
         return report(args.record or args.out, args.readme, records=args.record is not None,
-                      table=args.table)
+                      table=args.table, reference=args.reference_record)
     command = reproducing_command(argv)
     runner = runner or flwr_runner(num_supernodes=args.num_supernodes,
                                    cpus_per_client=args.cpus_per_client,
@@ -183,7 +188,8 @@ def _main(args: argparse.Namespace, argv: list[str], runner: Runner | None) -> i
     code = report_outcomes(outcomes)
     if any(o.status != "failed" for o in outcomes):
         code = max(code, report(args.record or args.out, args.readme,
-                                records=args.record is not None, table=args.table))
+                                records=args.record is not None, table=args.table,
+                                reference=args.reference_record))
     return code
 
 
@@ -261,16 +267,17 @@ def tuning_criterion(run_config: list[str]) -> str:
 
 
 def report(folder: Path, readme: Path | None, records: bool = False,
-           table: str | None = None) -> int:
+           table: str | None = None, reference: Path | None = None) -> int:
     """Build CSV, plots and table from ``folder``; print the table; 1 on a problem.
 
-    ``records``: ``folder`` is a record folder (``--record``), read from ``folder/cells``.
+    ``records``: ``folder`` is a record folder (``--record``), read from ``folder/cells``;
+    ``reference``: a record whose FedSVD cells join the table (``--reference-record``).
     """
     if records and not is_record_folder(folder):
         print(f"[report] no record in {Path(folder) / CELLS_DIR}: nothing to report")
         return 1
     try:
-        written = write_report(folder, readme=readme, table=table)
+        written = write_report(folder, readme=readme, table=table, reference=reference)
     except (ValueError, FileNotFoundError) as exc:
         print(f"[report] {exc}")
         return 1

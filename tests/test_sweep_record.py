@@ -465,3 +465,31 @@ def test_one_text_for_balanced_accuracy_and_auc_from_a_row_or_a_logged_round():
     assert class_metrics_text(row) == " (balanced 0.5000, AUC 0.9870)"
     assert class_metrics_text({**row, "auc": ""}) == " (balanced 0.5000)"
     assert class_metrics_text({"accuracy": "0.3", "perplexity": "12.0"}) == ""
+
+
+def test_report_pairs_other_methods_with_the_fedsvd_cells_of_a_reference_record(tmp_path,
+                                                                                capsys):
+    out, main, others = tmp_path / "out", tmp_path / "main", tmp_path / "others"
+    for seed, final in enumerate([0.5, 0.6, 0.7, 0.9]):  # the reference: four seeds
+        write_record(write_run(out, method="fedsvd", seed=seed, final=final), main)
+        write_record(write_run(out, method="ffa", seed=seed, final=final - 0.3), main)
+    for seed, final in enumerate([0.3, 0.5, 0.5]):  # this table: three seeds, another method
+        write_record(write_run(out, method="flora", seed=seed, final=final), others)
+    (main / "commands.txt").write_text("python -m simulations.sweep --record main\n")
+    (others / "commands.txt").write_text("python -m simulations.sweep --record others\n")
+    argv = ["--report-only", "--record", str(others), "--reference-record", str(main)]
+    assert sweep.main(argv) == 0
+    table = (others / "table.md").read_text()
+    assert "over seeds 0, 1, 2;" in table  # FedSVD's seed 3 is left out, and FFA-LoRA
+    assert "| fedsvd | 0.6000 ± 0.2484 |" in table and "| ffa |" not in table
+    assert "| flora | 0.1667 ± 0.1434 |" in table  # paired: 0.2, 0.1, 0.2
+    assert "--record main" in table and "--record others" in table
+    assert "of the 6 recorded cells" in table
+
+    write_record(write_run(out, method="fedsvd", seed=0, final=0.1, **{"lora.r": 4}),
+                 tmp_path / "other-settings")
+    capsys.readouterr()
+    argv[-1] = str(tmp_path / "other-settings")
+    assert sweep.main(argv) == 1
+    assert "differ in their shared settings" in capsys.readouterr().out
+    assert sweep.main(["--report-only", "--reference-record", str(main)]) == 2  # no --record

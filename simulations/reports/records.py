@@ -78,6 +78,32 @@ class Runs:
         return self.tidy[self.tidy["round"] == self.tidy["num_rounds"]].reset_index(drop=True)
 
 
+def with_reference(runs: Runs, reference: Path, method: str = "fedsvd") -> Runs:
+    """``runs`` plus ``method``'s runs of the folder ``reference`` at the same (ε, α, seed).
+
+    For a table of other methods beside ``method`` (FedSVD: the reference of
+    :func:`simulations.reports.statistics.paired_differences`) recorded in another folder: the
+    cells of one seed pair as in one sweep when both were run with the same settings, which is
+    checked (:func:`settings_digest`). Raise ValueError if ``runs`` holds ``method`` already, if
+    ``reference`` has no such run, or if the settings differ.
+    """
+    final = runs.final
+    if (final["method"] == method).any():
+        raise ValueError(f"the table has {method} runs of its own: no reference needed")
+    theirs = load_runs(reference)
+    keys = ["epsilon", "alpha", "seed"]
+    wanted = theirs.final[theirs.final["method"] == method].merge(
+        final[keys].drop_duplicates(), on=keys)
+    if wanted.empty:
+        raise ValueError(f"{reference} has no complete {method} run at the ε, α and seeds of "
+                         "this table")
+    if differing := set(wanted["settings"]) ^ set(final["settings"]):
+        raise ValueError(f"{reference}'s {method} runs and this table's differ in their shared "
+                         f"settings (digests {', '.join(sorted(differing))}): they do not pair")
+    added = theirs.tidy[theirs.tidy["run"].isin(set(wanted["run"]))]
+    return Runs(pd.concat([runs.tidy, added], ignore_index=True), runs.incomplete)
+
+
 def is_record_folder(folder: Path) -> bool:
     """Whether ``folder`` is a record folder (it has ``cells/``) rather than a sweep folder."""
     return (Path(folder) / CELLS_DIR).is_dir()

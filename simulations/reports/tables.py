@@ -27,6 +27,7 @@ from simulations.reports.records import (
     is_record_folder,
     load_runs,
     sweep_commands,
+    with_reference,
 )
 from simulations.reports.statistics import paired_differences, summarize, target_line
 
@@ -150,8 +151,8 @@ def replace_between_markers(text: str, block: str,
     return pattern.sub(lambda _: f"{start}\n{block.strip()}\n{end}", text)
 
 
-def write_report(folder: Path, *, readme: Path | None = None,
-                 table: str | None = None) -> dict[str, Path]:
+def write_report(folder: Path, *, readme: Path | None = None, table: str | None = None,
+                 reference: Path | None = None) -> dict[str, Path]:
     """Write the report of a sweep folder or a record folder into it; return the paths.
 
     A sweep folder gets ``sweep.csv``, ``summary.csv``, ``paired.csv``, ``results.md`` and
@@ -161,7 +162,10 @@ def write_report(folder: Path, *, readme: Path | None = None,
     of ``table``; checked first, so a page without them changes nothing), linking the plots:
     those of a record folder (tracked in git) where they are, by a relative path
     (``../experiments/...``), the others copied, with the two CSVs, into ``_static/sweep/``
-    beside the page.
+    beside the page. With ``reference`` (a folder holding FedSVD's runs at the same settings),
+    its FedSVD runs at this folder's ε, α and seeds join the table, so that the other methods
+    are paired with them (:func:`simulations.reports.records.with_reference`); its commands are
+    listed too.
     """
     from simulations.reports import plots  # matplotlib only when plotting
 
@@ -170,6 +174,13 @@ def write_report(folder: Path, *, readme: Path | None = None,
     runs = load_runs(folder, records=records)
     if runs.final.empty:
         raise ValueError(f"no complete run in {folder} (incomplete: {list(runs.incomplete)})")
+    commands = sweep_commands(folder)
+    if reference is not None:
+        if not records:
+            raise ValueError(f"a reference record pairs with a record folder; {folder} is a "
+                             "sweep folder (give --record)")
+        runs = with_reference(runs, reference)
+        commands += [c for c in sweep_commands(reference) if c not in commands]
     splits = sorted(runs.final["eval_split"].unique())
     if len(splits) > 1:
         raise ValueError(f"{folder} mixes {' and '.join(splits)} runs (learning-rate tuning "
@@ -189,11 +200,11 @@ def write_report(folder: Path, *, readme: Path | None = None,
     images = plots.write_all(runs.tidy, summary, folder if records else folder / "plots")
     if records:
         wall, source = machine_time(runs)
-        block = dict(commands=sweep_commands(folder), wall=wall, wall_source=source,
+        block = dict(commands=commands, wall=wall, wall_source=source,
                      wall_label="Total machine time", commands_file=COMMANDS_FILE)
     else:
         wall, source = sweep_wall_time(folder, runs)
-        block = dict(commands=sweep_commands(folder), wall=wall, wall_source=source)
+        block = dict(commands=commands, wall=wall, wall_source=source)
     written["table"].write_text(report_block(
         summary, runs, images=[p.relative_to(folder).as_posix() for p in images], **block))
     if readme:
