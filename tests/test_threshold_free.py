@@ -62,3 +62,26 @@ def test_strengths_run_from_argmax_to_the_full_adjustment():
 def test_negative_strengths_are_refused_before_any_model_loads(tmp_path, capsys):
     assert threshold_free.main(["--strengths", "0,-1", str(tmp_path)]) == 2
     assert "--strengths" in capsys.readouterr().err
+
+
+def test_the_prior_of_a_run_is_the_declared_one_or_its_census_shares(tmp_path):
+    import json
+
+    import numpy as np
+
+    from common.config import AppConfig
+    from simulations.experiments.threshold_free import run_prior
+
+    names = ["ham", "spam"]
+    declared = AppConfig.from_run_config({"data.class-prior": "ham=3,spam=1"})
+    prior, source = run_prior(tmp_path, declared, names)
+    np.testing.assert_allclose(prior, [0.75, 0.25], rtol=1e-6)
+    assert source == "declared"
+    assert run_prior(tmp_path, AppConfig(), names) == (None, "")
+    census = AppConfig.from_run_config({"data.class-prior": "census"})
+    with pytest.raises(FileNotFoundError, match="class-prior.json"):
+        run_prior(tmp_path, census, names)
+    (tmp_path / "class-prior.json").write_text(json.dumps({"shares": {"spam": 0.2, "ham": 0.8}}))
+    prior, source = run_prior(tmp_path, census, names)
+    np.testing.assert_allclose(prior, [0.8, 0.2], rtol=1e-6)  # in the order of the names
+    assert source == "census"

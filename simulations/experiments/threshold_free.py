@@ -25,7 +25,8 @@ One markdown row per run folder (a folder ``simulations.run`` or the sweep wrote
 validation split when it ran with ``data.validation-fraction``), under the run's compute dtype.
 ``--strengths``: a second table, one row per run and strength τ, of the decisions
 argmax_k (z_k − τ log π_k) (``data.class-prior-strength``): their accuracy and balanced
-accuracy, with π the run's declared ``data.class-prior`` (else its training shares, marked).
+accuracy, with π the prior the run decided by (declared ``data.class-prior``, or the census's
+shares; else its training shares, marked).
 Run on a validation run's folders, it is how τ is chosen without touching the test split: one
 trained model scores every τ, so the strengths are compared on the same logits.
 """
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
+from common import schema
 from common.class_prior import STRENGTH_RULE, is_valid_strength, log_prior
 from common.config import AppConfig
 from common.data import load_corpus
@@ -119,8 +121,9 @@ class HeldOut:
     logits: np.ndarray  # (N, K) float32
     labels: np.ndarray  # (N,)
     training_prior: np.ndarray  # (K,) the class shares of the run's training split
-    declared_prior: np.ndarray | None  # (K,) its data.class-prior, normalised; None: none
+    declared_prior: np.ndarray | None  # (K,) the prior the run decided by (run_prior); None
     split: str
+    prior_source: str = "declared"  # "declared" (data.class-prior) or "census"
 
 
 @torch.no_grad()
@@ -136,10 +139,28 @@ def held_out_logits(folder: Path) -> HeldOut:
     dtype = resolve_compute_dtype(cfg.model.compute_dtype, "cpu")
     logits, labels = zip(*batch_logits(model, data, compute_dtype=dtype), strict=True)
     counts = np.bincount(np.asarray(corpus.train["label"]), minlength=num_labels)
-    declared = (None if not cfg.data.declared_prior else
-                log_prior(cfg.data.declared_prior, corpus.label_names).double().exp().numpy())
+    prior, source = run_prior(folder, cfg, corpus.label_names)
     return HeldOut(torch.cat(logits).numpy(), torch.cat(labels).numpy(), counts / counts.sum(),
-                   declared, corpus.eval_split)
+                   prior, corpus.eval_split, source)
+
+
+def run_prior(folder: Path, cfg: AppConfig,
+              label_names: Sequence[str]) -> tuple[np.ndarray | None, str]:
+    """π (K,) the run decided by, normalised, and where it came from; (None, "") without one.
+
+    ``data.class-prior`` as declared, or with ``"census"`` the shares the nodes counted under
+    DP, from the run's ``class-prior.json`` (:mod:`server.census`).
+    """
+    if cfg.data.class_prior_census:
+        path = folder / schema.CLASS_PRIOR_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: a census run without the shares it decided by")
+        shares, source = json.loads(path.read_text(encoding="utf-8"))["shares"], "census"
+    elif cfg.data.declared_prior:
+        shares, source = cfg.data.declared_prior, "declared"
+    else:
+        return None, ""
+    return log_prior(shares, label_names).double().exp().numpy(), source
 
 
 def _strengths(text: str) -> list[float]:
@@ -173,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{s.balanced_accuracy:.3f} | {s.adjusted_balanced_accuracy:.3f} | "
               f"{s.most_predicted_share:.3f} |", flush=True)
         if args.strengths:
-            prior, which = ((held.declared_prior, "declared") if held.declared_prior is not None
+            prior, which = ((held.declared_prior, held.prior_source)
+                            if held.declared_prior is not None
                             else (held.training_prior, "training shares"))
             by_strength += [(name, held.split, which, row) for row in
                             strength_scores(held.logits, held.labels, prior, args.strengths)]
