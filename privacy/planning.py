@@ -4,6 +4,7 @@
     python -m privacy.planning --sigma 1.1 --examples 1885 --batch-size 32 --rounds 10
     python -m privacy.planning --epsilon 3 --examples 1700 --rounds 30 --batch-sizes 16,32,64,128
     python -m privacy.planning --recommend --epsilon 3 --examples 400
+    python -m privacy.planning --epsilon 3 --examples 1885 --census-noise-multiplier 10
 
 ``--recommend`` prints the defaults fitted to the smallest client's ``--examples`` at
 ``--epsilon`` (the rule of :mod:`privacy.recommend`), their σ and noise, and the overrides that
@@ -53,7 +54,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from common.config import (
@@ -63,7 +64,8 @@ from common.config import (
     TrainConfig,
     fewer_than_one_batch,
 )
-from privacy.accounting import calibrate_noise
+from privacy.accounting import HistoryEntry, calibrate_noise, epsilon_of
+from privacy.census import census_entry
 from privacy.policy import check_delta, sample_rate
 from privacy.recommend import describe, fitted_batch, recommend
 
@@ -82,7 +84,8 @@ class Schedule:
     """What one client does: q per step, K steps per round, at most R rounds.
 
     ``participation`` p is the probability that the server samples the client in a round; it
-    only changes the accounting when ``amplification`` is on.
+    only changes the accounting when ``amplification`` is on. ``census_noise`` σ_c > 0: the
+    client answers the DP label census first (:mod:`privacy.census`), composed before its steps.
     """
 
     sample_rate: float
@@ -91,6 +94,7 @@ class Schedule:
     participation: float = 1.0
     amplification: bool = False
     accountant: str = "rdp"
+    census_noise: float = 0.0  # σ_c of a census before round 1; 0: none
 
     def __post_init__(self) -> None:
         problems = []
@@ -104,11 +108,21 @@ class Schedule:
             problems.append(f"participation={self.participation}: must be in (0, 1]")
         if self.accountant not in ("rdp", "prv"):
             problems.append(f"accountant={self.accountant!r}: 'rdp' or 'prv'")
+        if not (math.isfinite(self.census_noise) and self.census_noise >= 0):
+            problems.append(f"census_noise={self.census_noise}: must be finite and >= 0")
+        if self.amplification and self.census_noise:
+            problems.append("census_noise: a census is not combined with amplification by "
+                            "client sampling (every node answers it)")
         if self.amplification and self.accountant != "rdp":
             problems.append(f"accountant={self.accountant!r}: amplification by client "
                             "sampling is only implemented for 'rdp'")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def spent(self) -> list[HistoryEntry]:
+        """What the ledger holds before round 1: the census's entry, or nothing."""
+        return [census_entry(self.census_noise)] if self.census_noise else []
 
 
 def epsilon_curve(noise_multiplier: float, schedule: Schedule, delta: float) -> list[float]:
@@ -127,9 +141,8 @@ def epsilon_curve(noise_multiplier: float, schedule: Schedule, delta: float) -> 
     if not s.amplification:
         curve = []
         for r in range(1, s.rounds + 1):
-            acc = create_accountant(s.accountant)
-            acc.history = [(noise_multiplier, s.sample_rate, r * s.local_steps)]
-            curve.append(float(acc.get_epsilon(delta=delta)))
+            history = [*s.spent, (noise_multiplier, s.sample_rate, r * s.local_steps)]
+            curve.append(epsilon_of(s.accountant, history, delta))
         return curve
     per_round = _amplified_round_rdp(noise_multiplier, s)
     return [float(get_privacy_spent(orders=ORDERS, rdp=r * per_round, delta=delta)[0])
@@ -140,7 +153,8 @@ def plan_noise(epsilon: float, schedule: Schedule, delta: float) -> float:
     """Smallest σ whose ε after all R rounds is at most ``epsilon`` (0 for ε = inf).
 
     Without amplification this is Opacus' ``get_noise_multiplier`` for R · K steps (what the
-    clients use); with it, a bisection on :func:`epsilon_curve` to 1e-4 relative in σ.
+    clients use; after a census, :func:`privacy.accounting.calibrate_noise` with it spent); with
+    it, a bisection on :func:`epsilon_curve` to 1e-4 relative in σ.
     """
     _check_delta(delta)
     if not epsilon > 0:
@@ -151,7 +165,7 @@ def plan_noise(epsilon: float, schedule: Schedule, delta: float) -> float:
     if not s.amplification:
         return calibrate_noise(target_epsilon=epsilon, target_delta=delta,
                                sample_rate=s.sample_rate, steps=s.rounds * s.local_steps,
-                               accountant=s.accountant)
+                               accountant=s.accountant, spent=s.spent)
 
     def spent(sigma: float) -> float:
         return epsilon_curve(sigma, s, delta)[-1]
@@ -270,6 +284,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--amplification", action="store_true",
                         help="count client sampling as amplification (trusted, secret sampling)")
     parser.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
+    parser.add_argument("--census-noise-multiplier", type=float, default=0.0, metavar="SIGMA_C",
+                        help="the client answers a DP label census first (data.class-prior="
+                             "'census'; privacy.census-noise-multiplier, e.g. 10); 0: none")
     parser.add_argument("--batch-sizes", type=_sizes, metavar="B,B,...",
                         help="with --epsilon: compare these expected batch sizes at the compute "
                              "per round of --batch-size x --local-steps")
@@ -288,6 +305,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     problems = cli_problems(args)
     if args.batch_sizes and args.epsilon is None:
         problems.append("--batch-sizes: needs --epsilon (the budget every option meets)")
+    if args.batch_sizes and args.census_noise_multiplier:
+        problems.append("--batch-sizes: compares plans without a census; drop "
+                        "--census-noise-multiplier")
+    if not (math.isfinite(args.census_noise_multiplier) and args.census_noise_multiplier >= 0):
+        problems.append(f"--census-noise-multiplier {args.census_noise_multiplier!r}: must be "
+                        "finite and >= 0 (0: no census)")
     if args.batch_sizes and (args.amplification or args.participation < 1):
         problems.append("--batch-sizes: compares plans without amplification; drop "
                         "--amplification and --participation")
@@ -305,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         schedule = Schedule(sample_rate(args.examples, args.batch_size), args.local_steps,
                             args.rounds, args.participation, args.amplification,
-                            args.accountant)
+                            args.accountant, args.census_noise_multiplier)
         sigma = (plan_noise(args.epsilon, schedule, args.delta) if args.epsilon is not None
                  else args.sigma)
         curve = epsilon_curve(sigma, schedule, args.delta)
@@ -313,8 +336,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(exc))
     amp = (f"amplified by client sampling p = {args.participation}" if args.amplification
            else "no amplification (sampled every round, worst case)")
+    census = (f", after a label census at σ_c = {args.census_noise_multiplier:g}"
+              if args.census_noise_multiplier else "")
     print(f"q = {schedule.sample_rate:.5f} (n = {args.examples}, batch {args.batch_size}), "
-          f"{args.local_steps} steps/round, {args.rounds} rounds, {args.accountant}, {amp}")
+          f"{args.local_steps} steps/round, {args.rounds} rounds, {args.accountant}, {amp}"
+          f"{census}")
     print(f"noise multiplier σ = {sigma:.4f}")
     print("round  epsilon")
     for r, eps in enumerate(curve, start=1):
@@ -346,6 +372,9 @@ def recommend_problems(args: argparse.Namespace, given: Sequence[str]) -> list[s
     recommendation's output, so giving one is refused rather than silently ignored.
     """
     problems = [f"{flag}: --recommend chooses it (drop the flag)" for flag in given]
+    if args.census_noise_multiplier:
+        problems.append("--census-noise-multiplier: --recommend plans without a census (drop "
+                        "the flag, then plan its σ with --epsilon and the recommended settings)")
     if args.epsilon is None:
         problems.append("--recommend: needs --epsilon (the budget to plan for)")
         return problems

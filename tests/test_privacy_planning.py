@@ -212,3 +212,44 @@ def test_cli_compares_batch_sizes_and_refuses_them_without_a_budget(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
             if line.strip()[:2].isdigit()]
     assert [row[0] for row in rows] == ["64", "128"] and float(rows[0][6][:-1]) < 1
+
+
+def test_a_census_plan_is_what_a_client_calibrates_after_its_census(capsys):
+    """σ after a census = the client's own calibration (privacy.policy.plan_round) with the
+    census in its ledger; the curve composes the census with every round's steps."""
+    from common.config import AppConfig
+    from privacy.accounting import PrivacyLedger, epsilon_of
+    from privacy.census import census_entry
+    from privacy.policy import plan_round
+
+    q = sample_rate(1885, 32)
+    plain = Schedule(q, local_steps=10, rounds=30)
+    census = Schedule(q, local_steps=10, rounds=30, census_noise=10.0)
+    sigma = plan_noise(3.0, census, 1e-5)
+    assert sigma > plan_noise(3.0, plain, 1e-5)
+    cfg = AppConfig.from_run_config({"privacy.epsilon": 3.0, "train.batch-size": 32,
+                                     "train.local-steps": 10, "strategy.num-rounds": 30,
+                                     "data.class-prior": "census"})
+    client = plan_round(cfg, PrivacyLedger("rdp", [census_entry(10.0)]), num_examples=1885,
+                        noise_multiplier=None, where="a node")
+    assert client.noise_multiplier == sigma
+    curve = epsilon_curve(sigma, census, 1e-5)
+    assert curve[-1] == pytest.approx(epsilon_of("rdp", [census_entry(10.0), (sigma, q, 300)],
+                                                 1e-5), rel=1e-12)
+    assert 2.99 <= curve[-1] <= 3.0 and curve[0] > epsilon_curve(sigma, plain, 1e-5)[0]
+
+    main(["--epsilon", "3", "--examples", "1885", "--batch-size", "32", "--local-steps", "10",
+          "--rounds", "30", "--census-noise-multiplier", "10"])
+    out = capsys.readouterr().out
+    assert "after a label census at σ_c = 10" in out and f"σ = {sigma:.4f}" in out
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--census-noise-multiplier", "-1"], "--census-noise-multiplier -1.0: must be finite"),
+    (["--census-noise-multiplier", "10", "--amplification"], "not combined with amplification"),
+    (["--census-noise-multiplier", "10", "--batch-sizes", "16,32"], "without a census"),
+    (["--census-noise-multiplier", "10", "--recommend"], "plans without a census"),
+])
+def test_cli_refuses_a_census_it_cannot_plan(capsys, extra, message):
+    code, last = refusal(capsys, "--epsilon", "3", "--examples", "1885", *extra)
+    assert code == 2 and message in last, last
