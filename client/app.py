@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,6 +194,7 @@ def _census(msg: Message, context: Context, cfg: AppConfig) -> Message:
         t.store_ledger(context, ledger, None)
     counts = noisy_label_counts(train["label"], load_corpus(cfg.data, cfg.seed).num_labels, noise)
     metrics = MetricRecord({contract.PARTITION_ID: partition_id,
-                            contract.EPSILON: ledger.epsilon(cfg.privacy.delta)})
+                            contract.EPSILON: ledger.epsilon(cfg.privacy.delta)
+                            if cfg.privacy.is_private else math.inf})
     return Message(RecordDict({CENSUS_RECORD: ConfigRecord({NOISY_COUNTS: counts.tolist()}),
                                contract.METRICS: metrics}), reply_to=msg)

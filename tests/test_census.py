@@ -173,7 +173,9 @@ def test_a_run_without_census_or_without_dp(tiny_run_config):
     public = {**tiny_run_config, "data.class-prior": "census", "privacy.epsilon": math.inf}
     context = Context(run_id=1, node_id=1, node_config=NODE, state=RecordDict(),
                       run_config=public)
-    counts = census(_census_message(), context).content.config_records[CENSUS_RECORD][NOISY_COUNTS]
+    reply = census(_census_message(), context).content
+    counts = reply.config_records[CENSUS_RECORD][NOISY_COUNTS]
+    assert reply.metric_records[contract.METRICS][contract.EPSILON] == math.inf  # as train's
     cfg = AppConfig.from_run_config(public)
     train_split, _ = load_partition(cfg.data, cfg.seed, 0, 2)
     assert counts == np.bincount(train_split["label"], minlength=3).astype(float).tolist()
