@@ -343,6 +343,11 @@ class PrivacyConfig:
         """Whether DP-SGD (clipping and noise) is applied at all."""
         return math.isfinite(self.epsilon)
 
+    @property
+    def census_noise(self) -> float:
+        """σ_c a census adds to each count: ``census-noise-multiplier``, 0 in a run without DP."""
+        return self.census_noise_multiplier if self.is_private else 0.0
+
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
         p: list[str] = []

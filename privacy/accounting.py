@@ -93,15 +93,18 @@ def _calibrate_after(spent: list[HistoryEntry], *, target_epsilon: float, target
         raise ValueError(f"the history already spends ε = {already:.4g} of the target "
                          f"{target_epsilon:g}: no σ leaves room for {steps} steps")
     low, high = 0.0, 10.0
-    while eps(high) > target_epsilon:
+    while (eps_high := eps(high)) > target_epsilon:
         low, high = high, 2 * high
         if high > 1e6:
             raise ValueError(f"no σ ≤ 1e6 keeps {steps} steps within ε = {target_epsilon:g}")
     for _ in range(200):
-        if eps(high) >= target_epsilon - tolerance:
+        if eps_high >= target_epsilon - tolerance:
             break
         mid = (low + high) / 2
-        low, high = (low, mid) if eps(mid) <= target_epsilon else (mid, high)
+        if (eps_mid := eps(mid)) <= target_epsilon:
+            high, eps_high = mid, eps_mid
+        else:
+            low = mid
     return high
 
 

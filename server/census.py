@@ -68,9 +68,9 @@ def take_census(grid: Grid, cfg: AppConfig, label_names: Sequence[str], folder: 
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         "shares": shares, "partitions": sorted(answers),
-        "noise-multiplier": cfg.privacy.census_noise_multiplier if cfg.privacy.is_private else 0.0,
+        "noise-multiplier": cfg.privacy.census_noise,
     }, indent=1) + "\n", encoding="utf-8")
     log(INFO, "census: %d partition(s) counted under DP (σ_c = %g per class count), shares %s",
-        len(answers), cfg.privacy.census_noise_multiplier if cfg.privacy.is_private else 0.0,
+        len(answers), cfg.privacy.census_noise,
         ", ".join(f"{name} {share:.4g}" for name, share in shares.items()))
     return shares

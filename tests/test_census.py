@@ -211,3 +211,13 @@ def test_census_spread_simulates_the_prior_of_a_file_and_refuses_bad_config(tiny
     assert "ε = 0.375 at δ = 1e-05 alone" in out  # σ_c = 10, rdp (test above: exact 0.35)
     assert main(["--run-config", "privacy.census-noise-multiplier=-1"]) == 2
     assert "privacy.census-noise-multiplier=-1.0" in capsys.readouterr().err
+
+
+def test_a_node_refuses_a_census_that_alone_would_spend_its_budget(tiny_run_config):
+    greedy = {**tiny_run_config, "data.class-prior": "census",
+              "privacy.census-noise-multiplier": 0.5, "privacy.epsilon": 1.0}
+    context = Context(run_id=1, node_id=1, node_config=NODE, state=RecordDict(),
+                      run_config=greedy)
+    with pytest.raises(ConfigError, match="census alone spends"):
+        census(_census_message(), context)
+    assert t.load_ledger(context, "rdp")[0].history == []  # nothing released, nothing counted
