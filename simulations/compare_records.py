@@ -2,6 +2,7 @@
 
 python -m simulations.compare_records experiments/speed-paired/after experiments/speed-paired/before
 python -m simulations.compare_records experiments/head-pilot/* --markdown
+python -m simulations.compare_records experiments/main experiments/head-trained --by-method
 python -m simulations.compare_records experiments/sms-check/defaults-names \
     experiments/sms-check/defaults-names-prior --metric balanced_accuracy
 
@@ -12,8 +13,10 @@ round; only the setting that tells the folders apart differs (and the clients' O
 noise). For every folder after the first it prints the final value of ``--metric`` (accuracy,
 balanced_accuracy or auc; default accuracy) of each pair, the mean difference (that folder − the
 first) with its 95 % t-interval, the wall time and the precision each computed in
-(``compute_dtype`` of :mod:`simulations.reports.records`); ``--markdown`` then prints one table
-row per folder. A cell recorded without the metric (before it was logged) pairs with nothing.
+(``compute_dtype`` of :mod:`simulations.reports.records`); ``--by-method`` adds the paired
+difference of each method's cells alone; ``--markdown`` then prints one table row per folder,
+with the first folder's mean over the same cells beside it. A cell recorded without the metric
+(before it was logged) pairs with nothing.
 Exit 2 if an argument is not a record folder (no ``cells/``), 1 if some folder shares no cell
 with the first.
 """
@@ -38,10 +41,10 @@ def paired_rows(first: Path, second: Path, metric: str = "accuracy") -> pd.DataF
     The merged frame has ``<metric>_first`` and ``<metric>_second`` (and the same for
     ``wall_seconds`` and ``compute_dtype``).
     """
-    columns = ["run", metric, "wall_seconds", "compute_dtype"]
+    columns = ["run", "method", metric, "wall_seconds", "compute_dtype"]
     a, b = (load_runs(folder, records=True).final[columns].dropna(subset=[metric])
             for folder in (first, second))
-    return a.merge(b, on="run", suffixes=("_first", "_second"))
+    return a.merge(b.drop(columns="method"), on="run", suffixes=("_first", "_second"))
 
 
 def print_pairs(pairs: pd.DataFrame, first: Path, other: Path, metric: str = "accuracy"
@@ -63,23 +66,40 @@ def print_pairs(pairs: pd.DataFrame, first: Path, other: Path, metric: str = "ac
           "the first's speed)\n")
 
 
+def print_by_method(pairs: pd.DataFrame, metric: str = "accuracy") -> None:
+    """Each method's pairs alone: ``this − first`` with its 95 % t-interval."""
+    for method, group in pairs.groupby("method", sort=False):
+        diff = group[f"{metric}_second"] - group[f"{metric}_first"]
+        mean, half = t_interval(diff)
+        interval = f"{mean:+.4f}" + (f" ± {half:.4f}" if len(group) > 1 else "")
+        print(f"  {method:<10} this {group[f'{metric}_second'].mean():.4f}, first "
+              f"{group[f'{metric}_first'].mean():.4f}: this − first {interval} "
+              f"(n = {len(group)})")
+    print()
+
+
 def markdown_rows(first: Path, paired: dict[Path, pd.DataFrame], metric: str = "accuracy"
                   ) -> list[str]:
     """One table row per folder: cells, mean final ``metric``, paired difference to the first.
 
-    ``paired``: each other folder's :func:`paired_rows` with ``first``.
+    ``paired``: each other folder's :func:`paired_rows` with ``first``. A row's "first, same
+    cells" is the first folder's mean over that row's paired cells only (the first row's mean is
+    over all of its cells), so a row compares like with like when the folders hold different
+    seeds.
     """
     reference = load_runs(first, records=True).final.dropna(subset=[metric])
     label = metric.replace("_", " ")
-    rows = [f"| record folder | cells | final {label} (mean) | − first (95 % t) | s per cell |",
-            "|---|---|---|---|---|",
-            f"| `{first}` | {len(reference)} | {reference[metric].mean():.4f} | "
+    rows = [f"| record folder | cells | final {label} (mean) | first, same cells | "
+            "− first (95 % t) | s per cell |",
+            "|---|---|---|---|---|---|",
+            f"| `{first}` | {len(reference)} | {reference[metric].mean():.4f} | | "
             f"(reference) | {reference['wall_seconds'].mean():.0f} |"]
     for other, pairs in paired.items():
         mean, half = t_interval(pairs[f"{metric}_second"] - pairs[f"{metric}_first"])
         interval = f"{mean:+.4f}" + (f" ± {half:.4f}" if len(pairs) > 1 else " (n = 1)")
         rows.append(f"| `{other}` | {len(pairs)} | {pairs[f'{metric}_second'].mean():.4f} | "
-                    f"{interval} | {pairs['wall_seconds_second'].mean():.0f} |")
+                    f"{pairs[f'{metric}_first'].mean():.4f} | {interval} | "
+                    f"{pairs['wall_seconds_second'].mean():.0f} |")
     return rows
 
 
@@ -90,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("others", type=Path, nargs="+", help="record folders paired with it")
     parser.add_argument("--markdown", action="store_true",
                         help="also one markdown table row per folder")
+    parser.add_argument("--by-method", action="store_true",
+                        help="also the paired difference of each method's cells alone")
     parser.add_argument("--metric", choices=METRICS, default="accuracy",
                         help="the final-round column to pair (default accuracy)")
     args = parser.parse_args(argv)
@@ -103,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     for other, pairs in paired.items():
         if not pairs.empty:
             print_pairs(pairs, args.first, other, args.metric)
+            if args.by_method:
+                print_by_method(pairs, args.metric)
     if unpaired:
         print(f"[compare] no cell is recorded in both {args.first} and "
               f"{', '.join(map(str, unpaired))}")

@@ -30,9 +30,27 @@ def test_several_folders_each_paired_with_the_first_in_one_markdown_table(tmp_pa
     single = _record(tmp_path, "single", [0.3])
     assert compare_records.main([str(base), str(better), str(single), "--markdown"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
-    assert rows[0].startswith(f"| `{base}` | 3 | 0.5000 | (reference) |")
-    assert rows[1].startswith(f"| `{better}` | 3 | 0.6000 | +0.1000 ± 0.0000 |")
-    assert rows[2].startswith(f"| `{single}` | 1 | 0.3000 | -0.1000 (n = 1) |")
+    assert rows[0].startswith(f"| `{base}` | 3 | 0.5000 | | (reference) |")
+    assert rows[1].startswith(f"| `{better}` | 3 | 0.6000 | 0.5000 | +0.1000 ± 0.0000 |")
+    # the first folder's mean over the one paired cell (seed 0: 0.4), not over its three
+    assert rows[2].startswith(f"| `{single}` | 1 | 0.3000 | 0.4000 | -0.1000 (n = 1) |")
+
+
+def test_by_method_pairs_each_methods_cells_alone(tmp_path, capsys):
+    def record(name, finals):
+        out, rec = tmp_path / f"{name}-runs", tmp_path / name
+        for method, values in finals.items():
+            for seed, final in enumerate(values):
+                write_record(write_run(out, method=method, seed=seed, final=final), rec)
+        return rec
+
+    first = record("first", {"fedsvd": [0.5, 0.6], "ffa": [0.4, 0.4]})
+    other = record("other", {"fedsvd": [0.6, 0.7], "ffa": [0.1, 0.3]})
+    assert compare_records.main([str(first), str(other), "--by-method"]) == 0
+    out = capsys.readouterr().out
+    assert "this − first: -0.0500 ±" in out and "n = 4" in out  # all four pairs
+    assert "fedsvd     this 0.6500, first 0.5500: this − first +0.1000 ± 0.0000 (n = 2)" in out
+    assert "ffa        this 0.2000, first 0.4000: this − first -0.2000 ± " in out
 
 
 def test_no_common_cell_exits_1(tmp_path):
@@ -67,7 +85,7 @@ def test_pairs_another_final_metric_and_skips_cells_recorded_without_it(tmp_path
                                  "--markdown"]) == 0
     out = capsys.readouterr().out
     assert "final balanced_accuracy" in out and "this − first: +0.2500 ±" in out
-    assert f"| `{prior}` | 3 | 0.7500 | +0.2500 ± " in out
+    assert f"| `{prior}` | 3 | 0.7500 | 0.5000 | +0.2500 ± " in out
     assert compare_records.main([str(argmax), str(prior)]) == 0  # accuracy: 0.87 → 0.75
     assert "this − first: -0.1200 ±" in capsys.readouterr().out
     older = _record(tmp_path, "older", [0.5, 0.6, 0.7])  # written before the column existed
