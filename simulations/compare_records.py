@@ -66,15 +66,18 @@ def print_pairs(pairs: pd.DataFrame, first: Path, other: Path, metric: str = "ac
           "the first's speed)\n")
 
 
+def _paired_difference(pairs: pd.DataFrame, metric: str) -> str:
+    """Mean ``this − first`` of ``pairs``, signed, with "± half-width" (95 % t) when n > 1."""
+    mean, half = t_interval(pairs[f"{metric}_second"] - pairs[f"{metric}_first"])
+    return f"{mean:+.4f}" + (f" ± {half:.4f}" if len(pairs) > 1 else "")
+
+
 def print_by_method(pairs: pd.DataFrame, metric: str = "accuracy") -> None:
     """Each method's pairs alone: ``this − first`` with its 95 % t-interval."""
     for method, group in pairs.groupby("method", sort=False):
-        diff = group[f"{metric}_second"] - group[f"{metric}_first"]
-        mean, half = t_interval(diff)
-        interval = f"{mean:+.4f}" + (f" ± {half:.4f}" if len(group) > 1 else "")
         print(f"  {method:<10} this {group[f'{metric}_second'].mean():.4f}, first "
-              f"{group[f'{metric}_first'].mean():.4f}: this − first {interval} "
-              f"(n = {len(group)})")
+              f"{group[f'{metric}_first'].mean():.4f}: this − first "
+              f"{_paired_difference(group, metric)} (n = {len(group)})")
     print()
 
 
@@ -95,8 +98,7 @@ def markdown_rows(first: Path, paired: dict[Path, pd.DataFrame], metric: str = "
             f"| `{first}` | {len(reference)} | {reference[metric].mean():.4f} | | "
             f"(reference) | {reference['wall_seconds'].mean():.0f} |"]
     for other, pairs in paired.items():
-        mean, half = t_interval(pairs[f"{metric}_second"] - pairs[f"{metric}_first"])
-        interval = f"{mean:+.4f}" + (f" ± {half:.4f}" if len(pairs) > 1 else " (n = 1)")
+        interval = _paired_difference(pairs, metric) + ("" if len(pairs) > 1 else " (n = 1)")
         rows.append(f"| `{other}` | {len(pairs)} | {pairs[f'{metric}_second'].mean():.4f} | "
                     f"{pairs[f'{metric}_first'].mean():.4f} | {interval} | "
                     f"{pairs['wall_seconds_second'].mean():.0f} |")
