@@ -34,6 +34,9 @@ BROADCASTS = ("changes", "full")  # strategies.broadcast
 HEAD_INITS = ("random", "class-names")  # common.public_head
 TASK_NAMES = ("classification", "causal-lm")  # common.tasks.TASKS
 CLIENT_SAMPLINGS = ("seeded", "random")  # strategies.sampling
+# A round with fewer valid replies than strategy.min-train-nodes (strategies.base): "skip" keeps
+# the global adapter and goes on, "fail" stops the run.
+SHORT_ROUNDS = ("skip", "fail")
 # How the valid replies of a round are combined (strategies.aggregation): the weighted mean, or
 # a robust aggregator of Flower's (flwr.serverapp.strategy) over the same replies.
 AGGREGATIONS = ("mean", "trimmed-mean", "median", "krum", "multi-krum")
@@ -76,21 +79,38 @@ class StrategyConfig:
     name: str = "fedsvd"
     num_rounds: int = 5
     fraction_train: float = 0.5
-    min_train_nodes: int = 2
+    min_train_nodes: int = 2  # nodes sampled per round, at least; fewer valid replies: short
     fraction_evaluate: float = 0.0
     eval_every: int = 1  # the server evaluates round 0, every k-th round and the last
     # "seeded": round t trains the partitions drawn from (seed, t), the same for every method
     # (strategies.sampling); "random": Flower's unseeded draw of node ids
     client_sampling: str = "seeded"
     svd_period: int = 1  # fedsvd only
-    min_valid_replies: int = 1  # fewer valid trained replies in a round: no update
+    # Seconds the server waits for the nodes: for enough of them to connect, for the answers to
+    # the roll call and the census, and for each round's train and evaluate replies (also each
+    # instruction's TTL). A round of the default run took 23-47 s on a host with bfloat16 and up
+    # to 64 s in float32, and the slowest round of any recorded experiment 126 s (all of them
+    # including the server's own evaluation; experiments/*/cells/*.csv, wall-seconds): 1200 s is
+    # about 10x that, for slower hosts and real networks. Raise it for larger models or steps.
+    round_timeout: float = 1200.0
+    # fewer valid replies than min-train-nodes in a round: "skip" it (the adapter is unchanged)
+    # or "fail" the run (SHORT_ROUNDS)
+    short_round: str = "skip"
     max_norm_ratio: float = 10.0  # reject a reply whose update norm > this × the others' median
     min_update_cosine: float = -0.5  # DP runs: reject an update opposing the others / the state
-    max_weight_ratio: float = 4.0  # cap a reply's num-examples at this × the others' median
+    # cap a reply's num-examples at this × the others' lower median (1: no reply outweighs the
+    # typical other one; strategies.aggregation)
+    max_weight_ratio: float = 1.0
+    # scale each update down to the round's lower-median update norm before aggregating
+    bound_updates: bool = True
     aggregation: str = "mean"  # or a robust aggregator: trimmed-mean, median, krum, multi-krum
     trim_fraction: float = 0.2  # trimmed-mean: share cut off each tail (Flower's beta)
-    num_malicious: int = 1  # krum, multi-krum: f, the replies assumed hostile per round
-    stop_on_failed_round: bool = True  # a round where every sampled client failed stops the run
+    # f, the replies assumed hostile per round: the screens reject at most min(f, K / 2) of K;
+    # also krum's and multi-krum's f
+    num_malicious: int = 1
+    # a round where every sampled client failed (an error reply, or none within round-timeout)
+    # stops the run, whatever short-round says
+    stop_on_failed_round: bool = True
     merged_adapter: str = ""  # merge-sv only: the peft adapter folder of `python -m merging`
     sv_rounds: int = 0  # merge-sv only: σ for this many rounds, then FedSVD; 0: σ every round
     # "changes": send each node only the arrays changed since the state it holds, a LoRA A that
@@ -124,8 +144,11 @@ class StrategyConfig:
         _check(p, self.client_sampling in CLIENT_SAMPLINGS, "strategy.client-sampling",
                self.client_sampling, f"one of {CLIENT_SAMPLINGS}")
         _check(p, self.svd_period >= 1, "strategy.svd-period", self.svd_period, "must be >= 1")
-        _check(p, self.min_valid_replies >= 1, "strategy.min-valid-replies",
-               self.min_valid_replies, "must be >= 1")
+        _check(p, 0 < self.round_timeout < math.inf, "strategy.round-timeout",
+               self.round_timeout, "must be > 0 and finite (seconds the server waits for the "
+               "nodes in each round)")
+        _check(p, self.short_round in SHORT_ROUNDS, "strategy.short-round", self.short_round,
+               f"one of {SHORT_ROUNDS}")
         _check(p, self.max_norm_ratio == 0 or self.max_norm_ratio >= 1, "strategy.max-norm-ratio",
                self.max_norm_ratio, "must be 0 (off), >= 1, or inf (off)")
         _check(p, -1 <= self.min_update_cosine <= 0, "strategy.min-update-cosine",

@@ -57,7 +57,9 @@ BYTES_DOWN = "bytes-down"
 CLIENTS_EXHAUSTED = "clients-exhausted"
 REPLIES_REJECTED = "replies-rejected"
 REPLIES_FAILED = "replies-failed"
+REPLIES_LATE = "replies-late"
 WEIGHTS_CAPPED = "weights-capped"
+UPDATES_BOUNDED = "updates-bounded"
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,12 @@ COLUMNS: tuple[Column, ...] = (
     Column(CLIENTS_EXHAUSTED, int, "sampled clients that refused to train: budget spent"),
     Column(REPLIES_REJECTED, int, "replies the screen rejected (strategies.validation)"),
     Column(REPLIES_FAILED, int, "replies that were Flower errors (client crashed or lost)"),
+    Column(REPLIES_LATE, int, "sampled clients with no reply within strategy.round-timeout "
+                              "(a later reply is discarded)"),
     Column(WEIGHTS_CAPPED, int, "replies whose example count was capped "
                                 "(strategy.max-weight-ratio)"),
+    Column(UPDATES_BOUNDED, int, "replies whose update was scaled down to the round's "
+                                 "lower-median update norm (strategy.bound-updates)"),
 )
 COLUMN_NAMES = tuple(c.name for c in COLUMNS)
 TRAINING_COLUMNS = COLUMN_NAMES[COLUMN_NAMES.index(TRAIN_LOSS):]  # from the strategy

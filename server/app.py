@@ -62,8 +62,9 @@ def run(grid: Grid, context: Context) -> None:
     B = 0, peft's A and the seeded head (the class-name head with ``lora.head-init``), or for
     merge-sv the merged adapter in SVD form
     (:mod:`strategies.merge_sv`). A checkpoint is written after every round
-    (:mod:`server.resume`); with ``output.resume`` the run continues after the last one. A run
-    in which no round updated the global adapter fails instead of saving an untrained one.
+    (:mod:`server.resume`); with ``output.resume`` the run continues after the last one. Each
+    round waits at most ``strategy.round-timeout`` for the nodes' replies. A run in which no
+    round updated the global adapter fails instead of saving an untrained one.
     """
     cfg = AppConfig.from_run_config(context.run_config)
     corpus = check_run(cfg)
@@ -120,7 +121,8 @@ def run(grid: Grid, context: Context) -> None:
     checkpointed, initial = prepare_run(strategy, evaluator, folder, cfg,
                                         ArrayRecord(torch_state_dict=initial_state))
     result = checkpointed.start(grid=grid, initial_arrays=initial,
-                                num_rounds=cfg.strategy.num_rounds, train_config=ConfigRecord(),
+                                num_rounds=cfg.strategy.num_rounds,
+                                timeout=cfg.strategy.round_timeout, train_config=ConfigRecord(),
                                 evaluate_fn=evaluator)
     if not any(row.get(schema.CLIENTS_TRAINED, 0) for row in evaluator.rows):
         raise RunFailed("no round updated the global adapter: every client reply failed, was "

@@ -9,7 +9,6 @@ resumed run reads it back: the nodes, whose ledgers already hold their census, r
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from logging import INFO, WARNING
 from pathlib import Path
@@ -21,20 +20,20 @@ from flwr.serverapp import Grid
 from common import contract, schema
 from common.config import AppConfig
 from privacy.census import CENSUS_ACTION, CENSUS_RECORD, NOISY_COUNTS, census_prior
-
-CENSUS_TIMEOUT = 600.0  # seconds the census waits for the nodes' answers
+from strategies.sampling import log_late, split_late, wait_for_nodes, with_ttl
 
 
 class CensusFailed(RuntimeError):
-    """No node answered the census, or a resumed run lacks the prior of its first census."""
+    """Too few nodes to ask or none answered, or a resumed run lacks its first census's prior."""
 
 
-def take_census(grid: Grid, cfg: AppConfig, label_names: Sequence[str], folder: Path,
-                timeout: float = CENSUS_TIMEOUT) -> dict[str, float]:
+def take_census(grid: Grid, cfg: AppConfig, label_names: Sequence[str],
+                folder: Path) -> dict[str, float]:
     """π̂ {class name: share > 0} of the nodes' noisy counts; written to ``folder``.
 
-    Waits until ``strategy.min-train-nodes`` nodes are connected, then asks each connected node
-    once. With ``output.resume`` the prior of the first attempt is read back instead.
+    Waits until ``strategy.min-train-nodes`` nodes are connected (fails when fewer connect
+    within ``strategy.round-timeout``), then asks each connected node once and waits as long
+    for the answers. With ``output.resume`` the prior of the first attempt is read back instead.
     """
     path = folder / schema.CLASS_PRIOR_FILE
     if cfg.output.resume:
@@ -42,16 +41,20 @@ def take_census(grid: Grid, cfg: AppConfig, label_names: Sequence[str], folder: 
             raise CensusFailed(f"output.resume=true: {path} is missing, and the nodes answer one "
                                "census per run; start the run afresh (output.overwrite=true)")
         return json.loads(path.read_text(encoding="utf-8"))["shares"]
-    while len(nodes := sorted(grid.get_node_ids())) < cfg.strategy.min_train_nodes:
-        log(INFO, "census: waiting for nodes to connect: %d connected (minimum required: %d)",
-            len(nodes), cfg.strategy.min_train_nodes)
-        time.sleep(1)
-    messages = [Message(RecordDict({contract.CONFIG: ConfigRecord({})}),
-                        message_type=f"{MessageType.QUERY}.{CENSUS_ACTION}", dst_node_id=n)
-                for n in nodes]
+    timeout, needed = cfg.strategy.round_timeout, cfg.strategy.min_train_nodes
+    nodes = sorted(wait_for_nodes(grid, needed, timeout, what="census"))
+    if len(nodes) < needed:
+        raise CensusFailed(f"{len(nodes)} node(s) connected within strategy.round-timeout="
+                           f"{timeout:g} s, strategy.min-train-nodes={needed} needed for the "
+                           "census: start the SuperNodes, or raise strategy.round-timeout")
+    messages = with_ttl([Message(RecordDict({contract.CONFIG: ConfigRecord({})}),
+                                 message_type=f"{MessageType.QUERY}.{CENSUS_ACTION}",
+                                 dst_node_id=n) for n in nodes], timeout)
+    late, replies = split_late(messages, list(grid.send_and_receive(messages, timeout=timeout)))
+    log_late("census", late, timeout)
     answers: dict[int, list[float]] = {}  # partition id -> noisy counts (the first answer)
     refused: list[str] = []
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in replies:
         if reply.has_error():
             refused.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
             continue
@@ -62,8 +65,9 @@ def take_census(grid: Grid, cfg: AppConfig, label_names: Sequence[str], folder: 
         log(WARNING, "census: %d of %d node(s) sent no counts: %s", len(refused), len(nodes),
             "; ".join(refused))
     if not answers:
+        why = refused[0] if refused else f"no answer within strategy.round-timeout={timeout:g} s"
         raise CensusFailed(f"no node answered the census ({len(nodes)} asked): there is no "
-                           "prior to decide by" + (f" ({refused[0]})" if refused else ""))
+                           f"prior to decide by ({why})")
     shares = census_prior(list(answers.values()), label_names)
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({

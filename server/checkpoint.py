@@ -38,8 +38,9 @@ from common.config import AppConfig
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = 1
 METADATA_KEY = "fedsvd-checkpoint"
-# Keys a resumed run may change: the flag itself, and where the results folder now lives.
-MAY_DIFFER = frozenset({"output.resume", "output.dir"})
+# Keys a resumed run may change: the flag itself, where the results folder now lives, and how
+# long a round waits for its replies (operational: it decides no number of the method).
+MAY_DIFFER = frozenset({"output.resume", "output.dir", "strategy.round-timeout"})
 
 
 class CheckpointMismatch(ValueError):

@@ -78,7 +78,9 @@ class CheckpointedRun(Strategy):
               evaluate_fn: EvaluateFn | None = None) -> Result:
         """Flower's ``Strategy.start`` over the rounds after ``done`` of ``num_rounds`` in all.
 
-        The returned ``Result`` keys its per-round metrics by Flower's numbering (1, 2, ...).
+        ``timeout`` bounds each round's wait for the train and the evaluate replies (the
+        ServerApp passes ``strategy.round-timeout``; 3600 is Flower's default). The returned
+        ``Result`` keys its per-round metrics by Flower's numbering (1, 2, ...).
         """
         def evaluate_and_save(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if flower_round == 0 and self.done is not None:

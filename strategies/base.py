@@ -8,16 +8,22 @@ A strategy is a small subclass of :class:`LoraStrategy` that decides two things:
   the valid replies (B̄, Ā, head; p_k = n_k / Σ n) and the replies themselves.
 
 Everything else lives here once: reply screening (:mod:`strategies.validation`; the expected
-arrays follow the round's factors, updates are judged against the state sent), the
-``min_valid_replies`` rule, bounded weights and the aggregator (:mod:`strategies.aggregation`:
-Flower's ``FedAvg`` weighted mean by default), the train metrics, and the bytes actually sent
-down and up. A round in which every sampled client failed stops the run (``RoundFailed``)
-unless ``stop_on_failed_round`` is off.
+arrays follow the round's factors, updates are judged against the state sent), bounded weights
+and the aggregator (:mod:`strategies.aggregation`: Flower's ``FedAvg`` weighted mean by
+default), the train metrics, and the bytes actually sent down and up.
+
+Each round waits at most ``round_timeout`` seconds for the nodes (:mod:`strategies.sampling`);
+a node that does not reply in time is logged and counted as late, and its later reply is never
+read. A round with fewer valid replies than ``min_train_nodes`` is short: skipped (the global
+adapter is unchanged) or, with ``short_round="fail"``, the run stops (``RoundFailed``). A round
+in which every sampled client failed or was late stops the run unless ``stop_on_failed_round``
+is off.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
 
@@ -28,22 +34,26 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import contract, schema
+from common.config import SHORT_ROUNDS, StrategyConfig
 from common.contract import Factor
 from common.schema import RoundTrainingMetrics
 from kernels import stacked_product
 from strategies.aggregation import (
     DEFAULT_MAX_WEIGHT_RATIO,
+    bound_units,
+    bound_updates,
     cap_weights,
     robust_aggregator,
     robust_arrays,
 )
 from strategies.broadcast import FullBroadcast
 from strategies.metrics import aggregate_train_metrics, reply_bytes
-from strategies.sampling import PartitionSampler
+from strategies.sampling import PartitionSampler, log_late, split_late, wait_for_nodes, with_ttl
 from strategies.validation import (
     DEFAULT_MAX_NORM_RATIO,
     DEFAULT_MAX_NUM_EXAMPLES,
     DEFAULT_MIN_UPDATE_COSINE,
+    DEFAULT_NUM_MALICIOUS,
     ReplyValidator,
     Screening,
     common_metrics,
@@ -56,7 +66,7 @@ State = dict[str, torch.Tensor]  # array name -> tensor, as in ``ArrayRecord.to_
 
 
 class RoundFailed(RuntimeError):
-    """Every client sampled in a round failed: the federation cannot train as configured."""
+    """A round cannot train: every sampled client failed, or too few replies were valid."""
 
 
 class LoraStrategy(FedAvg):
@@ -66,18 +76,25 @@ class LoraStrategy(FedAvg):
     ----------
     lora_modules : names of the LoRA layers; their arrays are ``lora_key(module, "A" | "B")``.
     train_head : whether clients train and send back the head (``lora.train-head``).
-    min_valid_replies : fewest valid trained replies that make an update; fewer: no update.
-    max_norm_ratio : reject a reply whose update norm (per group and large array) exceeds this ×
-        the other replies' median (0 or inf: off); see :mod:`strategies.validation`.
-    min_update_cosine : reject an update whose cosine with the other replies' mean update is
-        below this (-1: off).
-    max_weight_ratio : weigh no reply more than this × the other replies' median
-        ``num-examples`` (0 or inf: off); see :mod:`strategies.aggregation`.
+    round_timeout : seconds a round waits for enough nodes to connect and for its replies; also
+        each instruction's TTL (``strategy.round-timeout``).
+    short_round : a round with fewer valid replies than ``min_train_nodes``: ``"skip"`` keeps
+        the global state and goes on, ``"fail"`` raises :class:`RoundFailed`.
+    max_norm_ratio : flag a reply whose update norm (per group and large array) exceeds this ×
+        the other replies' median (0 or inf: off); see :mod:`strategies.screens`.
+    min_update_cosine : flag an update whose cosine with the replies' coordinate-wise median
+        update is below this, or that erases half of the sent state (-1: off).
+    num_malicious : f: the screens reject at most min(f, ⌊K / 2⌋) of K replies (the rest stay,
+        bounded); also ``krum`` / ``multi-krum``'s f.
+    max_weight_ratio : weigh no reply more than this × the lower median ``num-examples`` of the
+        other replies (0 or inf: off); see :mod:`strategies.aggregation`.
+    bound_updates : scale each update down to the round's lower-median update norm (per array
+        and group) before aggregating (:func:`strategies.aggregation.bound_updates`).
+    private : whether clients run DP-SGD; then a reply that reports ε = inf is rejected.
     aggregation : ``mean`` (FedAvg's weighted mean), ``trimmed-mean``, ``median``, ``krum`` or
-        ``multi-krum`` (Flower's robust strategies); ``trim_fraction`` and ``num_malicious``
-        are their settings.
-    stop_on_failed_round : raise :class:`RoundFailed` when every reply of a round is a Flower
-        error reply (off: keep the global state and go on).
+        ``multi-krum`` (Flower's robust strategies); ``trim_fraction`` is trimmed-mean's.
+    stop_on_failed_round : raise :class:`RoundFailed` when every sampled client of a round sent
+        a Flower error reply or none in time (off: the round is short).
     max_num_examples : the largest plausible ``num-examples`` of one reply.
     sampler : draws the round's clients by partition id from a seed
         (:class:`strategies.sampling.PartitionSampler`); None: Flower's unseeded draw of node ids.
@@ -93,10 +110,12 @@ class LoraStrategy(FedAvg):
     TRAIN_FACTORS: tuple[Factor, ...] = ("A", "B")  # every round, unless train_factors says else
 
     def __init__(self, lora_modules: Sequence[str], *, train_head: bool = True,
-                 min_valid_replies: int = 1, max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO,
+                 round_timeout: float = StrategyConfig.round_timeout, short_round: str = "skip",
+                 max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO,
                  min_update_cosine: float = DEFAULT_MIN_UPDATE_COSINE,
                  max_weight_ratio: float = DEFAULT_MAX_WEIGHT_RATIO, aggregation: str = "mean",
-                 trim_fraction: float = 0.2, num_malicious: int = 1,
+                 trim_fraction: float = 0.2, num_malicious: int = DEFAULT_NUM_MALICIOUS,
+                 bound_updates: bool = True, private: bool = True,
                  stop_on_failed_round: bool = True,
                  max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES,
                  sampler: PartitionSampler | None = None,
@@ -110,16 +129,22 @@ class LoraStrategy(FedAvg):
         if not lora_modules:
             raise ValueError(f"lora_modules is empty: {type(self).__name__} needs at least one "
                              "LoRA layer")
-        if min_valid_replies < 1:
-            raise ValueError(f"min_valid_replies={min_valid_replies}: must be >= 1")
+        if not 0 < round_timeout < float("inf"):
+            raise ValueError(f"round_timeout={round_timeout}: must be > 0 and finite (seconds)")
+        if short_round not in SHORT_ROUNDS:
+            raise ValueError(f"short_round={short_round!r}: must be one of {SHORT_ROUNDS}")
         if not (max_norm_ratio == 0 or max_norm_ratio >= 1):
             raise ValueError(f"max_norm_ratio={max_norm_ratio}: must be 0 (off), >= 1 or inf")
         self.lora_modules = list(lora_modules)
         self.train_head = train_head
-        self.min_valid_replies = min_valid_replies
+        self.round_timeout = round_timeout
+        self.short_round = short_round
         self.max_norm_ratio = max_norm_ratio
         self.min_update_cosine = min_update_cosine
         self.max_weight_ratio = max_weight_ratio
+        self.num_malicious = num_malicious
+        self.bound_updates = bound_updates
+        self.private = private
         self.aggregation = aggregation
         self.aggregator = robust_aggregator(
             aggregation, trim_fraction=trim_fraction, num_malicious=num_malicious,
@@ -132,6 +157,9 @@ class LoraStrategy(FedAvg):
         self.broadcast = broadcast or FullBroadcast()
         self._global: ArrayRecord | None = None
         self._bytes_down = 0
+        self._sent: list[Message] = []  # this round's train instructions
+        self._not_sent = ""  # why none were sent, when too few nodes connected
+        self._sent_evaluate: list[Message] = []
 
     # --- what a method decides ------------------------------------------------------------------
 
@@ -159,10 +187,13 @@ class LoraStrategy(FedAvg):
         log(INFO, "\t├──> %s: %d LoRA layers, %s", type(self).__name__, len(self.lora_modules),
             self.describe())
         log(INFO, "\t├──> %s", self.broadcast.describe())
-        log(INFO, "\t├──> replies: need %d valid, reject updates > %g × the others' median "
-            "norm or at cosine < %g with their mean; weights <= %g × the others' median; %s",
-            self.min_valid_replies, self.max_norm_ratio, self.min_update_cosine,
-            self.max_weight_ratio, self.aggregation)
+        log(INFO, "\t├──> replies: wait up to %g s, need %d valid (fewer: %s the round), "
+            "reject at most %d: updates > %g × the others' median norm, erasing the state, or "
+            "at cosine < %g with the median update; weights <= %g × the others' lower median; "
+            "updates %s; %s", self.round_timeout, self.min_train_nodes, self.short_round,
+            self.num_malicious, self.max_norm_ratio, self.min_update_cosine,
+            self.max_weight_ratio, "bounded by the lower-median norm" if self.bound_updates
+            else "not bounded", self.aggregation)
         super().summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -170,22 +201,33 @@ class LoraStrategy(FedAvg):
         """Sample clients (FedAvg's draw or the seeded sampler); name the factors they train."""
         self._global = arrays
         config[contract.TRAIN_FACTORS] = ",".join(self.train_factors(server_round))
-        if self.sampler is None:
-            messages = list(super().configure_train(server_round, arrays, config, grid))
-        else:
-            messages = self._seeded_messages(server_round, arrays, config, grid)
-        messages = self.broadcast.messages(arrays, messages)
+        messages = self.broadcast.messages(arrays, self._sampled_messages(server_round, arrays,
+                                                                          config, grid))
+        self._sent = with_ttl(messages, self.round_timeout)
         self._bytes_down = sum(m.content[contract.ARRAYS].count_bytes() for m in messages)
         return messages
 
-    def _seeded_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                         grid: Grid) -> list[Message]:
-        """FedAvg's train messages, to the nodes :attr:`sampler` draws (same sample size)."""
+    def _sampled_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                          grid: Grid) -> list[Message]:
+        """FedAvg's train messages to the nodes drawn (by :attr:`sampler` if set).
+
+        Drawn among the nodes connected within :attr:`round_timeout`; none when too few are.
+        """
+        self._not_sent = ""
         if self.fraction_train == 0.0:
             return []
-        sample_size = max(int(len(list(grid.get_node_ids())) * self.fraction_train),
-                          self.min_train_nodes)
-        node_ids = self.sampler.sample(grid, server_round, sample_size, self.min_available_nodes)
+        needed = max(self.min_available_nodes, self.min_train_nodes)
+        nodes = wait_for_nodes(grid, needed, self.round_timeout, what="configure_train")
+        if len(nodes) < needed:
+            self._not_sent = (f"{len(nodes)} node(s) connected within strategy.round-timeout="
+                              f"{self.round_timeout:g} s, {needed} needed, so no client was asked")
+            return []
+        sample_size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
+        if self.sampler is None:  # Flower's draw (flwr.serverapp.strategy.sample_nodes)
+            node_ids = random.sample(nodes, sample_size)
+            log(INFO, "configure_train: Sampled %s nodes (out of %s)", sample_size, len(nodes))
+        else:
+            node_ids = self.sampler.sample(grid, server_round, sample_size, nodes)
         config[contract.SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return list(self._construct_messages(record, node_ids, MessageType.TRAIN))
@@ -199,27 +241,32 @@ class LoraStrategy(FedAvg):
         if self._global is None:
             log(WARNING, "aggregate_train: no global adapter (configure_train was not called)")
             return None, None
-        screening = self.validator(self._global, server_round).screen(replies)
+        late, replies = split_late(self._sent, replies)
+        log_late(f"round {server_round}", late, self.round_timeout)
+        validator = self.validator(self._global, server_round)
+        screening = validator.screen(replies)
         _log_screening(screening)
-        if self.stop_on_failed_round and replies and screening.num_failed == len(replies):
-            raise RoundFailed(_failure_summary(server_round, screening))
+        if self.stop_on_failed_round and _all_failed(screening, late):
+            raise RoundFailed(_failure_summary(server_round, screening, late, self.round_timeout))
         counts = {
             schema.BYTES_UP: reply_bytes(m for m in replies if m.has_content()),
             schema.BYTES_DOWN: self._bytes_down,
             schema.CLIENTS_EXHAUSTED: len(screening.exhausted),
             schema.REPLIES_REJECTED: screening.num_rejected,
             schema.REPLIES_FAILED: screening.num_failed,
+            schema.REPLIES_LATE: len(late),
         }
-        if len(screening.valid) < self.min_valid_replies:
-            log(WARNING, "aggregate_train: %d valid trained repl(ies), min_valid_replies=%d: "
-                "no update this round; the global adapter is unchanged",
-                len(screening.valid), self.min_valid_replies)
+        if len(screening.valid) < self.min_train_nodes:
+            self._short_round(server_round, screening, late)
             self.training_metrics.record(server_round, {**counts, schema.CLIENTS_TRAINED: 0})
             return None, None
         valid = sorted(screening.valid, key=content_digest)  # sums independent of arrival order
         valid, counts[schema.WEIGHTS_CAPPED] = cap_weights(valid, self.max_weight_ratio,
                                                       self.weighted_by_key)
         valid = common_metrics(valid)
+        if self.bound_updates:
+            valid, counts[schema.UPDATES_BOUNDED] = bound_updates(
+                valid, validator.sent, bound_units(list(validator.expected), validator.sizes))
         if self.aggregator is None:
             averaged, metrics = super().aggregate_train(server_round, valid)
         else:
@@ -231,6 +278,37 @@ class LoraStrategy(FedAvg):
         metrics = MetricRecord({**(metrics or {}), **counts})
         self.training_metrics.record(server_round, metrics)
         return ArrayRecord(torch_state_dict=state), metrics
+
+    def _short_round(self, server_round: int, screening: Screening, late: list[int]) -> None:
+        """Say why a round has too few valid replies; raise :class:`RoundFailed` if it must."""
+        why = self._not_sent or (
+            f"{len(screening.valid)} valid trained repl(ies), fewer than strategy.min-train-nodes="
+            f"{self.min_train_nodes} ({len(self._sent)} sampled: {screening.num_failed} failed, "
+            f"{len(late)} late, {screening.num_rejected} rejected, {len(screening.exhausted)} "
+            "with their privacy budget spent)")
+        if self.short_round == "fail":
+            raise RoundFailed(f"round {server_round}: {why}; strategy.short-round='fail' stops "
+                              "the run ('skip' keeps the global adapter and goes on)")
+        log(WARNING, "round %d: %s: no update, the global adapter is unchanged "
+            "(strategy.short-round='skip')", server_round, why)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """FedAvg's evaluate messages, if enough nodes connected within :attr:`round_timeout`."""
+        self._sent_evaluate = []
+        needed = max(self.min_available_nodes, self.min_evaluate_nodes)
+        if self.fraction_evaluate and len(wait_for_nodes(
+                grid, needed, self.round_timeout, what="configure_evaluate")) >= needed:
+            self._sent_evaluate = with_ttl(list(super().configure_evaluate(
+                server_round, arrays, config, grid)), self.round_timeout)
+        return self._sent_evaluate
+
+    def aggregate_evaluate(self, server_round: int,
+                           replies: Iterable[Message]) -> MetricRecord | None:
+        """FedAvg's mean of the evaluate replies that came in time; the late nodes logged."""
+        late, replies = split_late(self._sent_evaluate, list(replies))
+        log_late(f"round {server_round}", late, self.round_timeout)
+        return super().aggregate_evaluate(server_round, replies)
 
     def _on_device(self, arrays: ArrayRecord) -> State:
         """``arrays`` as tensors on :attr:`device`, where :meth:`merge` computes."""
@@ -244,6 +322,7 @@ class LoraStrategy(FedAvg):
                               sent=sent_arrays(global_arrays, keys),
                               max_norm_ratio=self.max_norm_ratio,
                               min_update_cosine=self.min_update_cosine,
+                              num_malicious=self.num_malicious, private=self.private,
                               max_num_examples=self.max_num_examples)
 
     # --- helpers for methods that need each client's factors ------------------------------------
@@ -293,20 +372,35 @@ def fold_into_base(state: State, module: str, delta: torch.Tensor) -> None:
     state[key] = total.to(torch.float32)
 
 
-def _failure_summary(server_round: int, screening: Screening) -> str:
+def _all_failed(screening: Screening, late: list[int]) -> bool:
+    """Whether no sampled client answered other than with a Flower error (and some were asked)."""
+    answered = screening.valid or screening.exhausted or screening.num_rejected
+    return not answered and bool(screening.num_failed or late)
+
+
+def _failure_summary(server_round: int, screening: Screening, late: list[int],
+                     round_timeout: float) -> str:
     """One line: every client of the round failed, and their distinct reasons."""
     reasons = list(dict.fromkeys(r.reason for r in screening.rejected))
+    if late:
+        reasons.append(f"no reply within strategy.round-timeout={round_timeout:g} s "
+                       f"(node(s) {', '.join(map(str, late))})")
     shown = "; ".join(reasons[:3]) + (f"; ... ({len(reasons) - 3} more)" if len(reasons) > 3
                                       else "")
-    return (f"round {server_round}: all {len(screening.rejected)} sampled client(s) failed, so "
-            f"nothing can be trained: {shown}")
+    return (f"round {server_round}: all {len(screening.rejected) + len(late)} sampled "
+            f"client(s) failed, so nothing can be trained: {shown}")
+
 
 
 def _log_screening(screening: Screening) -> None:
-    """One WARNING per rejected reply; one INFO line for clients whose budget is spent."""
+    """One WARNING per rejected reply and per suspect kept; one INFO line for spent budgets."""
     for rejection in screening.rejected:
         log(WARNING, "aggregate_train: rejected the reply of node %d: %s",
             rejection.node_id, rejection.reason)
+    for suspect in screening.suspects_kept:
+        log(WARNING, "aggregate_train: kept the reply of node %d with its influence bounded "
+            "(strategy.num-malicious replies already rejected): %s", suspect.node_id,
+            suspect.reason)
     if screening.exhausted:
         log(INFO, "aggregate_train: %d client(s) skipped the round: privacy budget spent",
             len(screening.exhausted))

@@ -38,14 +38,16 @@ def build_strategy(cfg: AppConfig, layout: AdapterLayout, *,
     return strategy_class(s.name)(
         layout.modules, **METHODS[s.name].settings(cfg, layout.scale),
         train_head=cfg.lora.train_head,
-        min_valid_replies=s.min_valid_replies, max_norm_ratio=s.max_norm_ratio,
-        # The direction screen rests on DP noise: it makes honest updates nearly orthogonal
-        # (cosine ~ 1/√d). Without it, honest clients may disagree in earnest.
+        round_timeout=s.round_timeout, short_round=s.short_round, max_norm_ratio=s.max_norm_ratio,
+        # The direction and erase screens rest on DP noise: it makes honest updates nearly
+        # orthogonal (cosine ~ 1/√d). Without it, honest clients may disagree in earnest.
         min_update_cosine=s.min_update_cosine if cfg.privacy.is_private else -1.0,
-        max_weight_ratio=s.max_weight_ratio,
+        max_weight_ratio=s.max_weight_ratio, bound_updates=s.bound_updates,
+        private=cfg.privacy.is_private,
         aggregation=s.aggregation, trim_fraction=s.trim_fraction, num_malicious=s.num_malicious,
         stop_on_failed_round=s.stop_on_failed_round,
-        sampler=PartitionSampler(cfg.seed) if s.client_sampling == "seeded" else None,
+        sampler=(PartitionSampler(cfg.seed, timeout=s.round_timeout)
+                 if s.client_sampling == "seeded" else None),
         fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
         min_train_nodes=s.min_train_nodes, min_available_nodes=s.min_train_nodes,
         min_evaluate_nodes=1 if s.fraction_evaluate else 0, training_metrics=training_metrics,

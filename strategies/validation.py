@@ -15,37 +15,16 @@ reply that sends the wrong factor is rejected like any other malformed one.
 Checks, in order, for each reply: Flower error reply (dropout or ClientApp failure); content;
 exactly one ArrayRecord under ``contract.ARRAYS`` and one MetricRecord under ``contract.METRICS``;
 ``budget-exhausted`` in {0, 1}; then, for clients that trained, every metric finite (ε may be
-+inf: a non-private client) and ε ≥ 0, the metrics the aggregation reads present and scalar,
++inf only in a non-private run) and ε ≥ 0, the metrics the aggregation reads present and scalar,
 ``num-examples`` an integer in [1, max]; the array keys exactly the expected ones, each with the
 expected shape and dtype (declared and decoded) and finite values.
 
-Last, across the round, on each reply's *update* u_k = X_k − X_sent (X_sent: the array of the
-global state the round sent; a reply is judged by what it changes, so that a reply of −B_sent,
-whose own norm is that of B, is seen as the jump of 2‖B_sent‖ it is):
-
-1. norm: no update may exceed ``max_norm_ratio`` × the median norm of the same update over the
-   *other* replies (the median of the others, so that the suspect does not move its own
-   yardstick, and with two replies each is held against the other). Compared: each group
-   (the LoRA factors together, the head together), and each array large enough to be judged
-   alone, so a blow-up of one layer is not diluted by the rest. An array of d numbers is
-   judged alone when two honest noise updates of it (under DP: Gaussian) pass the ratio by
-   chance with p ≤ Φ(−MIN_NOISE_Z) ≈ 3e-5: their norm ratio is √F(d, d), so d ≥ 6 at the
-   default ratio 10 (a 3-class head's bias, d = 3, passed 10 × with p = 0.3 %: it is judged
-   within the head); ``ReplyValidator._judged_alone``;
-2. direction, each cosine held to ``min_update_cosine`` (default −0.5): (a) u_k of the LoRA
-   factors (concatenated), and of the head, with the mean update of the other replies (the
-   most opposed reply is left out first, then the rest are compared again): a reply that
-   undoes what the others do (a flipped update) is caught at any norm; (b) the arrays X_k
-   with the arrays as sent, X_sent: below −0.5 only if the reply went back past zero (a
-   reply of −B_sent has cosine −1, at the norm of B). Honest updates share the gradient's
-   direction, and under DP they are nearly orthogonal noise (cosine ≈ ±1/√d for d trained
-   numbers), far from −0.5; an honest reply never reverses the state it was sent. With two
-   replies that point apart, neither can be told from the other and both are left out.
-
-A zero update or a zero reference has no direction and is not checked; (a) needs two replies.
-A group of fewer than (4 / 0.5)² = 64 numbers is not checked by direction: noise alone would
-cross the bar too often (``ReplyValidator._enough_numbers``).
-It needs no history beyond the state that was sent.
+Last, the outlier screens of :mod:`strategies.screens` judge each well-formed reply by its
+*update* u_k = X_k − X_sent (X_sent: the array of the global state the round sent; a reply of
+−B_sent, whose own norm is that of B, is the jump of 2‖B_sent‖ it is): by norm, by how much of
+the sent state it erases, and by direction against the replies' coordinate-wise median. They
+reject at most ``num_malicious`` replies and never more than half; the replies they still flag
+are kept (their influence is bounded in :mod:`strategies.aggregation`) and listed as suspects.
 
 The screen never raises: any unexpected failure while reading a reply rejects that reply.
 """
@@ -55,20 +34,19 @@ from __future__ import annotations
 import itertools
 import math
 import re
-import statistics
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from scipy import stats
 
 from common import contract
+from strategies.screens import UpdateScreens
 
 DEFAULT_MAX_NORM_RATIO = 10.0
 DEFAULT_MIN_UPDATE_COSINE = -0.5
-MIN_NOISE_Z = 4.0  # a screen applies where honest noise passes its bar with p <= Phi(-4) = 3e-5
 DEFAULT_MAX_NUM_EXAMPLES = 10_000_000
+DEFAULT_NUM_MALICIOUS = 1
 # The metrics that the train-metric aggregation (strategies.metrics) reads from every reply.
 REQUIRED_METRICS = (contract.NUM_EXAMPLES, contract.TRAIN_LOSS, contract.EPSILON,
                     contract.NOISE_MULTIPLIER)
@@ -94,11 +72,15 @@ class Rejection:
 
 @dataclass
 class Screening:
-    """A round's replies, sorted: aggregate ``valid``, skip ``exhausted``, log ``rejected``."""
+    """A round's replies, sorted: aggregate ``valid``, skip ``exhausted``, log ``rejected``.
+
+    ``suspects_kept``: valid replies a screen flagged beyond its rejection budget (logged).
+    """
 
     valid: list[Message] = field(default_factory=list)
     exhausted: list[Message] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
+    suspects_kept: list[Rejection] = field(default_factory=list)  # flagged, kept (bounded)
 
     @property
     def num_failed(self) -> int:
@@ -151,10 +133,13 @@ class ReplyValidator:
     expected : every array key a trained reply must carry (no more, no fewer) and its spec.
     sent : the arrays of the global state the round sent, by key; a reply's update is its
         array minus this one (a key absent here: minus 0).
-    max_norm_ratio : reject an array whose update norm exceeds this × the median update norm
-        of that array over the other replies; 0 or inf disables the check.
-    min_update_cosine : reject an update whose cosine with the mean update of the other
-        replies is below this; -1 disables the check.
+    max_norm_ratio : flag an update whose norm exceeds this × the median update norm of the
+        other replies (per group and large array); 0 or inf disables the check.
+    min_update_cosine : flag an update whose cosine with the replies' coordinate-wise median
+        update is below this, and an update that erases half of the sent state; -1 disables
+        both (:mod:`strategies.screens`).
+    num_malicious : f: the outlier screens reject at most min(f, ⌊K / 2⌋) of K replies.
+    private : whether the run is private; then a reply must report a finite ε.
     max_num_examples : the largest plausible ``num-examples``.
     required_metrics : metric keys a trained reply must carry as finite scalars.
     """
@@ -163,8 +148,15 @@ class ReplyValidator:
     sent: Mapping[str, np.ndarray] = field(default_factory=dict)
     max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO
     min_update_cosine: float = DEFAULT_MIN_UPDATE_COSINE
+    num_malicious: int = DEFAULT_NUM_MALICIOUS
+    private: bool = True
     max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES
     required_metrics: tuple[str, ...] = REQUIRED_METRICS
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """The number of values of each expected array."""
+        return {key: math.prod(spec.shape) for key, spec in self.expected.items()}
 
     def screen(self, replies: Iterable[Message]) -> Screening:
         """Sort ``replies`` into valid, exhausted and rejected; never raises."""
@@ -179,8 +171,15 @@ class ReplyValidator:
                 out.valid.append(msg)
             except Exception as exc:  # a reply, however broken, must never stop the round
                 out.rejected.append(_rejection(msg, exc))
-        updates = self._drop_norm_outliers(out, updates)
-        self._drop_opposed(out, updates)
+        verdicts = UpdateScreens(
+            sizes=self.sizes, sent=self.sent, max_norm_ratio=self.max_norm_ratio,
+            min_update_cosine=self.min_update_cosine,
+            num_malicious=self.num_malicious).judge(updates)
+        out.suspects_kept = [_rejection(out.valid[i], InvalidReply(why))
+                             for i, why in verdicts.suspects_kept.items()]
+        out.rejected += [_rejection(out.valid[i], InvalidReply(why))
+                         for i, why in sorted(verdicts.rejected.items())]
+        out.valid = [m for i, m in enumerate(out.valid) if i not in verdicts.rejected]
         return out
 
     def _check_structure(self, msg: Message) -> MetricRecord:
@@ -215,6 +214,9 @@ class ReplyValidator:
         for key, value in metrics.items():
             values = value if isinstance(value, list) else [value]
             if key == contract.EPSILON and values == [math.inf]:
+                if self.private:
+                    raise InvalidReply(f"metric {key!r} is inf in a private run: a client of "
+                                       "this run must report the finite ε its DP-SGD spent")
                 continue  # a non-private client (privacy.epsilon = inf)
             if not all(_is_finite_number(v) for v in values):
                 raise InvalidReply(f"metric {key!r} is not finite: {value!r}")
@@ -232,132 +234,6 @@ class ReplyValidator:
         if not 1 <= n <= self.max_num_examples:
             raise InvalidReply(f"metric {contract.NUM_EXAMPLES!r} is {n}, expected 1 to "
                                f"{self.max_num_examples}")
-
-    def _drop_norm_outliers(self, out: Screening, updates: list[dict[str, np.ndarray]]
-                            ) -> list[dict[str, np.ndarray]]:
-        """Move replies with an update norm > ratio × the others' median to ``rejected``.
-
-        Compared per unit of :meth:`_norm_units`. Returns the updates of the replies kept in
-        ``out.valid``.
-        """
-        if not self.max_norm_ratio or math.isinf(self.max_norm_ratio) or len(updates) < 2:
-            return updates
-        units = self._norm_units()
-        norms = [{what: math.sqrt(sum(float(np.vdot(u[k], u[k])) for k in keys))
-                  for what, keys in units} for u in updates]
-        kept, kept_updates = [], []
-        for k, (msg, update) in enumerate(zip(out.valid, updates, strict=True)):
-            too_large = None
-            for what, _ in units:
-                median = statistics.median(n[what] for j, n in enumerate(norms) if j != k)
-                if median > 0 and norms[k][what] > self.max_norm_ratio * median:
-                    too_large = (what, median)
-                    break
-            if too_large is None:
-                kept.append(msg)
-                kept_updates.append(update)
-                continue
-            what, median = too_large
-            out.rejected.append(_rejection(msg, InvalidReply(
-                f"{what} changes by {norms[k][what]:.4g} (Frobenius norm of the update), "
-                f"more than {self.max_norm_ratio:g} × the other replies' median "
-                f"{median:.4g}")))
-        out.valid = kept
-        return kept_updates
-
-    def _groups(self) -> list[tuple[str, list[str]]]:
-        """The non-empty groups of expected arrays: the LoRA factors, the head."""
-        return [(group, keys) for group, keys in (
-            ("LoRA factors", [k for k in self.expected if not contract.is_head_key(k)]),
-            ("head", [k for k in self.expected if contract.is_head_key(k)])) if keys]
-
-    def _norm_units(self) -> list[tuple[str, list[str]]]:
-        """What the norm screen compares, as (description, keys).
-
-        Each array judged alone, then each group as a whole (which holds the arrays too small
-        to be judged alone).
-        """
-        return ([(f"array {key!r}", [key]) for key in self.expected
-                 if self._judged_alone(key)]
-                + [(f"the {group} (all arrays together)", keys)
-                   for group, keys in self._groups()])
-
-    def _judged_alone(self, key: str) -> bool:
-        """Whether array ``key`` has enough numbers d for its own norm comparison.
-
-        The norm ratio of two independent Gaussian vectors of d numbers is √F(d, d); the array
-        is judged alone when P(F(d, d) > ratio²) ≤ Φ(−MIN_NOISE_Z) (3e-5), the chance that also
-        bounds the direction screen (:meth:`_enough_numbers`): d ≥ 6 at ratio 10, 17 at 3.
-        """
-        d = int(np.prod(self.expected[key].shape))
-        return stats.f.sf(self.max_norm_ratio ** 2, d, d) <= stats.norm.sf(MIN_NOISE_Z)
-
-    def _drop_opposed(self, out: Screening, updates: list[dict[str, np.ndarray]]) -> None:
-        """Move replies that undo the sent state or oppose the others' updates to ``rejected``.
-
-        Per group of arrays (the LoRA factors together, the head together: enough numbers that
-        honest noise stays near 0), two cosines are held to ``min_update_cosine``:
-
-        (b) the reply's arrays with the same arrays as sent, X_k · X_sent / (‖X_k‖ ‖X_sent‖):
-            below −0.5 only when the update removed the sent state along its own direction
-            and went on past zero (a reply of −B_sent: −1); checked for each reply alone;
-        (a) the group's update with the mean update of the other replies: the most opposed
-            reply is left out first and the cosines are taken again, so that one hostile
-            reply cannot drag the others' reference below the bar; two replies that oppose
-            each other are both left out (neither can be told from the other).
-        """
-        if self.min_update_cosine <= -1:
-            return
-        limit = f"< strategy.min-update-cosine={self.min_update_cosine:g}"
-        groups = [(group, keys) for group, keys in self._groups() if self._enough_numbers(keys)]
-        if not groups:
-            return
-        flat = [{group: np.concatenate([u[k].ravel() for k in keys]) for group, keys in groups}
-                for u in updates]
-        sent = {group: np.concatenate([self.sent.get(k, np.zeros(self.expected[k].shape)).ravel()
-                                       for k in keys]) for group, keys in groups}
-        reasons: dict[int, str] = {}
-        for i, reply_flat in enumerate(flat):
-            for group, _ in groups:
-                cosine = _cosine(reply_flat[group] + sent[group], sent[group])
-                if cosine < self.min_update_cosine:
-                    reasons[i] = (f"its {group} point against the state they were sent (cosine "
-                                  f"{cosine:.3f} {limit}): the reply undoes the global model")
-                    break
-        while len(alive := [i for i in range(len(flat)) if i not in reasons]) >= 2:
-            worst, group, cosine = min(
-                ((i, g, _cosine(flat[i][g], np.mean([flat[j][g] for j in alive if j != i],
-                                                    axis=0)))
-                 for i in alive for g, _ in groups), key=lambda t: t[2])
-            if cosine >= self.min_update_cosine:
-                break
-            pair = len(alive) == 2
-            for i in (alive if pair else [worst]):
-                reasons[i] = (f"its update of the {group} points against the other "
-                              f"{'reply' if pair else 'replies'}' mean update (cosine "
-                              f"{cosine:.3f} {limit})")
-        out.rejected += [_rejection(out.valid[i], InvalidReply(why))
-                         for i, why in sorted(reasons.items())]
-        out.valid = [m for i, m in enumerate(out.valid) if i not in reasons]
-
-    def _enough_numbers(self, keys: list[str]) -> bool:
-        """Whether a group has d ≥ (MIN_NOISE_Z / c)² numbers, c = ``min_update_cosine``.
-
-        The cosine of two independent noise vectors of d numbers is about N(0, 1/d): with
-        fewer numbers an honest reply falls below c by chance too often (d = 16, c = −0.5:
-        2 % per comparison; merge-sv's σ of a small model is that small). From the bound on,
-        chance needs MIN_NOISE_Z standard deviations (p < 3e-5). Smaller groups are not
-        screened by direction (the norm screen still applies).
-        """
-        d = sum(int(np.prod(self.expected[k].shape)) for k in keys)
-        return d * self.min_update_cosine ** 2 >= MIN_NOISE_Z ** 2
-
-
-def _cosine(x: np.ndarray, y: np.ndarray) -> float:
-    """The cosine x · y / (‖x‖ ‖y‖); 0 when either is 0 (no direction to compare)."""
-    scale = float(np.linalg.norm(x) * np.linalg.norm(y))
-    return float(np.vdot(x, y)) / scale if scale > 0 else 0.0
-
 
 def common_metrics(replies: list[Message]) -> list[Message]:
     """``replies`` with each MetricRecord cut to the keys all of them carry.

@@ -62,3 +62,15 @@ always_raises = _with_production_evaluate_and_query()
 def train_never(msg: Message, context: Context) -> Message:
     """Every client fails every round, as a ClientApp with a bug would."""
     raise IndexError(f"simulated bug in partition {context.node_config['partition-id']}")
+
+
+LATE_SECONDS = 5.0  # how long after the round timeout the late client replies
+late_in_round_2 = _with_production_evaluate_and_query()
+
+
+@late_in_round_2.train()
+def train_late(msg: Message, context: Context) -> Message:
+    """``client.app.train``; in round 2 partition 0 replies LATE_SECONDS after the round ended."""
+    if _node_round(msg, context) == (0, 2):
+        time.sleep(float(context.run_config["strategy.round-timeout"]) + LATE_SECONDS)
+    return train(msg, context)

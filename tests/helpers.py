@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import psutil
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
@@ -48,3 +49,11 @@ def train_message(arrays: ArrayRecord) -> Message:
     content = RecordDict({contract.ARRAYS: arrays,
                           contract.CONFIG: ConfigRecord({contract.TRAIN_FACTORS: "B"})})
     return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def alive(proc: psutil.Process) -> bool:
+    """Whether ``proc`` still runs (a zombie does not)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

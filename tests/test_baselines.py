@@ -86,8 +86,11 @@ def _reply(node: int, arrays: dict, n: int) -> Message:
 
 def _make(cls, **kwargs):
     # The replies here are random arrays, unrelated to the state sent (heads of 6 numbers): the
-    # direction screen would rightly call some of them opposed; these tests check the math.
+    # direction screen would rightly call some of them opposed; these tests check the math of
+    # each method's mean, so the weights and updates are not bounded either.
     kwargs.setdefault("min_update_cosine", -1.0)
+    kwargs.setdefault("max_weight_ratio", 0.0)
+    kwargs.setdefault("bound_updates", False)
     if cls in (FLoRA, FedExLoRA):
         kwargs.setdefault("lora_scale", SCALE)
     return cls(MODULES, fraction_train=1.0, min_train_nodes=2, min_available_nodes=2, **kwargs)

@@ -1,10 +1,11 @@
 import math
+import re
 
 import pytest
 
-from common.config import AppConfig, ConfigError
+from common.config import AppConfig, ConfigError, valid_keys
 from privacy.policy import check_delta
-from tests.conftest import default_run_config
+from tests.conftest import ROOT, default_run_config
 
 
 def test_pyproject_defaults_build_and_validate():
@@ -14,6 +15,17 @@ def test_pyproject_defaults_build_and_validate():
     assert (cfg.lora.r, cfg.lora.alpha) == (8, 8.0)
     assert (cfg.privacy.epsilon, cfg.privacy.delta) == (6.0, 1e-5)
     assert cfg.data.partitioner == "dirichlet" and cfg.data.dirichlet_alpha == 0.5
+    assert (cfg.strategy.round_timeout, cfg.strategy.short_round) == (1200.0, "skip")
+
+
+def test_every_key_has_one_row_in_the_configuration_reference_and_every_row_a_key():
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    rows = re.findall(r"^\| `([a-z0-9.-]+)` \| ([^|]+) \|", text, flags=re.MULTILINE)
+    documented = [key for key, _ in rows if key in valid_keys() or "." in key]
+    assert sorted(documented) == sorted(valid_keys())
+    defaults = dict(rows)
+    assert defaults["strategy.round-timeout"].strip() == "1200.0"
+    assert defaults["strategy.short-round"].strip() == '`"skip"`'
 
 
 def test_dataclass_defaults_equal_the_pyproject_defaults():
@@ -50,6 +62,11 @@ def test_wrong_type_is_rejected():
     ("strategy.fraction-train", 0.0, "strategy.fraction-train=0.0: must be in (0, 1]"),
     ("privacy.delta", 1.0, "privacy.delta=1.0: must be in (0, 1)"),
     ("privacy.epsilon", 0.0, "privacy.epsilon=0.0: must be > 0"),
+    ("strategy.round-timeout", 0.0, "strategy.round-timeout=0.0: must be > 0 and finite"),
+    ("strategy.round-timeout", "inf", "strategy.round-timeout=inf: must be > 0 and finite"),
+    ("strategy.round-timeout", -5, "strategy.round-timeout=-5.0: must be > 0 and finite"),
+    ("strategy.short-round", "later", "strategy.short-round='later': one of ('skip', 'fail')"),
+    ("strategy.min-valid-replies", 1, "strategy.min-valid-replies=1: unknown key"),
 ])
 def test_each_invalid_key_is_named_with_its_value_and_what_is_allowed(key, value, fragment):
     with pytest.raises(ConfigError) as err:

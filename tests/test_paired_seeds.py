@@ -56,7 +56,7 @@ class RollCallGrid:
 
 def _draws(grid: RollCallGrid, seed: int, rounds: int = 5, k: int = 3) -> list[list[int]]:
     sampler = PartitionSampler(seed)
-    return [[grid.partition_of[n] for n in sampler.sample(grid, r, k, 2)]
+    return [[grid.partition_of[n] for n in sampler.sample(grid, r, k, grid.get_node_ids())]
             for r in range(1, rounds + 1)]
 
 
@@ -75,7 +75,8 @@ def test_the_roll_call_asks_each_node_once_and_leaves_out_the_silent():
     assert grid.queries == 6
     assert all(4 not in d for d in draws)
     few = RollCallGrid(3, random.Random(0), silent=0)  # 2 answer, 3 are to be sampled
-    assert sorted(PartitionSampler(0).sample(few, 1, 3, 1)) == sorted(few.get_node_ids())
+    assert (sorted(PartitionSampler(0).sample(few, 1, 3, few.get_node_ids()))
+            == sorted(few.get_node_ids()))
 
 
 def test_seeded_sampling_is_the_default():

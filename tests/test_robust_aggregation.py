@@ -1,4 +1,4 @@
-"""One client among four cannot steer the aggregate; honest replies are averaged exactly as before.
+"""One attacker among three cannot steer the aggregate; two colluders cannot inflate it.
 
 Fake replies of :mod:`benchmarks.fake_federation`: the default run's shapes, honest updates
 with the DP noise a client of the default run adds (ε = 6), at round 1 (B = 0) and after 5
@@ -17,7 +17,6 @@ from benchmarks import fake_federation as ff
 from common import contract
 from common.config import DataConfig
 from strategies import FedSVD, FFALoRA
-from strategies.aggregation import cap_weights
 from tests.helpers import FakeGrid
 
 ROUNDS_BEFORE = (0, 5)  # round 1 (B = 0), and after 5 rounds of training
@@ -61,40 +60,89 @@ def _head_update(arrays: dict, fake: ff.FakeRound) -> np.ndarray:
                            for k in (ff.HEAD_W, ff.HEAD_B)])
 
 
+def _default_fedsvd() -> FedSVD:
+    return FedSVD(ff.LAYERS, fraction_train=1.0, min_train_nodes=1, min_available_nodes=1)
+
+
 @pytest.mark.parametrize("rounds_before", ROUNDS_BEFORE)
+@pytest.mark.parametrize("claim", ["own", "1e7"])
 @pytest.mark.parametrize("attack", sorted(ff.ATTACKS))
-def test_one_attacker_among_four_cannot_steer_the_default_aggregate(attack, rounds_before,
-                                                                     dirichlet_sizes):
-    # Prepare: three honest DP-noised replies and one attacker
+def test_one_attacker_among_three_cannot_steer_the_default_aggregate(attack, claim,
+                                                                      rounds_before,
+                                                                      dirichlet_sizes):
+    # Prepare: two honest DP-noised replies and one attacker (adaptive ones search the screens)
     fake = ff.make_round(seed=len(attack) + rounds_before, rounds_before=rounds_before)
-    sizes = dirichlet_sizes[:3]
+    sizes = dirichlet_sizes[:2]
     honest = [fake.honest(n) for n in sizes]
-    hostile, n_hostile = ff.ATTACKS[attack](honest, fake, dirichlet_sizes[3])
+    n_hostile = dirichlet_sizes[2] if claim == "own" else 10_000_000
+    hostile = ff.ATTACKS[attack](honest, fake, ff.screen_oracle(fake, honest,
+                                                                 [*sizes, n_hostile]))
     replies = [ff.reply(k + 1, arrays, n) for k, (arrays, n) in
                enumerate(zip([*honest, hostile], [*sizes, n_hostile], strict=True))]
     # Execute: FedSVD with every default
-    state, metrics = _run_round(FedSVD(ff.LAYERS, fraction_train=1.0, min_train_nodes=1,
-                                       min_available_nodes=1), fake, replies)
-    # Assert: the model's update points where the honest clients' does, at about their norm
+    state, metrics = _run_round(_default_fedsvd(), fake, replies)
+    # Assert: the model's update points where the honest clients' does, at no larger a norm
     got, want = _product_update(state, fake), _honest_product_update(honest, sizes, fake)
-    assert ff.cosine(got, want) >= 0.9
-    assert 0.5 <= np.linalg.norm(got) / np.linalg.norm(want) <= 2.0
+    assert ff.cosine(got, want) >= 0.7
+    assert np.linalg.norm(got) / np.linalg.norm(want) <= 1.5
     got_head = _head_update({k: state[k].numpy() for k in (ff.HEAD_W, ff.HEAD_B)}, fake)
     want_head = _head_update(ff.weighted_mean(honest, sizes), fake)
-    assert ff.cosine(got_head, want_head) >= 0.9
-    assert 0.5 <= np.linalg.norm(got_head) / np.linalg.norm(want_head) <= 2.0
-    if not (attack == "-B_sent" and rounds_before == 0):  # −0 is 0: a harmless zero update
-        assert metrics["replies-rejected"] == 1 and metrics["clients-trained"] == 3
+    assert ff.cosine(got_head, want_head) >= 0.7
+    assert np.linalg.norm(got_head) / np.linalg.norm(want_head) <= 1.5
+    assert metrics["clients-trained"] + metrics["replies-rejected"] == 3
 
 
 @pytest.mark.parametrize("rounds_before", ROUNDS_BEFORE)
-def test_four_honest_replies_are_the_plain_weighted_mean(rounds_before, dirichlet_sizes):
-    fake = ff.make_round(seed=11, rounds_before=rounds_before)
+@pytest.mark.parametrize("claim", ["own", "1e7"])
+@pytest.mark.parametrize("kind", ["identical -3x", "identical -5x", "adaptive"])
+def test_two_colluders_among_five_reject_no_honest_reply_and_cannot_inflate_the_update(
+        kind, claim, rounds_before, dirichlet_sizes):
+    # Prepare: three honest replies, two colluders
+    fake = ff.make_round(seed=len(kind) + rounds_before, rounds_before=rounds_before)
+    sizes = dirichlet_sizes[:3]
+    honest = [fake.honest(n) for n in sizes]
+    n_hostile = dirichlet_sizes[3] if claim == "own" else 10_000_000
+    all_sizes = [*sizes, n_hostile, n_hostile]
+    if kind == "adaptive":
+        hostile = ff.adaptive_colluders(honest, fake, ff.screen_oracle(fake, honest, all_sizes))
+    else:
+        hostile = ff.colluders(honest, fake, float(kind.split()[1].strip("-x")))
+    replies = [ff.reply(k + 1, arrays, n) for k, (arrays, n) in
+               enumerate(zip([*honest, *hostile], all_sizes, strict=True))]
+    strategy = _default_fedsvd()
+    # Execute
+    state, metrics = _run_round(strategy, fake, replies)
+    # Assert: no honest reply rejected; the update no larger than the honest one's
+    screening = strategy.validator(strategy._global, 2).screen(replies)
+    assert not {r.node_id for r in screening.rejected} & {1, 2, 3}
+    got, want = _product_update(state, fake), _honest_product_update(honest, sizes, fake)
+    assert np.linalg.norm(got) / np.linalg.norm(want) <= 1.5
+
+
+@pytest.mark.parametrize("rounds_before", ROUNDS_BEFORE)
+@pytest.mark.parametrize("count", [3, 4])
+def test_honest_replies_keep_the_plain_weighted_mean_direction(count, rounds_before,
+                                                               dirichlet_sizes):
+    fake = ff.make_round(seed=11 + count, rounds_before=rounds_before)
+    sizes = dirichlet_sizes[:count]
+    honest = [fake.honest(n) for n in sizes]
+    replies = [ff.reply(k + 1, arrays, n) for k, (arrays, n) in
+               enumerate(zip(honest, sizes, strict=True))]
+    state, metrics = _run_round(_default_fedsvd(), fake, replies)
+    got, want = _product_update(state, fake), _honest_product_update(honest, sizes, fake)
+    assert metrics["replies-rejected"] == 0 and metrics["clients-trained"] == count
+    assert ff.cosine(got, want) >= 0.99
+    assert 0.95 <= np.linalg.norm(got) / np.linalg.norm(want) <= 1.05
+
+
+def test_with_bounds_off_honest_replies_are_exactly_the_weighted_mean(dirichlet_sizes):
+    fake = ff.make_round(seed=11, rounds_before=5)
     honest = [fake.honest(n) for n in dirichlet_sizes]
     replies = [ff.reply(k + 1, arrays, n) for k, (arrays, n) in
                enumerate(zip(honest, dirichlet_sizes, strict=True))]
     state, metrics = _run_round(FFALoRA(ff.LAYERS, fraction_train=1.0, min_train_nodes=1,
-                                        min_available_nodes=1), fake, replies)
+                                        min_available_nodes=1, max_weight_ratio=0.0,
+                                        bound_updates=False), fake, replies)
     mean = ff.weighted_mean(honest, dirichlet_sizes)
     assert metrics["replies-rejected"] == 0 and metrics["weights-capped"] == 0
     assert max(float(np.abs(state[k].double().numpy() - mean[k]).max()) for k in mean) <= 1e-6
@@ -108,16 +156,6 @@ def test_two_honest_replies_of_unequal_partitions_are_both_kept(dirichlet_sizes)
     _, metrics = _run_round(FedSVD(ff.LAYERS, fraction_train=1.0, min_train_nodes=1,
                                    min_available_nodes=1), fake, replies)
     assert metrics["replies-rejected"] == 0 and metrics["clients-trained"] == 2
-
-
-def test_claimed_weights_are_capped_at_a_multiple_of_the_others_median():
-    replies = [ff.reply(k + 1, {}, n) for k, n in enumerate([1000, 1200, 1500, 10_000_000])]
-    capped, count = cap_weights(replies, 4.0)
-    assert count == 1
-    assert [m.content[contract.METRICS][contract.NUM_EXAMPLES] for m in capped] == [
-        1000, 1200, 1500, 4800]  # 4 × median(1000, 1200, 1500)
-    assert capped[:3] == replies[:3]
-    assert cap_weights(replies, math.inf) == (replies, 0)
 
 
 FLOWER = {"trimmed-mean": lambda: FedTrimmedAvg(beta=0.25), "median": FedMedian,
@@ -135,7 +173,8 @@ def test_robust_aggregators_are_flowers_own_and_fedsvd_stays_exact(aggregation,
     replies = [ff.reply(k + 1, arrays, n) for k, (arrays, n) in
                enumerate(zip(honest, sizes, strict=True))]
     strategy = FedSVD(ff.LAYERS, fraction_train=1.0, min_train_nodes=1, min_available_nodes=1,
-                      aggregation=aggregation, trim_fraction=0.25, num_malicious=1)
+                      aggregation=aggregation, trim_fraction=0.25, num_malicious=1,
+                      max_weight_ratio=0.0, bound_updates=False)
     # Execute
     state, _ = _run_round(strategy, fake, replies)
     flower, _ = FLOWER[aggregation]().aggregate_train(2, [ff.reply(k + 1, a, n) for k, (a, n) in

@@ -39,8 +39,10 @@ def train_reply(rng, n: int, exhausted: int = 0) -> tuple[Message, dict]:
 def _run_round(svd_period: int, server_round: int = 1):
     rng = np.random.default_rng(0)
     state = global_state(rng)
-    strategy = FedSVD(MODULES, svd_period=svd_period, fraction_train=1.0, min_train_nodes=3,
-                      min_available_nodes=3)
+    # 2 valid replies (the exhausted one is not) make an update with min_train_nodes=2
+    # (no bounded weights or updates: the test checks FedSVD's algebra on the plain mean)
+    strategy = FedSVD(MODULES, svd_period=svd_period, fraction_train=1.0, min_train_nodes=2,
+                      min_available_nodes=3, max_weight_ratio=0.0, bound_updates=False)
     messages = list(strategy.configure_train(server_round, ArrayRecord(torch_state_dict=state),
                                              ConfigRecord(), FakeGrid(3)))
     assert all(m.content[contract.CONFIG][contract.TRAIN_FACTORS] == "B" for m in messages)

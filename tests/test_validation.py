@@ -24,6 +24,7 @@ from scipy import stats
 from common import contract
 from common.config import AppConfig, ConfigError
 from strategies import FedSVD
+from strategies.screens import enough_numbers, judged_alone
 from strategies.validation import (
     DEFAULT_MAX_NUM_EXAMPLES,
     ArraySpec,
@@ -85,9 +86,12 @@ def _good_reply(node: int, seed: int | None = None, n: int | None = None) -> Mes
 
 
 def _strategy(**kwargs) -> FedSVD:
+    """FedSVD screening as by default, averaging as FedAvg (no bounds: exact means to check)."""
     kwargs.setdefault("svd_period", 1)
-    strategy = FedSVD(MODULES, fraction_train=1.0, min_train_nodes=1, min_available_nodes=1,
-                      **kwargs)
+    kwargs.setdefault("max_weight_ratio", 0.0)
+    kwargs.setdefault("bound_updates", False)
+    kwargs.setdefault("min_train_nodes", 1)
+    strategy = FedSVD(MODULES, fraction_train=1.0, min_available_nodes=1, **kwargs)
     list(strategy.configure_train(1, ArrayRecord(torch_state_dict=_global()), ConfigRecord(),
                                   FakeGrid(3)))
     return strategy
@@ -257,7 +261,7 @@ def test_non_private_replies_with_infinite_epsilon_are_valid():
     """privacy.epsilon = inf: clients report ε = inf, which is not a malformed metric."""
     replies = [_reply(n, _good_arrays(n), {**_good_metrics(10 * n), contract.EPSILON: math.inf,
                                            contract.NOISE_MULTIPLIER: 0.0}) for n in (1, 2)]
-    strategy = _strategy()
+    strategy = _strategy(private=False)
     screening = strategy.validator(strategy._global, 1).screen(replies)
     assert screening.rejected == [] and len(screening.valid) == 2
     negative = _reply(3, _good_arrays(3), {**_good_metrics(30), contract.EPSILON: -1.0})
@@ -300,7 +304,7 @@ def test_max_num_examples_is_configurable():
 
 def test_too_few_valid_replies_keep_the_global_adapter(caplog):
     # Prepare: min 3 valid; 2 good, 1 with NaN, 1 dropout
-    strategy = _strategy(min_valid_replies=3)
+    strategy = _strategy(min_train_nodes=3)
     before = {k: v.clone() for k, v in strategy._global.to_torch_state_dict().items()}
     nan = CASES["nan"][0](_good_arrays(3), _good_metrics(30), 3)
     replies = [_good_reply(1), _good_reply(2), nan, CASES["error-reply"][0](None, None, 4)]
@@ -309,15 +313,17 @@ def test_too_few_valid_replies_keep_the_global_adapter(caplog):
         arrays, metrics = strategy.aggregate_train(1, replies)
     # Assert
     assert arrays is None and metrics is None
-    assert "2 valid trained repl(ies), min_valid_replies=3: no update" in caplog.text
+    assert ("2 valid trained repl(ies), fewer than strategy.min-train-nodes=3 (3 sampled: 1 "
+            "failed, 0 late, 1 rejected, 0 with their privacy budget spent): no update"
+            in caplog.text)
     after = strategy._global.to_torch_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     last = strategy.training_metrics.of(1)
     assert (last["replies-rejected"], last["replies-failed"], last["clients-trained"]) == (1, 1, 0)
 
 
-def test_enough_valid_replies_update_with_min_valid_replies():
-    strategy = _strategy(min_valid_replies=2)
+def test_enough_valid_replies_update_with_min_train_nodes():
+    strategy = _strategy(min_train_nodes=2)
     arrays, _ = strategy.aggregate_train(1, [_good_reply(1), _good_reply(2)])
     assert arrays is not None
 
@@ -343,8 +349,10 @@ def test_dropouts_are_counted_and_the_others_are_averaged():
 
 
 def test_invalid_settings_are_rejected():
-    with pytest.raises(ValueError, match="min_valid_replies=0"):
-        FedSVD(MODULES, min_valid_replies=0)
+    with pytest.raises(ValueError, match="round_timeout=0"):
+        FedSVD(MODULES, round_timeout=0)
+    with pytest.raises(ValueError, match="short_round='later'"):
+        FedSVD(MODULES, short_round="later")
     with pytest.raises(ValueError, match="max_norm_ratio=0.5"):
         FedSVD(MODULES, max_norm_ratio=0.5)
 
@@ -482,7 +490,6 @@ def test_fuzz_no_malformed_reply_raises_or_is_aggregated():
 
 
 @pytest.mark.parametrize(("key", "value", "allowed"), [
-    ("strategy.min-valid-replies", 0, "must be >= 1"),
     ("strategy.max-norm-ratio", 0.5, "must be 0 (off), >= 1, or inf (off)"),
     ("strategy.max-norm-ratio", "nan", "must be 0 (off), >= 1, or inf (off)"),
 ])
@@ -494,7 +501,7 @@ def test_config_rejects_bad_screening_settings(key, value, allowed):
 
 def test_config_screening_defaults_and_inf():
     cfg = AppConfig.from_run_config({"strategy.max-norm-ratio": "inf"})
-    assert cfg.strategy.max_norm_ratio == math.inf and cfg.strategy.min_valid_replies == 1
+    assert cfg.strategy.max_norm_ratio == math.inf
     assert AppConfig().strategy.max_norm_ratio == 10.0
 
 
@@ -503,11 +510,15 @@ def test_a_group_too_small_for_the_direction_screen_is_not_screened_by_direction
     # (merge-sv's σ of a small model): such a group is left to the norm screen.
     spec = {"m.lora_S": ArraySpec((16,), "float32")}
     sent = {"m.lora_S": np.ones(16, dtype=np.float32)}
-    small = ReplyValidator(spec, sent=sent, min_update_cosine=-0.5)
-    assert not small._enough_numbers(["m.lora_S"])
-    large = ReplyValidator({"m.lora_B": ArraySpec((8, 8), "float32")},
-                           sent={"m.lora_B": np.ones((8, 8), np.float32)}, min_update_cosine=-0.5)
-    assert large._enough_numbers(["m.lora_B"])  # 64 numbers: the bar is 4 noise s.d.
+    assert not enough_numbers(16, -0.5)
+    assert enough_numbers(64, -0.5)  # 64 numbers: the bar is 4 noise s.d.
+    # a flipped update of 16 numbers is not judged by direction (nor as a twin)
+    rng = np.random.default_rng(0)
+    replies = [_reply(n, {"m.lora_S": (1 + rng.normal(size=16)).astype(np.float32)},
+                      _good_metrics(10 * n)) for n in (1, 2)]
+    replies.append(_reply(3, {"m.lora_S": (1 - 3 * rng.normal(size=16)).astype(np.float32)},
+                          _good_metrics(30)))
+    assert ReplyValidator(spec, sent=sent, min_update_cosine=-0.5).screen(replies).rejected == []
 
 
 BIAS = contract.head_key("classifier.bias")
@@ -527,7 +538,7 @@ def test_an_array_too_small_to_judge_alone_is_judged_within_its_group():
     # Two honest noise updates of a 3-class head's bias (3 numbers) differ in norm by 10 x with
     # p = 0.3 % (CI once rejected an honest client so); the head's weight sets the yardstick.
     validator = ReplyValidator(HEAD_SPECS)
-    assert not validator._judged_alone(BIAS) and validator._judged_alone(HEAD)
+    assert not judged_alone(3, 10.0) and judged_alone(3 * 64, 10.0)
     honest = [_noise_reply(1), _noise_reply(2, bias_scale=30.0)]
     assert validator.screen(honest).rejected == []
     # A blow-up of the small array still moves its group past the bar
@@ -540,10 +551,7 @@ def test_an_array_too_small_to_judge_alone_is_judged_within_its_group():
 @pytest.mark.parametrize(("ratio", "smallest"), [(10.0, 6), (3.0, 17), (2.0, 37)])
 def test_arrays_are_judged_alone_from_the_size_where_noise_rarely_passes_the_ratio(ratio,
                                                                                    smallest):
-    def judged(d):
-        return ReplyValidator({"x": ArraySpec((d,), "float32")},
-                              max_norm_ratio=ratio)._judged_alone("x")
-    assert not judged(smallest - 1) and judged(smallest)
+    assert not judged_alone(smallest - 1, ratio) and judged_alone(smallest, ratio)
 
 
 def test_the_norm_ratio_of_two_noise_vectors_follows_the_f_distribution_the_bar_uses():
