@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
-from pathlib import Path
+from logging import WARNING
 
-from filelock import FileLock
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from client import training as t
+from client.ledger import (
+    PRIVACY_STATE_KEY,
+    ledger_path,
+    node_max_epsilon,
+    node_privacy_state,
+)
 from client.received_state import received_state
 from common import contract
-from common.config import RUN_LEDGER_DIR, AppConfig
+from common.config import AppConfig
 from common.data import load_corpus, load_partition
 from common.evaluation import evaluate as evaluate_model
 from privacy import PrivacyLedger
@@ -26,9 +30,9 @@ from privacy.census import (
     check_census_budget,
     noisy_label_counts,
 )
-from privacy.policy import plan_round
+from privacy.policy import RoundPrivacy, check_census_fits, node_budget, plan_round
 
-PRIVACY_STATE_KEY = "privacy-state-file"  # node config: where a SuperNode keeps its ledger
+__all__ = ["app", "ledger_path", "PRIVACY_STATE_KEY"]  # the ledger's place: client.ledger
 
 app = ClientApp()
 
@@ -38,91 +42,34 @@ def train(msg: Message, context: Context) -> Message:
     """Load data and the global adapter → plan the round's privacy → DP-SGD steps → reply.
 
     The node refuses to train (and says so in its reply) when the round's steps would take its
-    ε past the budget (:func:`privacy.policy.plan_round`).
+    ε past the budget (:func:`privacy.policy.plan_round`); its ledger is kept where
+    :func:`client.ledger.ledger_place` says (on a SuperNode: a file spanning every run).
     """
     cfg = AppConfig.from_run_config(context.run_config)
-    with node_privacy_state(context, cfg):
-        return _train(msg, context, cfg)
+    with node_privacy_state(context, cfg) as place:
+        return _train(msg, context, cfg, spans_runs=place.spans_runs)
 
 
-def ledger_path(context: Context, cfg: AppConfig) -> Path | None:
-    """The file that keeps this node's privacy ledger, or None (``Context.state`` alone).
-
-    The node config's ``privacy-state-file`` (a deployment: the node's own, across runs), else,
-    when ``output.dir`` is absolute (as ``simulations.run`` passes it), the run's own
-    ``<results folder>/privacy/partition-<id>.json``, so that a resumed simulation goes on
-    counting from every step taken before the crash. A relative ``output.dir`` would resolve
-    against the ClientApp's working directory, which is Flower's, not the server's.
-    """
-    raw = context.node_config.get(PRIVACY_STATE_KEY)
-    if raw:
-        path = Path(str(raw)).expanduser()
-        if not path.is_absolute():  # the ClientApp's working directory is Flower's, not ours
-            raise ValueError(f"{PRIVACY_STATE_KEY}={raw!r}: must be an absolute path")
-        return path
-    if not Path(cfg.output.dir).expanduser().is_absolute():
-        return None
-    partition_id, _ = t.node_partition(context)
-    return cfg.results_folder / RUN_LEDGER_DIR / f"partition-{partition_id}.json"
-
-
-@contextlib.contextmanager
-def node_privacy_state(context: Context, cfg: AppConfig) -> Iterator[None]:
-    """Keep the ledger in the file of :func:`ledger_path`, if any.
-
-    ``Context.state`` lives only as long as the SuperNode process (and one run); the file makes
-    a restarted node (or a resumed run) continue from every step it has ever taken, so it cannot
-    reset its ε. A resumed private run without such a file is refused (ValueError): its node
-    would count from zero the steps it took before the resume. The file is read into
-    ``Context.state`` before the round unless ``Context.state`` already counts at least as many
-    steps: a copy can only lag behind (a simulation spread over several machines writes each
-    node's file on whichever machine ran its round, so another machine's copy can be stale), and
-    the ledger that counts more is the true one. It is written back atomically after the round,
-    under an exclusive lock so concurrent rounds cannot drop steps.
-    """
-    accountant = cfg.privacy.accountant
-    path = ledger_path(context, cfg)
-    if path is None and cfg.output.resume and cfg.privacy.is_private:
-        # the steps before the crash are in no file this node can read: counting from 0 would
-        # spend the budget a second time
-        raise ValueError(
-            f"output.resume=true with output.dir={cfg.output.dir!r} (relative) and no node "
-            f"config {PRIVACY_STATE_KEY}: this node cannot read the privacy ledger of the "
-            "rounds before the resume; set output.dir to an absolute path (simulations.run "
-            f"does) or give each node a {PRIVACY_STATE_KEY}")
-    if path is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(path.with_name(path.name + ".lock")):
-        if path.exists():
-            on_disk, sigma = PrivacyLedger.load(path, accountant)
-            if on_disk.steps >= t.load_ledger(context, accountant)[0].steps:
-                t.store_ledger(context, on_disk, sigma)
-        try:
-            yield
-        finally:
-            ledger, sigma = t.load_ledger(context, accountant)
-            if ledger.history:  # a round has trained here, or a census was answered
-                ledger.save(path, noise_multiplier=sigma)
-
-
-def _train(msg: Message, context: Context, cfg: AppConfig) -> Message:
+def _train(msg: Message, context: Context, cfg: AppConfig, *, spans_runs: bool) -> Message:
     partition_id, num_partitions = t.node_partition(context)
     data = t.load_local_data(cfg, partition_id, num_partitions)
     model, layout = t.build_global_model(cfg, data.num_labels, received_state(msg.content, context))
     t.seed_local_randomness(cfg, msg.content[contract.CONFIG], partition_id)
     factors = t.parse_factors(msg.content[contract.CONFIG])
     ledger, sigma = t.load_ledger(context, cfg.privacy.accountant)
+    max_epsilon = node_max_epsilon(context)
     budget = plan_round(cfg, ledger, num_examples=len(data.train), noise_multiplier=sigma,
-                        where=f"partition {partition_id}")
+                        where=f"partition {partition_id}", max_epsilon=max_epsilon)
     loss, moved = float("nan"), 0.0
-    if not budget.exhausted:
+    if budget.exhausted and spans_runs:
+        _log_refusal(cfg, ledger, budget, partition_id, max_epsilon)
+    elif not budget.exhausted:
         before = layout.tensors(factors, head=False)
         private = t.privatize(cfg, model, layout, factors, data.train, budget, ledger)
         loss = t.run_local_steps(private, budget.steps, t.compute_dtype(cfg),
                                  encoder_dropout=cfg.model.encoder_dropout)
         private.record_into(ledger)
+        _record_without_noise(cfg, ledger, budget, spans_runs=spans_runs)
         t.store_ledger(context, ledger, budget.noise_multiplier)
         moved = t.moved_norm(before, layout, factors, require_each=cfg.privacy.is_private)
     arrays = ArrayRecord(torch_state_dict=layout.tensors(factors, head=cfg.lora.train_head))
@@ -132,6 +79,26 @@ def _train(msg: Message, context: Context, cfg: AppConfig) -> Message:
                                     exhausted=budget.exhausted, moved=moved)
     return Message(RecordDict({contract.ARRAYS: arrays, contract.METRICS: metrics}),
                    reply_to=msg)
+
+
+def _log_refusal(cfg: AppConfig, ledger: PrivacyLedger, budget: RoundPrivacy, partition_id: int,
+                 max_epsilon: float | None) -> None:
+    """Say on the SuperNode why it does not train: its ledger of every run is (nearly) spent."""
+    why = ("spent" if math.isinf(budget.noise_multiplier)
+           else f"this round would take it to {budget.epsilon_after:.4g}")
+    log(WARNING, "partition %d does not train: its privacy ledger, which counts every run this "
+        "node has served, holds ε = %.4g of its budget %g (%s)", partition_id,
+        ledger.epsilon(cfg.privacy.delta), node_budget(cfg.privacy, max_epsilon), why)
+
+
+def _record_without_noise(cfg: AppConfig, ledger: PrivacyLedger, budget: RoundPrivacy, *,
+                          spans_runs: bool) -> None:
+    """A ledger spanning runs counts a round without DP (ε = inf) as σ = 0: ε is then inf.
+
+    Its data was released without noise, so no later run may report a finite ε for it.
+    """
+    if spans_runs and not cfg.privacy.is_private:
+        ledger.history.append((0.0, budget.sample_rate, budget.steps))
 
 
 @app.evaluate()
@@ -158,39 +125,63 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.query(CENSUS_ACTION)
 def census(msg: Message, context: Context) -> Message:
-    """Answer the census: the node's label counts under DP, once, before it trains.
+    """Answer the census: the node's label counts under DP, once per run, before it trains.
 
     Counts c + N(0, σ_c² I_K) of its training partition (:mod:`privacy.census`), σ_c =
     ``privacy.census-noise-multiplier`` (exact counts in a run without DP). The release enters
     the node's ledger first, so every ε it reports covers it and its DP-SGD σ is calibrated
-    after it. Refused (an error reply) when the run has no census, when the ledger already
-    holds anything (a second census could average the noise away; after training, σ was
-    calibrated without it), or when the census alone would take ε past the budget.
+    after it. Refused (an error reply) when the run has no census, when this run has already
+    had a census or a trained round from this node (a second census could average the noise
+    away; after training, σ was calibrated without it), or when the census would take the
+    ledger (earlier runs included, when it spans runs) to the budget.
     """
     cfg = AppConfig.from_run_config(context.run_config)
-    with node_privacy_state(context, cfg):
-        return _census(msg, context, cfg)
+    with node_privacy_state(context, cfg) as place:
+        return _census(msg, context, cfg, spans_runs=place.spans_runs)
 
 
-def _census(msg: Message, context: Context, cfg: AppConfig) -> Message:
+def _census(msg: Message, context: Context, cfg: AppConfig, *, spans_runs: bool) -> Message:
     if not cfg.data.class_prior_census:
         raise ValueError("this run has no census (data.class-prior is not 'census'): this node "
                          "sends no label counts")
     partition_id, num_partitions = t.node_partition(context)
     train, _ = load_partition(cfg.data, cfg.seed, partition_id, num_partitions)
-    ledger, sigma = t.load_ledger(context, cfg.privacy.accountant)
-    noise = cfg.privacy.census_noise
-    if cfg.privacy.is_private:
-        if ledger.history or sigma is not None:
-            raise ValueError(f"partition {partition_id} refuses the census: its privacy ledger "
-                             f"already holds {ledger.steps} step(s) (a census is answered once, "
-                             "before any training)")
-        check_census_budget(cfg)  # the node's own check: its ledger is empty, so this is all
-        ledger.history.append(census_entry(noise))
-        t.store_ledger(context, ledger, None)
-    counts = noisy_label_counts(train["label"], load_corpus(cfg.data, cfg.seed).num_labels, noise)
+    ledger = _count_census(cfg, context, partition_id, spans_runs=spans_runs)
+    counts = noisy_label_counts(train["label"], load_corpus(cfg.data, cfg.seed).num_labels,
+                                cfg.privacy.census_noise)
     metrics = MetricRecord({contract.PARTITION_ID: partition_id,
                             contract.EPSILON: ledger.epsilon(cfg.privacy.delta)
                             if cfg.privacy.is_private else math.inf})
     return Message(RecordDict({CENSUS_RECORD: ConfigRecord({NOISY_COUNTS: counts.tolist()}),
                                contract.METRICS: metrics}), reply_to=msg)
+
+
+def _count_census(cfg: AppConfig, context: Context, partition_id: int, *,
+                  spans_runs: bool) -> PrivacyLedger:
+    """Check that this node may answer this run's census, and enter it in the ledger.
+
+    One census per run (``context.run_id``), before the run trains; every census of every run
+    stays in the ledger. A run without DP releases exact counts: a ledger spanning runs counts
+    them as σ = 0 (ε = inf), and a node with ``max-epsilon`` refuses them.
+    """
+    ledger, sigma = t.load_ledger(context, cfg.privacy.accountant)
+    where, max_epsilon = f"partition {partition_id}", node_max_epsilon(context)
+    if not cfg.privacy.is_private:
+        if max_epsilon is not None:
+            raise ValueError(f"{where} refuses the census: the run has privacy.epsilon=inf (exact "
+                             f"counts) and this node's node config caps ε at {max_epsilon:g}")
+        if spans_runs:
+            ledger.history.append(census_entry(0.0))
+            t.store_ledger(context, ledger, None)
+        return ledger
+    check_census_budget(cfg)
+    if sigma is not None or t.census_answered(context):
+        done = "a census" if t.census_answered(context) else "training steps"
+        raise ValueError(f"{where} refuses the census: its privacy ledger already holds {done} of "
+                         f"this run (run {context.run_id}); a node answers one census per run, "
+                         "before the run trains")
+    check_census_fits(cfg, ledger, max_epsilon=max_epsilon, where=where)
+    ledger.history.append(census_entry(cfg.privacy.census_noise))
+    t.store_ledger(context, ledger, None)
+    t.mark_census_answered(context)
+    return ledger

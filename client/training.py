@@ -41,7 +41,9 @@ from privacy.grouped_clipping import ClipGroup, head_and_adapter_groups
 from privacy.policy import RoundPrivacy
 
 LEDGER_RECORD = "privacy-ledger"  # Context.state ConfigRecord holding the accountant history
-NOISE_KEY = "noise-multiplier"
+NOISE_KEY = "noise-multiplier"  # σ, of the run NOISE_RUN_KEY names
+NOISE_RUN_KEY = "noise-run-id"  # the Flower run id σ was calibrated in: σ is per run
+CENSUS_RUN_KEY = "census-run-id"  # the run id of the last census this node answered
 
 
 @dataclass(frozen=True)
@@ -136,24 +138,43 @@ def parse_factors(config: ConfigRecord) -> tuple[Factor, ...]:
 
 
 def load_ledger(context: Context, accountant: str) -> tuple[PrivacyLedger, float | None]:
-    """The node's privacy ledger kept in ``Context.state`` across rounds, and its run's σ.
+    """The node's privacy ledger kept in ``Context.state`` across rounds, and this run's σ.
 
-    σ is None before the node's first trained round (:func:`privacy.policy.plan_round`
-    calibrates it then; :func:`store_ledger` keeps it beside the ledger); the ledger may then
-    already hold a census (:mod:`privacy.census`).
+    σ is None before the node's first trained round of this run (``context.run_id``):
+    :func:`privacy.policy.plan_round` calibrates it then, after whatever the ledger already
+    holds (a census, or earlier runs when the ledger spans runs), and :func:`store_ledger`
+    keeps it beside the ledger with the run's id. A σ of another run is never reused.
     """
     record = context.state.config_records.get(LEDGER_RECORD)
     if record is None:
         return PrivacyLedger.from_dict(accountant, {}), None
-    sigma = float(record[NOISE_KEY]) if NOISE_KEY in record else None
+    this_run = record.get(NOISE_RUN_KEY) == str(context.run_id)
+    sigma = float(record[NOISE_KEY]) if this_run and NOISE_KEY in record else None
     return PrivacyLedger.from_dict(accountant, dict(record)), sigma
 
 
 def store_ledger(context: Context, ledger: PrivacyLedger, noise_multiplier: float | None) -> None:
-    """Persist the ledger (and σ; None before the first trained round) in ``Context.state``."""
-    if ledger.history:
-        sigma = {} if noise_multiplier is None else {NOISE_KEY: noise_multiplier}
-        context.state.config_records[LEDGER_RECORD] = ConfigRecord({**ledger.to_dict(), **sigma})
+    """Keep the ledger and this run's σ (None: not calibrated yet) in ``Context.state``."""
+    if not ledger.history:
+        return
+    old = context.state.config_records.get(LEDGER_RECORD, ConfigRecord())
+    record = ConfigRecord(ledger.to_dict())
+    if noise_multiplier is not None:
+        record[NOISE_KEY], record[NOISE_RUN_KEY] = noise_multiplier, str(context.run_id)
+    if CENSUS_RUN_KEY in old:
+        record[CENSUS_RUN_KEY] = old[CENSUS_RUN_KEY]
+    context.state.config_records[LEDGER_RECORD] = record
+
+
+def census_answered(context: Context) -> bool:
+    """Whether this node has answered the census of this run (``context.run_id``)."""
+    record = context.state.config_records.get(LEDGER_RECORD)
+    return record is not None and record.get(CENSUS_RUN_KEY) == str(context.run_id)
+
+
+def mark_census_answered(context: Context) -> None:
+    """Note in ``Context.state`` that this run's census is answered (after :func:`store_ledger`)."""
+    context.state.config_records[LEDGER_RECORD][CENSUS_RUN_KEY] = str(context.run_id)
 
 
 def privatize(cfg: AppConfig, model: PeftModel, layout: AdapterLayout,

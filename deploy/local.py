@@ -13,8 +13,16 @@
 
 Everything goes under ``--run-dir``: ``logs/<name>.log``, ``pids/<name>.pid``, one
 ``FLWR_HOME`` per process (``superlink/``, ``supernode-<i>/``, ``cli/``), ``certs/`` and
-``results/`` (the run's ``output.dir``). ``--insecure`` runs the same without TLS and auth.
-``--keep-running`` leaves the deployment up; ``--stop`` stops one by its PID files.
+``results/`` (the run's ``output.dir``). Each SuperNode keeps its privacy ledger in its own
+``FLWR_HOME`` (``supernode-<i>/privacy-ledger.json``, :mod:`client.ledger`), so that its ε
+counts every run it serves; ``--per-run-budget`` opts every node out (ε restarts each run).
+``--insecure`` runs the same without TLS and auth. ``--keep-running`` leaves the deployment up;
+``--stop`` stops one by its PID files.
+
+Started again on the same ``--run-dir``, it reuses the certificates, the SuperLink's database
+and the keys registered in it (a key already registered is left as it is), and the SuperNodes'
+ledgers. It refuses up front (exit 2, the reason last) when the folder holds a deployment that
+is still running or certificates that do not fit together.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flwr.supercore.error import ApiErrorCode
+
 from common.run_config import run_config_args
 from deploy import certificates as certs_mod
 from deploy.processes import (
@@ -43,11 +53,16 @@ from deploy.processes import (
     tee,
     wait_for_port,
 )
+from deploy.reuse import reuse_refusal
 from server.preflight import refusal
 
 CONNECTION = "deploy"  # SuperLink connection name in the CLI's config.toml: `flwr run . deploy`
 ROOT = Path(__file__).resolve().parent.parent
-PRIVACY_STATE_FILE = "privacy-state.json"
+# client.ledger.PER_RUN_BUDGET_KEY, spelled out so that this launcher does not import torch before
+# its checks (tests/test_deployment.py checks that they agree)
+PER_RUN_BUDGET_KEY = "privacy-per-run-budget"
+# what the SuperLink answers `flwr supernode register` for a key its database already holds
+KEY_IN_USE = f"[code: {ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE.value}]"
 
 
 @dataclass
@@ -113,14 +128,21 @@ class LocalDeployment:
         return subprocess.run(["flwr", *args], env=flower_env(self.run_dir / "cli"),
                               capture_output=True, text=True, timeout=timeout, check=False)
 
-    def register(self, public_key: Path) -> int:
-        """``flwr supernode register <key> deploy``; return the new node ID."""
+    def register(self, public_key: Path) -> int | None:
+        """``flwr supernode register <key> deploy``: the new node ID, or None if already there.
+
+        A deployment started again on its run dir finds its keys in the SuperLink's database;
+        the SuperLink answers Flower's error ``PUBLIC_KEY_ALREADY_IN_USE`` and the key stays
+        registered as it was. Any other failure raises RuntimeError with the CLI's output.
+        """
         done = self.flwr("supernode", "register", str(public_key), CONNECTION, "--format", "json")
-        try:
-            return int(json.loads(done.stdout)["node-id"])
-        except (ValueError, KeyError) as exc:
-            raise RuntimeError(f"registering {public_key} failed:\n{done.stdout}{done.stderr}"
-                               ) from exc
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            answer = json.loads(done.stdout)
+            if answer.get("success"):
+                return int(answer["node-id"])
+            if KEY_IN_USE in str(answer.get("error-message", "")):
+                return None
+        raise RuntimeError(f"registering {public_key} failed:\n{done.stdout}{done.stderr}")
 
     def online_nodes(self) -> int:
         """Number of SuperNodes the SuperLink sees online."""
@@ -215,18 +237,19 @@ def local_deployment(run_dir: Path, certs: Path | None = None) -> Iterator[Local
         deployment.stop()
 
 
-def start_supernodes(deployment: LocalDeployment, count: int, *, privacy_state: bool = False,
+def start_supernodes(deployment: LocalDeployment, count: int, *, per_run_budget: bool = False,
                      wait: bool = True) -> list[str]:
     """Register (when auth is on) and start ``count`` SuperNodes, partition i of ``count``.
 
-    ``wait``: block until all are online. Returns their process names.
+    Each keeps its privacy ledger in its own FLWR_HOME (``<run dir>/supernode-<i>``);
+    ``per_run_budget`` gives every node ``privacy-per-run-budget=true`` instead (its ε starts
+    again from 0 in every run). ``wait``: block until all are online. Returns their names.
     """
     names = [f"supernode-{i}" for i in range(count)]
     for i, name in enumerate(names):
         node_config = f"partition-id={i} num-partitions={count}"
-        if privacy_state:
-            state = deployment.run_dir / name / PRIVACY_STATE_FILE
-            node_config += f' privacy-state-file="{state}"'
+        if per_run_budget:
+            node_config += f" {PER_RUN_BUDGET_KEY}=true"
         key = None
         if deployment.certs is not None:
             key, public = certs_mod.supernode_key_paths(deployment.certs, i)
@@ -237,8 +260,8 @@ def start_supernodes(deployment: LocalDeployment, count: int, *, privacy_state: 
     return names
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point: 0 completed, 2 refused before starting, else the run failed."""
+def _parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m deploy.local``."""
     parser = argparse.ArgumentParser(prog="python -m deploy.local", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=ROOT / "results" / "deploy-local",
@@ -250,14 +273,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode auth")
     parser.add_argument("--run-config", action="append", default=[],
                         help="'k1=v1 k2=v2' overrides passed to flwr run; may be repeated")
-    parser.add_argument("--privacy-state", action="store_true",
-                        help="give every SuperNode a privacy-state-file in its folder")
+    parser.add_argument("--per-run-budget", action="store_true",
+                        help="every SuperNode keeps its privacy ledger for one run only: its ε "
+                             "starts again from 0 in every run (default: a ledger in each "
+                             "SuperNode's FLWR_HOME counts every run)")
     parser.add_argument("--app", type=Path, default=ROOT, help="the Flower app to run")
     parser.add_argument("--timeout", type=float, default=None, help="seconds for flwr run")
     parser.add_argument("--keep-running", action="store_true",
                         help="start everything, skip flwr run, leave it up (stop with --stop)")
     parser.add_argument("--stop", action="store_true",
                         help="stop the deployment in RUN_DIR by its PID files, then exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point: 0 completed, 2 refused before starting, else the run failed."""
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.stop:
         print("stopped:", ", ".join(stop_from_pid_files(args.run_dir)) or "nothing")
@@ -275,11 +306,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         certs = args.certs or args.run_dir / "certs"
         if args.certs is None and not (certs / certs_mod.CA_CERT).exists():
             certs_mod.write_all(certs, sans=certs_mod.DEFAULT_SANS, supernodes=args.supernodes)
+    if why := reuse_refusal(args.run_dir.resolve(), certs, args.supernodes):
+        print(why, file=sys.stderr)
+        return 2
+    if args.per_run_budget:
+        print(f"WARNING: --per-run-budget: every SuperNode gets {PER_RUN_BUDGET_KEY}=true, so "
+              "its ε starts again from 0 in every run and after every restart, on the same data",
+              file=sys.stderr)
     deployment = LocalDeployment(args.run_dir, certs)
     with sigterm_raises_exit():  # a `kill` of this launcher still stops what it started
         try:
             deployment.start_superlink()
-            start_supernodes(deployment, args.supernodes, privacy_state=args.privacy_state)
+            start_supernodes(deployment, args.supernodes, per_run_budget=args.per_run_budget)
             if args.keep_running:
                 print(f"SuperLink {deployment.address} and {args.supernodes} SuperNodes running; "
                       f"FLWR_HOME={deployment.run_dir / 'cli'} flwr run . {CONNECTION}; stop with: "

@@ -60,34 +60,52 @@ def sigterm_raises_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def stop_process_trees(pids: Iterable[int], timeout: float = 20.0) -> None:
-    """SIGTERM processes and all their descendants, then SIGKILL what is left.
-
-    SuperExec and the apps start their own sessions, so a process group does not cover them.
-    """
+def process_trees(pids: Iterable[int]) -> list[psutil.Process]:
+    """The processes ``pids`` (those still there) and all their descendants."""
     procs: list[psutil.Process] = []
     for pid in pids:
         with contextlib.suppress(psutil.NoSuchProcess):
             root = psutil.Process(pid)
             procs += [root, *root.children(recursive=True)]
+    return procs
+
+
+def stop_process_trees(pids: Iterable[int], timeout: float = 20.0,
+                       sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` (SIGTERM) to processes and all their descendants, then SIGKILL what is left.
+
+    SuperExec and the apps start their own sessions, so a process group does not cover them.
+    """
+    procs = process_trees(pids)
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+            proc.send_signal(sig)
+    _, alive = psutil.wait_procs(procs, timeout=timeout if sig != signal.SIGKILL else 5)
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
     psutil.wait_procs(alive, timeout=5)
 
 
+def live_pid_files(run_dir: Path) -> dict[str, int]:
+    """The processes of ``run_dir/pids`` that still run (Flower's only), by name: their PIDs.
+
+    A PID file whose process is gone, or whose PID now belongs to something other than a
+    ``flower-`` command (a reused PID), names no live process.
+    """
+    live: dict[str, int] = {}
+    for pid_file in sorted((run_dir / "pids").glob("*.pid")):
+        with contextlib.suppress(OSError, ValueError, IndexError, psutil.Error):
+            pid = int(pid_file.read_text().split()[0])
+            if any("flower-" in part for part in psutil.Process(pid).cmdline()):
+                live[pid_file.stem] = pid
+    return live
+
+
 def stop_from_pid_files(run_dir: Path) -> list[str]:
     """Stop the processes named in ``run_dir/pids`` (Flower processes only); return names."""
-    stopped: dict[str, int] = {}
+    stopped = live_pid_files(run_dir)
     for pid_file in (run_dir / "pids").glob("*.pid"):
-        pid = int(pid_file.read_text().split()[0])
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if any("flower-" in part for part in psutil.Process(pid).cmdline()):
-                stopped[pid_file.stem] = pid  # not a PID reused by something else
         pid_file.unlink()
     stop_process_trees(pid for name, pid in stopped.items() if name != "superlink")
     stop_process_trees(pid for name, pid in stopped.items() if name == "superlink")

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,16 +151,18 @@ class PrivacyLedger:
                    data.get("steps", []), strict=True)
         return cls(accountant, [(float(s), float(q), int(n)) for s, q, n in rows])
 
-    def save(self, path: str | os.PathLike, *, noise_multiplier: float | None) -> None:
+    def save(self, path: str | os.PathLike, *, noise_multiplier: float | None,
+             extra: Mapping[str, str] | None = None) -> None:
         """Write the history and the run's σ (None before calibration) to ``path``, atomically.
 
+        ``extra``: more top-level fields (e.g. the run σ belongs to), ignored by :meth:`load`.
         A temporary file in the same folder is fsync'ed, then renamed over ``path``
         (``os.replace``), so a crash leaves either the old or the new ledger, never a torn one.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         sigma = None if noise_multiplier is None else float(noise_multiplier)
-        payload = {"accountant": self.accountant, "noise-multiplier": sigma,
+        payload = {"accountant": self.accountant, "noise-multiplier": sigma, **(extra or {}),
                    "history": [{"noise-multiplier": float(s), "sample-rate": float(q),
                                 "steps": int(n)} for s, q, n in self.history]}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

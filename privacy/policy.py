@@ -11,7 +11,14 @@ For a client with n training examples, expected batch b, local steps K per round
   the ledger already holds when σ is calibrated (a DP label census, :mod:`privacy.census`) is
   composed in: ε_acc(ledger + (σ, q, T)) ≤ ε;
 - a round is refused when the ledger's ε after its K more steps would exceed ε
-  (:meth:`RoundPrivacy.exhausted`): a node never goes past its budget.
+  (:meth:`RoundPrivacy.exhausted`): a node never goes past its budget;
+- a ledger that spans runs (a SuperNode's ledger file) holds the steps of earlier
+  runs: σ is calibrated per run after all of them, and a run that finds the ledger within
+  :data:`SPENT_TOLERANCE` of the budget is refused before it calibrates (that is where a run
+  calibrated for the whole budget ends);
+- the budget is ε = min(``privacy.epsilon``, the node's own ``max-epsilon``): the run config,
+  which the server's operator chooses, can lower what a node spends but never raise it past
+  the node's cap (a run without noise, ε = inf, is refused by a node with a cap).
 
 Client subsampling by the server is not counted as amplification: the server is untrusted.
 """
@@ -21,8 +28,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from common.config import AppConfig, ConfigError
+from common.config import AppConfig, ConfigError, PrivacyConfig
 from privacy.accounting import PrivacyLedger, calibrate_noise
+from privacy.census import census_entry
+
+# Opacus' calibration tolerance: a σ calibrated for ε spends between ε − 0.01 and ε. A ledger
+# already that close to the budget has nothing left that a new run could be calibrated for.
+SPENT_TOLERANCE = 0.01
 
 
 def check_delta(delta: float, num_examples: int, where: str) -> None:
@@ -57,25 +69,58 @@ class RoundPrivacy:
     exhausted: bool  # True: those steps would exceed the budget; the node must not train
 
 
+def node_budget(privacy: PrivacyConfig, max_epsilon: float | None) -> float:
+    """The ε a node may reach: ``privacy.epsilon``, capped by the node's own ``max-epsilon``."""
+    return privacy.epsilon if max_epsilon is None else min(privacy.epsilon, max_epsilon)
+
+
 def plan_round(cfg: AppConfig, ledger: PrivacyLedger, *, num_examples: int,
-               noise_multiplier: float | None, where: str) -> RoundPrivacy:
+               noise_multiplier: float | None, where: str,
+               max_epsilon: float | None = None) -> RoundPrivacy:
     """The next round of a node that holds ``ledger`` and ``num_examples`` training examples.
 
     K = ``train.local-steps``, T = ``strategy.num-rounds`` × K; ``noise_multiplier`` is the
     node's σ from an earlier round of this run (None: calibrate it now, after what ``ledger``
-    already holds). Raise
+    already holds: a census, or the steps of earlier runs). The budget is
+    :func:`node_budget` (``max_epsilon``: the node config's cap, None for none). Raise
     :class:`ConfigError` if δ ≥ 1/n (private runs only; ``where`` names the node). Without
-    noise (ε = inf) nothing is ever exhausted.
+    noise (ε = inf) nothing is ever exhausted, unless the node has a cap. A ledger within
+    :data:`SPENT_TOLERANCE` of the budget before σ is calibrated is exhausted, with σ = inf.
     """
     privacy, steps = cfg.privacy, cfg.train.local_steps
     q = sample_rate(num_examples, cfg.train.batch_size)
-    if not privacy.is_private:
-        return RoundPrivacy(0.0, q, steps, math.inf, exhausted=False)
+    budget = node_budget(privacy, max_epsilon)
+    if not privacy.is_private:  # no noise: only a node with a finite cap refuses
+        return RoundPrivacy(0.0, q, steps, math.inf, exhausted=math.isfinite(budget))
     check_delta(privacy.delta, num_examples, where)
+    if noise_multiplier is None and ledger.history:
+        spent = ledger.epsilon(privacy.delta)
+        if spent > budget - SPENT_TOLERANCE:
+            return RoundPrivacy(math.inf, q, steps, spent, exhausted=True)
     sigma = noise_multiplier if noise_multiplier is not None else calibrate_noise(
-        target_epsilon=privacy.epsilon, target_delta=privacy.delta, sample_rate=q,
+        target_epsilon=budget, target_delta=privacy.delta, sample_rate=q,
         steps=cfg.strategy.num_rounds * steps, accountant=privacy.accountant,
         spent=ledger.history)
     after = ledger.epsilon_after(noise_multiplier=sigma, sample_rate=q, steps=steps,
                                  delta=privacy.delta)
-    return RoundPrivacy(sigma, q, steps, after, exhausted=after > privacy.epsilon)
+    return RoundPrivacy(sigma, q, steps, after, exhausted=after > budget)
+
+
+def check_census_fits(cfg: AppConfig, ledger: PrivacyLedger, *, max_epsilon: float | None,
+                      where: str) -> None:
+    """Refuse (ConfigError) a census that would take ``ledger`` to the budget or past it.
+
+    The census is the Gaussian mechanism (:func:`privacy.census.census_entry`); what the ledger
+    holds already (earlier runs of a node whose ledger spans runs) counts first.
+    """
+    privacy = cfg.privacy
+    budget = node_budget(privacy, max_epsilon)
+    sigma_c, q_c, steps_c = census_entry(privacy.census_noise_multiplier)
+    after = ledger.epsilon_after(noise_multiplier=sigma_c, sample_rate=q_c, steps=steps_c,
+                                 delta=privacy.delta)
+    if not after < budget:
+        raise ConfigError([
+            f"{where} refuses the census: its ledger holds ε = "
+            f"{ledger.epsilon(privacy.delta):.4g} already (earlier runs), and the census "
+            f"(privacy.census-noise-multiplier={privacy.census_noise_multiplier!r}) would take "
+            f"it to {after:.4g}, not below its budget {budget:g}; this node's budget is spent"])
