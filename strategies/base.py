@@ -48,6 +48,7 @@ from strategies.aggregation import (
 )
 from strategies.broadcast import FullBroadcast
 from strategies.metrics import aggregate_train_metrics, reply_bytes
+from strategies.outcome import RoundFailed, all_failed, failure_summary, log_screening
 from strategies.sampling import PartitionSampler, log_late, split_late, wait_for_nodes, with_ttl
 from strategies.validation import (
     DEFAULT_MAX_NORM_RATIO,
@@ -63,10 +64,6 @@ from strategies.validation import (
 )
 
 State = dict[str, torch.Tensor]  # array name -> tensor, as in ``ArrayRecord.to_torch_state_dict``
-
-
-class RoundFailed(RuntimeError):
-    """A round cannot train: every sampled client failed, or too few replies were valid."""
 
 
 class LoraStrategy(FedAvg):
@@ -245,9 +242,9 @@ class LoraStrategy(FedAvg):
         log_late(f"round {server_round}", late, self.round_timeout)
         validator = self.validator(self._global, server_round)
         screening = validator.screen(replies)
-        _log_screening(screening)
-        if self.stop_on_failed_round and _all_failed(screening, late):
-            raise RoundFailed(_failure_summary(server_round, screening, late, self.round_timeout))
+        log_screening(screening)
+        if self.stop_on_failed_round and all_failed(screening, late):
+            raise RoundFailed(failure_summary(server_round, screening, late, self.round_timeout))
         counts = {
             schema.BYTES_UP: reply_bytes(m for m in replies if m.has_content()),
             schema.BYTES_DOWN: self._bytes_down,
@@ -370,37 +367,3 @@ def fold_into_base(state: State, module: str, delta: torch.Tensor) -> None:
     previous = state.get(key)
     total = delta.double() if previous is None else previous.double() + delta.double()
     state[key] = total.to(torch.float32)
-
-
-def _all_failed(screening: Screening, late: list[int]) -> bool:
-    """Whether no sampled client answered other than with a Flower error (and some were asked)."""
-    answered = screening.valid or screening.exhausted or screening.num_rejected
-    return not answered and bool(screening.num_failed or late)
-
-
-def _failure_summary(server_round: int, screening: Screening, late: list[int],
-                     round_timeout: float) -> str:
-    """One line: every client of the round failed, and their distinct reasons."""
-    reasons = list(dict.fromkeys(r.reason for r in screening.rejected))
-    if late:
-        reasons.append(f"no reply within strategy.round-timeout={round_timeout:g} s "
-                       f"(node(s) {', '.join(map(str, late))})")
-    shown = "; ".join(reasons[:3]) + (f"; ... ({len(reasons) - 3} more)" if len(reasons) > 3
-                                      else "")
-    return (f"round {server_round}: all {len(screening.rejected) + len(late)} sampled "
-            f"client(s) failed, so nothing can be trained: {shown}")
-
-
-
-def _log_screening(screening: Screening) -> None:
-    """One WARNING per rejected reply and per suspect kept; one INFO line for spent budgets."""
-    for rejection in screening.rejected:
-        log(WARNING, "aggregate_train: rejected the reply of node %d: %s",
-            rejection.node_id, rejection.reason)
-    for suspect in screening.suspects_kept:
-        log(WARNING, "aggregate_train: kept the reply of node %d with its influence bounded "
-            "(strategy.num-malicious replies already rejected): %s", suspect.node_id,
-            suspect.reason)
-    if screening.exhausted:
-        log(INFO, "aggregate_train: %d client(s) skipped the round: privacy budget spent",
-            len(screening.exhausted))

@@ -23,7 +23,7 @@ from server.census import CensusFailed, take_census
 from server.resume import CheckpointedRun
 from simulations.launch.superlink import flwr_run
 from strategies import FedSVD
-from strategies.base import RoundFailed
+from strategies.outcome import RoundFailed
 from strategies.sampling import PartitionSampler, wait_for_nodes
 from tests.test_fault_tolerance import RUN_TIMEOUT, app_with_client_app, faulty_run_config
 
