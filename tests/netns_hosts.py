@@ -6,11 +6,11 @@ over a link of its own that delays every frame and drops some (:class:`LinkEmula
 
 - with ``sch_netem`` in the kernel, a veth pair ``eth0`` ⇄ ``p<i>`` with ``netem`` on both ends;
 - without it, a *wire*: two veth pairs ``eth0`` ⇄ ``n<i>`` and ``s<i>`` ⇄ ``p<i>`` and, in a
-  namespace of its own, a process (:class:`Wire`) that copies Ethernet frames between
-  ``n<i>`` and ``s<i>`` with ``AF_PACKET`` raw sockets, holding each one ``delay`` seconds and
-  dropping it with probability ``loss``. The endpoints send finished frames (checksums and
-  segmentation in software, see :func:`_plain_frames`), so the copies are valid as they are
-  and a dropped frame is one packet.
+  namespace of its own, a process (:class:`tests.netns_wire.Wire`) that copies Ethernet
+  frames between ``n<i>`` and ``s<i>`` with ``AF_PACKET`` raw sockets, holding each one
+  ``delay`` seconds and dropping it with probability ``loss``. The endpoints send finished
+  frames (checksums and segmentation in software, see :func:`_plain_frames`), so the copies
+  are valid as they are and a dropped frame is one packet.
 
 :meth:`Network.cut` sets one link's loss to 100 % (and back) while everything runs. Processes
 started with :meth:`Network.popen` run inside a namespace and are stopped, with their
@@ -18,7 +18,7 @@ descendants and anything else left in the namespaces, by :meth:`Network.down`, w
 deletes the namespaces (their veths go with them). Namespace names carry this process' PID;
 :func:`remove_stale` deletes those of dead test processes.
 
-``python tests/netns_hosts.py wire CONFIG_JSON`` is the wire process.
+The wire process is ``python tests/netns_wire.py CONFIG_JSON`` (:mod:`tests.netns_wire`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,7 @@ import functools
 import itertools
 import json
 import os
-import random
 import re
-import select
 import shutil
 import signal
 import socket
@@ -54,6 +52,7 @@ import psutil
 from deploy.certificates import CA_CERT, SERVER_CERT, SERVER_KEY
 from deploy.processes import flower_env, stop_process_trees
 
+WIRE_SCRIPT = Path(__file__).resolve().with_name("netns_wire.py")
 PREFIX = "fsvdnet"  # every namespace of ours is PREFIX-<pid of the test process>-<n>-<role>
 SUBNET = "10.77.0"
 SUPERLINK_IP = f"{SUBNET}.1"
@@ -251,8 +250,8 @@ class Network:
                   "stats": str(self.workdir / "wire-stats.json")}
         Path(config["control"]).write_text(json.dumps({"generation": 0, "cut": []}))
         with (self.workdir / "wire.log").open("w") as log:
-            self.wire = self.popen(self.wire_ns, [sys.executable, str(Path(__file__).resolve()),
-                                                  "wire", json.dumps(config)],
+            self.wire = self.popen(self.wire_ns, [sys.executable, str(WIRE_SCRIPT),
+                                                  json.dumps(config)],
                                    stdout=log, stderr=subprocess.STDOUT)
         self._wait_wire_generation(0)
 
@@ -519,86 +518,3 @@ def _port_open(host: str, port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
         return True
     return False
-
-
-# --- the wire process -----------------------------------------------------------------------
-
-class Wire:
-    """Copy frames between the two interfaces of each link, ``delay`` late, dropping ``loss``.
-
-    The control file, JSON ``{"generation": g, "cut": [link indices]}``, is read when it
-    changes: a cut link drops every frame. The stats file, rewritten every 0.5 s and at once
-    after a control change, says what was forwarded and dropped and which generation applies.
-    """
-
-    def __init__(self, config: dict) -> None:
-        self.delay, self.loss = float(config["delay"]), float(config["loss"])
-        self.control, self.stats_path = Path(config["control"]), Path(config["stats"])
-        self.route: dict[int, tuple[socket.socket, int, socket.socket]] = {}  # fd: in, link, out
-        for index, names in enumerate(config["pairs"]):
-            a, b = (self._open(name) for name in names)
-            self.route[a.fileno()], self.route[b.fileno()] = (a, index, b), (b, index, a)
-        self.queue: collections.deque[tuple[float, socket.socket, bytes]] = collections.deque()
-        self.stats = {"forwarded": 0, "dropped": 0, "cut-dropped": 0, "send-errors": 0,
-                      "generation": -1}
-        self.cut: set[int] = set()
-        self.seen_control: int | None = None
-        self.stats_written = 0.0
-
-    @staticmethod
-    def _open(ifname: str) -> socket.socket:
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))  # ETH_P_ALL
-        sock.bind((ifname, 0))
-        sock.setblocking(False)
-        return sock
-
-    def run(self, stop: threading.Event) -> None:
-        """Forward until ``stop`` is set or the parent process (the test) is gone."""
-        parent = os.getppid()
-        while not stop.is_set() and os.getppid() == parent:
-            now = time.monotonic()
-            while self.queue and self.queue[0][0] <= now:  # one delay: the queue stays sorted
-                _, out, frame = self.queue.popleft()
-                try:
-                    out.send(frame)
-                    self.stats["forwarded"] += 1
-                except OSError:
-                    self.stats["send-errors"] += 1
-            self._read_control()
-            if now - self.stats_written >= 0.5:
-                tmp = self.stats_path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(self.stats))
-                tmp.replace(self.stats_path)
-                self.stats_written = now
-            wait = min(self.queue[0][0] - now, 0.05) if self.queue else 0.05
-            for fd in select.select(list(self.route), [], [], max(wait, 0.0))[0]:
-                self._receive(*self.route[fd])
-
-    def _read_control(self) -> None:
-        stamp = self.control.stat().st_mtime_ns
-        if stamp != self.seen_control:
-            with contextlib.suppress(ValueError, OSError):  # mid-replace: read it next time
-                state = json.loads(self.control.read_text())
-                self.cut, self.seen_control = set(state["cut"]), stamp
-                self.stats["generation"], self.stats_written = state["generation"], 0.0
-
-    def _receive(self, sock: socket.socket, link: int, out: socket.socket) -> None:
-        for _ in range(256):  # what is there now, boundedly
-            try:
-                frame, address = sock.recvfrom(65536)
-            except BlockingIOError:
-                return
-            if address[2] == socket.PACKET_OUTGOING:  # our own copy of a frame we sent
-                continue
-            if link in self.cut:
-                self.stats["cut-dropped"] += 1
-            elif random.random() < self.loss:
-                self.stats["dropped"] += 1
-            else:
-                self.queue.append((time.monotonic() + self.delay, out, frame))
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["wire"]:
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    Wire(json.loads(sys.argv[2])).run(stopped)
