@@ -49,7 +49,14 @@ from strategies.aggregation import (
 from strategies.broadcast import FullBroadcast
 from strategies.metrics import aggregate_train_metrics, reply_bytes
 from strategies.outcome import RoundFailed, all_failed, failure_summary, log_screening
-from strategies.sampling import PartitionSampler, log_late, split_late, wait_for_nodes, with_ttl
+from strategies.sampling import (
+    PartitionSampler,
+    asked_nodes,
+    log_late,
+    split_late,
+    wait_for_nodes,
+    with_ttl,
+)
 from strategies.validation import (
     DEFAULT_MAX_NORM_RATIO,
     DEFAULT_MAX_NUM_EXAMPLES,
@@ -241,7 +248,7 @@ class LoraStrategy(FedAvg):
         late, replies = split_late(self._sent, replies)
         log_late(f"round {server_round}", late, self.round_timeout)
         validator = self.validator(self._global, server_round)
-        screening = validator.screen(replies)
+        screening = validator.screen(replies, asked=asked_nodes(self._sent))
         log_screening(screening)
         if self.stop_on_failed_round and all_failed(screening, late):
             raise RoundFailed(failure_summary(server_round, screening, late, self.round_timeout))

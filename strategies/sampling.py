@@ -77,6 +77,11 @@ def with_ttl(messages: list[Message], ttl: float) -> list[Message]:
     return messages
 
 
+def asked_nodes(sent: list[Message]) -> dict[str, int]:
+    """The node each of ``sent`` went to, by message id (messages pushed through a grid)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+
+
 def split_late(sent: list[Message], replies: list[Message]) -> tuple[list[int], list[Message]]:
     """(the node ids of ``sent`` without an answer in ``replies``, the answers).
 
@@ -84,8 +89,7 @@ def split_late(sent: list[Message], replies: list[Message]) -> tuple[list[int], 
     (a message never pushed through a grid), the node it comes from. The SuperLink's error
     reply for an expired instruction is no answer: it is left out of the answers.
     """
-    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent
-               if m.metadata.message_id}
+    node_of = asked_nodes(sent)
     answers, answered = [], set()
     for reply in replies:
         asked = node_of.get(reply.metadata.reply_to_message_id)

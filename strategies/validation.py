@@ -158,8 +158,15 @@ class ReplyValidator:
         """The number of values of each expected array."""
         return {key: math.prod(spec.shape) for key, spec in self.expected.items()}
 
-    def screen(self, replies: Iterable[Message]) -> Screening:
-        """Sort ``replies`` into valid, exhausted and rejected; never raises."""
+    def screen(self, replies: Iterable[Message],
+               asked: Mapping[str, int] | None = None) -> Screening:
+        """Sort ``replies`` into valid, exhausted and rejected; never raises.
+
+        ``asked``: the node each instruction of the round went to, by message id; a rejection
+        names the node a reply answers for (the SuperLink's own error replies, for a node that
+        went offline or whose instruction expired, come from another node id).
+        """
+        asked = asked or {}
         out = Screening()
         updates: list[dict[str, np.ndarray]] = []
         for msg in replies:
@@ -170,14 +177,14 @@ class ReplyValidator:
                 updates.append(self._check_trained(msg))
                 out.valid.append(msg)
             except Exception as exc:  # a reply, however broken, must never stop the round
-                out.rejected.append(_rejection(msg, exc))
+                out.rejected.append(_rejection(msg, exc, asked))
         verdicts = UpdateScreens(
             sizes=self.sizes, sent=self.sent, max_norm_ratio=self.max_norm_ratio,
             min_update_cosine=self.min_update_cosine,
             num_malicious=self.num_malicious).judge(updates)
-        out.suspects_kept = [_rejection(out.valid[i], InvalidReply(why))
+        out.suspects_kept = [_rejection(out.valid[i], InvalidReply(why), asked)
                              for i, why in verdicts.suspects_kept.items()]
-        out.rejected += [_rejection(out.valid[i], InvalidReply(why))
+        out.rejected += [_rejection(out.valid[i], InvalidReply(why), asked)
                          for i, why in sorted(verdicts.rejected.items())]
         out.valid = [m for i, m in enumerate(out.valid) if i not in verdicts.rejected]
         return out
@@ -284,17 +291,18 @@ class _FailedReply(InvalidReply):
     """A Flower error reply: the node dropped out, timed out or its ClientApp raised."""
 
 
-def _rejection(msg: Message, exc: Exception) -> Rejection:
+def _rejection(msg: Message, exc: Exception, asked: Mapping[str, int]) -> Rejection:
     if isinstance(exc, InvalidReply):
         reason = str(exc)
     else:
         reason = f"malformed reply ({type(exc).__name__}: {exc})"
-    return Rejection(_node_id(msg), reason, failed=isinstance(exc, _FailedReply))
+    return Rejection(_node_id(msg, asked), reason, failed=isinstance(exc, _FailedReply))
 
 
-def _node_id(msg: Message) -> int:
+def _node_id(msg: Message, asked: Mapping[str, int]) -> int:
+    """The node ``msg`` answers for: the one its instruction went to, else its sender."""
     try:
-        return int(msg.metadata.src_node_id)
+        return int(asked.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
     except Exception:  # a broken message still gets its rejection line
         return UNKNOWN_NODE
 

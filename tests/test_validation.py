@@ -562,3 +562,16 @@ def test_the_norm_ratio_of_two_noise_vectors_follows_the_f_distribution_the_bar_
     passed = np.mean(np.linalg.norm(x, axis=1) > 10 * np.linalg.norm(y, axis=1))
     expected = stats.f.sf(100, 3, 3)  # 0.00167
     assert abs(passed - expected) < 4 * math.sqrt(expected / 1_000_000)
+
+
+def test_a_rejection_names_the_node_the_instruction_went_to():
+    """The SuperLink's own error reply (node offline, instruction expired) comes from another
+    node id; the rejection names the node that was asked."""
+    instruction = _instruction(7)
+    instruction.metadata.__dict__["_message_id"] = "instruction-to-7"  # a grid sets it on push
+    reply = Message(Error(code=3, reason="Node unavailable"), reply_to=instruction)
+    reply.metadata.__dict__["_src_node_id"] = 1  # as the SuperLink sends it
+    validator = _strategy().validator(_strategy()._global, 1)
+    assert [r.node_id for r in validator.screen([reply]).rejected] == [1]
+    [rejection] = validator.screen([reply], asked={"instruction-to-7": 7}).rejected
+    assert rejection.node_id == 7 and rejection.failed
