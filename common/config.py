@@ -37,6 +37,9 @@ CLIENT_SAMPLINGS = ("seeded", "random")  # strategies.sampling
 # A round with fewer valid replies than strategy.min-train-nodes (strategies.base): "skip" keeps
 # the global adapter and goes on, "fail" stops the run.
 SHORT_ROUNDS = ("skip", "fail")
+# strategy.server-optimizer: plain averaging, or Flower's FedAvgM, FedAdam, FedYogi rules
+# (strategies.server_optimizer)
+SERVER_OPTIMIZERS = ("none", "avgm", "adam", "yogi")
 # How the valid replies of a round are combined (strategies.aggregation): the weighted mean, or
 # a robust aggregator of Flower's (flwr.serverapp.strategy) over the same replies.
 AGGREGATIONS = ("mean", "trimmed-mean", "median", "krum", "multi-krum")
@@ -116,6 +119,15 @@ class StrategyConfig:
     # "changes": send each node only the arrays changed since the state it holds, a LoRA A that
     # only turned as its r × r maps (strategies.broadcast); "full": the whole state every round
     broadcast: str = "changes"
+    # How the round's weighted mean x̄ moves the global state x (strategies.server_optimizer):
+    # "none": x ← x̄; "avgm", "adam", "yogi": x ← x + step(x̄ − x), the step of Flower's FedAvgM,
+    # FedAdam, FedYogi with η = server-learning-rate, β₁ = server-momentum, β₂ = server-beta2
+    # and τ = server-tau. It uses only the aggregate: no privacy cost.
+    server_optimizer: str = "none"
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
 
     @property
     def svd_form(self) -> bool:
@@ -168,6 +180,20 @@ class StrategyConfig:
                "must be >= 0")
         _check(p, self.broadcast in BROADCASTS, "strategy.broadcast", self.broadcast,
                f"one of {BROADCASTS}")
+        _check(p, self.server_optimizer in SERVER_OPTIMIZERS, "strategy.server-optimizer",
+               self.server_optimizer, f"one of {SERVER_OPTIMIZERS}")
+        _check(p, math.isfinite(self.server_learning_rate) and self.server_learning_rate > 0,
+               "strategy.server-learning-rate", self.server_learning_rate,
+               "must be a finite number > 0 (η of the server optimizer)")
+        _check(p, 0 <= self.server_momentum < 1, "strategy.server-momentum",
+               self.server_momentum, "must be in [0, 1)")
+        _check(p, 0 <= self.server_beta2 < 1, "strategy.server-beta2", self.server_beta2,
+               "must be in [0, 1)")
+        _check(p, math.isfinite(self.server_tau) and self.server_tau > 0, "strategy.server-tau",
+               self.server_tau, "must be a finite number > 0")
+        _check(p, self.server_optimizer == "none" or not self.svd_form,
+               "strategy.server-optimizer", self.server_optimizer,
+               "merge-sv trains σ alone and supports only 'none'")
         _check(p, self.sv_rounds >= 0, "strategy.sv-rounds", self.sv_rounds,
                "must be >= 0 (0: merge-sv trains σ every round)")
         _check(p, bool(self.merged_adapter) == self.svd_form, "strategy.merged-adapter",

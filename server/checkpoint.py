@@ -7,10 +7,13 @@ the flat run config, the metrics rows so far and the random-number states of the
 process: Python's ``random`` (Flower's ``FedAvg`` samples clients with it), numpy's and
 torch's.
 
-The strategies keep nothing else across rounds: everything a method decides per round (FedSVD's
-``svd-period``, FLoRA's seed of the fresh A, RoLoRA's parity) is a function of the round
-number, which :class:`server.resume.ResumedRun` restores; FLoRA's and FedEx-LoRA's ΔW is one of
-the arrays. A strategy that gains state across rounds must add it here.
+The server optimizer's moments (``strategy.server-optimizer``,
+:mod:`strategies.server_optimizer`) are tensors of the same file, named
+``server-optimizer/<m|v>/<array>``. The strategies keep nothing else across rounds: everything
+a method decides per round (FedSVD's ``svd-period``, FLoRA's seed of the fresh A, RoLoRA's
+parity) is a function of the round number, which :class:`server.resume.ResumedRun` restores;
+FLoRA's and FedEx-LoRA's ΔW is one of the arrays. A strategy that gains state across rounds
+must add it here.
 
 The file is written under a temporary name, fsynced and renamed over the previous one
 (``os.replace``), so a crash at any moment leaves the previous checkpoint or the new one, never
@@ -38,6 +41,7 @@ from common.config import AppConfig
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = 1
 METADATA_KEY = "fedsvd-checkpoint"
+OPTIMIZER_PREFIX = "server-optimizer/"
 # Keys a resumed run may change: the flag itself, where the results folder now lives, and how
 # long a round waits for its replies (operational: it decides no number of the method).
 MAY_DIFFER = frozenset({"output.resume", "output.dir", "strategy.round-timeout"})
@@ -55,17 +59,23 @@ class Checkpoint:
     arrays: ArrayRecord
     rows: list[dict[str, Any]]  # GlobalEvaluator.rows: rounds 0..server_round
     rng: dict[str, Any]  # capture_rng()
+    optimizer: dict[str, torch.Tensor]  # ServerOptimizer.state_dict(); empty: none or no moments
 
 
 def save_checkpoint(folder: Path, *, server_round: int, arrays: ArrayRecord, cfg: AppConfig,
-                    rows: list[dict[str, Any]]) -> Path:
-    """Write the state after ``server_round`` to ``folder / CHECKPOINT_FILE``, atomically."""
+                    rows: list[dict[str, Any]],
+                    optimizer: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the state after ``server_round`` to ``folder / CHECKPOINT_FILE``, atomically.
+
+    ``optimizer``: the server optimizer's state (``ServerOptimizer.state_dict()``), if any.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / CHECKPOINT_FILE
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     state = {"format": FORMAT, "round": server_round, "config": cfg.to_dict(), "rows": rows,
              "rng": capture_rng()}
     tensors = {k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()}
+    tensors |= {OPTIMIZER_PREFIX + k: v.contiguous() for k, v in (optimizer or {}).items()}
     save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(state)})
     with tmp.open("rb") as f:
         os.fsync(f.fileno())
@@ -105,9 +115,11 @@ def load_checkpoint(folder: Path, cfg: AppConfig) -> Checkpoint:
             f"{path} was written by a run with a different configuration; a resumed run must "
             "use the same one (only " + ", ".join(sorted(MAY_DIFFER)) + " may change):\n  "
             + "\n  ".join(differences))
+    optimizer = {k.removeprefix(OPTIMIZER_PREFIX): tensors.pop(k) for k in list(tensors)
+                 if k.startswith(OPTIMIZER_PREFIX)}
     return Checkpoint(server_round=int(state["round"]),
                       arrays=ArrayRecord(torch_state_dict=tensors), rows=state["rows"],
-                      rng=state["rng"])
+                      rng=state["rng"], optimizer=optimizer)
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

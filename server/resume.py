@@ -103,9 +103,12 @@ def prepare_run(strategy: Strategy, evaluator: GlobalEvaluator, folder: Path, cf
     ``evaluator`` and its random-number states into this process, last, so that the next round
     samples clients exactly as the crashed run would have.
     """
+    optimizer = getattr(strategy, "server_optimizer", None)  # a LoraStrategy's
+
     def save(server_round: int, arrays: ArrayRecord) -> None:
         save_checkpoint(folder, server_round=server_round, arrays=arrays, cfg=cfg,
-                        rows=evaluator.rows)
+                        rows=evaluator.rows,
+                        optimizer=None if optimizer is None else optimizer.state_dict())
 
     if not cfg.output.resume:  # server.preflight refused a folder that holds results
         return CheckpointedRun(strategy, save=save), initial
@@ -113,5 +116,7 @@ def prepare_run(strategy: Strategy, evaluator: GlobalEvaluator, folder: Path, cf
     evaluator.restore(checkpoint.rows)
     log(INFO, "resuming %s after round %d of %d", folder, checkpoint.server_round,
         cfg.strategy.num_rounds)
+    if optimizer is not None:
+        optimizer.load_state_dict(checkpoint.optimizer)
     restore_rng(checkpoint.rng)
     return CheckpointedRun(strategy, save=save, done=checkpoint.server_round), checkpoint.arrays

@@ -57,6 +57,7 @@ from strategies.sampling import (
     wait_for_nodes,
     with_ttl,
 )
+from strategies.server_optimizer import ServerOptimizer
 from strategies.validation import (
     DEFAULT_MAX_NORM_RATIO,
     DEFAULT_MAX_NUM_EXAMPLES,
@@ -108,10 +109,15 @@ class LoraStrategy(FedAvg):
         state it returns is sent from the CPU.
     broadcast : how the global state reaches the nodes (:mod:`strategies.broadcast`): the whole
         of it (default) or only what changed for each node.
+    server_optimizer : how the weighted means move the global state
+        (:mod:`strategies.server_optimizer`); None: plain averaging (the state is the mean).
     **kwargs : passed to :class:`flwr.serverapp.strategy.FedAvg`.
     """
 
     TRAIN_FACTORS: tuple[Factor, ...] = ("A", "B")  # every round, unless train_factors says else
+    # True: the method folds the exact product update into ΔW (FLoRA, FedEx-LoRA), and the server
+    # optimizer steps there (:meth:`product_step`), not on the averaged A and B
+    PRODUCT_UPDATES = False
 
     def __init__(self, lora_modules: Sequence[str], *, train_head: bool = True,
                  round_timeout: float = StrategyConfig.round_timeout, short_round: str = "skip",
@@ -125,7 +131,7 @@ class LoraStrategy(FedAvg):
                  sampler: PartitionSampler | None = None,
                  training_metrics: RoundTrainingMetrics | None = None,
                  device: torch.device | str = "cpu", broadcast: FullBroadcast | None = None,
-                 **kwargs) -> None:
+                 server_optimizer: ServerOptimizer | None = None, **kwargs) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         kwargs.setdefault("arrayrecord_key", contract.ARRAYS)
         kwargs.setdefault("configrecord_key", contract.CONFIG)
@@ -159,6 +165,7 @@ class LoraStrategy(FedAvg):
         self.training_metrics = training_metrics or RoundTrainingMetrics()
         self.device = torch.device(device)
         self.broadcast = broadcast or FullBroadcast()
+        self.server_optimizer = server_optimizer or ServerOptimizer()
         self._global: ArrayRecord | None = None
         self._bytes_down = 0
         self._sent: list[Message] = []  # this round's train instructions
@@ -191,6 +198,7 @@ class LoraStrategy(FedAvg):
         log(INFO, "\t├──> %s: %d LoRA layers, %s", type(self).__name__, len(self.lora_modules),
             self.describe())
         log(INFO, "\t├──> %s", self.broadcast.describe())
+        log(INFO, "\t├──> %s", self.server_optimizer.describe())
         log(INFO, "\t├──> replies: wait up to %g s, need %d valid (fewer: %s the round), "
             "reject at most %d: updates > %g × the others' median norm, erasing the state, or "
             "at cosine < %g with the median update; weights <= %g × the others' lower median; "
@@ -277,8 +285,9 @@ class LoraStrategy(FedAvg):
             averaged = robust_arrays(self.aggregator, server_round, valid)
             metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         previous = self._on_device(self._global)
-        state = self.broadcast.settle(previous, self.merge(server_round, previous,
-                                                           self._on_device(averaged), valid))
+        averaged = self.server_step(server_round, previous, self._on_device(averaged))
+        state = self.broadcast.settle(previous, self.merge(server_round, previous, averaged,
+                                                           valid))
         metrics = MetricRecord({**(metrics or {}), **counts})
         self.training_metrics.record(server_round, metrics)
         return ArrayRecord(torch_state_dict=state), metrics
@@ -313,6 +322,32 @@ class LoraStrategy(FedAvg):
         late, replies = split_late(self._sent_evaluate, list(replies))
         log_late(f"round {server_round}", late, self.round_timeout)
         return super().aggregate_evaluate(server_round, replies)
+
+    def server_step(self, server_round: int, previous: State, averaged: State) -> State:
+        """The state :meth:`merge` gets: x + step(x̄ − x) per averaged x̄ (x in ``previous``).
+
+        Plain averaging returns ``averaged`` itself. With :attr:`PRODUCT_UPDATES` the LoRA
+        factors are left as averaged (their method steps on ΔW, :meth:`product_step`).
+        """
+        if self.server_optimizer.is_plain_averaging:
+            return averaged
+        keys = [k for k in averaged if contract.is_head_key(k) or not self.PRODUCT_UPDATES]
+        steps = self.server_optimizer.step(
+            server_round, {k: averaged[k].float() - previous[k].float() for k in keys})
+        return {**averaged, **{k: (previous[k].float() + steps[k]).to(averaged[k].dtype)
+                               for k in keys}}
+
+    def product_step(self, server_round: int, module: str, update: torch.Tensor) -> torch.Tensor:
+        """The server optimizer's step for the exact ΔW update (d_out, d_in) of one layer.
+
+        For the methods that fold products into the base weights (:attr:`PRODUCT_UPDATES`):
+        ``update`` = s (Σ_k p_k B_k A_k − B_prev A_prev); plain averaging returns it unchanged.
+        The moments are kept under ``contract.base_key(module)``.
+        """
+        if self.server_optimizer.is_plain_averaging:
+            return update
+        key = contract.base_key(module)
+        return self.server_optimizer.step(server_round, {key: update})[key].to(update.dtype)
 
     def _on_device(self, arrays: ArrayRecord) -> State:
         """``arrays`` as tensors on :attr:`device`, where :meth:`merge` computes."""

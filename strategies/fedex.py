@@ -34,6 +34,7 @@ class FedExLoRA(LoraStrategy):
     """
 
     TRAIN_FACTORS = ("A", "B")
+    PRODUCT_UPDATES = True
 
     def __init__(self, lora_modules: Sequence[str], *, lora_scale: float, **kwargs) -> None:
         super().__init__(lora_modules, **kwargs)
@@ -46,12 +47,25 @@ class FedExLoRA(LoraStrategy):
 
     def merge(self, server_round: int, state: State, averaged: State,
               replies: list[Message]) -> State:
-        """(B, A) ← (B̄, Ā); ΔW += s (Σ_k p_k B_k A_k − B̄ Ā); the head ← its weighted mean."""
+        """(B, A) ← (B̄, Ā); ΔW += s (Σ_k p_k B_k A_k − B̄ Ā); the head ← its weighted mean.
+
+        With a server optimizer the exact update U = s (Σ_k p_k B_k A_k − B_prev A_prev) becomes
+        step(U) (:meth:`product_step`): ΔW += step(U) − s (B̄ Ā − B_prev A_prev), so that the
+        model moves by step(U).
+        """
+        previous = state
         state = {**state, **averaged}
         weights = self.client_weights(replies)
         for module in self.lora_modules:
             B = state[contract.lora_key(module, "B")].double()
             A = state[contract.lora_key(module, "A")].double()
-            residual = self.product_sum(module, replies, weights) - B @ A  # (d_out, d_in)
-            fold_into_base(state, module, self.lora_scale * residual)
+            products = self.product_sum(module, replies, weights)  # (d_out, d_in)
+            if self.server_optimizer.is_plain_averaging:
+                fold_into_base(state, module, self.lora_scale * (products - B @ A))
+                continue
+            before = (previous[contract.lora_key(module, "B")].double()
+                      @ previous[contract.lora_key(module, "A")].double())
+            step = self.product_step(server_round, module,
+                                     self.lora_scale * (products - before)).double()
+            fold_into_base(state, module, step - self.lora_scale * (B @ A - before))
         return state

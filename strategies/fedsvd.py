@@ -22,6 +22,7 @@ from flwr.app import Message
 
 from common import contract
 from kernels import refactorize_pairs
+from kernels.rotation import rotation_between
 from strategies.base import LoraStrategy, State
 
 
@@ -50,11 +51,29 @@ class FedSVD(LoraStrategy):
 
     def merge(self, server_round: int, state: State, averaged: State,
               replies: list[Message]) -> State:
-        """B̄ (and the head) replace B; every ``svd_period`` rounds (B, A) ← refactorize(B̄, A)."""
+        """B̄ (and the head) replace B; every ``svd_period`` rounds (B, A) ← refactorize(B̄, A).
+
+        ``averaged`` holds B after the server optimizer's step, if any; the optimizer's moments
+        of B then follow the new coordinates (:meth:`_transport_moments`).
+        """
+        previous = state
         state = {**state, **averaged}
         if server_round % self.svd_period == 0:
             state.update(self._refactorize(state))
+            self._transport_moments(previous, state)
         return state
+
+    def _transport_moments(self, previous: State, state: State) -> None:
+        """m_B ← m_B T⁻¹, v_B ← v_B (T⁻¹)^∘2 per layer, with A′ = T A_prev.
+
+        T = :func:`kernels.rotation.rotation_between` (A′, A_prev), the map the broadcast sends.
+        """
+        if self.server_optimizer.is_plain_averaging:
+            return
+        for module in self.lora_modules:
+            a_key = contract.lora_key(module, "A")
+            T, _ = rotation_between(state[a_key][None], previous[a_key][None])
+            self.server_optimizer.transport(contract.lora_key(module, "B"), T[0])
 
     def _refactorize(self, state: State) -> State:
         """M = B̄ A_prev = U Σ Vᵀ → B = U Σ, A = Vᵀ, batched over layers of one shape."""

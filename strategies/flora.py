@@ -46,6 +46,7 @@ class FLoRA(LoraStrategy):
     """
 
     TRAIN_FACTORS = ("A", "B")
+    PRODUCT_UPDATES = True
 
     def __init__(self, lora_modules: Sequence[str], *, lora_scale: float, seed: int = 0,
                  **kwargs) -> None:
@@ -60,13 +61,17 @@ class FLoRA(LoraStrategy):
 
     def merge(self, server_round: int, state: State, averaged: State,
               replies: list[Message]) -> State:
-        """ΔW += s Σ_k p_k B_k A_k; B ← 0; A ← fresh init; the head ← its weighted mean."""
+        """ΔW += s Σ_k p_k B_k A_k; B ← 0; A ← fresh init; the head ← its weighted mean.
+
+        With a server optimizer ΔW += step(s Σ_k p_k B_k A_k) (:meth:`product_step`; the model
+        before the round has B = 0, so that sum is its exact update).
+        """
         state = {**state, **averaged}
         weights = self.client_weights(replies)
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + server_round) % 2**63)
         for module in self.lora_modules:
-            fold_into_base(state, module,
-                           self.lora_scale * self.product_sum(module, replies, weights))
+            fold_into_base(state, module, self.product_step(
+                server_round, module, self.lora_scale * self.product_sum(module, replies, weights)))
             a_key, b_key = contract.lora_key(module, "A"), contract.lora_key(module, "B")
             state[b_key] = torch.zeros_like(state[b_key])
             state[a_key] = lora_a_init(tuple(state[a_key].shape), generator).to(state[a_key])

@@ -13,6 +13,7 @@ from common.schema import RoundTrainingMetrics
 from strategies.base import LoraStrategy
 from strategies.broadcast import ChangesBroadcast, FullBroadcast
 from strategies.sampling import PartitionSampler
+from strategies.server_optimizer import ServerOptimizer
 
 
 def strategy_class(name: str) -> type[LoraStrategy]:
@@ -54,4 +55,6 @@ def build_strategy(cfg: AppConfig, layout: AdapterLayout, *,
         device=device,
         broadcast=(ChangesBroadcast(layout.modules) if s.broadcast == "changes"
                    else FullBroadcast()),
+        server_optimizer=ServerOptimizer(s.server_optimizer, s.server_learning_rate,
+                                         s.server_momentum, s.server_beta2, s.server_tau),
     )
