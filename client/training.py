@@ -14,6 +14,7 @@ from peft import PeftModel
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import PreTrainedTokenizerBase
 
+from client.step_size import parameter_groups
 from common import contract
 from common.adapter import AdapterLayout, LoraPair
 from common.batching import collate_trimmed
@@ -182,12 +183,17 @@ def privatize(cfg: AppConfig, model: PeftModel, layout: AdapterLayout,
               ledger: PrivacyLedger) -> PrivateTraining:
     """SGD over the named factors (and the head when it trains), made private by Opacus.
 
+    Each LoRA layer's factors step at ``train.learning-rate`` or, with
+    ``train.learning-rate-scale = "delta-w"``, at the rate of :mod:`client.step_size`.
     Only ``factors`` (and the head) require gradients; Poisson batches at q, per-example
     clipping at C (or the grouped norms of :func:`clip_groups`) and Gaussian noise σ C.
     """
-    trainable = layout.set_trainable(model, factors, cfg.lora.train_head)
+    layout.set_trainable(model, factors, cfg.lora.train_head)
+    groups = parameter_groups(layout, factors, train_head=cfg.lora.train_head,
+                              learning_rate=cfg.train.learning_rate,
+                              scale=cfg.train.learning_rate_scale, private=cfg.privacy.is_private)
     return make_private(
-        module=model, optimizer=torch.optim.SGD(trainable, lr=cfg.train.learning_rate),
+        module=model, optimizer=torch.optim.SGD(groups, lr=cfg.train.learning_rate),
         data_loader=train_loader(cfg, train), noise_multiplier=budget.noise_multiplier,
         max_grad_norm=cfg.privacy.max_grad_norm, ledger=ledger,
         grad_sample_mode=cfg.privacy.grad_sample_mode,

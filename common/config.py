@@ -40,6 +40,8 @@ SHORT_ROUNDS = ("skip", "fail")
 # strategy.server-optimizer: plain averaging, or Flower's FedAvgM, FedAdam, FedYogi rules
 # (strategies.server_optimizer)
 SERVER_OPTIMIZERS = ("none", "avgm", "adam", "yogi")
+# train.learning-rate-scale: the rate as given, or as a step in ΔW (client.step_size)
+LEARNING_RATE_SCALES = ("none", "delta-w")
 # How the valid replies of a round are combined (strategies.aggregation): the weighted mean, or
 # a robust aggregator of Flower's (flwr.serverapp.strategy) over the same replies.
 AGGREGATIONS = ("mean", "trimmed-mean", "median", "krum", "multi-krum")
@@ -357,6 +359,10 @@ class TrainConfig:
     local_steps: int = 5
     batch_size: int = 64  # expected Poisson batch; sample rate q = 1 / ceil(n_local / batch)
     learning_rate: float = 1.0
+    # "none": every trained tensor steps at learning-rate; "delta-w": each LoRA layer's factors at
+    # learning-rate / g (g^2 without DP), g = s · max(‖A‖, ‖B‖ if A trains) / √r the gain from a
+    # step in the factors to ΔW, so that one rate means the same step in ΔW for every method
+    learning_rate_scale: str = "none"
     # Seed each client's torch RNG (Poisson batches, dropout, DP noise) from (seed, round,
     # partition-id) and the server's client sampling from seed. That makes the DP noise
     # predictable, so it is refused with a finite privacy.epsilon (tests, debugging only).
@@ -369,6 +375,8 @@ class TrainConfig:
         _check(p, self.batch_size >= 1, "train.batch-size", self.batch_size, "must be >= 1")
         _check(p, self.learning_rate > 0, "train.learning-rate", self.learning_rate,
                "must be > 0")
+        _check(p, self.learning_rate_scale in LEARNING_RATE_SCALES, "train.learning-rate-scale",
+               self.learning_rate_scale, f"one of {LEARNING_RATE_SCALES}")
         return p
 
 
