@@ -44,3 +44,9 @@ sweep 20ng-plain fedsvd,ffa,fedavg 0.125,0.5,2 0,1 ""
 sweep 20ng-adam fedsvd,ffa,fedavg 0.125,0.5,2 0,1 "$ADAM"
 sweep topics-plain fedsvd,ffa,fedavg 0.125,0.5,2 0,1 "$TOPICS"
 sweep topics-adam fedsvd,ffa,fedavg 0.125,0.5,2 0,1 "$TOPICS $ADAM"
+
+# 3. One normalised client rate for every method (train.learning-rate-scale = "delta-w"), plain
+#    averaging, on both tasks.
+DELTAW='train.learning-rate-scale="delta-w"'
+sweep 20ng-deltaw fedsvd,ffa,fedavg 0.125,0.5,2 0,1 "$DELTAW"
+sweep topics-deltaw fedsvd,ffa,fedavg 0.125,0.5,2 0,1 "$TOPICS $DELTAW"
