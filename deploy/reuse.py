@@ -21,8 +21,9 @@ from deploy.processes import live_pid_files
 def reuse_refusal(run_dir: Path, certs: Path | None, supernodes: int) -> str | None:
     """Why the deployment in ``run_dir`` cannot be started (again) now, or None.
 
-    A deployment there that is still running (PID files of live Flower processes; files of
-    ended processes are removed), or ``certs`` that do not fit together
+    A deployment there that is still running (PID files of live Flower processes; a file whose
+    process ended, or whose PID now names another program, is ignored), or ``certs`` that do
+    not fit together
     (:func:`certificate_problems`).
     """
     if running := live_pid_files(run_dir):
