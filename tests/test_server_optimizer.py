@@ -286,3 +286,17 @@ def test_a_resumed_run_continues_with_the_moments_it_saved(tmp_path):
     # Assert
     assert fresh.server_optimizer.first  # not started from zero moments
     assert all(torch.equal(after_resume[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_fedsvd_keeps_the_row_space_of_its_first_a_so_the_moments_never_lose_a_direction():
+    # B̄ A_prev has the rows of A_prev, so every A′ = T A_prev spans the first A's rows: the
+    # transport only re-expresses the moments, it never drops a part of them.
+    state = _global(np.random.default_rng(0))
+    states, _ = _run(_make(FedSVD, server_optimizer=ServerOptimizer("adam", 0.05)), state, 4)
+    for m in MODULES:
+        first = state[a_key(m)].double()
+        projector = first.T @ torch.linalg.solve(first @ first.T, first)  # onto row(A_0)
+        for later in states[1:]:
+            A = later[a_key(m)].double()
+            assert torch.allclose(A @ projector, A, atol=1e-5)
+            assert torch.allclose(A @ A.T, torch.eye(A.shape[0], dtype=A.dtype), atol=1e-5)
