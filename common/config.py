@@ -394,6 +394,9 @@ class PrivacyConfig:
     head_clip_share: float = 0.0
     # σ_c of the DP label census (data.class-prior = "census"): counts + N(0, σ_c²); Δ₂ = 1
     census_noise_multiplier: float = 10.0
+    # this run is one of `trials` runs of the same schedule (learning-rate tuning) that together
+    # may spend `epsilon`: σ is calibrated for their plain composition (privacy.trials)
+    trials: int = 1
 
     @property
     def is_private(self) -> bool:
@@ -424,6 +427,8 @@ class PrivacyConfig:
         _check(p, math.isfinite(self.census_noise_multiplier) and self.census_noise_multiplier > 0,
                "privacy.census-noise-multiplier", self.census_noise_multiplier,
                "must be a finite number > 0 (the noise std of each class count of the census)")
+        _check(p, self.trials >= 1, "privacy.trials", self.trials,
+               "must be an integer >= 1 (1: this run alone spends privacy.epsilon)")
         return p
 
 

@@ -42,21 +42,31 @@ def census_entry(noise_multiplier: float) -> HistoryEntry:
     return (float(noise_multiplier), 1.0, 1)
 
 
-def census_epsilon(cfg: AppConfig) -> float:
-    """ε at ``privacy.delta`` of the census alone, as the node's accountant counts it."""
-    return epsilon_of(cfg.privacy.accountant, [census_entry(cfg.privacy.census_noise_multiplier)],
-                      cfg.privacy.delta)
+def census_epsilon(cfg: AppConfig, runs: int = 1) -> float:
+    """ε at ``privacy.delta`` of ``runs`` censuses alone (one per run), as the accountant counts.
+
+    ``runs`` = ``privacy.trials`` for every census of the trials that share the budget
+    (:mod:`privacy.trials`).
+    """
+    entries = [census_entry(cfg.privacy.census_noise_multiplier)] * runs
+    return epsilon_of(cfg.privacy.accountant, entries, cfg.privacy.delta)
 
 
 def check_census_budget(cfg: AppConfig) -> None:
-    """Refuse (ConfigError) a census whose ε alone leaves nothing of the budget for training."""
+    """Refuse (ConfigError) a census whose ε alone leaves nothing of the budget for training.
+
+    With ``privacy.trials`` = K the K runs' censuses together must leave room.
+    """
     if not (cfg.data.class_prior_census and cfg.privacy.is_private):
         return
-    spent = census_epsilon(cfg)
+    trials = cfg.privacy.trials
+    spent = census_epsilon(cfg, trials)
     if not spent < cfg.privacy.epsilon:
         raise ConfigError([
             f"privacy.census-noise-multiplier={cfg.privacy.census_noise_multiplier!r}: the "
-            f"census alone spends ε = {spent:.3g} of privacy.epsilon={cfg.privacy.epsilon!r}, "
+            + ("census alone spends" if trials == 1 else
+               f"censuses of the privacy.trials={trials} runs alone spend")
+            + f" ε = {spent:.3g} of privacy.epsilon={cfg.privacy.epsilon!r}, "
             "leaving nothing to train with; raise it (10 adds about 0.03 to ε = 3 beside "
             "DP-SGD) or declare a public data.class-prior"])
 

@@ -5,10 +5,14 @@
     python -m privacy.planning --epsilon 3 --examples 1700 --rounds 30 --batch-sizes 16,32,64,128
     python -m privacy.planning --recommend --epsilon 3 --examples 400
     python -m privacy.planning --epsilon 3 --examples 1885 --census-noise-multiplier 10
+    python -m privacy.planning --epsilon 3 --examples 1885 --trials 1,2,3,4,8
 
 ``--recommend`` prints the defaults fitted to the smallest client's ``--examples`` at
 ``--epsilon`` (the rule of :mod:`privacy.recommend`), their σ and noise, and the overrides that
 apply them.
+
+``--trials K,...`` prints σ when K runs of the schedule share ``--epsilon`` (``privacy.trials``,
+learning-rate tuning on the private data; :mod:`privacy.trials`), against one run's σ.
 
 ``--batch-sizes`` compares expected batch sizes B at the same compute per round as
 ``--batch-size`` B₀ × ``--local-steps`` K₀ (K = max(1, round(K₀ · B₀ / B)) steps of batch B) and
@@ -68,6 +72,7 @@ from privacy.accounting import HistoryEntry, calibrate_noise, epsilon_of
 from privacy.census import census_entry
 from privacy.policy import check_delta, sample_rate
 from privacy.recommend import describe, fitted_batch, recommend
+from privacy.trials import plan_trials, trials_table
 
 ORDERS = RDPAccountant.DEFAULT_ALPHAS
 # the flags whose values --recommend chooses: refused beside it
@@ -290,6 +295,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", type=_sizes, metavar="B,B,...",
                         help="with --epsilon: compare these expected batch sizes at the compute "
                              "per round of --batch-size x --local-steps")
+    parser.add_argument("--trials", type=_trial_counts, metavar="K,K,...",
+                        help="with --epsilon: σ when K runs of this schedule share the budget "
+                             "(privacy.trials = K, learning-rate tuning), against one run's")
     parser.add_argument("--recommend", action="store_true",
                         help="with --epsilon and --examples (the smallest client's): the "
                              "defaults fitted to them, with σ and the run-config overrides")
@@ -314,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.batch_sizes and (args.amplification or args.participation < 1):
         problems.append("--batch-sizes: compares plans without amplification; drop "
                         "--amplification and --participation")
+    problems += _trials_problems(args)
     for batch in args.batch_sizes or ():
         if batch >= 1 and fewer_than_one_batch(args.examples, batch):
             problems.append(f"--batch-sizes {batch}: more than --examples {args.examples}")
@@ -324,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
     if args.batch_sizes:
         print_batch_options(args)
+        return
+    if args.trials:
+        print_trials(args)
         return
     try:
         schedule = Schedule(sample_rate(args.examples, args.batch_size), args.local_steps,
@@ -375,6 +387,9 @@ def recommend_problems(args: argparse.Namespace, given: Sequence[str]) -> list[s
     if args.census_noise_multiplier:
         problems.append("--census-noise-multiplier: --recommend plans without a census (drop "
                         "the flag, then plan its σ with --epsilon and the recommended settings)")
+    if args.trials:
+        problems.append("--trials: --recommend plans one run (drop the flag, then plan the "
+                        "trials with --epsilon and the recommended settings)")
     if args.epsilon is None:
         problems.append("--recommend: needs --epsilon (the budget to plan for)")
         return problems
@@ -399,6 +414,46 @@ def _delta_problems(delta: float, examples: int) -> list[str]:
     except ConfigError as exc:
         return [_as_flag(p) for p in exc.problems]
     return []
+
+
+def _trial_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: each number of trials must be >= 1")
+    return counts
+
+
+def _trials_problems(args: argparse.Namespace) -> list[str]:
+    """What ``--trials`` is not combined with: it plans σ for a budget, without amplification."""
+    if not args.trials:
+        return []
+    problems = []
+    if args.epsilon is None:
+        problems.append("--trials: needs --epsilon (the budget the trials share)")
+    if args.batch_sizes:
+        problems.append("--trials: not combined with --batch-sizes (one table at a time)")
+    if args.amplification or args.participation < 1:
+        problems.append("--trials: plans without amplification; drop --amplification and "
+                        "--participation")
+    return problems
+
+
+def print_trials(args: argparse.Namespace) -> None:
+    """The table of ``--trials``: σ of each K (:func:`privacy.trials.plan_trials`)."""
+    q = sample_rate(args.examples, args.batch_size)
+    census = [census_entry(args.census_noise_multiplier)] if args.census_noise_multiplier else []
+    plans = plan_trials(args.trials, epsilon=args.epsilon, delta=args.delta, sample_rate=q,
+                        steps=args.rounds * args.local_steps, census=census,
+                        accountant=args.accountant)
+    with_census = (f", a label census at σ_c = {args.census_noise_multiplier:g} per run"
+                   if census else "")
+    print(f"q = {q:.5f} (n = {args.examples}, batch {args.batch_size}), {args.local_steps} "
+          f"steps/round, {args.rounds} rounds{with_census}, {args.accountant}: K runs of this "
+          f"schedule share ε = {args.epsilon:g} at δ = {args.delta:g} (plain composition)")
+    print("\n".join(trials_table(plans)))
 
 
 def _sizes(text: str) -> list[int]:

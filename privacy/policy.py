@@ -10,6 +10,10 @@ For a client with n training examples, expected batch b, local steps K per round
   computed once and then reused from the node's ledger, so it never changes within a run; what
   the ledger already holds when σ is calibrated (a DP label census, :mod:`privacy.census`) is
   composed in: ε_acc(ledger + (σ, q, T)) ≤ ε;
+- with ``privacy.trials`` = M > 1 the run is one of M runs of this schedule that share ε
+  (learning-rate tuning, :mod:`privacy.trials`): σ is calibrated for their plain composition,
+  ε_acc(ledger + M × (census + (σ, q, T))) ≤ ε, and a ledger that spans runs and already ends
+  in earlier trials of the same schedule reuses their σ;
 - a round is refused when the ledger's ε after its K more steps would exceed ε
   (:meth:`RoundPrivacy.exhausted`): a node never goes past its budget;
 - a ledger that spans runs (a SuperNode's ledger file) holds the steps of earlier
@@ -29,8 +33,9 @@ import math
 from dataclasses import dataclass
 
 from common.config import AppConfig, ConfigError, PrivacyConfig
-from privacy.accounting import PrivacyLedger, calibrate_noise
+from privacy.accounting import HistoryEntry, PrivacyLedger
 from privacy.census import census_entry
+from privacy.trials import calibrate_trials
 
 # Opacus' calibration tolerance: a σ calibrated for ε spends between ε − 0.01 and ε. A ledger
 # already that close to the budget has nothing left that a new run could be calibrated for.
@@ -97,13 +102,18 @@ def plan_round(cfg: AppConfig, ledger: PrivacyLedger, *, num_examples: int,
         spent = ledger.epsilon(privacy.delta)
         if spent > budget - SPENT_TOLERANCE:
             return RoundPrivacy(math.inf, q, steps, spent, exhausted=True)
-    sigma = noise_multiplier if noise_multiplier is not None else calibrate_noise(
-        target_epsilon=budget, target_delta=privacy.delta, sample_rate=q,
-        steps=cfg.strategy.num_rounds * steps, accountant=privacy.accountant,
-        spent=ledger.history)
+    sigma = noise_multiplier if noise_multiplier is not None else calibrate_trials(
+        history=ledger.history, target_epsilon=budget, target_delta=privacy.delta,
+        sample_rate=q, steps=cfg.strategy.num_rounds * steps, trials=privacy.trials,
+        census=run_census(cfg), accountant=privacy.accountant)
     after = ledger.epsilon_after(noise_multiplier=sigma, sample_rate=q, steps=steps,
                                  delta=privacy.delta)
     return RoundPrivacy(sigma, q, steps, after, exhausted=after > budget)
+
+
+def run_census(cfg: AppConfig) -> list[HistoryEntry]:
+    """What one run releases before it trains: ``[census_entry(σ_c)]`` with a census, else []."""
+    return [census_entry(cfg.privacy.census_noise)] if cfg.data.class_prior_census else []
 
 
 def check_census_fits(cfg: AppConfig, ledger: PrivacyLedger, *, max_epsilon: float | None,
