@@ -25,7 +25,7 @@ RATES = (0.125, 0.5, 2.0)
 SEEDS = (0, 1)
 TASKS = {"20ng": "20 Newsgroups", "topics": "topic groups"}
 ARMS = ("plain", "adam", "deltaw")
-ETAS = ("0.003", "0.01", "0.03")
+ETAS = ("0.003", "0.01", "0.03", "0.1", "0.3")
 TARGET, TIE = 0.03, 0.005
 
 

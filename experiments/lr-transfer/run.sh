@@ -17,7 +17,7 @@ sweep() {  # sweep <step> <methods> <lrs> <seeds> <run-config>
 }
 
 # 1. Pilot: FedAdam's server rate η on 20 Newsgroups, FedSVD and FedAvg-LoRA at client lr 0.5.
-for eta in 0.003 0.01 0.03; do
+for eta in 0.003 0.01 0.03 0.1 0.3; do
   sweep "pilot-adam-eta$eta" fedsvd,fedavg 0.5 0 \
     "strategy.server-optimizer=\"adam\" strategy.server-learning-rate=$eta"
 done
@@ -27,7 +27,7 @@ done
 ETA=$($PY - <<'PY'
 import tomllib
 best = None
-for eta in ("0.003", "0.01", "0.03"):
+for eta in ("0.003", "0.01", "0.03", "0.1", "0.3"):
     t = tomllib.load(open(f"experiments/lr-transfer/pilot-adam-eta{eta}/learning_rates.toml", "rb"))
     mean = sum(t[m]["validation-accuracy"][0] for m in ("fedsvd", "fedavg")) / 2
     if best is None or mean > best[0]:
