@@ -66,17 +66,18 @@ def clear_results(folder: Path) -> list[str]:
 
     Only the files a run writes (``RESULT_FILES``) are removed; anything else is left.
     """
-    removed = []
-    for name in RESULT_FILES:
-        path = folder / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        else:
-            continue
-        removed.append(name)
-    return removed
+    return [name for name in RESULT_FILES if remove_path(folder / name)]
+
+
+def remove_path(path: Path) -> bool:
+    """Remove the file or folder ``path``; False if there was nothing there."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    else:
+        return False
+    return True
 
 
 def check_run(cfg: AppConfig, *, num_partitions: int | None = None) -> Corpus:

@@ -14,7 +14,6 @@ mixes its trials (and its privacy spending) with an earlier one's unseen.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from flwr.common.config import parse_config_args
 from common.config import RUN_LEDGER_DIR
 from common.run_config import override_text, run_config_args
 from privacy.accounting import HistoryEntry, PrivacyLedger, epsilon_of
+from server.preflight import remove_path
 from simulations.experiments.cells import Cell, cell_config, run_config_items
 from simulations.experiments.learning_rates import tuning_grid
 
@@ -137,17 +137,9 @@ def prepare_folder(folder: Path, plan: TuningPlan, *, overwrite: bool) -> list[s
                          f"({', '.join(differing)}; {manifest}); its trials spent privacy "
                          "too: give another --out, or --overwrite to remove that tuning's "
                          "trials and start this one there")
-    removed = []
-    for name in earlier.get("trial-folders", []):
-        for path in (folder / name, folder / "logs" / f"{name}.log",
-                     folder / "logs" / f"{name}.superlink.log"):
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-            else:
-                continue
-            removed.append(str(path))
+    removed = [str(path) for name in earlier.get("trial-folders", [])
+               for path in (folder / name, folder / "logs" / f"{name}.log",
+                            folder / "logs" / f"{name}.superlink.log") if remove_path(path)]
     manifest.unlink()
     return removed
 
