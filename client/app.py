@@ -10,12 +10,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
 from client import training as t
-from client.ledger import (
-    PRIVACY_STATE_KEY,
-    ledger_path,
-    node_max_epsilon,
-    node_privacy_state,
-)
+from client.ledger import node_max_epsilon, node_privacy_state
 from client.received_state import received_state
 from common import contract
 from common.config import AppConfig
@@ -31,8 +26,6 @@ from privacy.census import (
     noisy_label_counts,
 )
 from privacy.policy import RoundPrivacy, check_census_fits, node_budget, plan_round
-
-__all__ = ["app", "ledger_path", "PRIVACY_STATE_KEY"]  # the ledger's place: client.ledger
 
 app = ClientApp()
 

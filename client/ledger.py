@@ -154,11 +154,6 @@ def ledger_place(context: Context, cfg: AppConfig) -> LedgerPlace:
     return LedgerPlace(cfg.results_folder / RUN_LEDGER_DIR / f"partition-{partition_id}.json")
 
 
-def ledger_path(context: Context, cfg: AppConfig) -> Path | None:
-    """The file that keeps this node's ledger, or None (``Context.state`` alone)."""
-    return ledger_place(context, cfg).path
-
-
 @contextlib.contextmanager
 def node_privacy_state(context: Context, cfg: AppConfig) -> Iterator[LedgerPlace]:
     """Keep the ledger in the file of :func:`ledger_place`, if any, around one round or census.

@@ -8,7 +8,8 @@ from flwr.app import Context, RecordDict
 from opacus.accountants import RDPAccountant
 
 from client import training as t
-from client.app import PRIVACY_STATE_KEY, train
+from client.app import train
+from client.ledger import PRIVACY_STATE_KEY, ledger_place
 from common import contract
 from common.config import AppConfig
 from privacy import PrivacyLedger
@@ -147,10 +148,8 @@ def test_a_stale_ledger_file_never_lowers_what_the_context_counts(tiny_run_confi
 
 
 def test_with_a_relative_output_dir_the_ledger_stays_in_the_context(tiny_run_config):
-    from client.app import ledger_path
-
     cfg = AppConfig.from_run_config({**tiny_run_config, "output.dir": "results"})
-    assert ledger_path(_sim_context(tiny_run_config), cfg) is None
+    assert ledger_place(_sim_context(tiny_run_config), cfg).path is None
 
 
 def test_a_resumed_private_run_without_a_ledger_file_refuses_to_train(tiny_run_config):
