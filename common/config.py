@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import math
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -467,6 +468,8 @@ class AppConfig:
 
     def __post_init__(self) -> None:
         problems = [line for section in _SECTIONS for line in getattr(self, section).problems()]
+        _check(problems, self.seed >= 0, "seed", self.seed,
+               "must be an integer >= 0 (numpy and the partitioners take no negative seed)")
         if self.privacy.head_clip_share and not self.lora.train_head:
             problems.append(f"privacy.head-clip-share={self.privacy.head_clip_share!r} with "
                             "lora.train-head=false: a frozen head takes no clipping budget; "
@@ -528,12 +531,15 @@ class AppConfig:
         for key, value in run_config.items():
             section, _, name = key.partition(".")
             if not name:
-                if key == "seed":
+                if key == "seed" and isinstance(value, int) and not isinstance(value, bool):
                     top["seed"] = value
+                elif key == "seed":
+                    problems.append(f"seed={value!r}: expected int")
                 else:
-                    problems.append(f"{key}={value!r}: unknown key{_closest(key)}")
+                    problems.append(f"{key}={value!r}: unknown key{did_you_mean(key)}")
             elif section not in sections:
-                problems.append(f"{key}={value!r}: unknown section {section!r}{_closest(key)}")
+                problems.append(f"{key}={value!r}: unknown section {section!r}"
+                                f"{did_you_mean(key)}")
             else:
                 sections[section][name.replace("-", "_")] = value
         built: dict[str, Any] = {}
@@ -601,10 +607,14 @@ def _build_section(cls: type, section: str, values: dict[str, Any]) -> tuple[Any
     for name, value in values.items():
         key = f"{section}.{name.replace('_', '-')}"
         if name not in known:
-            problems.append(f"{key}={value!r}: unknown key{_closest(key)} (the {section} keys: "
-                            f"{', '.join(n.replace('_', '-') for n in known)})")
+            problems.append(f"{key}={value!r}: unknown key{did_you_mean(key)} (the {section} "
+                            f"keys: {', '.join(n.replace('_', '-') for n in known)})")
             continue
         default = known[name].default
+        if isinstance(value, str) and (controls := control_characters(value)):
+            problems.append(f"{key}={value!r}: holds the control character(s) {controls}; a "
+                            "run-config string is plain text")
+            continue
         try:
             kwargs[name] = _coerce(value, default)
         except (TypeError, ValueError):
@@ -620,7 +630,13 @@ def valid_keys() -> list[str]:
     return list(AppConfig().to_dict())
 
 
-def _closest(key: str) -> str:
+def control_characters(text: str) -> str:
+    """The control characters (Unicode category Cc) of ``text`` as "U+0001, U+000A"; "" if none."""
+    return ", ".join(f"U+{ord(c):04X}" for c in dict.fromkeys(text)
+                     if unicodedata.category(c) == "Cc")
+
+
+def did_you_mean(key: str) -> str:
     """``"; did you mean lora.r?"`` for the valid key nearest to ``key``, or ``""``."""
     matches = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.6)
     return f"; did you mean {matches[0]}?" if matches else ""

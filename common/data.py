@@ -10,9 +10,10 @@ the user's file: ``data.partitioner = "column"``), deterministic in the seed.
 
 What cannot be trained on is refused with a :class:`common.data_files.DataError` before any
 training: a file that does not parse (:mod:`common.data_files`), a training split with fewer
-than two classes, an evaluation split smaller than ``data.min-test-examples``, a number of
-column values other than the number of nodes (:func:`partition_count_problem`), and a node's
-partition smaller than one batch (:func:`partition_problem`).
+than two classes or a class with fewer than two training examples, an evaluation split smaller
+than ``data.min-test-examples``, a number of column values other than the number of nodes
+(:func:`partition_count_problem`), and a node's partition smaller than one batch
+(:func:`partition_problem`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ VALIDATION_STREAM = 1  # numpy seed sequence (seed, 1): not the stream that carv
 # value (a fixed name, so that no user column can clash with "text" or "label")
 NATURAL_ID = "natural_id"
 SHOWN_VALUES = 5  # column values quoted in an error
+MIN_CLASS_EXAMPLES = 2  # training examples of every class, at least
 # data.label-groups = "topics": the six topic groups of 20 Newsgroups (Lang 1995; Rennie),
 # every one of the 20 classes in exactly one
 NEWSGROUPS_TOPICS: dict[str, tuple[str, ...]] = {
@@ -119,7 +121,7 @@ def _texts_only(split: Dataset) -> Dataset:
 
 
 def check_corpus(corpus: Corpus, cfg: DataConfig) -> None:
-    """Raise DataError unless training has two classes (if labelled) and evaluation enough examples.
+    """Raise DataError unless training has 2 classes of 2 examples (if labelled), evaluation enough.
 
     The evaluation split needs ``cfg.min_test_examples`` examples: an accuracy on fewer says
     nothing (its 95 % interval is wider than ±0.14 below 50).
@@ -131,6 +133,8 @@ def check_corpus(corpus: Corpus, cfg: DataConfig) -> None:
         found = ", ".join(repr(corpus.label_names[i]) for i in present) or "none"
         problems.append(f"{source}: the training split holds {len(present)} class ({found}); a "
                         "classifier needs at least 2 (check data.label-column and data.labels)")
+    elif cfg.label_column:
+        problems += _rare_class_problems(corpus, source)
     n = len(corpus.test)
     if n < cfg.min_test_examples:
         where = ("data.validation-fraction" if corpus.eval_split == "validation" else
@@ -141,6 +145,21 @@ def check_corpus(corpus: Corpus, cfg: DataConfig) -> None:
                         "data.min-test-examples")
     if problems:
         raise DataError(problems)
+
+
+def _rare_class_problems(corpus: Corpus, source: str) -> list[str]:
+    """One line per class with fewer than :data:`MIN_CLASS_EXAMPLES` training examples.
+
+    A class with one example (or none, when its only rows fell into the held-out split) cannot
+    be learned, nor shared by the partitions; its recall rests on nothing.
+    """
+    counts = np.bincount(corpus.train["label"], minlength=corpus.num_labels)
+    held_out = np.bincount(corpus.test["label"], minlength=corpus.num_labels)
+    return [f"{source}: the class {name!r} (data.label-column) has {counts[k]} example(s) in the "
+            f"training split and {held_out[k]} in the {corpus.eval_split} split; a class needs "
+            f"at least {MIN_CLASS_EXAMPLES} training examples: add examples of it, drop it "
+            "(data.labels), or merge it into another class (data.label-groups)"
+            for k, name in enumerate(corpus.label_names) if counts[k] < MIN_CLASS_EXAMPLES]
 
 
 def select_labels(corpus: Corpus, patterns: tuple[str, ...], min_classes: int = 2) -> Corpus:
@@ -462,21 +481,24 @@ def partition_problem(cfg: DataConfig, num_examples: int, partition_id: int,
             f"--recommend --epsilon E --examples {num_examples}` fits the batch and steps to it)")
 
 
-def check_partitions(cfg: DataConfig, seed: int, num_partitions: int, batch_size: int) -> None:
+def check_partitions(cfg: DataConfig, seed: int, num_partitions: int,
+                     batch_size: int) -> list[int]:
     """Raise DataError naming every partition of ``num_partitions`` too small to train.
 
     With ``data.partitioner = "column"`` first refuse a number of column values other than
-    ``num_partitions`` (:func:`partition_count_problem`).
+    ``num_partitions`` (:func:`partition_count_problem`). Return each partition's number of
+    training examples.
     """
     corpus = load_corpus(cfg, seed)
     if problem := partition_count_problem(cfg, corpus, num_partitions):
         raise DataError([problem])
-    problems = [problem for i in range(num_partitions)
-                if (problem := partition_problem(
-                    cfg, len(load_partition(cfg, seed, i, num_partitions)[0]), i,
-                    num_partitions, batch_size, value=partition_value(corpus, i)))]
+    sizes = [len(load_partition(cfg, seed, i, num_partitions)[0]) for i in range(num_partitions)]
+    problems = [problem for i, size in enumerate(sizes)
+                if (problem := partition_problem(cfg, size, i, num_partitions, batch_size,
+                                                 value=partition_value(corpus, i)))]
     if problems:
         raise DataError(problems)
+    return sizes
 
 
 def eval_subset(test: Dataset, max_examples: int, seed: int) -> Dataset:

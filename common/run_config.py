@@ -9,14 +9,18 @@ overrides), for checking a run before it starts.
 from __future__ import annotations
 
 import math
+import re
 import tomllib
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
 import click
 from flwr.common.config import flatten_dict, parse_config_args
 
-from common.config import ConfigError
+from common.config import ConfigError, did_you_mean
+
+BARE_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")  # a dotted TOML key flwr reads
 
 
 def run_config_args(overrides: Sequence[str]) -> list[str]:
@@ -47,9 +51,17 @@ def parse_override_text(text: str) -> dict:
         return parse_config_args([text])
     except click.ClickException:
         bad = [pair for pair in text.split() if not _readable(pair)] or [text]
-        raise ConfigError([f"--run-config {pair!r}: not a k=v pair flwr can read (a string "
-                           'value needs double quotes: key="text"; numbers and true/false '
-                           "go bare)" for pair in bad]) from None
+        raise ConfigError([_unreadable(pair) for pair in bad]) from None
+
+
+def _unreadable(pair: str) -> str:
+    """Why flwr cannot read ``pair``: a key TOML does not take bare, or an unquoted value."""
+    key = pair.partition("=")[0]
+    if not BARE_KEY.fullmatch(key):
+        return (f"--run-config {pair!r}: {key!r} is not a run-config key (keys are ASCII "
+                f"letters, digits, '-' and '_', joined by '.': lora.r){did_you_mean(key)}")
+    return (f"--run-config {pair!r}: not a k=v pair flwr can read (a string value needs "
+            'double quotes: key="text"; numbers and true/false go bare)')
 
 
 def _readable(pair: str) -> bool:
@@ -78,7 +90,9 @@ def toml_value(key: str, value: object) -> str:
     if isinstance(value, int | float):
         return {math.inf: "inf", -math.inf: "-inf"}.get(value, repr(value))
     if isinstance(value, str) and '"' not in value and "\\" not in value:
-        return f'"{value}"'
+        # escaped, so that flwr reads the value back (AppConfig then refuses it, naming the key)
+        return '"' + "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) == "Cc" else c
+                             for c in value) + '"'
     raise ValueError(f"{key}={value!r}: only bools, numbers and strings without quotes or "
                      "backslashes can be passed as run-config overrides")
 

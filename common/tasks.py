@@ -109,13 +109,16 @@ class SequenceCrossEntropy(nn.Module):
 class Task:
     """One task's pieces; :data:`TASKS` holds one instance per ``model.task``.
 
-    ``name`` is the ``model.task`` value, ``peft_task_type`` peft's task type of the LoRA
-    model (None: a plain ``PeftModel``), ``head_modules`` the new modules saved with the
-    adapter (a classification head), or None; ``writes_generations``: whether a finished run
-    saves samples of the model's own text beside its adapter (``server.generations``).
+    ``name`` is the ``model.task`` value, ``model_class`` the transformers auto class that
+    loads the pretrained model (or builds it from its config), ``peft_task_type`` peft's task
+    type of the LoRA model (None: a plain ``PeftModel``), ``head_modules`` the new modules
+    saved with the adapter (a classification head), or None; ``writes_generations``: whether a
+    finished run saves samples of the model's own text beside its adapter
+    (``server.generations``).
     """
 
     name: str
+    model_class: type
     peft_task_type: TaskType | None
     head_modules: list[str] | None
     writes_generations: bool = False
@@ -147,12 +150,13 @@ class Classification(Task):
     """A sequence classifier: encoder + new head; one label per text."""
 
     name = "classification"
+    model_class = AutoModelForSequenceClassification
     peft_task_type = None  # a plain PeftModel; peft's SEQ_CLS would add heads of its own
     head_modules = ["classifier"]  # the newly initialised sequence-classification head
 
     def load_model(self, path, *, num_labels: int) -> nn.Module:
         """``AutoModelForSequenceClassification`` with a new K-way head."""
-        return AutoModelForSequenceClassification.from_pretrained(
+        return self.model_class.from_pretrained(
             path, num_labels=num_labels, local_files_only=True,
             ignore_mismatched_sizes=True)  # a local checkpoint's own head is replaced
 
@@ -193,6 +197,7 @@ class CausalLM(Task):
     """A decoder on next-token prediction; its LM head and embeddings stay frozen."""
 
     name = "causal-lm"
+    model_class = AutoModelForCausalLM
     peft_task_type = TaskType.CAUSAL_LM
     head_modules = None
     writes_generations = True
@@ -203,7 +208,7 @@ class CausalLM(Task):
 
     def load_model(self, path, *, num_labels: int) -> nn.Module:
         """``AutoModelForCausalLM`` (``num_labels`` is unused)."""
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        return self.model_class.from_pretrained(path, local_files_only=True)
 
     def encode(self, dataset: Dataset, tokenizer: PreTrainedTokenizerBase,
                max_length: int) -> TensorDataset:

@@ -71,6 +71,7 @@ from common.config import (
 from privacy.accounting import HistoryEntry, calibrate_noise, epsilon_of
 from privacy.census import census_entry
 from privacy.policy import check_delta, sample_rate
+from privacy.reach import reach_problem, shortfall
 from privacy.recommend import describe, fitted_batch, recommend
 from privacy.trials import plan_trials, trials_table
 
@@ -81,7 +82,8 @@ CHOSEN_BY_RECOMMEND = ("--batch-size", "--local-steps", "--rounds", "--batch-siz
 # run-config key of a value training checks -> the flag of this command line that sets it
 FLAGS = {"privacy.epsilon": "--epsilon", "privacy.delta": "--delta",
          "privacy.accountant": "--accountant", "train.local-steps": "--local-steps",
-         "train.batch-size": "--batch-size", "strategy.num-rounds": "--rounds"}
+         "train.batch-size": "--batch-size", "strategy.num-rounds": "--rounds",
+         "privacy.trials": "--trials"}
 
 
 @dataclass(frozen=True)
@@ -168,8 +170,13 @@ def plan_noise(epsilon: float, schedule: Schedule, delta: float) -> float:
     if math.isinf(epsilon):
         return 0.0
     if not s.amplification:
+        steps = s.rounds * s.local_steps
+        if short := shortfall(epsilon, delta=delta, sample_rate=s.sample_rate, steps=steps,
+                              accountant=s.accountant, spent=s.spent):
+            raise ValueError(f"epsilon={epsilon:g} is out of reach of {steps} steps at q = "
+                             f"{s.sample_rate:.4g}: {short.reason()}")
         return calibrate_noise(target_epsilon=epsilon, target_delta=delta,
-                               sample_rate=s.sample_rate, steps=s.rounds * s.local_steps,
+                               sample_rate=s.sample_rate, steps=steps,
                                accountant=s.accountant, spent=s.spent)
 
     def spent(sigma: float) -> float:
@@ -204,9 +211,13 @@ def _check_delta(delta: float) -> None:
 
 
 def _as_flag(problem: str) -> str:
-    """``privacy.delta=0.5: must be ...`` (common.config's form) -> ``--delta 0.5: must be ...``."""
-    key, _, rest = problem.partition("=")
-    return f"{FLAGS[key]} {rest}" if key in FLAGS else problem
+    """``privacy.delta=0.5: must be ...`` (common.config's form) -> ``--delta 0.5: must be ...``.
+
+    Every key of :data:`FLAGS` in ``problem`` becomes its flag.
+    """
+    for key, flag in FLAGS.items():
+        problem = problem.replace(f"{key}=", f"{flag} ").replace(key, flag)
+    return problem
 
 
 @dataclass(frozen=True)
@@ -244,12 +255,14 @@ def cli_problems(args: argparse.Namespace) -> list[str]:
     :meth:`~common.config.TrainConfig.problems`, ``strategy.num-rounds``,
     `privacy.policy.check_delta` (δ < 1/n, checked by clients only when ε is finite:
     here for a finite ``--epsilon`` or a ``--sigma`` > 0) and
-    :func:`common.config.fewer_than_one_batch` (at least one batch of examples). Plus what only
+    :func:`common.config.fewer_than_one_batch` (at least one batch of examples), and a budget
+    that no σ meets (:func:`privacy.reach.reach_problem`, without amplification). Plus what only
     the planner takes: ``--sigma`` finite and >= 0, ``--participation`` in (0, 1].
     """
     epsilon = math.inf if args.epsilon is None else args.epsilon
-    problems = [*PrivacyConfig(epsilon=epsilon, delta=args.delta,
-                               accountant=args.accountant).problems(),
+    privacy = PrivacyConfig(epsilon=epsilon, delta=args.delta, accountant=args.accountant,
+                            trials=max(args.trials or [1]))
+    problems = [*privacy.problems(),
                 *TrainConfig(local_steps=args.local_steps, batch_size=args.batch_size).problems(),
                 *StrategyConfig(num_rounds=args.rounds).problems()]
     problems = [_as_flag(p) for p in problems]
@@ -263,7 +276,19 @@ def cli_problems(args: argparse.Namespace) -> list[str]:
     private = math.isfinite(epsilon) if args.sigma is None else args.sigma > 0
     if private:
         problems += _delta_problems(args.delta, args.examples)
+    if not problems and args.sigma is None and not args.amplification:
+        problems += _reach_problems(args, privacy)
     return problems
+
+
+def _reach_problems(args: argparse.Namespace, privacy: PrivacyConfig) -> list[str]:
+    """Training's refusal of a budget no σ meets (:func:`privacy.reach.reach_problem`), by flag."""
+    sigma_c = args.census_noise_multiplier
+    census = [census_entry(sigma_c)] if math.isfinite(sigma_c) and sigma_c > 0 else []
+    problem = reach_problem(privacy, rounds=args.rounds, local_steps=args.local_steps,
+                            batch_size=args.batch_size, num_examples=args.examples,
+                            census=census, where="this client")
+    return [_as_flag(problem)] if problem else []
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -332,7 +357,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     # so the plan matches what they will report.
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
     if args.batch_sizes:
-        print_batch_options(args)
+        try:
+            print_batch_options(args)
+        except ValueError as exc:  # an option's budget out of reach (plan_noise)
+            parser.error(str(exc))
         return
     if args.trials:
         print_trials(args)

@@ -15,13 +15,13 @@ itself is valid, so that :func:`refusal` reports a bad key in about a second.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common import schema
-from common.config import RUN_LEDGER_DIR, AppConfig
-from common.model_path import resolve_model_path
+from common.config import RUN_LEDGER_DIR, AppConfig, ConfigError
 from common.run_config import app_run_config
 
 if TYPE_CHECKING:
@@ -81,20 +81,23 @@ def remove_path(path: Path) -> bool:
 
 
 def check_run(cfg: AppConfig, *, num_partitions: int | None = None) -> Corpus:
-    """Check the device, load and check the data, δ, the model and results folders; the corpus.
+    """Check the device, the model, the data, δ, the budget, the results folder; the corpus.
 
     ``num_partitions`` (known in simulation: the number of SuperNodes): also refuse any
-    partition too small to train. In a deployment each client checks its own partition and
-    device.
+    partition too small to train, and a budget its smallest partition cannot be calibrated
+    for. In a deployment each client checks its own partition and device.
     """
     from common.data import check_partitions, load_corpus
     from common.devices import resolve_device
     from common.model import load_tokenizer
+    from common.model_checks import check_model
     from privacy.census import check_census_budget
     from privacy.policy import check_delta
+    from privacy.reach import check_reachable
 
     resolve_device(cfg.model.device)  # model.device='cuda' without a GPU: ValueError
-    resolve_model_path(cfg.model)
+    check_model(cfg.model, cfg.lora)
+    check_output_writable(cfg)
     corpus = load_corpus(cfg.data, cfg.seed)
     if cfg.lora.head_init == "class-names":  # classification only (AppConfig checks)
         check_class_names(corpus.label_names, load_tokenizer(cfg.model))
@@ -102,10 +105,39 @@ def check_run(cfg: AppConfig, *, num_partitions: int | None = None) -> Corpus:
     if cfg.privacy.is_private:  # each client checks its own partition again
         check_delta(cfg.privacy.delta, len(corpus.train), "the whole training split")
     check_census_budget(cfg)
-    if num_partitions is not None:
-        check_partitions(cfg.data, cfg.seed, num_partitions, cfg.train.batch_size)
+    if num_partitions is None:
+        check_reachable(cfg, len(corpus.train), "the whole training split")
+    else:
+        sizes = check_partitions(cfg.data, cfg.seed, num_partitions, cfg.train.batch_size)
+        smallest = min(range(num_partitions), key=sizes.__getitem__)
+        check_reachable(cfg, sizes[smallest],
+                        f"partition {smallest} of {num_partitions}, the smallest")
     check_output_folder(cfg.results_folder, cfg)
     return corpus
+
+
+def check_output_writable(cfg: AppConfig) -> None:
+    """Refuse (ConfigError) an ``output.dir`` under which the run's folder cannot be made.
+
+    The run's folder, or else the nearest of its parents that exists, must be a folder in
+    which this process can create one (tried: a temporary folder is made there and removed).
+    """
+    folder = cfg.results_folder
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    why = (f"{existing} is a file, not a folder" if not existing.is_dir() else
+           _cannot_create_in(existing))
+    if why:
+        raise ConfigError([f"output.dir={cfg.output.dir!r}: the run's folder {folder} cannot "
+                           f"be made: {why}; set output.dir to a folder you can write"])
+
+
+def _cannot_create_in(folder: Path) -> str | None:
+    """Why a folder cannot be created in ``folder`` (the OS's reason), or None."""
+    try:
+        Path(tempfile.mkdtemp(prefix=".fedsvd-check-", dir=folder)).rmdir()
+    except OSError as exc:
+        return f"no folder can be created in {folder} ({exc.strerror})"
+    return None
 
 
 def check_class_names(label_names: tuple[str, ...], tokenizer: PreTrainedTokenizerBase) -> None:

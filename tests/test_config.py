@@ -122,3 +122,23 @@ def test_default_run_names_differ_between_experiments_and_not_with_output_settin
 def test_resume_and_overwrite_together_are_refused():
     with pytest.raises(ConfigError, match="output.overwrite=True: cannot be combined"):
         AppConfig.from_run_config({"output.resume": True, "output.overwrite": True})
+
+
+def test_a_negative_seed_is_refused_naming_the_key():
+    with pytest.raises(ConfigError) as caught:
+        AppConfig.from_run_config({"seed": -1})
+    assert caught.value.problems == [
+        "seed=-1: must be an integer >= 0 (numpy and the partitioners take no negative seed)"]
+    with pytest.raises(ConfigError, match=r"seed='3': expected int"):
+        AppConfig.from_run_config({"seed": "3"})
+
+
+def test_control_characters_in_any_string_value_are_refused_naming_each_key():
+    with pytest.raises(ConfigError) as caught:
+        AppConfig.from_run_config({"output.run-name": "a\nb", "data.labels": "x\ty,\x7f",
+                                   "data.source": "20newsgroups"})
+    assert caught.value.problems == [
+        "data.labels='x\\ty,\\x7f': holds the control character(s) U+0009, U+007F; a "
+        "run-config string is plain text",
+        "output.run-name='a\\nb': holds the control character(s) U+000A; a run-config string "
+        "is plain text"]

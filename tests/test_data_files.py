@@ -136,3 +136,17 @@ def test_the_client_refuses_its_own_partition_when_too_small(tiny_run_config, tm
                **{"train.batch-size": 32})
     with pytest.raises(DataError, match="partition 5 of 8"):
         t.load_local_data(cfg, 5, 8)
+
+
+def test_a_class_with_a_single_example_is_refused_naming_it_and_the_file(tiny_run_config,
+                                                                        tmp_path):
+    once = _csv(tmp_path, "text,label\n" + _rows(200) + "the only one,solo\n", "once.csv")
+    with pytest.raises(DataError) as caught:
+        load_corpus(_cfg(tiny_run_config, once, **{"data.test-source": str(once)}).data, 0)
+    assert caught.value.problems == [
+        f"data.source='{once}': the class 'solo' (data.label-column) has 1 example(s) in the "
+        "training split and 1 in the test split; a class needs at least 2 training examples: "
+        "add examples of it, drop it (data.labels), or merge it into another class "
+        "(data.label-groups)"]
+    kept = _cfg(tiny_run_config, once, **{"data.labels": "a,b"})  # dropping it is the fix
+    assert load_corpus(kept.data, 0).label_names == ("a", "b")

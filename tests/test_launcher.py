@@ -3,17 +3,24 @@
 import contextlib
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from common.config import AppConfig
+from common.config import AppConfig, ConfigError
 from common.run_config import override_text
 from deploy import local as deploy_local
 from server.checkpoint import CHECKPOINT_FILE
-from server.preflight import RESULT_FILES, OutputExists, check_output_folder, clear_results
+from server.preflight import (
+    RESULT_FILES,
+    OutputExists,
+    check_output_folder,
+    check_output_writable,
+    clear_results,
+)
 from simulations import run as sim_run
 from simulations import sweep
 from simulations.launch.superlink import flwr_run
@@ -69,6 +76,28 @@ def test_a_folder_with_results_is_refused_unless_resume_or_overwrite(tiny_run_co
     assert sim_run.main([*base, "--run-config", "output.resume=true"]) == 2
     assert f"no checkpoint at {folder / CHECKPOINT_FILE}" in capsys.readouterr().err
     assert (folder / "metrics.csv").read_text() == "round\n0\n"
+
+
+def test_an_output_dir_that_cannot_be_made_is_refused_naming_it(tiny_run_config, tmp_path,
+                                                                capsys, monkeypatch):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    argv = ["--results-dir", str(a_file / "results"), "--num-supernodes", "3", "--run-config",
+            *_tiny_overrides(tiny_run_config, **{"output.run-name": "r"})]
+    assert sim_run.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-2] == (
+        f"  output.dir='{a_file / 'results'}': the run's folder {a_file / 'results' / 'r'} "
+        f"cannot be made: {a_file} is a file, not a folder; set output.dir to a folder you can "
+        "write")
+
+    def read_only(**_kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)  # root may write to any mode
+    cfg = AppConfig.from_run_config({**tiny_run_config, "output.dir": str(tmp_path / "ro")})
+    with pytest.raises(ConfigError, match=rf"cannot be made: no folder can be created in "
+                                          rf"{tmp_path} \(Permission denied\)"):
+        check_output_writable(cfg)
 
 
 def test_overwrite_removes_only_what_a_run_writes(tiny_run_config, tmp_path):

@@ -1,13 +1,15 @@
 """The privacy planner against Opacus' own accountants and noise calibration."""
 
 import math
+import time
 
 import pytest
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
-from common.config import ConfigError
+from common.config import AppConfig, ConfigError
+from privacy.accounting import epsilon_of
 from privacy.planning import (
     ORDERS,
     Schedule,
@@ -17,6 +19,7 @@ from privacy.planning import (
     plan_noise,
 )
 from privacy.policy import check_delta, sample_rate
+from privacy.reach import LARGEST_NOISE, check_reachable, shortfall
 
 DELTA = 1e-5
 
@@ -253,3 +256,51 @@ def test_a_census_plan_is_what_a_client_calibrates_after_its_census(capsys):
 def test_cli_refuses_a_census_it_cannot_plan(capsys, extra, message):
     code, last = refusal(capsys, "--epsilon", "3", "--examples", "1885", *extra)
     assert code == 2 and message in last, last
+
+
+def test_a_budget_below_what_any_sigma_reaches_is_refused_in_seconds_with_what_it_reaches(capsys):
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exc:
+        main(["--epsilon", "0.0001", "--examples", "10", "--batch-size", "5"])
+    assert exc.value.code == 2 and time.monotonic() - start < 5  # Opacus alone: about 70 s
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (
+        "python -m privacy.planning: error: --epsilon 0.0001 is out of reach of --rounds 5 × "
+        "--local-steps 5 steps at q = 0.5 (this client, 10 training examples, --batch-size 5): "
+        f"even σ = {LARGEST_NOISE:g}, the most noise calibration tries, spends ε = 0.1029 "
+        "(rdp, δ = 1e-05): no σ at all spends less than 0.1029 under rdp at δ = 1e-05; raise "
+        "--epsilon above 0.1029 (or --delta), or use --accountant 'prv'")
+
+
+def test_the_reach_of_a_schedule_is_where_opacus_calibration_gives_up():
+    # Opacus tries σ = 20, 40, ..., 655360 and gives up past MAX_SIGMA = 1e6
+    assert LARGEST_NOISE == 655360.0
+    steps = 5 * 10**9  # at q = 1: the Gaussian bound is exact, and well above the floor
+    short = shortfall(0.2, delta=DELTA, sample_rate=1.0, steps=steps)
+    assert short is not None and not short.no_sigma
+    assert short.least == pytest.approx(epsilon_of("rdp", [(LARGEST_NOISE, 1.0, steps)], DELTA))
+    assert short.reason().endswith(f"it would need σ > {LARGEST_NOISE:g}")
+    with pytest.raises(ValueError, match="The privacy budget is too low"):
+        get_noise_multiplier(target_epsilon=0.2, target_delta=DELTA, sample_rate=1.0,
+                             steps=steps)
+    reachable = short.least * 1.01
+    assert shortfall(reachable, delta=DELTA, sample_rate=1.0, steps=steps) is None
+    assert get_noise_multiplier(target_epsilon=reachable, target_delta=DELTA, sample_rate=1.0,
+                                steps=steps) <= LARGEST_NOISE
+    # ten million rounds of the default schedule are within reach: σ is large, not infinite
+    assert shortfall(6.0, delta=DELTA, sample_rate=1 / 24, steps=5 * 10**7) is None
+
+
+def test_a_run_whose_budget_no_sigma_meets_is_refused_naming_the_keys():
+    cfg = AppConfig.from_run_config({"privacy.epsilon": 0.05})
+    with pytest.raises(ConfigError) as caught:
+        check_reachable(cfg, 1598, "partition 1 of 6, the smallest")
+    assert caught.value.problems == [
+        "privacy.epsilon=0.05 is out of reach of strategy.num-rounds=5 × train.local-steps=5 "
+        "steps at q = 0.04 (partition 1 of 6, the smallest, 1598 training examples, "
+        f"train.batch-size=64): even σ = {LARGEST_NOISE:g}, the most noise calibration tries, "
+        "spends ε = 0.1029 (rdp, δ = 1e-05): no σ at all spends less than 0.1029 under rdp at "
+        "δ = 1e-05; raise privacy.epsilon above 0.1029 (or privacy.delta), or use "
+        "privacy.accountant='prv'"]
+    check_reachable(AppConfig(), 1598, "partition 1 of 6")  # the default run: fine
+    check_reachable(AppConfig.from_run_config({"privacy.epsilon": math.inf}), 1, "any")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from common.config import ConfigError
+from common.config import AppConfig, ConfigError
 from common.run_config import run_config_args
 
 CONF = Path(__file__).resolve().parent.parent / "simulations" / "conf"
@@ -43,12 +43,18 @@ def test_values_flwr_cannot_take_are_refused_with_the_key(tmp_path):
         run_config_args([str(conf)])
 
 
-def test_an_unquoted_string_override_is_refused_naming_that_pair_only():
+@pytest.mark.parametrize(("text", "problem"), [
+    ("data.validation-fraction=0.1 lora.head-init=class-names seed=3",
+     "--run-config 'lora.head-init=class-names': not a k=v pair flwr can read (a string value "
+     'needs double quotes: key="text"; numbers and true/false go bare)'),
+    ("sëed=1 lora.r=4",  # a key TOML cannot read bare is named as a key, not as a value
+     "--run-config 'sëed=1': 'sëed' is not a run-config key (keys are ASCII letters, digits, "
+     "'-' and '_', joined by '.': lora.r); did you mean seed?"),
+], ids=["unquoted-string", "non-ascii-key"])
+def test_an_unreadable_pair_is_refused_naming_that_pair_only(text, problem):
     with pytest.raises(ConfigError) as refused:
-        run_config_args(["data.validation-fraction=0.1 lora.head-init=class-names seed=3"])
-    assert refused.value.problems == [
-        "--run-config 'lora.head-init=class-names': not a k=v pair flwr can read (a string "
-        'value needs double quotes: key="text"; numbers and true/false go bare)']
+        run_config_args([text])
+    assert refused.value.problems == [problem]
 
 
 def test_the_sweep_refuses_an_unreadable_override_with_exit_2_and_runs_nothing(capsys):
@@ -63,3 +69,13 @@ def test_the_sweep_refuses_an_unreadable_override_with_exit_2_and_runs_nothing(c
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert "'lora.head-init=class-names'" in err[-2] and "nothing was run" in err[-1]
+
+
+def test_a_control_character_in_a_string_reads_back_and_is_refused_naming_the_key():
+    args = run_config_args([r'data.labels="a\x01b" seed=1'])
+    assert parse_config_args(args) == {"data.labels": "a\x01b", "seed": 1}  # written back escaped
+    with pytest.raises(ConfigError) as refused:
+        AppConfig.from_run_config(parse_config_args(args))
+    assert refused.value.problems == [
+        "data.labels='a\\x01b': holds the control character(s) U+0001; a run-config string is "
+        "plain text"]
