@@ -54,7 +54,7 @@ import argparse
 import copy
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -317,10 +317,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--census-noise-multiplier", type=float, default=0.0, metavar="SIGMA_C",
                         help="the client answers a DP label census first (data.class-prior="
                              "'census'; privacy.census-noise-multiplier, e.g. 10); 0: none")
-    parser.add_argument("--batch-sizes", type=_sizes, metavar="B,B,...",
+    parser.add_argument("--batch-sizes", type=_positive_integers("batch sizes"),
+                        metavar="B,B,...",
                         help="with --epsilon: compare these expected batch sizes at the compute "
                              "per round of --batch-size x --local-steps")
-    parser.add_argument("--trials", type=_trial_counts, metavar="K,K,...",
+    parser.add_argument("--trials", type=_positive_integers("each number of trials"),
+                        metavar="K,K,...",
                         help="with --epsilon: σ when K runs of this schedule share the budget "
                              "(privacy.trials = K, learning-rate tuning), against one run's")
     parser.add_argument("--recommend", action="store_true",
@@ -444,16 +446,6 @@ def _delta_problems(delta: float, examples: int) -> list[str]:
     return []
 
 
-def _trial_counts(text: str) -> list[int]:
-    try:
-        counts = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers") from None
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: each number of trials must be >= 1")
-    return counts
-
-
 def _trials_problems(args: argparse.Namespace) -> list[str]:
     """What ``--trials`` is not combined with: it plans σ for a budget, without amplification."""
     if not args.trials:
@@ -484,14 +476,17 @@ def print_trials(args: argparse.Namespace) -> None:
     print("\n".join(trials_table(plans)))
 
 
-def _sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes must be >= 1")
-    return sizes
+def _positive_integers(what: str) -> Callable[[str], list[int]]:
+    """An argparse type: comma-separated integers >= 1 (``what`` names them in the refusal)."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers") from None
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: {what} must be >= 1")
+        return values
+    return parse
 
 
 def print_batch_options(args: argparse.Namespace) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import tomllib
 from pathlib import Path
 
@@ -109,3 +110,12 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     yield
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+@pytest.fixture()
+def supernode(monkeypatch, tmp_path):
+    """This process as a SuperNode's ClientApp process: ``flwr-clientapp``, its own FLWR_HOME."""
+    home = tmp_path / "flwr-home"
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "bin" / "flwr-clientapp"), "--insecure"])
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    return home

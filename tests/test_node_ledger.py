@@ -23,15 +23,6 @@ from tests.helpers import global_arrays, train_message
 from tests.test_client import NODE
 
 
-@pytest.fixture()
-def supernode(monkeypatch, tmp_path):
-    """This process as a SuperNode's ClientApp process: ``flwr-clientapp``, its own FLWR_HOME."""
-    home = tmp_path / "flwr-home"
-    monkeypatch.setattr(sys, "argv", [str(tmp_path / "bin" / "flwr-clientapp"), "--insecure"])
-    monkeypatch.setenv("FLWR_HOME", str(home))
-    return home
-
-
 def _context(run_config: dict, run_id: int, **node_config) -> Context:
     """A node's context in run ``run_id``, as a fresh (or restarted) SuperNode has it."""
     return Context(run_id=run_id, node_id=1, node_config={**NODE, **node_config},

@@ -2,7 +2,6 @@
 
 import math
 import re
-import sys
 
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -206,15 +205,6 @@ def test_the_documented_sigma_multipliers_are_the_planners():
 
 
 # --- through the ClientApp: a SuperNode's ledger file spans the K trials -----------------------
-
-
-@pytest.fixture()
-def supernode(monkeypatch, tmp_path):
-    """This process as a SuperNode's ClientApp process, with its own FLWR_HOME."""
-    home = tmp_path / "flwr-home"
-    monkeypatch.setattr(sys, "argv", [str(tmp_path / "bin" / "flwr-clientapp"), "--insecure"])
-    monkeypatch.setenv("FLWR_HOME", str(home))
-    return home
 
 
 def test_k_trials_on_a_supernode_share_its_budget_and_the_next_run_is_refused(
