@@ -53,6 +53,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.task_kinds import CLASSIFICATION, TASK_KINDS, TASK_NAMES
+
 MODES = ("none", "hooks", "ghost", "hooks+trim", "hooks+eval", "hooks+eval+lora0", "default",
          "hooks+bf16", "default+bf16")
 REFERENCE = "hooks"
@@ -65,7 +67,7 @@ def task_config(task: str):
     from common.config import AppConfig
     from common.run_config import app_run_config
 
-    if task == "classification":
+    if TASK_KINDS[task].is_classification:
         return AppConfig()
     return AppConfig.from_run_config(app_run_config(ROOT, [str(CAUSAL_LM_CONF)]))
 
@@ -79,7 +81,7 @@ def real_batch(task: str, batch_size: int, max_length: int):
     from common.tasks import TASKS
 
     cfg = task_config(task)
-    corpus = load_corpus(cfg.data, cfg.seed)
+    corpus = load_corpus(cfg.data, cfg.seed, cfg.model.task_kind)
     index = torch.randperm(len(corpus.train), generator=torch.Generator().manual_seed(0))
     texts = corpus.train.select(index[:batch_size].tolist())
     encoded = TASKS[task].encode(texts, load_tokenizer(cfg.model), max_length)
@@ -87,7 +89,7 @@ def real_batch(task: str, batch_size: int, max_length: int):
 
 
 def build(mode: str, batch_size: int, device: str, max_length: int,
-          task: str = "classification"):
+          task: str = CLASSIFICATION.name):
     """Model, private wrapper and the batch of one mode."""
     import dataclasses
 
@@ -135,7 +137,7 @@ def step(private, batch, dtype, device: str) -> None:
 
 
 def run_mode(mode: str, batch_size: int, steps: int, device: str, max_length: int,
-             task: str = "classification") -> dict:
+             task: str = CLASSIFICATION.name) -> dict:
     """Time ``steps`` steps of one mode in this process (after two warm-up steps)."""
     import torch
 
@@ -164,7 +166,7 @@ def auto_mode(device: str) -> str:
 
 
 def run_concurrent_child(batch_size: int, steps: int, device: str, max_length: int,
-                         threads: int, task: str = "classification") -> dict:
+                         threads: int, task: str = CLASSIFICATION.name) -> dict:
     """Build the auto mode with ``threads`` torch threads, say ready, wait for a line, time."""
     import torch
 
@@ -200,7 +202,7 @@ def concurrent_rate(clients: int, threads: int, args: argparse.Namespace) -> flo
 
 
 def step_flops(batch_size: int, device: str, max_length: int,
-               task: str = "classification") -> float:
+               task: str = CLASSIFICATION.name) -> float:
     """FLOPs of one float32 DP-SGD step (hooks), counted by torch's flop counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -236,8 +238,7 @@ def matmul_peak(device: str) -> dict[str, float]:
 def main() -> None:
     """Run every mode in a subprocess and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=("classification", "causal-lm"),
-                        default="classification",
+    parser.add_argument("--task", choices=TASK_NAMES, default=CLASSIFICATION.name,
                         help="the default run's model and data, or those of "
                              "simulations/conf/causal-lm.toml (SmolLM2-135M)")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -312,7 +313,7 @@ def main() -> None:
     results = {mode: child(mode) for mode in modes if mode not in skipped}
     bound = child("flops")
     base = results[REFERENCE]["median_s"] if REFERENCE in results else None
-    what = ("MiniLM + LoRA r=8 (q, v) + head" if args.task == "classification" else
+    what = ("MiniLM + LoRA r=8 (q, v) + head" if TASK_KINDS[args.task].is_classification else
             "SmolLM2-135M (dequantized Q4_1) + LoRA r=8 (q_proj, v_proj), causal LM")
     print(f"{what}, batch {args.batch_size} real 20 Newsgroups texts, "
           f"max length {args.max_length}, device {args.device}, torch {torch.__version__}, "

@@ -10,7 +10,7 @@ with C = 2, q_k = 1 / ⌈n_k / 32⌉, and σ_k the noise multiplier a client of 
 calibrates for ε = 6, δ = 1e-5 over 100 steps (exactly as :mod:`privacy.policy` does). The
 signal s per step is a fixed random direction whose norm makes the per-step noise-to-signal
 ratio of the LoRA factors 30 (the low end of the 31–72 measured on the default run,
-docs/experiments.md, "DP diagnostics") and of the head 10 (it takes most of the clipped
+experiments/sweep-small, its DP diagnostics) and of the head 10 (it takes most of the clipped
 norm). ``sent`` is the global state at round 1 (B = 0) or after ``rounds_before`` rounds of
 averaged updates of 3 clients.
 """
@@ -41,7 +41,7 @@ LAYERS = [f"enc.{i}.{name}" for i in range(6) for name in ("query", "value")]
 D, R, CLASSES = 384, 8, 20
 HEAD_W, HEAD_B = contract.head_key("classifier.weight"), contract.head_key("classifier.bias")
 LR, CLIP, BATCH, STEPS, ROUNDS, EPSILON, DELTA = 1.0, 2.0, 32, 10, 10, 6.0, 1e-5
-NSR_LORA, NSR_HEAD = 30.0, 10.0  # per-step noise-to-signal ratios (docs/experiments.md)
+NSR_LORA, NSR_HEAD = 30.0, 10.0  # per-step noise-to-signal ratios (experiments/sweep-small)
 
 
 def b_key(module: str) -> str:

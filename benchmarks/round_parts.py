@@ -147,7 +147,7 @@ def start_up(flat: dict, *, partition: int, num_partitions: int, repeats: int,
                 "", []).append(import_seconds("client.app"))
         clear_data_caches()
         with timed(samples, "load corpus (each process, once)"):
-            load_corpus(cfg.data, cfg.seed)
+            load_corpus(cfg.data, cfg.seed, cfg.model.task_kind)
         clear_data_caches()
         with timed(samples, f"launcher: preflight (corpus, {num_partitions} partitions)"):
             preflight(flat, num_partitions=num_partitions)

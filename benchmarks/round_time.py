@@ -43,8 +43,9 @@ import warnings
 from pathlib import Path
 
 from benchmarks import round_parts as rp
+from common.config import COMPUTE_DTYPES
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = tuple(d for d in COMPUTE_DTYPES if d != "auto")  # the dtypes a run can compute in
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 
 

@@ -138,9 +138,10 @@ def _census(msg: Message, context: Context, cfg: AppConfig, *, spans_runs: bool)
         raise ValueError("this run has no census (data.class-prior is not 'census'): this node "
                          "sends no label counts")
     partition_id, num_partitions = t.node_partition(context)
-    train, _ = load_partition(cfg.data, cfg.seed, partition_id, num_partitions)
+    task = cfg.model.task_kind  # a classification one: a census needs labels (AppConfig)
+    train, _ = load_partition(cfg.data, cfg.seed, partition_id, num_partitions, task)
     ledger = _count_census(cfg, context, partition_id, spans_runs=spans_runs)
-    counts = noisy_label_counts(train["label"], load_corpus(cfg.data, cfg.seed).num_labels,
+    counts = noisy_label_counts(train["label"], load_corpus(cfg.data, cfg.seed, task).num_labels,
                                 cfg.privacy.census_noise)
     metrics = MetricRecord({contract.PARTITION_ID: partition_id,
                             contract.EPSILON: ledger.epsilon(cfg.privacy.delta)

@@ -78,8 +78,9 @@ def load_local_data(cfg: AppConfig, partition_id: int, num_partitions: int) -> L
 
     Raise :class:`common.data_files.DataError` if the partition is too small to train.
     """
-    corpus = load_corpus(cfg.data, cfg.seed)
-    train, test = load_partition(cfg.data, cfg.seed, partition_id, num_partitions)
+    corpus = load_corpus(cfg.data, cfg.seed, cfg.model.task_kind)
+    train, test = load_partition(cfg.data, cfg.seed, partition_id, num_partitions,
+                                 cfg.model.task_kind)
     if problem := partition_problem(cfg.data, len(train), partition_id, num_partitions,
                                     cfg.train.batch_size,
                                     value=partition_value(corpus, partition_id)):

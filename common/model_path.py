@@ -32,7 +32,7 @@ def resolve_model_path(cfg: ModelConfig) -> Path:
     """Return the local model folder of ``cfg`` (a GGUF file: its dequantized folder)."""
     if cfg.path:
         path = Path(cfg.path).expanduser()
-    elif cfg.task == "causal-lm":
+    elif not cfg.task_kind.is_classification:
         path = default_lm_file()
     else:
         try:

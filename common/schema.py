@@ -19,6 +19,12 @@ The strategy produces the training columns of a round (:class:`RoundTrainingMetr
 server's evaluator adds the evaluation columns and writes the row; summaries, the sweep's
 records and reports and the plots read the columns by these names. The keys that are also
 message keys (:mod:`common.contract`) are the same strings.
+
+The sweep's tables (:mod:`simulations.reports`) name their columns here too
+(:data:`TABLE_COLUMNS`): a record's ``cells/<run>.csv`` (the run's settings, then its
+``metrics.csv``), the tidy ``sweep.csv`` (one row per run per round: the settings and the
+metrics, each metric by its :func:`tidy_name`) and ``summary.csv`` / ``paired.csv`` (one row
+per group of runs: the group's settings and its statistics over the runs).
 """
 
 from __future__ import annotations
@@ -113,6 +119,51 @@ COLUMNS: tuple[Column, ...] = (
 )
 COLUMN_NAMES = tuple(c.name for c in COLUMNS)
 TRAINING_COLUMNS = COLUMN_NAMES[COLUMN_NAMES.index(TRAIN_LOSS):]  # from the strategy
+
+RUN = "run"
+METHOD = "method"
+EPSILON_BUDGET = "epsilon"  # the run's privacy.epsilon, not a client's spent ε (contract.EPSILON)
+ALPHA = "alpha"
+SEED = "seed"
+LEARNING_RATE = "learning_rate"
+NUM_ROUNDS = "num_rounds"
+SETTINGS = "settings"
+COMPUTE_DTYPE = "compute_dtype"
+N_RUNS = "n"
+MEAN = "mean"
+SD = "sd"
+CI95 = "ci95"
+
+# name: (type, meaning); a dict here, so that it reads as the table of names it is
+_TABLE_MEANINGS: dict[str, tuple[type, str]] = {
+    RUN: (str, "the run's name (a sweep cell's: <method>-eps<ε>-a<α>-seed<s>)"),
+    METHOD: (str, "strategy.name"),
+    EPSILON_BUDGET: (float, "privacy.epsilon: each client's ε budget (inf: no DP)"),
+    ALPHA: (float, "data.dirichlet-alpha of the partition"),
+    SEED: (int, "seed"),
+    LEARNING_RATE: (float, "train.learning-rate"),
+    NUM_ROUNDS: (int, "strategy.num-rounds: the round whose row is the run's final one"),
+    SETTINGS: (str, "8 hex digits of the settings the runs of one table share "
+               "(simulations.reports.records.settings_digest)"),
+    COMPUTE_DTYPE: (str, "the precision the frozen encoder computed in "
+                    "(environment.json), or unrecorded"),
+    N_RUNS: (int, "summary: runs (seeds) in the group"),
+    MEAN: (float, "summary: mean final accuracy of the group's runs (paired: mean "
+           "difference, the reference minus the method)"),
+    SD: (float, "summary: standard deviation over the group's runs (n − 1)"),
+    CI95: (float, "summary: half-width of the 95 % Student t interval of the mean"),
+}
+TABLE_COLUMNS: tuple[Column, ...] = tuple(
+    Column(name, kind, meaning) for name, (kind, meaning) in _TABLE_MEANINGS.items())
+TABLE_COLUMN_NAMES = tuple(c.name for c in TABLE_COLUMNS)
+
+
+def tidy_name(column: str) -> str:
+    """A metrics.csv column's name in the sweep's tables: ``-`` as ``_`` (``wall_seconds``).
+
+    Each is then a Python identifier, as pandas' ``itertuples`` needs.
+    """
+    return column.replace("-", "_")
 
 
 def ordered_columns(rows: list[Mapping[str, object]]) -> list[str]:

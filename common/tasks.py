@@ -36,6 +36,7 @@ from transformers import (
 
 from common import schema
 from common.class_prior import adjusted_decisions
+from common.task_kinds import CAUSAL_LM, CLASSIFICATION, TaskKind
 
 IGNORED = -100  # a label out of the loss: prompt tokens and padding
 
@@ -109,19 +110,24 @@ class SequenceCrossEntropy(nn.Module):
 class Task:
     """One task's pieces; :data:`TASKS` holds one instance per ``model.task``.
 
-    ``name`` is the ``model.task`` value, ``model_class`` the transformers auto class that
-    loads the pretrained model (or builds it from its config), ``peft_task_type`` peft's task
-    type of the LoRA model (None: a plain ``PeftModel``), ``head_modules`` the new modules
-    saved with the adapter (a classification head), or None; ``writes_generations``: whether a
-    finished run saves samples of the model's own text beside its adapter
-    (``server.generations``).
+    ``kind`` is its :class:`common.task_kinds.TaskKind` (``name``: the ``model.task`` value),
+    ``model_class`` the transformers auto class that loads the pretrained model (or builds it
+    from its config), ``peft_task_type`` peft's task type of the LoRA model (None: a plain
+    ``PeftModel``), ``head_modules`` the new modules saved with the adapter (a classification
+    head), or None; ``writes_generations``: whether a finished run saves samples of the model's
+    own text beside its adapter (``server.generations``).
     """
 
-    name: str
+    kind: TaskKind
     model_class: type
     peft_task_type: TaskType | None
     head_modules: list[str] | None
     writes_generations: bool = False
+
+    @property
+    def name(self) -> str:
+        """The ``model.task`` value of this task."""
+        return self.kind.name
 
     def loss_metrics(self, loss: float) -> dict[str, float]:
         """What an evaluation reports beside its mean ``loss`` and accuracy, from the loss."""
@@ -149,7 +155,7 @@ class Task:
 class Classification(Task):
     """A sequence classifier: encoder + new head; one label per text."""
 
-    name = "classification"
+    kind = CLASSIFICATION
     model_class = AutoModelForSequenceClassification
     peft_task_type = None  # a plain PeftModel; peft's SEQ_CLS would add heads of its own
     head_modules = ["classifier"]  # the newly initialised sequence-classification head
@@ -196,7 +202,7 @@ class Classification(Task):
 class CausalLM(Task):
     """A decoder on next-token prediction; its LM head and embeddings stay frozen."""
 
-    name = "causal-lm"
+    kind = CAUSAL_LM
     model_class = AutoModelForCausalLM
     peft_task_type = TaskType.CAUSAL_LM
     head_modules = None

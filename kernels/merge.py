@@ -13,7 +13,7 @@ bases, QR the residuals and take the SVD of a (k + r) × (k + r) core.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ from kernels.lowrank import check_finite, check_pair, lowrank_svd, work_dtype
 from kernels.refactor import refactorize
 
 RankBy = Literal["sigma", "normalized", "quota"]
+RANK_BY: tuple[str, ...] = get_args(RankBy)
 
 
 class SVDFactors(NamedTuple):
@@ -100,8 +101,8 @@ def top_components(sources: Sequence[tuple[Tensor, Tensor]], k: int, rank_by: Ra
     """
     if not sources:
         raise ValueError("top_components needs at least one (B, A) source")
-    if rank_by not in ("sigma", "normalized", "quota"):
-        raise ValueError(f"rank_by={rank_by!r}: expected 'sigma', 'normalized' or 'quota'")
+    if rank_by not in RANK_BY:
+        raise ValueError(f"rank_by={rank_by!r}: one of {RANK_BY}")
     weights = [1.0] * len(sources) if weights is None else list(weights)
     if len(weights) != len(sources):
         raise ValueError(f"{len(weights)} weights for {len(sources)} sources")

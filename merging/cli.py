@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from kernels.merge import RANK_BY
 from merging.adapter_io import MergedAdapter, adapter_files, read_provenance, save_merged
 from merging.baselines import load_base_model, peft_svd, task_arithmetic, ties
 from merging.loading import load_sources
@@ -61,7 +62,7 @@ def merge_parser() -> argparse.ArgumentParser:
         "source into a merge.")
     parser.add_argument("sources", nargs="+", metavar="SRC", help="adapter or model folders")
     parser.add_argument("--rank", type=int, required=True, help="K, the merged rank")
-    parser.add_argument("--rank-by", choices=("sigma", "normalized", "quota"), default="sigma",
+    parser.add_argument("--rank-by", choices=RANK_BY, default="sigma",
                         help="component score: |w| σ, σ / σ_1 of its source, or a per-source "
                         "quota of K / N first (default sigma)")
     parser.add_argument("--weights", type=_floats, help="w1,w2,... one per source (default 1)")

@@ -62,6 +62,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from common.config import (
+    ACCOUNTANTS,
     ConfigError,
     PrivacyConfig,
     StrategyConfig,
@@ -113,8 +114,8 @@ class Schedule:
             problems.append(f"rounds={self.rounds}: must be >= 1")
         if not 0 < self.participation <= 1:
             problems.append(f"participation={self.participation}: must be in (0, 1]")
-        if self.accountant not in ("rdp", "prv"):
-            problems.append(f"accountant={self.accountant!r}: 'rdp' or 'prv'")
+        if self.accountant not in ACCOUNTANTS:
+            problems.append(f"accountant={self.accountant!r}: one of {ACCOUNTANTS}")
         if not (math.isfinite(self.census_noise) and self.census_noise >= 0):
             problems.append(f"census_noise={self.census_noise}: must be finite and >= 0")
         if self.amplification and self.census_noise:
@@ -313,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="probability the server samples the client in a round")
     parser.add_argument("--amplification", action="store_true",
                         help="count client sampling as amplification (trusted, secret sampling)")
-    parser.add_argument("--accountant", choices=("rdp", "prv"), default="rdp")
+    parser.add_argument("--accountant", choices=ACCOUNTANTS, default=PrivacyConfig().accountant)
     parser.add_argument("--census-noise-multiplier", type=float, default=0.0, metavar="SIGMA_C",
                         help="the client answers a DP label census first (data.class-prior="
                              "'census'; privacy.census-noise-multiplier, e.g. 10); 0: none")

@@ -2,7 +2,7 @@
 
 The defaults (``pyproject.toml``, the dataclasses of ``common.config``) were chosen on the
 default task, whose smallest client holds :data:`REFERENCE_EXAMPLES` posts, at ε = 3
-(``docs/experiments.md``, step 4). The rule, fixed before it was applied to anyone's data:
+(``experiments/defaults-pilot``). The rule, fixed before it was applied to anyone's data:
 
 1. Keep the default batch B₀, steps K₀, learning rate and rounds while the smallest client
    holds at least one expected batch (n ≥ B₀; with fewer it refuses to train).

@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 from common import schema
 from common.adapter import AdapterLayout
 from common.evaluation import Evaluation, evaluation
+from common.task_kinds import CLASSIFICATION
 from common.tasks import TASKS, Task
 
 # A final model that gives one class to at least this share of the evaluated examples is
@@ -49,7 +50,7 @@ class GlobalEvaluator:
                  full: TensorDataset, final_round: int, training: schema.RoundTrainingMetrics,
                  split: str = "test", eval_every: int = 1,
                  compute_dtype: torch.dtype = torch.float32,
-                 task: Task = TASKS["classification"],
+                 task: Task = TASKS[CLASSIFICATION.name],
                  label_names: Sequence[str] | None = None,
                  log_prior: torch.Tensor | None = None) -> None:
         self.model, self.layout = model, layout
@@ -126,7 +127,7 @@ class GlobalEvaluator:
                    f" Its ROC AUC, which no decision threshold decides, is {measured.auc:.4f} "
                    "(0.5: chance): near 0.5 it has not learned to tell the classes apart; well "
                    "above, it ranks them but its decisions lean on the larger class's share "
-                   "(docs/experiments.md, step 4).")
+                   "(experiments/binary-check/README.md).")
         return (f"the final model predicts class {name!r} for {share:.1%} of the {examples} "
                 f"{self.split} examples: its accuracy {measured.accuracy:.4f} is about that "
                 f"class's share of them and its balanced accuracy "

@@ -98,7 +98,7 @@ def check_run(cfg: AppConfig, *, num_partitions: int | None = None) -> Corpus:
     resolve_device(cfg.model.device)  # model.device='cuda' without a GPU: ValueError
     check_model(cfg.model, cfg.lora)
     check_output_writable(cfg)
-    corpus = load_corpus(cfg.data, cfg.seed)
+    corpus = load_corpus(cfg.data, cfg.seed, cfg.model.task_kind)
     if cfg.lora.head_init == "class-names":  # classification only (AppConfig checks)
         check_class_names(corpus.label_names, load_tokenizer(cfg.model))
     check_class_prior(cfg.data.declared_prior, corpus.label_names)
@@ -108,7 +108,8 @@ def check_run(cfg: AppConfig, *, num_partitions: int | None = None) -> Corpus:
     if num_partitions is None:
         check_reachable(cfg, len(corpus.train), "the whole training split")
     else:
-        sizes = check_partitions(cfg.data, cfg.seed, num_partitions, cfg.train.batch_size)
+        sizes = check_partitions(cfg.data, cfg.seed, num_partitions, cfg.train.batch_size,
+                                 cfg.model.task_kind)
         smallest = min(range(num_partitions), key=sizes.__getitem__)
         check_reachable(cfg, sizes[smallest],
                         f"partition {smallest} of {num_partitions}, the smallest")

@@ -29,41 +29,43 @@ from pathlib import Path
 
 import pandas as pd
 
+from common import schema
 from simulations.reports.records import CELLS_DIR, is_record_folder, load_runs
 from simulations.reports.statistics import t_interval
 
-METRICS = ("accuracy", "balanced_accuracy", "auc")  # final-round columns it can pair
+# the final-round columns it can pair (tidy names), the first by default
+METRICS = tuple(map(schema.tidy_name, (schema.ACCURACY, schema.BALANCED_ACCURACY, schema.AUC)))
+_WALL = schema.tidy_name(schema.WALL_SECONDS)  # tidy column
 
 
-def paired_rows(first: Path, second: Path, metric: str = "accuracy") -> pd.DataFrame:
+def paired_rows(first: Path, second: Path, metric: str = METRICS[0]) -> pd.DataFrame:
     """Final rows of the cells recorded in both folders with ``metric``, merged on the name.
 
     The merged frame has ``<metric>_first`` and ``<metric>_second`` (and the same for
     ``wall_seconds`` and ``compute_dtype``).
     """
-    columns = ["run", "method", metric, "wall_seconds", "compute_dtype"]
+    columns = [schema.RUN, schema.METHOD, metric, _WALL, schema.COMPUTE_DTYPE]
     a, b = (load_runs(folder, records=True).final[columns].dropna(subset=[metric])
             for folder in (first, second))
-    return a.merge(b.drop(columns="method"), on="run", suffixes=("_first", "_second"))
+    return a.merge(b.drop(columns=schema.METHOD), on=schema.RUN, suffixes=("_first", "_second"))
 
 
-def print_pairs(pairs: pd.DataFrame, first: Path, other: Path, metric: str = "accuracy"
+def print_pairs(pairs: pd.DataFrame, first: Path, other: Path, metric: str = METRICS[0]
                 ) -> None:
     """Each pair's final ``metric`` and wall seconds, then ``other`` − ``first``, its interval."""
     this, ref = pairs[f"{metric}_second"], pairs[f"{metric}_first"]
     print(f"{other} against {first}: final {metric}")
     print(f"{'cell':<32}{'this':>9}{'first':>9}{'diff':>9}{'s this':>9}{'s first':>10}"
           "  computed in (this / first)")
-    for row, a, b in zip(pairs.itertuples(), this, ref, strict=True):
-        print(f"{row.run:<32}{a:>9.4f}{b:>9.4f}{a - b:>+9.4f}{row.wall_seconds_second:>9.0f}"
-              f"{row.wall_seconds_first:>10.0f}  {row.compute_dtype_second} / "
-              f"{row.compute_dtype_first}")
+    wall, wall_ref = pairs[f"{_WALL}_second"], pairs[f"{_WALL}_first"]
+    dtype, dtype_ref = (pairs[f"{schema.COMPUTE_DTYPE}_{s}"] for s in ("second", "first"))
+    for run, a, b, s, s_ref, d, d_ref in zip(pairs[schema.RUN], this, ref, wall, wall_ref,
+                                             dtype, dtype_ref, strict=True):
+        print(f"{run:<32}{a:>9.4f}{b:>9.4f}{a - b:>+9.4f}{s:>9.0f}{s_ref:>10.0f}  {d} / {d_ref}")
     mean, half = t_interval(this - ref)
     print(f"this − first: {mean:+.4f} ± {half:.4f} (95 % t-interval, n = {len(pairs)}); "
-          f"wall time {pairs['wall_seconds_second'].mean():.0f} s against "
-          f"{pairs['wall_seconds_first'].mean():.0f} s per cell "
-          f"({pairs['wall_seconds_first'].mean() / pairs['wall_seconds_second'].mean():.2f}× "
-          "the first's speed)\n")
+          f"wall time {wall.mean():.0f} s against {wall_ref.mean():.0f} s per cell "
+          f"({wall_ref.mean() / wall.mean():.2f}× the first's speed)\n")
 
 
 def _paired_difference(pairs: pd.DataFrame, metric: str) -> str:
@@ -72,16 +74,16 @@ def _paired_difference(pairs: pd.DataFrame, metric: str) -> str:
     return f"{mean:+.4f}" + (f" ± {half:.4f}" if len(pairs) > 1 else "")
 
 
-def print_by_method(pairs: pd.DataFrame, metric: str = "accuracy") -> None:
+def print_by_method(pairs: pd.DataFrame, metric: str = METRICS[0]) -> None:
     """Each method's pairs alone: ``this − first`` with its 95 % t-interval."""
-    for method, group in pairs.groupby("method", sort=False):
+    for method, group in pairs.groupby(schema.METHOD, sort=False):
         print(f"  {method:<10} this {group[f'{metric}_second'].mean():.4f}, first "
               f"{group[f'{metric}_first'].mean():.4f}: this − first "
               f"{_paired_difference(group, metric)} (n = {len(group)})")
     print()
 
 
-def markdown_rows(first: Path, paired: dict[Path, pd.DataFrame], metric: str = "accuracy"
+def markdown_rows(first: Path, paired: dict[Path, pd.DataFrame], metric: str = METRICS[0]
                   ) -> list[str]:
     """One table row per folder: cells, mean final ``metric``, paired difference to the first.
 
@@ -96,12 +98,12 @@ def markdown_rows(first: Path, paired: dict[Path, pd.DataFrame], metric: str = "
             "− first (95 % t) | s per cell |",
             "|---|---|---|---|---|---|",
             f"| `{first}` | {len(reference)} | {reference[metric].mean():.4f} | | "
-            f"(reference) | {reference['wall_seconds'].mean():.0f} |"]
+            f"(reference) | {reference[_WALL].mean():.0f} |"]
     for other, pairs in paired.items():
         interval = _paired_difference(pairs, metric) + ("" if len(pairs) > 1 else " (n = 1)")
         rows.append(f"| `{other}` | {len(pairs)} | {pairs[f'{metric}_second'].mean():.4f} | "
                     f"{pairs[f'{metric}_first'].mean():.4f} | {interval} | "
-                    f"{pairs['wall_seconds_second'].mean():.0f} |")
+                    f"{pairs[f'{_WALL}_second'].mean():.0f} |")
     return rows
 
 
@@ -114,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also one markdown table row per folder")
     parser.add_argument("--by-method", action="store_true",
                         help="also the paired difference of each method's cells alone")
-    parser.add_argument("--metric", choices=METRICS, default="accuracy",
-                        help="the final-round column to pair (default accuracy)")
+    parser.add_argument("--metric", choices=METRICS, default=METRICS[0],
+                        help=f"the final-round column to pair (default {METRICS[0]})")
     args = parser.parse_args(argv)
     for folder in (args.first, *args.others):
         if not is_record_folder(folder):

@@ -48,7 +48,8 @@ from privacy import frozen_input_backward
 from server.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from strategies.registry import build_strategy
 
-COLUMNS = ("run", "round", "‖g‖ lora", "‖g‖ head", "clipped", "lora share", "NSR lora", "‖A‖₂")
+COLUMNS = (schema.RUN, schema.ROUND, "‖g‖ lora", "‖g‖ head", "clipped", "lora share", "NSR lora",
+           "‖A‖₂")
 
 
 def diagnose(folder: Path, *, batches: int, partition: int, num_partitions: int) -> dict:
@@ -103,7 +104,7 @@ def diagnose(folder: Path, *, batches: int, partition: int, num_partitions: int)
     g_lora, g_head = torch.cat(norms_lora), torch.cat(norms_head)
     g_total = (g_lora.pow(2) + g_head.pow(2)).sqrt()
     return {
-        "run": folder.name, "round": checkpoint.server_round,
+        schema.RUN: folder.name, schema.ROUND: checkpoint.server_round,
         "‖g‖ lora": float(g_lora.median()), "‖g‖ head": float(g_head.median()),
         "clipped": float(torch.cat(clipped).float().mean()),
         "lora share": float((g_lora.pow(2) / g_total.pow(2).clamp(min=1e-30)).median()),
@@ -121,8 +122,8 @@ def _expand(clip: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _noise_multiplier(rows: list[dict]) -> float:
     """σ the run's clients used (the metrics' ``noise-multiplier``; 0 without DP)."""
-    values = [float(r["noise-multiplier"]) for r in rows
-              if r.get("noise-multiplier") not in (None, "")]
+    values = [float(r[schema.NOISE_MULTIPLIER]) for r in rows
+              if r.get(schema.NOISE_MULTIPLIER) not in (None, "")]
     return values[-1] if values else 0.0
 
 
@@ -137,7 +138,7 @@ def markdown(rows: list[dict]) -> str:
 
 def layer_table(rows: list[dict]) -> str:
     """Median per-example gradient norm of each LoRA layer's trained factors, one column a run."""
-    lines = ["| layer | " + " | ".join(r["run"] for r in rows) + " |",
+    lines = ["| layer | " + " | ".join(r[schema.RUN] for r in rows) + " |",
              "|" + "---|" * (len(rows) + 1)]
     for module in rows[0]["layers"]:
         name = module.removeprefix("bert.encoder.layer.").replace(".attention.self", "")

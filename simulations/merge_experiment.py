@@ -17,7 +17,8 @@
    source pruned to half its rank (:mod:`merging.perturb`), as ``merge-sv-<method>-<variant>``;
    ``random`` replaces every source by such noise, a control: σ tuning of a subspace that
    holds no knowledge, with as few private parameters.
-4. **Report** in ``<out>/target-<group>/``: ``merge.csv`` (one row per run per round),
+4. **Report** in ``<out>/target-<group>/``: ``merge.csv`` (one row per run per round, its
+   method from ``methods.json``, which the plan writes: run name -> method),
    ``summary.csv``, ``results.md`` (final accuracy, mean ± 95 % t-interval over seeds, and
    every command recorded in ``commands.txt`` that ran into the folder) and ``plots/``; with
    ``--readme``, the same table between the ``merge-table:target-<group>`` markers of
@@ -30,6 +31,7 @@ every run (rounds, local steps, tokens, ...) as in :mod:`simulations.sweep`.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -38,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from common.config import AppConfig
+from common.config import AppConfig, format_run_name
 from common.model_path import resolve_model_path
 from common.run_config import override_text
 from merging import cli as merging_cli
@@ -74,6 +76,7 @@ MERGES = merging_cli.METHODS  # axis, task-arithmetic, ties, peft-svd
 VARIANTS = ("clean", "noise", "random", "half")
 SCRATCH = "scratch"
 COMMANDS_FILE = "commands.txt"  # in the target folder: every command that ran into it
+METHODS_FILE = "methods.json"  # in the target folder: run name -> method, of every planned run
 
 
 def readme_markers(target_folder: Path) -> tuple[str, str]:
@@ -84,11 +87,15 @@ def readme_markers(target_folder: Path) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Run:
-    """One Flower simulation: its folder's parent, its name and the run-config keys it sets."""
+    """One Flower simulation: its folder's parent, its name, the run-config keys it sets.
+
+    ``method``: what a target run compares (``merge-sv-<merge>`` or ``scratch``); "" for a source.
+    """
 
     parent: Path
     name: str
     keys: Mapping[str, object]
+    method: str = ""
 
     @property
     def folder(self) -> Path:
@@ -137,8 +144,8 @@ def target_runs(out: Path, target: str, merges: Sequence[str], epsilons: Sequenc
                 keys = {**common, "strategy.name": "fedsvd"} if method == SCRATCH else {
                     **common, "strategy.name": "merge-sv",
                     "strategy.merged-adapter": str(merge_folder(out, target, method).resolve())}
-                runs.append(Run(out / f"target-{target}", f"{method}-eps{epsilon:g}-seed{seed}",
-                                keys))
+                runs.append(Run(out / f"target-{target}",
+                                format_run_name(method, epsilon, seed), keys, method))
     return runs
 
 
@@ -245,9 +252,26 @@ def merge_sources(out: Path, target: str, adapters: Sequence[Path], merges: Sequ
     return failed
 
 
-def method_of(run_name: str) -> str:
-    """``merge-sv-axis-eps6-seed0`` -> ``merge-sv-axis``."""
-    return run_name.rsplit("-eps", 1)[0]
+def _known_methods(folder: Path) -> dict[str, str]:
+    path = folder / METHODS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_methods(folder: Path, runs: Sequence[Run]) -> None:
+    """Add the method of every run in ``runs`` to ``<folder>/methods.json`` (run name -> method)."""
+    methods = {**_known_methods(folder), **{r.name: r.method for r in runs}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / METHODS_FILE).write_text(json.dumps(methods, indent=1) + "\n")
+
+
+def read_methods(folder: Path, runs: Sequence[str]) -> dict[str, str]:
+    """The method of each of ``runs`` from ``<folder>/methods.json``; ValueError for one missing."""
+    known = _known_methods(folder)
+    if missing := sorted(set(runs) - known.keys()):
+        raise ValueError(f"{folder / METHODS_FILE}: no method for {', '.join(missing)}; run the "
+                         "experiment's command again (finished runs and merges are skipped) to "
+                         "record them")
+    return {run: known[run] for run in runs}
 
 
 def record_command(folder: Path, command: str) -> None:
@@ -274,7 +298,8 @@ def report(folder: Path, readme: Path | None = None) -> Path:
         raise ValueError(f"no complete target run in {folder}")
     if readme:
         replace_between_markers(readme.read_text(), "", readme_markers(folder))
-    tidy = runs.tidy.assign(method=runs.tidy["run"].map(method_of))
+    methods = read_methods(folder, list(runs.tidy["run"].unique()))
+    tidy = runs.tidy.assign(method=runs.tidy["run"].map(methods))
     tidy.to_csv(folder / "merge.csv", index=False)
     final = tidy[tidy["round"] == tidy["num_rounds"]]
     summary = summarize(final)
@@ -362,6 +387,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str], runner: Runner | None) 
                           args.epsilons, args.seeds)
     cfg: AppConfig = cell_config(sources[0].items(args.run_config))  # validates the overrides
     record_command(target_folder, command)
+    record_methods(target_folder, targets)
     failed = run_all(sources, args.run_config, runner)
     if failed:
         say("[merge-experiment] FAILED: no merge without every source; failed:\n  "
@@ -371,8 +397,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str], runner: Runner | None) 
     bad_merges = [name for variant in args.variants for name in merge_sources(
         args.out, args.target, variant_sources(args.out, sources, variant, model_dir),
         args.merges, cfg.lora.r, model_dir, variant)]
-    targets = [t for t in targets if method_of(t.name) not in
-               {f"merge-sv-{m}" for m in bad_merges}]
+    targets = [t for t in targets if t.method not in {f"merge-sv-{m}" for m in bad_merges}]
     failed = run_all(targets, args.run_config, runner)
     print(report(target_folder, args.readme).read_text())
     if failed or bad_merges:

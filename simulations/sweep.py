@@ -6,7 +6,7 @@ python -m simulations.sweep --tune-lr --lrs 0.25,0.5,1,2   # lr per method, on v
 python -m simulations.sweep                                # 6 methods × ε inf,6,3,1 × seeds 0,1,2
 python -m simulations.sweep --methods fedsvd,ffa --epsilons 6,1 --seeds 0,1 --out results/small
     --run-config "strategy.num-rounds=3 train.local-steps=5 data.max-client-examples=200"
-python -m simulations.sweep --report-only --readme         # CSV, plots; table into the docs
+python -m simulations.sweep --report-only --readme         # CSV, plots; table into its README.md
 python -m simulations.sweep --record experiments/main --commit   # a sweep that spans machines
 python -m simulations.sweep --report-only --record experiments/main --readme
 python -m simulations.sweep --report-only --record experiments/side-eps --readme --table side-eps
@@ -15,9 +15,10 @@ Cells run one at a time (``<out>/<method>-eps<ε>-a<α>-seed<s>/``); complete ce
 so the same command resumes a sweep, and a failed cell is logged and reported at the end; while
 a cell runs, one line per round says its accuracy, ε and the cell's and the sweep's ETA.
 ``--record DIR`` (a folder tracked in git) keeps each complete cell as ``DIR/cells/<cell>.csv``
-(every round) and ``.json`` (its config), ``--commit`` commits them, one commit per cell; a
-recorded cell is skipped even when its run folder is missing, so the sweep resumes on a fresh
-clone, and the report is built from the records alone, into ``DIR``. ``--stop-file PATH``:
+(every round) and ``.json`` (its config) as it completes; ``--commit`` commits them in batches,
+at most one commit per ``--commit-every`` minutes (30) and one when the sweep ends. A recorded
+cell is skipped even when its run folder is missing (committed or not), so the sweep resumes on
+a fresh clone, and the report is built from the records alone, into ``DIR``. ``--stop-file PATH``:
 once PATH exists the running cell finishes and no other starts (exit 3; rerun to go on).
 Scale with ``--run-config``: ``strategy.num-rounds`` (rounds), ``train.local-steps`` (DP-SGD
 steps per client per round), ``model.max-length`` (tokens per example),
@@ -38,6 +39,7 @@ from flwr.common.config import parse_config_args
 
 from common.methods import FROM_SCRATCH, METHOD_NAMES, METHODS
 from common.run_config import app_run_config, run_config_args
+from common.task_kinds import CLASSIFICATION, TASK_KINDS
 from simulations.experiments import learning_rates as sweep_lr
 from simulations.experiments.cells import (
     ROOT,
@@ -53,6 +55,8 @@ from simulations.launch.superlink import RAY_ADDRESS_HELP
 from simulations.reports.records import CELLS_DIR, is_record_folder, load_runs
 from simulations.reports.statistics import summarize
 from simulations.reports.tables import markdown_table, write_report
+
+RECORD_README = "README.md"  # --readme without a page: the record's (or --out's) own README
 
 
 def _floats(text: str) -> list[float]:
@@ -104,13 +108,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="a folder tracked in git (e.g. experiments/main): each complete cell "
                    "to DIR/cells/<cell>.csv and .json, recorded cells skipped, report into DIR")
     p.add_argument("--commit", action="store_true",
-                   help="with --record: git-commit each cell's record as it completes")
+                   help="with --record: git-commit the cells' records in batches (--commit-every)"
+                        " and once more when the sweep ends, stopped or failed")
+    p.add_argument("--commit-every", type=float, metavar="MINUTES",
+                   help="with --commit: at most one commit per MINUTES (default 30; 0: one "
+                        "commit per cell)")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild CSV, plots and table from the run folders in --out (with "
                    "--record: from DIR/cells alone)")
-    p.add_argument("--readme", type=Path, nargs="?", const=ROOT / "docs" / "experiments.md",
+    p.add_argument("--readme", type=Path, nargs="?", const=Path(RECORD_README),
                    help="also put the table between the sweep-table markers of this Markdown "
-                        "page (default docs/experiments.md)")
+                        f"page (default: {RECORD_README} of --record, or of --out)")
     p.add_argument("--table", metavar="NAME",
                    help="with --readme: between '<!-- sweep-table:start NAME -->' and "
                         "'<!-- sweep-table:end NAME -->' instead (several tables on one page)")
@@ -165,10 +173,14 @@ def reproducing_command(argv: list[str]) -> str:
 def _main(args: argparse.Namespace, argv: list[str], runner: Runner | None) -> int:
     if args.commit and args.record is None:
         raise ValueError("--commit needs --record DIR (the tracked folder to commit into)")
+    if args.commit_every is not None and (not args.commit or args.commit_every < 0):
+        raise ValueError(f"--commit-every {args.commit_every:g}: minutes >= 0, with --commit")
     if args.table is not None and args.readme is None:
         raise ValueError("--table NAME names the markers of a --readme page: give --readme")
     if args.reference_record is not None and args.record is None:
         raise ValueError("--reference-record DIR pairs with a record: give --record too")
+    if args.readme == Path(RECORD_README):  # --readme without a page: the record's own
+        args.readme = (args.record or args.out) / RECORD_README
     if args.report_only:
         return report(args.record or args.out, args.readme, records=args.record is not None,
                       table=args.table, reference=args.reference_record)
@@ -184,13 +196,24 @@ def _main(args: argparse.Namespace, argv: list[str], runner: Runner | None) -> i
         return dry_run(cells, args.out, args)
     outcomes = run_cells(cells, args.out, overrides=args.run_config, runner=runner,
                          command=command, num_partitions=args.num_supernodes,
-                         record=args.record, commit=args.commit, stop_file=args.stop_file)
+                         record=args.record, commit_every=_commit_every(args),
+                         stop_file=args.stop_file)
     code = report_outcomes(outcomes)
     if any(o.status != "failed" for o in outcomes):
         code = max(code, report(args.record or args.out, args.readme,
                                 records=args.record is not None, table=args.table,
                                 reference=args.reference_record))
     return code
+
+
+COMMIT_EVERY_MINUTES = 30.0  # --commit without --commit-every
+
+
+def _commit_every(args: argparse.Namespace) -> float | None:
+    """Minutes between the record's commits; None without --commit."""
+    if not args.commit:
+        return None
+    return COMMIT_EVERY_MINUTES if args.commit_every is None else args.commit_every
 
 
 def dry_run(cells: list[Cell], folder: Path, args: argparse.Namespace) -> int:
@@ -227,7 +250,8 @@ def tune(args: argparse.Namespace, runner: Runner, command: str) -> int:
         return dry_run(cells, folder, args)
     outcomes = run_cells(cells, folder, overrides=args.run_config, runner=runner,
                          command=command, num_partitions=args.num_supernodes,
-                         record=args.record, commit=args.commit, stop_file=args.stop_file)
+                         record=args.record, commit_every=_commit_every(args),
+                         stop_file=args.stop_file)
     code = report_outcomes(outcomes)
     if any(o.status == "stopped" for o in outcomes):
         print(f"[tune] stopped before the grid was complete: {args.lr_file} not written")
@@ -262,8 +286,8 @@ def tune(args: argparse.Namespace, runner: Runner, command: str) -> int:
 
 def tuning_criterion(run_config: list[str]) -> str:
     """``"loss"`` for a causal LM (``model.task`` in the run config), else ``"accuracy"``."""
-    task = app_run_config(ROOT, run_config).get("model.task", "classification")
-    return "loss" if task == "causal-lm" else "accuracy"
+    task = app_run_config(ROOT, run_config).get("model.task", CLASSIFICATION.name)
+    return "accuracy" if TASK_KINDS.get(task, CLASSIFICATION).is_classification else "loss"
 
 
 def report(folder: Path, readme: Path | None, records: bool = False,

@@ -59,6 +59,7 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
 from common import contract
+from common.config import AGGREGATIONS
 from strategies.screens import array_groups
 
 DEFAULT_MAX_WEIGHT_RATIO = 1.0
@@ -156,8 +157,7 @@ def robust_aggregator(name: str, *, trim_fraction: float, num_malicious: int,
         return Krum(num_malicious_nodes=num_malicious, **shared)
     if name == "multi-krum":
         return _MultiKrumAllButF(num_malicious_nodes=num_malicious, **shared)
-    raise ValueError(f"aggregation={name!r}: one of mean, trimmed-mean, median, krum, "
-                     "multi-krum")
+    raise ValueError(f"aggregation={name!r}: one of {', '.join(AGGREGATIONS)}")
 
 
 def robust_arrays(aggregator: FedAvg, server_round: int, replies: list[Message]) -> ArrayRecord:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from types import ModuleType
+
 import psutil
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -11,6 +14,7 @@ from common.adapter import AdapterLayout
 from common.config import AppConfig
 from common.model import build_model
 from privacy import PrivacyLedger, PrivateTraining, make_private
+from tests.conftest import ROOT
 
 
 class FakeGrid:
@@ -57,3 +61,12 @@ def alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def experiment_script(path: str) -> ModuleType:
+    """The script ``path`` of a record (``experiments/<record>/<name>.py``: not installed)."""
+    file = ROOT / path
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -126,7 +126,7 @@ def test_two_rounds_of_fedsvd_through_flower_and_the_saved_adapter_reproduces_th
     cfg = AppConfig.from_run_config(tiny_lm_run_config)
     base = AutoModelForCausalLM.from_pretrained(cfg.model.path)
     model = PeftModel.from_pretrained(base, folder / "adapter")
-    corpus = load_corpus(cfg.data, cfg.seed)
+    corpus = load_corpus(cfg.data, cfg.seed, cfg.model.task_kind)
     test = LM.encode(corpus.test, load_tokenizer(cfg.model), cfg.model.max_length)
     loss, accuracy = evaluate(model, test, task=LM)
     assert loss == pytest.approx(float(rows[-1]["loss"]), rel=1e-5)

@@ -198,7 +198,7 @@ def test_a_resumed_run_reads_back_the_prior_of_its_census(tiny_run_config, tmp_p
 def test_census_spread_simulates_the_prior_of_a_file_and_refuses_bad_config(tiny_run_config,
                                                                            capsys):
     from common.run_config import override_text
-    from simulations.experiments.census_spread import main
+    from simulations.census_spread import main
 
     keys = ("data.source", "data.text-column", "data.label-column", "data.partitioner")
     overrides = override_text({k: tiny_run_config[k] for k in keys})

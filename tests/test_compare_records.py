@@ -3,7 +3,7 @@
 import pytest
 
 from simulations import compare_records
-from simulations.experiments.cells import write_record
+from simulations.experiments.record_folder import write_record
 from tests.test_sweep import write_run
 
 

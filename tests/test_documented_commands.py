@@ -1,7 +1,8 @@
 """Every shell command quoted in README.md and docs/ still parses: a renamed flag breaks CI.
 
-Commands of this project (``python -m <module>``, the ``fedsvd-*`` names of pyproject.toml) are
-parsed by their own argparse parser and stopped right after it (nothing runs); ``make`` targets
+Commands of this project (``python -m <module>``, the ``fedsvd-*`` names of pyproject.toml, a
+record's script ``python experiments/<record>/<name>.py``) are parsed by their own argparse
+parser and stopped right after it (nothing runs); ``make`` targets
 must exist in the Makefile; for Flower's executables (``flwr <command>``, ``flower-superlink``,
 ``flower-supernode``) and ``ray start`` every ``--option`` used must appear in their
 ``--help``. Shell variables become placeholders; lines of other programs (``export``, ``kill``,
@@ -23,8 +24,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers import experiment_script
 
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
 MODULE_MAINS = {"merging": "merging.cli:main"}  # python -m <package> runs its __main__
 FLOWER = ("flwr", "flower-superlink", "flower-supernode")
@@ -83,10 +85,14 @@ class _Parsed(Exception):
     pass
 
 
-def _parse_only(target: str, argv: list[str]) -> None:
-    """Run ``target``'s main up to its argparse parse; raise AssertionError if it refuses."""
+def _main_of(target: str):
+    """The function ``module:function`` names."""
     module, _, function = target.partition(":")
-    main = getattr(importlib.import_module(module), function)
+    return getattr(importlib.import_module(module), function)
+
+
+def _parse_only(main, argv: list[str]) -> None:
+    """Run ``main`` up to its argparse parse; raise AssertionError if it refuses."""
     original = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(self, args=None, namespace=None):
@@ -122,11 +128,15 @@ def _check(words: list[str]) -> bool:
             "simulations", "privacy", "merging", "deploy", "benchmarks") else None)
         if target is None:
             return False
-        _parse_only(target, args[2:])
+        _parse_only(_main_of(target), args[2:])
+        return True
+    if program in ("python", "python3") and args[:1] and args[0].startswith("experiments/"):
+        assert (ROOT / args[0]).is_file(), f"{args[0]}: no such script"
+        _parse_only(experiment_script(args[0]).main, args[1:])
         return True
     if program.startswith("fedsvd-"):
         assert program in SCRIPTS, f"{program}: no such command in pyproject's [project.scripts]"
-        _parse_only(SCRIPTS[program], args)
+        _parse_only(_main_of(SCRIPTS[program]), args)
         return True
     if program == "make":
         targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M)

@@ -4,8 +4,10 @@ import json
 
 import pytest
 
-from simulations.experiments import imbalanced_pair
-from simulations.experiments.imbalanced_pair import cut_minority
+from tests.helpers import experiment_script
+
+imbalanced_pair = experiment_script("experiments/binary-check/imbalanced_pair.py")
+cut_minority = imbalanced_pair.cut_minority
 
 
 def test_cut_minority_keeps_every_other_row_and_a_seeded_share():

@@ -92,6 +92,10 @@ def test_sources_merges_targets_and_report(overrides, tmp_path):
     assert "| scratch |" in text
     rows = list(csv.DictReader((tmp_path / "target-sci" / "merge.csv").open()))
     assert {r["method"] for r in rows} == {*(f"merge-sv-{m}" for m in mx.MERGES), "scratch"}
+    # the method is data the plan wrote, never read back out of a run's name
+    methods = json.loads((tmp_path / "target-sci" / "methods.json").read_text())
+    assert len(methods) == 20 and methods["merge-sv-ties-eps3-seed1"] == "merge-sv-ties"
+    assert methods["scratch-epsinf-seed0"] == "scratch"
     # Resuming runs nothing again
     again = FakeFlower()
     assert mx.main(argv, runner=again) == 0 and again.calls == []
@@ -120,6 +124,18 @@ def test_report_lists_every_command_and_fills_the_readme(overrides, tmp_path):
         f.name for f in static.iterdir()}
     assert ("![accuracy_vs_round_a0.5](_static/merge-loo/target-sci/accuracy_vs_round_a0.5.png)"
             in text)
+
+
+def test_a_report_without_the_methods_of_its_runs_is_refused(overrides, tmp_path, capsys):
+    argv = ["--target", "sci", "--merges", "axis", "--epsilons", "3", "--out", str(tmp_path),
+            "--run-config", overrides]
+    assert mx.main(argv, runner=FakeFlower()) == 0
+    (tmp_path / "target-sci" / mx.METHODS_FILE).unlink()  # a folder from before the file
+    capsys.readouterr()
+    assert mx.main([*argv, "--report-only"]) == 2
+    assert "no method for merge-sv-axis-eps3-seed0, scratch-eps3-seed0; run the experiment's " \
+        "command again" in capsys.readouterr().err
+    assert mx.main(argv, runner=FakeFlower()) == 0  # which writes it back, running nothing
 
 
 def test_report_into_a_readme_without_markers_changes_nothing(overrides, tmp_path, capsys):

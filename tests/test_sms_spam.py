@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 
 from common.data_files import read_table
-from simulations.experiments import sms_spam
+from tests.helpers import experiment_script
+
+sms_spam = experiment_script("experiments/sms-check/sms_spam.py")
 
 
 def _read(path: Path):

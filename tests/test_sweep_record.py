@@ -1,6 +1,7 @@
 """A sweep that spans machines: per-cell records in git, resume from them, reports, progress."""
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -17,12 +18,12 @@ import pytest
 from common.config import TrainConfig
 from simulations import sweep
 from simulations.experiments import cells as sweep_cells
-from simulations.experiments.cells import (
-    cell_config,
-    grid,
+from simulations.experiments.cells import Cell, cell_config, grid, run_cells
+from simulations.experiments.record_folder import (
+    BatchCommits,
+    is_recorded,
     record_environment_path,
     record_paths,
-    run_cells,
     write_record,
 )
 from simulations.launch import console
@@ -347,32 +348,116 @@ def _git(repo, *args):
                           text=True).stdout
 
 
-def test_commit_records_each_cell_and_nothing_else(tmp_path):
-    repo = tmp_path / "clone"
-    repo.mkdir()
-    _git(repo, "init", "-q")
-    _git(repo, "config", "user.name", "Sweep Test")
-    _git(repo, "config", "user.email", "sweep@example.com")
-    (repo / "README.md").write_text("x\n")
-    _git(repo, "add", "README.md")
-    _git(repo, "commit", "-q", "-m", "start")
-    (repo / "staged.txt").write_text("someone else's work\n")
-    _git(repo, "add", "staged.txt")
-    (repo / "untracked.txt").write_text("not mine\n")
+def _repo(path: Path) -> Path:
+    """A git repository at ``path`` with one commit, someone's staged file and an untracked one."""
+    path.mkdir()
+    _git(path, "init", "-q")
+    _git(path, "config", "user.name", "Sweep Test")
+    _git(path, "config", "user.email", "sweep@example.com")
+    (path / "README.md").write_text("x\n")
+    _git(path, "add", "README.md")
+    _git(path, "commit", "-q", "-m", "start")
+    (path / "staged.txt").write_text("someone else's work\n")
+    _git(path, "add", "staged.txt")
+    (path / "untracked.txt").write_text("not mine\n")
+    return path
+
+
+def _committed(repo: Path, commit: str = "HEAD") -> list[str]:
+    return _git(repo, "show", "--name-only", "--format=", commit).split()
+
+
+CELLS = ["fedsvd-eps6-a0.5-seed0", "ffa-eps6-a0.5-seed0"]
+
+
+def test_commit_takes_the_cells_of_a_batch_in_one_commit_and_nothing_else(tmp_path):
+    repo = _repo(tmp_path / "clone")
     rec = repo / "experiments" / "main"
     argv = ["--methods", "fedsvd,ffa", "--epsilons", "6", "--seeds", "0", "--out",
             str(tmp_path / "out"), "--record", str(rec), "--commit", *RC]
     assert sweep.main(argv, runner=fake_runner()) == 0
-    log = _git(repo, "log", "--format=%s").splitlines()
-    assert log == [f"sweep {rec}: ffa-eps6-a0.5-seed0 (final accuracy 0.5000)",
-                   f"sweep {rec}: fedsvd-eps6-a0.5-seed0 (final accuracy 0.5000)", "start"]
-    files = _git(repo, "show", "--name-only", "--format=", "HEAD").split()
-    assert files == ["experiments/main/cells/ffa-eps6-a0.5-seed0.csv",
-                     "experiments/main/cells/ffa-eps6-a0.5-seed0.json"]
-    first = _git(repo, "show", "--name-only", "--format=", "HEAD~1").split()
-    assert "experiments/main/commands.txt" in first and len(first) == 3
+    # Two cells within the first 30 minutes: one commit, at the end of the sweep
+    assert _git(repo, "log", "--format=%s").splitlines() == [f"sweep {rec}: 2 cells", "start"]
+    assert _git(repo, "log", "-1", "--format=%b").split("\n")[:2] == [
+        f"{n} (final accuracy 0.5000)" for n in CELLS]
+    assert sorted(_committed(repo)) == sorted(
+        [*(f"experiments/main/cells/{n}.{ext}" for n in CELLS for ext in ("csv", "json")),
+         "experiments/main/commands.txt"])
     status = _git(repo, "status", "--porcelain").splitlines()
     assert "A  staged.txt" in status and "?? untracked.txt" in status
+    assert not any("cells/" in line for line in status)  # the report is left to the user
+
+
+def test_commit_every_0_commits_each_cell_as_it_completes(tmp_path):
+    repo = _repo(tmp_path / "clone")
+    rec = repo / "experiments" / "main"
+    argv = ["--methods", "fedsvd,ffa", "--epsilons", "6", "--seeds", "0", "--out",
+            str(tmp_path / "out"), "--record", str(rec), "--commit", "--commit-every", "0", *RC]
+    assert sweep.main(argv, runner=fake_runner()) == 0
+    assert _git(repo, "log", "--format=%s").splitlines() == [
+        *(f"sweep {rec}: {n} (final accuracy 0.5000)" for n in reversed(CELLS)), "start"]
+    assert _committed(repo) == [f"experiments/main/cells/{CELLS[1]}.{ext}"
+                                for ext in ("csv", "json")]
+    assert "experiments/main/commands.txt" in _committed(repo, "HEAD~1")
+
+
+def test_a_batch_is_committed_once_its_minutes_have_passed(tmp_path):
+    repo = _repo(tmp_path / "clone")
+    rec, now, said = repo / "rec", [0.0], []
+    commits = BatchCommits(rec, 30, said.append, clock=lambda: now[0])
+    for minute, name in ((10, "a"), (20, "b"), (31, "c"), (50, "d")):
+        now[0] = minute * 60.0
+        (rec / "cells").mkdir(parents=True, exist_ok=True)
+        (rec / "cells" / f"{name}.csv").write_text(name)
+        commits.add(name, [rec / "cells" / f"{name}.csv"])
+        commits.commit_if_due()
+    # a, b, c waited for minute 31; d waits for the next 30 minutes, or the end
+    assert _git(repo, "log", "--format=%s").splitlines() == [f"sweep {rec}: 3 cells", "start"]
+    assert list(commits.queued) == ["d"]
+    assert commits.commit() == [] and commits.commit() == []  # the end; nothing left
+    assert _git(repo, "log", "--format=%s").splitlines()[0] == f"sweep {rec}: d"
+
+
+def test_a_sweep_that_ends_early_commits_what_it_recorded_and_resumes(tmp_path, capsys):
+    repo = _repo(tmp_path / "clone")
+    rec = repo / "experiments" / "main"
+    argv = ["--methods", "fedsvd,ffa", "--epsilons", "6", "--seeds", "0", "--out",
+            str(tmp_path / "out"), "--record", str(rec), "--commit", *RC]
+    runner = fake_runner()
+
+    def interrupted_at_the_second_cell(items, log):
+        if runner.calls:
+            raise KeyboardInterrupt
+        return runner(items, log)
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main(argv, runner=interrupted_at_the_second_cell)
+    assert _git(repo, "log", "--format=%s").splitlines() == [
+        f"sweep {rec}: {CELLS[0]} (final accuracy 0.5000)", "start"]
+    # The same command on a fresh clone: the committed cell is skipped, the other one runs
+    clone = tmp_path / "fresh"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    _git(clone, "config", "user.name", "Sweep Test")
+    _git(clone, "config", "user.email", "sweep@example.com")
+    again = fake_runner()
+    fresh = [*argv[:7], str(tmp_path / "out-fresh"), "--record",
+             str(clone / "experiments" / "main"), *argv[10:]]
+    assert sweep.main(fresh, runner=again) == 0
+    assert [c.run_name for c in again.calls] == [CELLS[1]]
+
+
+def test_records_an_earlier_sweep_left_uncommitted_go_into_the_first_batch(tmp_path):
+    repo = _repo(tmp_path / "clone")
+    rec = repo / "experiments" / "main"
+    argv = ["--methods", "fedsvd,ffa", "--epsilons", "6", "--seeds", "0", "--out",
+            str(tmp_path / "out"), "--record", str(rec), *RC]
+    assert sweep.main([argv[0], "fedsvd", *argv[2:]], runner=fake_runner()) == 0  # no commit
+    runner = fake_runner()
+    assert sweep.main([*argv, "--commit"], runner=runner) == 0
+    assert [c.run_name for c in runner.calls] == [CELLS[1]]
+    assert _git(repo, "log", "-1", "--format=%b").split("\n")[:2] == [
+        f"{CELLS[0]} (recorded earlier)", f"{CELLS[1]} (final accuracy 0.5000)"]
+    assert not any("cells/" in line for line in _git(repo, "status", "--porcelain").splitlines())
 
 
 def test_a_failed_commit_is_loud_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
@@ -384,12 +469,40 @@ def test_a_failed_commit_is_loud_and_the_sweep_goes_on(tmp_path, monkeypatch, ca
     assert sweep.main(argv, runner=runner) == 1
     assert len(runner.calls) == 2
     out = capsys.readouterr().out
-    assert out.count("is done but NOT COMMITTED: git add exited") == 2
+    assert out.count("2 recorded cell(s) NOT COMMITTED: git add exited") == 1
     assert "2 NOT RECORDED" in out and "[sweep] NOT RECORDED ffa-eps6-a0.5-seed0" in out
     assert record_paths(rec, "ffa-eps6-a0.5-seed0")[0].is_file()
     assert (rec / "table.md").is_file()  # the report is still built
     with pytest.raises(ValueError, match="--commit needs --record"):
         sweep._main(sweep.parse_args(["--commit"]), [], runner)
+    with pytest.raises(ValueError, match="--commit-every 5: minutes >= 0, with --commit"):
+        sweep._main(sweep.parse_args(["--record", str(rec), "--commit-every", "5"]), [], runner)
+
+
+def test_every_committed_cell_is_named_by_the_one_run_name_format():
+    """Committed records name their files as cells are named today: resume finds them."""
+    from common.config import format_run_name
+    from tests.conftest import ROOT
+
+    for record, tuning in (("experiments/main", False), ("experiments/lr-grid", True)):
+        configs = sorted((ROOT / record / "cells").glob("*[0-9].json"))
+        assert len(configs) >= 30, record
+        for path in configs:
+            c = json.loads(path.read_text())
+            cell = Cell(c["strategy.name"], c["privacy.epsilon"], c["data.dirichlet-alpha"],
+                        c["seed"], c["train.learning-rate"],
+                        c["data.validation-fraction"] if tuning else 0.0)
+            assert cell.name == path.stem == c["output.run-name"]
+            assert is_recorded(ROOT / record, cell.name, c["strategy.num-rounds"])
+    every = [p for p in (ROOT / "experiments").rglob("cells/*.json")
+             if not p.name.endswith(".environment.json")]
+    for path in every:  # the tuning cells (named with their lr) validate on a held-out split
+        c = json.loads(path.read_text())
+        named = functools.partial(format_run_name, c["strategy.name"], c["privacy.epsilon"],
+                                  c["seed"], alpha=c["data.dirichlet-alpha"])
+        tuning = [named(lr=c["train.learning-rate"])] if c["data.validation-fraction"] else []
+        assert path.stem in {named(), *tuning}, path
+    assert len(every) > 300
 
 
 # --- reports from the records alone -------------------------------------------------------------

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from simulations.experiments import threshold_free
-from simulations.experiments.threshold_free import scores, strength_scores
+from simulations import threshold_free
+from simulations.threshold_free import scores, strength_scores
 
 
 def test_a_model_that_ranks_perfectly_but_leans_on_the_prior_is_recovered_by_adjustment():
@@ -70,7 +70,7 @@ def test_the_prior_of_a_run_is_the_declared_one_or_its_census_shares(tmp_path):
     import numpy as np
 
     from common.config import AppConfig
-    from simulations.experiments.threshold_free import run_prior
+    from simulations.threshold_free import run_prior
 
     names = ["ham", "spam"]
     declared = AppConfig.from_run_config({"data.class-prior": "ham=3,spam=1"})

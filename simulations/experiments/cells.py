@@ -9,20 +9,14 @@ line per round, :class:`Progress`), and every attempt is appended to ``sweep-att
 (name, status, seconds, command): the report's wall time and command.
 
 With a record folder (``--record DIR``, tracked in git), every complete cell is also written to
-``DIR/cells/<cell name>.csv``, ``.json`` and ``.environment.json`` (:func:`write_record`) and,
-with ``--commit``,
-committed (:func:`commit_record`); a recorded cell is skipped even without its run folder, so
-a sweep resumes on a fresh clone.
+``DIR/cells/<cell name>.csv``, ``.json`` and ``.environment.json`` as it completes and, with
+``--commit``, committed in batches (:mod:`simulations.experiments.record_folder`); a recorded
+cell is skipped even without its run folder, so a sweep resumes on a fresh clone.
 """
 
 from __future__ import annotations
 
 import csv
-import io
-import json
-import os
-import shlex
-import subprocess
 import tempfile
 import time
 import traceback
@@ -32,11 +26,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from common import schema
-from common.config import AppConfig
+from common.config import AppConfig, format_run_name
 from common.run_config import app_run_config, override_text
 from server.checkpoint import CHECKPOINT_FILE
 from server.evaluation import gives_one_answer
 from server.preflight import check_run
+from simulations.experiments.record_folder import (
+    BatchCommits,
+    differing_settings,
+    has_round,
+    is_recorded,
+    recorded_stale_settings,
+    write_record,
+)
 from simulations.launch.console import (
     Progress,
     class_metrics_text,
@@ -47,20 +49,10 @@ from simulations.launch.console import (
     say,
 )
 from simulations.launch.superlink import flwr_run
-from simulations.reports.records import (
-    ATTEMPTS_FILE,
-    CELLS_DIR,
-    RECORD_COLUMNS,
-    record_command,
-    settings_digest,
-)
+from simulations.reports.records import ATTEMPTS_FILE, CELLS_DIR, record_command
 
 ROOT = Path(__file__).resolve().parents[2]  # the app: pyproject.toml
 Runner = Callable[[list[str], Path], int]  # (run-config items, log file) -> exit code
-
-
-
-
 
 
 @dataclass(frozen=True)
@@ -76,9 +68,9 @@ class Cell:
 
     @property
     def name(self) -> str:
-        """``fedsvd-eps6-a0.5-seed0``; tuning cells end in ``-lr0.5``."""
-        name = f"{self.method}-eps{self.epsilon:g}-a{self.alpha:g}-seed{self.seed}"
-        return f"{name}-lr{self.lr:g}" if self.validation_fraction else name
+        """``fedsvd-eps6-a0.5-seed0``; tuning cells end in ``-lr0.5`` (:func:`format_run_name`)."""
+        return format_run_name(self.method, self.epsilon, self.seed, alpha=self.alpha,
+                               lr=self.lr if self.validation_fraction else None)
 
     def keys(self) -> dict[str, object]:
         """The run-config keys this cell sets (they win over the sweep's --run-config)."""
@@ -123,118 +115,17 @@ def refuse_failing_runs(planned: Mapping[str, Sequence[str]], *,
 
 def is_complete(run_folder: Path, num_rounds: int) -> bool:
     """Whether ``run_folder/metrics.csv`` holds the row of round ``num_rounds`` (the last)."""
-    return _has_round(Path(run_folder) / schema.METRICS_FILE, num_rounds)
-
-
-def _has_round(table: Path, num_rounds: int) -> bool:
-    try:
-        with Path(table).open() as f:
-            return any(float(row[schema.ROUND]) == num_rounds for row in csv.DictReader(f))
-    except (OSError, KeyError, ValueError, TypeError):
-        return False
+    return has_round(Path(run_folder) / schema.METRICS_FILE, num_rounds)
 
 
 def stale_settings(run_folder: Path, cfg: AppConfig) -> list[str]:
     """Keys whose value in ``run_folder/config.json`` differs from ``cfg`` (output.* aside)."""
-    return _differing_settings(Path(run_folder) / schema.CONFIG_FILE, cfg)
+    return differing_settings(Path(run_folder) / schema.CONFIG_FILE, cfg)
 
 
-def _differing_settings(path: Path, cfg: AppConfig) -> list[str]:
-    if not path.is_file():
-        return []
-    saved, want = json.loads(path.read_text()), cfg.to_dict()
-    return [f"{k}: {saved[k]!r} there, {want[k]!r} now" for k in sorted(saved.keys() & want)
-            if not k.startswith("output.") and saved[k] != want[k]]
-
-
-# --- the record folder: one CSV and one JSON per complete cell, tracked in git -----------------
-
-def record_paths(record: Path, name: str) -> tuple[Path, Path]:
-    """``record/cells/<name>.csv`` (every round) and ``record/cells/<name>.json`` (its config)."""
-    cells = Path(record) / CELLS_DIR
-    return cells / f"{name}.csv", cells / f"{name}.json"
-
-
-def record_environment_path(record: Path, name: str) -> Path:
-    """``record/cells/<name>.environment.json``: what computed the cell (its precision, CPU)."""
-    return Path(record) / CELLS_DIR / f"{name}.{schema.ENVIRONMENT_FILE}"
-
-
-def is_recorded(record: Path, name: str, num_rounds: int) -> bool:
-    """Whether ``record`` holds the config of run ``name`` and its row of round ``num_rounds``."""
-    table, config = record_paths(record, name)
-    return config.is_file() and _has_round(table, num_rounds)
-
-
-def recorded_stale_settings(record: Path, name: str, cfg: AppConfig) -> list[str]:
-    """Keys whose value in the recorded config of ``name`` differs from ``cfg`` (output.* aside)."""
-    return _differing_settings(record_paths(record, name)[1], cfg)
-
-
-def write_record(run_folder: Path, record: Path) -> list[Path]:
-    """Write the record of a complete run: ``record/cells/<run>.csv``, ``.json``, environment.
-
-    The CSV holds RECORD_COLUMNS (run, method, epsilon, alpha, seed, learning_rate,
-    num_rounds, settings: :func:`simulations.reports.records.settings_digest`), all from the
-    run's ``config.json``, then every column of its ``metrics.csv`` as written, one row per
-    round; the JSON is the run's ``config.json``; ``<run>.environment.json`` is the run's
-    ``environment.json`` (the resolved precision, CPU and versions), when it wrote one. No
-    adapter: a few kB per cell. Each file is written to a temporary file and renamed, so a
-    reader never sees half of one. Returns the paths written, the CSV and the JSON first.
-    """
-    run_folder = Path(run_folder)
-    config_text = (run_folder / schema.CONFIG_FILE).read_text()
-    config = json.loads(config_text)
-    with (run_folder / schema.METRICS_FILE).open(newline="") as f:
-        header, *rows = list(csv.reader(f))
-    ident = [run_folder.name, config["strategy.name"], config["privacy.epsilon"],
-             config["data.dirichlet-alpha"], config["seed"], config["train.learning-rate"],
-             config["strategy.num-rounds"], settings_digest(config)]
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow([*RECORD_COLUMNS, *header])
-    writer.writerows([*ident, *row] for row in rows)
-    table, config_path = record_paths(record, run_folder.name)
-    table.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(config_path, config_text)
-    _write_atomic(table, text.getvalue())
-    written = [table, config_path]
-    environment = run_folder / schema.ENVIRONMENT_FILE
-    if environment.is_file():
-        written.append(record_environment_path(record, run_folder.name))
-        _write_atomic(written[-1], environment.read_text())
-    return written
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def commit_record(record: Path, paths: Sequence[Path], message: str) -> str:
-    """``git add`` and ``git commit`` of ``paths`` only, in the repository holding ``record``.
-
-    Nothing else is staged or committed (``git commit -- <paths>``), whatever else the working
-    tree or the index holds. Returns "" on success, else why git failed.
-    """
-    record = Path(record).resolve()
-    names = [Path(p).resolve().relative_to(record).as_posix() for p in paths]
-    for args in (["add", "--", *names], ["commit", "-q", "-m", message, "--", *names]):
-        try:
-            done = subprocess.run(["git", "-C", str(record), *args], capture_output=True,
-                                  text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"git {args[0]}: {exc}"
-        if done.returncode:
-            output = (done.stderr.strip() or done.stdout.strip()).replace("\n", " | ")
-            return f"git {args[0]} exited {done.returncode}: {output}"
-    return ""
-
-
-def _record_cell(run_folder: Path, record: Path, command: str, commit: bool,
+def _record_cell(run_folder: Path, record: Path, command: str, commits: BatchCommits | None,
                  say: Callable[[str], None]) -> bool:
-    """Record (and commit) a complete run; False, said loudly, when that failed."""
+    """Record a complete run, queued for the next commit; False, said loudly, when that failed."""
     name = run_folder.name
     try:
         paths = [*write_record(run_folder, record), record_command(record, command)]
@@ -243,18 +134,9 @@ def _record_cell(run_folder: Path, record: Path, command: str, commit: bool,
         say(f"[record] !!! {name} is done but NOT RECORDED: writing {record} failed: {exc}; "
             f"its run is in {run_folder}")
         return False
-    if not commit:
-        say(f"[record] {name} -> {paths[0]}")
-        return True
-    message = f"sweep {record}: {name} (final accuracy {accuracy:.4f})"
-    why = commit_record(record, paths, message)
-    if why:
-        files = " ".join(shlex.quote(str(p)) for p in paths)
-        say(f"[record] !!! {name} is done but NOT COMMITTED: {why}\n[record] !!! its record is "
-            f"written; commit it by hand: git -C {shlex.quote(str(record))} add {files} && "
-            f"git -C {shlex.quote(str(record))} commit -m {shlex.quote(message)} -- {files}")
-        return False
-    say(f"[record] committed {paths[0]}: {message}")
+    say(f"[record] {name} -> {paths[0]}")
+    if commits is not None:
+        commits.add(name, paths, f" (final accuracy {accuracy:.4f})")
     return True
 
 
@@ -306,18 +188,7 @@ def cell_states(cells: Sequence[Cell], folder: Path, overrides: Sequence[str],
     return plan_cells(cells, folder, configs, record)
 
 
-# --- progress while a cell runs: its log, followed ---------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
+# --- running the cells: one Flower run each, its log followed ----------------------------------
 
 
 def flwr_runner(*, num_supernodes: int = 6, cpus_per_client: int = 1,
@@ -338,8 +209,6 @@ def flwr_runner(*, num_supernodes: int = 6, cpus_per_client: int = 1,
     return run
 
 
-
-
 @dataclass(frozen=True)
 class Outcome:
     """What happened to one cell in this invocation."""
@@ -348,13 +217,14 @@ class Outcome:
     status: str  # "skipped" (recorded or already complete), "done", "failed" or "stopped"
     seconds: float = 0.0
     detail: str = ""
-    recorded: bool | None = None  # with a record folder: whether its record was written
+    recorded: bool | None = None  # with a record folder: written (and committed, if asked)
 
 
 def run_cells(cells: Sequence[Cell], folder: Path, *, overrides: Sequence[str], runner: Runner,
               command: str, say: Callable[[str], None] = say,
               num_partitions: int | None = None, record: Path | None = None,
-              commit: bool = False, stop_file: Path | None = None) -> list[Outcome]:
+              commit_every: float | None = None,
+              stop_file: Path | None = None) -> list[Outcome]:
     """Run every cell not yet complete, in order; a failed cell is logged and the sweep goes on.
 
     All cell configs are built (and validated) first, and runs in ``folder`` or records in
@@ -362,12 +232,15 @@ def run_cells(cells: Sequence[Cell], folder: Path, *, overrides: Sequence[str], 
     so does any cell to run that :func:`server.preflight.check_run` refuses (data, partitions
     of ``num_partitions`` SuperNodes, results folder): a ValueError or OSError listing every
     such cell. With ``record``, a recorded cell is skipped (its run folder may be missing), and
-    every complete cell without a record gets one (:func:`write_record`), committed with
-    ``commit`` (:func:`commit_record`); a record that cannot be written or committed is said
-    loudly and the sweep goes on. While a cell runs, its log is followed: one line per round.
-    When ``stop_file`` exists before a cell would start, that cell and the ones after it are
-    not run (status "stopped"): the cell running when it appeared finishes and is recorded
-    first, and the same command resumes the sweep.
+    every complete cell without a record gets one as it completes (:func:`write_record`). With
+    ``commit_every`` (minutes; None: no commits) the records are committed in batches
+    (:class:`BatchCommits`): at most one commit per ``commit_every`` minutes, one more before
+    this returns or raises, and the first takes the records of planned cells that an earlier
+    sweep left uncommitted. A record that cannot be written or committed is said loudly, its
+    cell counts as not recorded, and the sweep goes on. While a cell runs, its log is
+    followed: one line per round. When ``stop_file`` exists before a cell would start, that
+    cell and the ones after it are not run (status "stopped"): the cell running when it
+    appeared finishes and is recorded first, and the same command resumes the sweep.
     """
     folder = Path(folder)
     configs = {c: cell_config(run_config_items(c, folder, overrides)) for c in cells}
@@ -382,37 +255,47 @@ def run_cells(cells: Sequence[Cell], folder: Path, *, overrides: Sequence[str], 
         + (f"{recorded} recorded in {record}, " if record is not None else "")
         + f"{len(cells) - len(todo) - recorded} already complete, {len(todo)} to run; folder "
         f"{folder}, logs in {folder / 'logs'}")
+    commits = None if record is None or commit_every is None else \
+        BatchCommits(record, commit_every, say)
+    if commits is not None:
+        commits.add_uncommitted(c.name for c in cells if states[c] == RECORDED)
     outcomes = {}
-    for cell in cells:
-        if states[cell] == RECORDED:
-            outcomes[cell] = Outcome(cell, "skipped", recorded=True)
-        elif states[cell] == COMPLETE:
-            outcomes[cell] = Outcome(cell, "skipped", recorded=None if record is None else
-                                     _record_cell(folder / cell.name, record, command, commit,
-                                                  say))
-    rounds = [configs[c].strategy.num_rounds for c in todo]
-    start, spent, progress = time.monotonic(), [], Progress(say)
-    for k, cell in enumerate(todo):
-        if stop_file is not None and Path(stop_file).exists():
-            say(f"[sweep] {stop_file} exists: stopping before {cell.name}; {len(todo) - k} "
-                "cell(s) not run, the same command goes on with them")
-            outcomes |= {c: Outcome(c, "stopped") for c in todo[k:]}
-            break
-        tag = f"[{cells.index(cell) + 1}/{len(cells)}]"
-        on_line = progress.cell(tag, cell.name, rounds[k], sum(rounds[k + 1:]))
-        outcome = _run_one(cell, folder, overrides, runner, rounds[k], tag, say, on_line)
-        _record_attempt(folder, outcome, command)
-        spent.append(outcome.seconds)
-        left = len(todo) - k - 1
-        say(f"{tag} {cell.name} {outcome.status.upper()} in "
-            f"{duration(outcome.seconds)}{outcome.detail} | elapsed "
-            f"{duration(time.monotonic() - start)} | ETA "
-            f"{duration(sum(spent) / len(spent) * left)} ({left} to run)")
-        if record is not None and outcome.status == "done":
-            outcome = replace(outcome, recorded=_record_cell(folder / cell.name, record,
-                                                             command, commit, say))
-        outcomes[cell] = outcome
-    return [outcomes[c] for c in cells]
+    try:
+        for cell in cells:
+            if states[cell] == RECORDED:
+                outcomes[cell] = Outcome(cell, "skipped", recorded=True)
+            elif states[cell] == COMPLETE:
+                outcomes[cell] = Outcome(cell, "skipped", recorded=None if record is None else
+                                         _record_cell(folder / cell.name, record, command,
+                                                      commits, say))
+        rounds = [configs[c].strategy.num_rounds for c in todo]
+        start, spent, progress = time.monotonic(), [], Progress(say)
+        for k, cell in enumerate(todo):
+            if commits is not None:
+                commits.commit_if_due()
+            if stop_file is not None and Path(stop_file).exists():
+                say(f"[sweep] {stop_file} exists: stopping before {cell.name}; {len(todo) - k} "
+                    "cell(s) not run, the same command goes on with them")
+                outcomes |= {c: Outcome(c, "stopped") for c in todo[k:]}
+                break
+            tag = f"[{cells.index(cell) + 1}/{len(cells)}]"
+            on_line = progress.cell(tag, cell.name, rounds[k], sum(rounds[k + 1:]))
+            outcome = _run_one(cell, folder, overrides, runner, rounds[k], tag, say, on_line)
+            _record_attempt(folder, outcome, command)
+            spent.append(outcome.seconds)
+            left = len(todo) - k - 1
+            say(f"{tag} {cell.name} {outcome.status.upper()} in "
+                f"{duration(outcome.seconds)}{outcome.detail} | elapsed "
+                f"{duration(time.monotonic() - start)} | ETA "
+                f"{duration(sum(spent) / len(spent) * left)} ({left} to run)")
+            if record is not None and outcome.status == "done":
+                outcome = replace(outcome, recorded=_record_cell(folder / cell.name, record,
+                                                                 command, commits, say))
+            outcomes[cell] = outcome
+    finally:
+        uncommitted = set(commits.commit()) if commits is not None else set()
+    return [replace(outcomes[c], recorded=False) if c.name in uncommitted else outcomes[c]
+            for c in cells]
 
 
 def _run_one(cell: Cell, folder: Path, overrides: Sequence[str], runner: Runner,
@@ -439,8 +322,6 @@ def _run_one(cell: Cell, folder: Path, overrides: Sequence[str], runner: Runner,
     detail = (f" ({why}{'' if code else ', no final round in metrics.csv'}"
               f"{': ' + reason if reason else ''}; log {log})")
     return Outcome(cell, "failed", seconds, detail)
-
-
 
 
 def _final_row(run_folder: Path) -> dict[str, str]:

