@@ -414,6 +414,11 @@ class PrivacyConfig:
     # this run is one of `trials` runs of the same schedule (learning-rate tuning) that together
     # may spend `epsilon`: σ is calibrated for their plain composition (privacy.trials)
     trials: int = 1
+    # The most noise a schedule may need: a run whose σ (calibrated for `epsilon` over every step,
+    # the trials and a census included) would be above it is refused before launch, σ shown
+    # (privacy.reach). σ · C / B is the noise std per coordinate of a step's mean gradient, whose
+    # whole norm is at most C; inf: no bound
+    max_noise_multiplier: float = 50.0
 
     @property
     def is_private(self) -> bool:
@@ -446,6 +451,8 @@ class PrivacyConfig:
                "must be a finite number > 0 (the noise std of each class count of the census)")
         _check(p, self.trials >= 1, "privacy.trials", self.trials,
                "must be an integer >= 1 (1: this run alone spends privacy.epsilon)")
+        _check(p, self.max_noise_multiplier > 0, "privacy.max-noise-multiplier",
+               self.max_noise_multiplier, "must be > 0 (inf: no bound)")
         return p
 
 

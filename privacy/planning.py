@@ -335,8 +335,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if problems:
             parser.error("; ".join(problems))
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        print("\n".join(describe(recommend(args.examples, args.epsilon, args.delta,
-                                           args.accountant))))
+        try:
+            fitted = recommend(args.examples, args.epsilon, args.delta, args.accountant)
+        except ValueError as exc:
+            parser.error(_as_flag(str(exc)))
+        print("\n".join(describe(fitted)))
         return
     problems = cli_problems(args)
     if args.batch_sizes and args.epsilon is None:

@@ -18,6 +18,10 @@ of the RDP ε at σ = LARGEST_NOISE (Opacus' orders and its RDP → (ε, δ) con
   Thm. 13) its RDP is at most the Gaussian's.
 
 The accountant itself is asked (seconds) only when neither bound decides.
+
+A schedule within reach can still need more noise than any update survives (a billion rounds
+at the defaults: σ ≈ 2305): :func:`noise_above_bound` refuses σ above
+``privacy.max-noise-multiplier``.
 """
 
 from __future__ import annotations
@@ -32,7 +36,12 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import MAX_SIGMA
 
 from common.config import AppConfig, ConfigError, PrivacyConfig
-from privacy.accounting import HistoryEntry, epsilon_of, largest_order_is_optimal
+from privacy.accounting import (
+    HistoryEntry,
+    calibrate_noise,
+    epsilon_of,
+    largest_order_is_optimal,
+)
 from privacy.policy import run_census, sample_rate
 
 ORDERS = RDPAccountant.DEFAULT_ALPHAS
@@ -121,14 +130,40 @@ def reach_problem(privacy: PrivacyConfig, *, rounds: int, local_steps: int, batc
     short = shortfall(privacy.epsilon, delta=privacy.delta, sample_rate=q,
                       steps=trials * rounds * local_steps, accountant=privacy.accountant,
                       spent=[*census] * trials)
-    if short is None:
-        return None
     schedule = (f"strategy.num-rounds={rounds} × train.local-steps={local_steps}"
                 + (f" × privacy.trials={trials}" if trials > 1 else ""))
+    client = (f"q = {q:.4g} ({where}, {num_examples} training examples, "
+              f"train.batch-size={batch_size})")
+    if short is None:
+        sigma = noise_above_bound(privacy, sample_rate=q, steps=trials * rounds * local_steps,
+                                  spent=[*census] * trials)
+        return None if sigma is None else (
+            f"{schedule} steps at {client} need σ = {sigma:.4g} for privacy.epsilon="
+            f"{privacy.epsilon!r}: above privacy.max-noise-multiplier="
+            f"{privacy.max_noise_multiplier!r}, where the noise drowns every step's update; lower "
+            "strategy.num-rounds or train.local-steps, raise privacy.epsilon, or raise "
+            "privacy.max-noise-multiplier if this much noise is meant")
     fix = (f"raise privacy.epsilon above {short.floor:.4g} (or privacy.delta), or use "
            "privacy.accountant='prv'" if short.no_sigma else
            f"raise privacy.epsilon above {short.least:.4g}, or lower strategy.num-rounds or "
            "train.local-steps")
     return (f"privacy.epsilon={privacy.epsilon!r} is out of reach of {schedule} steps at "
-            f"q = {q:.4g} ({where}, {num_examples} training examples, train.batch-size="
-            f"{batch_size}): {short.reason()}; {fix}")
+            f"{client}: {short.reason()}; {fix}")
+
+
+def noise_above_bound(privacy: PrivacyConfig, *, sample_rate: float, steps: int,
+                      spent: Sequence[HistoryEntry] = ()) -> float | None:
+    """The σ a schedule needs when that is above ``privacy.max-noise-multiplier``; else None.
+
+    Decided by one RDP evaluation at σ = the bound (milliseconds at any number of steps; the
+    PRV accountant runs out of memory at ~1e9 steps): ε_RDP ≥ ε_PRV, so a schedule that RDP
+    keeps within ε at the bound is within it under either accountant. Only above the bound is
+    σ calibrated (RDP), for the message.
+    """
+    bound = privacy.max_noise_multiplier
+    if not privacy.is_private or math.isinf(bound):
+        return None
+    if epsilon_of("rdp", [*spent, (bound, sample_rate, steps)], privacy.delta) <= privacy.epsilon:
+        return None
+    return calibrate_noise(target_epsilon=privacy.epsilon, target_delta=privacy.delta,
+                           sample_rate=sample_rate, steps=steps, spent=spent)

@@ -32,6 +32,7 @@ from common.config import PrivacyConfig, StrategyConfig, TrainConfig, fewer_than
 from common.run_config import override_text
 from privacy.accounting import calibrate_noise
 from privacy.policy import sample_rate
+from privacy.reach import reach_problem
 
 REFERENCE_EXAMPLES = 1445  # the default task's smallest client (20 Newsgroups, Dirichlet 0.5)
 REFERENCE_EPSILON = 3.0
@@ -86,7 +87,9 @@ def recommend(examples: int, epsilon: float, delta: float | None = None,
               accountant: str = "rdp") -> Recommendation:
     """The defaults fitted to ``examples`` (the smallest client's) at ``epsilon`` (module rule).
 
-    Raises ``ValueError`` when the client holds fewer examples than the smallest batch.
+    Raises ``ValueError`` when the client holds fewer examples than the smallest batch, or when
+    no σ calibration tries meets ``epsilon`` over the fitted schedule (decided in milliseconds by
+    :func:`privacy.reach.reach_problem`, before any calibration).
     """
     train, strategy = TrainConfig(), StrategyConfig()
     delta = PrivacyConfig().delta if delta is None else delta
@@ -101,6 +104,10 @@ def recommend(examples: int, epsilon: float, delta: float | None = None,
                        f"< {train.batch_size}, fewer than one batch of the default")
         reasons.append(f"train.local-steps {steps} (default {train.local_steps}): the same "
                        f"{train.batch_size * train.local_steps} examples per round")
+    if problem := reach_problem(PrivacyConfig(epsilon=epsilon, delta=delta, accountant=accountant),
+                                rounds=strategy.num_rounds, local_steps=steps, batch_size=batch,
+                                num_examples=examples, census=(), where="the smallest client"):
+        raise ValueError(problem)
     sigma = _sigma(examples, batch, steps, strategy.num_rounds, epsilon, delta, accountant)
     reference = _sigma(REFERENCE_EXAMPLES, train.batch_size, train.local_steps,
                        strategy.num_rounds, REFERENCE_EPSILON, delta, accountant)

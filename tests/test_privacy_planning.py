@@ -8,8 +8,8 @@ from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
-from common.config import AppConfig, ConfigError
-from privacy.accounting import epsilon_of
+from common.config import AppConfig, ConfigError, PrivacyConfig
+from privacy.accounting import calibrate_noise, epsilon_of
 from privacy.planning import (
     ORDERS,
     Schedule,
@@ -19,7 +19,7 @@ from privacy.planning import (
     plan_noise,
 )
 from privacy.policy import check_delta, sample_rate
-from privacy.reach import LARGEST_NOISE, check_reachable, shortfall
+from privacy.reach import LARGEST_NOISE, check_reachable, noise_above_bound, shortfall
 
 DELTA = 1e-5
 
@@ -304,3 +304,35 @@ def test_a_run_whose_budget_no_sigma_meets_is_refused_naming_the_keys():
         "privacy.accountant='prv'"]
     check_reachable(AppConfig(), 1598, "partition 1 of 6")  # the default run: fine
     check_reachable(AppConfig.from_run_config({"privacy.epsilon": math.inf}), 1, "any")
+
+
+def _needs(rounds: int, q: float = 0.04) -> float:
+    return calibrate_noise(target_epsilon=6.0, target_delta=DELTA, sample_rate=q,
+                           steps=5 * rounds)
+
+
+def test_a_schedule_needing_more_noise_than_the_bound_is_refused_with_its_sigma():
+    cfg = AppConfig.from_run_config({"strategy.num-rounds": 10**9})
+    with pytest.raises(ConfigError) as caught:
+        check_reachable(cfg, 1598, "partition 1 of 6, the smallest")
+    [problem] = caught.value.problems
+    assert problem.startswith("strategy.num-rounds=1000000000 × train.local-steps=5 steps at "
+                              "q = 0.04 (partition 1 of 6, the smallest")
+    assert f"need σ = {_needs(10**9):.4g} for privacy.epsilon=6.0" in problem
+    assert "above privacy.max-noise-multiplier=50.0" in problem
+    unbounded = AppConfig.from_run_config({"strategy.num-rounds": 10**9,
+                                           "privacy.max-noise-multiplier": math.inf})
+    check_reachable(unbounded, 1598, "partition 1 of 6")  # inf: no bound
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_the_noise_bound_sits_where_the_needed_sigma_crosses_it(accountant):
+    """The adaptive case: a bound just above the σ a schedule needs passes, just below refuses."""
+    rounds = 200_000
+    sigma = _needs(rounds)
+    for bound, refused in ((sigma * 1.01, False), (sigma * 0.99, True)):
+        privacy = PrivacyConfig(accountant=accountant, max_noise_multiplier=bound)
+        assert (noise_above_bound(privacy, sample_rate=0.04, steps=5 * rounds) is not None) \
+            == refused
+    assert noise_above_bound(PrivacyConfig(epsilon=math.inf, max_noise_multiplier=1e-3),
+                             sample_rate=0.04, steps=5) is None  # no DP: no noise at all

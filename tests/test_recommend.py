@@ -1,6 +1,7 @@
 """The planner's --recommend: the defaults fitted to a client's size and budget."""
 
 import math
+import time
 
 import pytest
 from opacus.accountants import RDPAccountant
@@ -98,3 +99,15 @@ def test_cli_refuses_naming_the_flag(capsys, argv, message):
     assert exc.value.code == 2 and captured.out == ""
     last = captured.err.strip().splitlines()[-1]
     assert message in last, last
+
+
+def test_an_unreachable_budget_is_refused_fast_saying_what_the_schedule_reaches(capsys):
+    """Before any calibration (which doubled σ for 35 s, then raised with a traceback)."""
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as caught:
+        main(["--recommend", "--epsilon", "0.0001", "--examples", "10"])
+    assert caught.value.code == 2
+    assert time.perf_counter() - start < 5
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--epsilon 0.0001 is out of reach of --rounds 5 × --local-steps 40" in last
+    assert "raise --epsilon above 0.1029" in last

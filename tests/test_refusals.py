@@ -80,3 +80,14 @@ def test_a_rank_too_large_for_the_model_exits_2_before_any_launch(tiny_run_confi
     assert capsys.readouterr().err.strip().splitlines()[-2].startswith(
         "  lora.r=100000: above 32, the smaller side of the weight (32 × 32)")
     assert not (tmp_path / "results").exists()
+
+
+def test_a_billion_rounds_exit_2_before_any_launch_with_the_sigma_they_need(tiny_run_config,
+                                                                            tmp_path, capsys):
+    argv = ["--results-dir", str(tmp_path / "results"), "--num-supernodes", "3", "--run-config",
+            *_tiny_overrides(tiny_run_config), "--run-config", "strategy.num-rounds=1000000000"]
+    assert sim_run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "strategy.num-rounds=1000000000 × train.local-steps=" in err
+    assert "above privacy.max-noise-multiplier=50.0" in err
+    assert not (tmp_path / "results").exists()
