@@ -1,6 +1,7 @@
 """Experiment conf files combine with key=value overrides, read exactly as flwr reads them."""
 
 import math
+import re
 import tomllib
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from flwr.common.config import parse_config_args
 from common.config import AppConfig, ConfigError
 from common.run_config import run_config_args
 
-CONF = Path(__file__).resolve().parent.parent / "simulations" / "conf"
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "simulations" / "conf"
 
 
 @pytest.mark.parametrize("conf", sorted(CONF.glob("*.toml")), ids=lambda p: p.stem)
@@ -79,3 +81,13 @@ def test_a_control_character_in_a_string_reads_back_and_is_refused_naming_the_ke
     assert refused.value.problems == [
         "data.labels='a\\x01b': holds the control character(s) U+0001; a run-config string is "
         "plain text"]
+
+
+@pytest.mark.parametrize("method", ["ffa", "fedavg", "flora", "fedex", "rolora"])
+def test_each_method_conf_carries_the_rate_its_record_chose(method):
+    """A baseline run as shipped uses its tuned rate, not lr 1.0 (FedAvg-LoRA collapses there)."""
+    text = (CONF / f"{method}.toml").read_text()
+    record = re.search(r"experiments/([\w-]+)", text)
+    assert record, f"{method}.toml names no record for its rate"
+    rates = tomllib.loads((ROOT / "experiments" / record[1] / "learning_rates.toml").read_text())
+    assert tomllib.loads(text)["train"]["learning-rate"] == rates[method]["learning-rate"]
