@@ -156,7 +156,7 @@ def start_up(flat: dict, *, partition: int, num_partitions: int, repeats: int,
             corpus = check_run(cfg)
         with timed(samples, "server: build model + LoRA + class-name head"):
             model = build_model(cfg.model, cfg.lora, num_labels=corpus.num_labels, seed=cfg.seed,
-                                device=t.device(cfg), svd_form=cfg.strategy.svd_form)
+                                device=t.device(cfg.model), svd_form=cfg.strategy.svd_form)
             tokenizer = load_tokenizer(cfg.model)
             if cfg.lora.head_init == "class-names":
                 set_class_name_head(model, tokenizer, corpus.label_names)
@@ -209,7 +209,7 @@ def client_round(s: dict, dtype, label: str, samples: Samples):
             arrays = ArrayRecord(torch_state_dict=layout.tensors(factors,
                                                                  head=cfg.lora.train_head))
             metrics = t.train_reply_metrics(
-                num_examples=len(data.train), loss=0.0, ledger=ledger, cfg=cfg,
+                num_examples=len(data.train), loss=0.0, ledger=ledger, privacy=cfg.privacy,
                 sigma=budget.noise_multiplier, steps=budget.steps, exhausted=False, moved=moved)
     samples.setdefault(f"    {PER_STEP}", {}).setdefault(label, []).append(
         statistics.mean(step["step"] for step in clock.steps))

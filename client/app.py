@@ -13,7 +13,7 @@ from client import training as t
 from client.ledger import node_max_epsilon, node_privacy_state
 from client.received_state import received_state
 from common import contract
-from common.config import AppConfig
+from common.config import AppConfig, PrivacyConfig
 from common.data import load_corpus, load_partition
 from common.evaluation import evaluate as evaluate_model
 from privacy import PrivacyLedger
@@ -47,7 +47,8 @@ def _train(msg: Message, context: Context, cfg: AppConfig, *, spans_runs: bool) 
     partition_id, num_partitions = t.node_partition(context)
     data = t.load_local_data(cfg, partition_id, num_partitions)
     model, layout = t.build_global_model(cfg, data.num_labels, received_state(msg.content, context))
-    t.seed_local_randomness(cfg, msg.content[contract.CONFIG], partition_id)
+    t.seed_local_randomness(cfg.seed, msg.content[contract.CONFIG], partition_id,
+                            deterministic=cfg.train.deterministic)
     factors = t.parse_factors(msg.content[contract.CONFIG])
     ledger, sigma = t.load_ledger(context, cfg.privacy.accountant)
     max_epsilon = node_max_epsilon(context)
@@ -55,42 +56,42 @@ def _train(msg: Message, context: Context, cfg: AppConfig, *, spans_runs: bool) 
                         where=f"partition {partition_id}", max_epsilon=max_epsilon)
     loss, moved = float("nan"), 0.0
     if budget.exhausted and spans_runs:
-        _log_refusal(cfg, ledger, budget, partition_id, max_epsilon)
+        _log_refusal(cfg.privacy, ledger, budget, partition_id, max_epsilon)
     elif not budget.exhausted:
         before = layout.tensors(factors, head=False)
         private = t.privatize(cfg, model, layout, factors, data.train, budget, ledger)
-        loss = t.run_local_steps(private, budget.steps, t.compute_dtype(cfg),
+        loss = t.run_local_steps(private, budget.steps, t.compute_dtype(cfg.model),
                                  encoder_dropout=cfg.model.encoder_dropout)
         private.record_into(ledger)
-        _record_without_noise(cfg, ledger, budget, spans_runs=spans_runs)
+        _record_without_noise(cfg.privacy, ledger, budget, spans_runs=spans_runs)
         t.store_ledger(context, ledger, budget.noise_multiplier)
         moved = t.moved_norm(before, layout, factors, require_each=cfg.privacy.is_private)
     arrays = ArrayRecord(torch_state_dict=layout.tensors(factors, head=cfg.lora.train_head))
     metrics = t.train_reply_metrics(num_examples=len(data.train), loss=loss, ledger=ledger,
-                                    cfg=cfg, sigma=budget.noise_multiplier,
+                                    privacy=cfg.privacy, sigma=budget.noise_multiplier,
                                     steps=0 if budget.exhausted else budget.steps,
                                     exhausted=budget.exhausted, moved=moved)
     return Message(RecordDict({contract.ARRAYS: arrays, contract.METRICS: metrics}),
                    reply_to=msg)
 
 
-def _log_refusal(cfg: AppConfig, ledger: PrivacyLedger, budget: RoundPrivacy, partition_id: int,
-                 max_epsilon: float | None) -> None:
+def _log_refusal(privacy: PrivacyConfig, ledger: PrivacyLedger, budget: RoundPrivacy,
+                 partition_id: int, max_epsilon: float | None) -> None:
     """Say on the SuperNode why it does not train: its ledger of every run is (nearly) spent."""
     why = ("spent" if math.isinf(budget.noise_multiplier)
            else f"this round would take it to {budget.epsilon_after:.4g}")
     log(WARNING, "partition %d does not train: its privacy ledger, which counts every run this "
         "node has served, holds ε = %.4g of its budget %g (%s)", partition_id,
-        ledger.epsilon(cfg.privacy.delta), node_budget(cfg.privacy, max_epsilon), why)
+        ledger.epsilon(privacy.delta), node_budget(privacy, max_epsilon), why)
 
 
-def _record_without_noise(cfg: AppConfig, ledger: PrivacyLedger, budget: RoundPrivacy, *,
+def _record_without_noise(privacy: PrivacyConfig, ledger: PrivacyLedger, budget: RoundPrivacy, *,
                           spans_runs: bool) -> None:
     """A ledger spanning runs counts a round without DP (ε = inf) as σ = 0: ε is then inf.
 
     Its data was released without noise, so no later run may report a finite ε for it.
     """
-    if spans_runs and not cfg.privacy.is_private:
+    if spans_runs and not privacy.is_private:
         ledger.history.append((0.0, budget.sample_rate, budget.steps))
 
 
@@ -100,7 +101,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = AppConfig.from_run_config(context.run_config)
     data = t.load_local_data(cfg, *t.node_partition(context))
     model, _ = t.build_global_model(cfg, data.num_labels, msg.content[contract.ARRAYS])
-    loss, accuracy = evaluate_model(model, data.test, compute_dtype=t.compute_dtype(cfg),
+    loss, accuracy = evaluate_model(model, data.test, compute_dtype=t.compute_dtype(cfg.model),
                                     task=data.task)
     metrics = MetricRecord({contract.NUM_EXAMPLES: len(data.test), contract.LOSS: loss,
                             contract.ACCURACY: accuracy})
@@ -140,7 +141,7 @@ def _census(msg: Message, context: Context, cfg: AppConfig, *, spans_runs: bool)
     partition_id, num_partitions = t.node_partition(context)
     task = cfg.model.task_kind  # a classification one: a census needs labels (AppConfig)
     train, _ = load_partition(cfg.data, cfg.seed, partition_id, num_partitions, task)
-    ledger = _count_census(cfg, context, partition_id, spans_runs=spans_runs)
+    ledger = _count_census(cfg.privacy, context, partition_id, spans_runs=spans_runs)
     counts = noisy_label_counts(train["label"], load_corpus(cfg.data, cfg.seed, task).num_labels,
                                 cfg.privacy.census_noise)
     metrics = MetricRecord({contract.PARTITION_ID: partition_id,
@@ -150,7 +151,7 @@ def _census(msg: Message, context: Context, cfg: AppConfig, *, spans_runs: bool)
                                contract.METRICS: metrics}), reply_to=msg)
 
 
-def _count_census(cfg: AppConfig, context: Context, partition_id: int, *,
+def _count_census(privacy: PrivacyConfig, context: Context, partition_id: int, *,
                   spans_runs: bool) -> PrivacyLedger:
     """Check that this node may answer this run's census, and enter it in the ledger.
 
@@ -158,9 +159,9 @@ def _count_census(cfg: AppConfig, context: Context, partition_id: int, *,
     stays in the ledger. A run without DP releases exact counts: a ledger spanning runs counts
     them as σ = 0 (ε = inf), and a node with ``max-epsilon`` refuses them.
     """
-    ledger, sigma = t.load_ledger(context, cfg.privacy.accountant)
+    ledger, sigma = t.load_ledger(context, privacy.accountant)
     where, max_epsilon = f"partition {partition_id}", node_max_epsilon(context)
-    if not cfg.privacy.is_private:
+    if not privacy.is_private:
         if max_epsilon is not None:
             raise ValueError(f"{where} refuses the census: the run has privacy.epsilon=inf (exact "
                              f"counts) and this node's node config caps ε at {max_epsilon:g}")
@@ -168,14 +169,14 @@ def _count_census(cfg: AppConfig, context: Context, partition_id: int, *,
             ledger.history.append(census_entry(0.0))
             t.store_ledger(context, ledger, None)
         return ledger
-    check_census_budget(cfg)
+    check_census_budget(privacy)
     if sigma is not None or t.census_answered(context):
         done = "a census" if t.census_answered(context) else "training steps"
         raise ValueError(f"{where} refuses the census: its privacy ledger already holds {done} of "
                          f"this run (run {context.run_id}); a node answers one census per run, "
                          "before the run trains")
-    check_census_fits(cfg, ledger, max_epsilon=max_epsilon, where=where)
-    ledger.history.append(census_entry(cfg.privacy.census_noise))
+    check_census_fits(privacy, ledger, max_epsilon=max_epsilon, where=where)
+    ledger.history.append(census_entry(privacy.census_noise))
     t.store_ledger(context, ledger, None)
     t.mark_census_answered(context)
     return ledger

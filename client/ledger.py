@@ -42,7 +42,7 @@ from flwr.supercore.constant import TaskType
 from flwr.supercore.utils import get_flwr_home
 
 from client import training as t
-from common.config import RUN_LEDGER_DIR, AppConfig
+from common.config import RUN_LEDGER_DIR, AppConfig, OutputConfig, PrivacyConfig
 from privacy import PrivacyLedger
 
 PRIVACY_STATE_KEY = "privacy-state-file"  # node config: where a SuperNode keeps its ledger
@@ -169,7 +169,7 @@ def node_privacy_state(context: Context, cfg: AppConfig) -> Iterator[LedgerPlace
     """
     place = ledger_place(context, cfg)
     if place.path is None:
-        _check_resumable(cfg, place)
+        _check_resumable(cfg.output, cfg.privacy, place)
         if place.per_run_budget and cfg.privacy.is_private:
             log(WARNING, "node config %s=true: this node keeps its privacy ledger in this run's "
                 "Context.state only, so its ε starts again from 0 in every run and after every "
@@ -189,9 +189,9 @@ def node_privacy_state(context: Context, cfg: AppConfig) -> Iterator[LedgerPlace
                                    spans_runs=place.spans_runs)
 
 
-def _check_resumable(cfg: AppConfig, place: LedgerPlace) -> None:
+def _check_resumable(output: OutputConfig, privacy: PrivacyConfig, place: LedgerPlace) -> None:
     """Refuse a resumed private run whose earlier steps are in no file this node reads."""
-    if not (cfg.output.resume and cfg.privacy.is_private):
+    if not (output.resume and privacy.is_private):
         return
     if place.per_run_budget:
         raise ValueError(f"output.resume=true with node config {PER_RUN_BUDGET_KEY}=true: this "
@@ -199,7 +199,7 @@ def _check_resumable(cfg: AppConfig, place: LedgerPlace) -> None:
                          "(it kept it in that run's Context.state); remove "
                          f"{PER_RUN_BUDGET_KEY} so that its ledger file spans the runs")
     raise ValueError(
-        f"output.resume=true with output.dir={cfg.output.dir!r} (relative) and no node "
+        f"output.resume=true with output.dir={output.dir!r} (relative) and no node "
         f"config {PRIVACY_STATE_KEY}: this node cannot read the privacy ledger of the "
         "rounds before the resume; set output.dir to an absolute path (simulations.run "
         f"does) or give each node a {PRIVACY_STATE_KEY}")

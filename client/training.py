@@ -18,7 +18,7 @@ from client.step_size import parameter_groups
 from common import contract
 from common.adapter import AdapterLayout, LoraPair
 from common.batching import collate_trimmed
-from common.config import AppConfig
+from common.config import AppConfig, ModelConfig, PrivacyConfig
 from common.contract import Factor, lora_key
 from common.data import (
     load_corpus,
@@ -99,35 +99,37 @@ def node_partition(context: Context) -> tuple[int, int]:
                          "--node-config 'partition-id=<i> num-partitions=<n>'") from exc
 
 
-def device(cfg: AppConfig) -> torch.device:
+def device(model: ModelConfig) -> torch.device:
     """The device of this node for ``model.device`` (:func:`common.devices.resolve_device`)."""
-    return resolve_device(cfg.model.device)
+    return resolve_device(model.device)
 
 
 def build_global_model(cfg: AppConfig, num_labels: int,
                        arrays: ArrayRecord) -> tuple[PeftModel, AdapterLayout]:
     """Fresh LoRA model on this node's device, with the server's global adapter loaded."""
     model = build_model(cfg.model, cfg.lora, num_labels=num_labels, seed=cfg.seed,
-                        device=device(cfg), svd_form=cfg.strategy.svd_form)
+                        device=device(cfg.model), svd_form=cfg.strategy.svd_form)
     layout = AdapterLayout.from_model(model)
     layout.load(arrays.to_torch_state_dict())
     return model, layout
 
 
-def seed_local_randomness(cfg: AppConfig, config: ConfigRecord, partition_id: int) -> None:
+def seed_local_randomness(seed: int, config: ConfigRecord, partition_id: int, *,
+                          deterministic: bool) -> None:
     """Reseed torch before local training: from the OS, or with ``train.deterministic`` fixed.
 
     :func:`common.model.build_model` seeds torch with the public ``seed`` (the same head and A
     init on every node), and a fresh process starts from torch's fixed default seed. Left so,
     the Poisson batches, dropout and DP noise would follow from public values and the noise
-    could be recomputed and subtracted. ``train.deterministic`` (only allowed with ε = inf)
-    seeds from (seed, server round, partition-id) instead, so that a run can be reproduced.
+    could be recomputed and subtracted. ``deterministic`` (``train.deterministic``, only
+    allowed with ε = inf) seeds from (``seed``, the server round in ``config``,
+    ``partition_id``) instead, so that a run can be reproduced.
     """
-    if not cfg.train.deterministic:
+    if not deterministic:
         torch.seed()  # non-deterministic: std::random_device
         return
     server_round = int(config[contract.SERVER_ROUND])
-    torch.manual_seed(((cfg.seed * 1_000_003 + server_round) * 1_000_003 + partition_id) % 2**63)
+    torch.manual_seed(((seed * 1_000_003 + server_round) * 1_000_003 + partition_id) % 2**63)
 
 
 def parse_factors(config: ConfigRecord) -> tuple[Factor, ...]:
@@ -195,10 +197,11 @@ def privatize(cfg: AppConfig, model: PeftModel, layout: AdapterLayout,
                               scale=cfg.train.learning_rate_scale, private=cfg.privacy.is_private)
     return make_private(
         module=model, optimizer=torch.optim.SGD(groups, lr=cfg.train.learning_rate),
-        data_loader=train_loader(cfg, train), noise_multiplier=budget.noise_multiplier,
+        data_loader=train_loader(train, cfg.train.batch_size, device(cfg.model)),
+        noise_multiplier=budget.noise_multiplier,
         max_grad_norm=cfg.privacy.max_grad_norm, ledger=ledger,
         grad_sample_mode=cfg.privacy.grad_sample_mode,
-        clip_groups=clip_groups(cfg, layout, factors),
+        clip_groups=clip_groups(cfg.privacy, layout, factors, train_head=cfg.lora.train_head),
         criterion=TASKS[cfg.model.task].criterion(),
     )
 
@@ -208,32 +211,34 @@ def _batches(loader: DataLoader) -> Iterator:
         yield from loader
 
 
-def compute_dtype(cfg: AppConfig) -> torch.dtype:
+def compute_dtype(model: ModelConfig) -> torch.dtype:
     """The frozen encoder's dtype here (``model.compute-dtype``, :mod:`common.precision`)."""
-    return resolve_compute_dtype(cfg.model.compute_dtype, device(cfg))
+    return resolve_compute_dtype(model.compute_dtype, device(model))
 
 
-def train_loader(cfg: AppConfig, train: TensorDataset) -> DataLoader:
+def train_loader(train: TensorDataset, batch_size: int, device: torch.device) -> DataLoader:
     """The loader ``make_private`` turns into Poisson batches, each cut to its longest example.
 
-    On CUDA its batches are in pinned memory, so that copying them to the GPU can overlap.
+    ``batch_size`` is ``train.batch-size`` (the expected Poisson batch); for a CUDA ``device``
+    the batches are in pinned memory, so that copying them to the GPU can overlap.
     """
-    return DataLoader(train, batch_size=cfg.train.batch_size, collate_fn=collate_trimmed,
-                      pin_memory=device(cfg).type == "cuda")
+    return DataLoader(train, batch_size=batch_size, collate_fn=collate_trimmed,
+                      pin_memory=device.type == "cuda")
 
 
-def clip_groups(cfg: AppConfig, layout: AdapterLayout,
-                factors: tuple[Factor, ...]) -> list[ClipGroup] | None:
+def clip_groups(privacy: PrivacyConfig, layout: AdapterLayout, factors: tuple[Factor, ...], *,
+                train_head: bool) -> list[ClipGroup] | None:
     """The head and the trained LoRA factors as two clipping groups, or None (one norm C).
 
-    Only when the head trains and ``privacy.head-clip-share`` > 0 (:mod:`privacy.grouped_clipping`).
+    Only when the head trains (``train_head``: ``lora.train-head``) and
+    ``privacy.head-clip-share`` > 0 (:mod:`privacy.grouped_clipping`).
     """
-    share = cfg.privacy.head_clip_share
-    if not (cfg.privacy.is_private and cfg.lora.train_head and share > 0):
+    share = privacy.head_clip_share
+    if not (privacy.is_private and train_head and share > 0):
         return None
     adapter = [pair.factor(f) for pair in layout.pairs for f in factors]
     return head_and_adapter_groups(list(layout.head.values()), adapter,
-                                   cfg.privacy.max_grad_norm, share)
+                                   privacy.max_grad_norm, share)
 
 
 def run_local_steps(private: PrivateTraining, steps: int,
@@ -286,14 +291,14 @@ def moved_norm(before: dict[str, torch.Tensor], layout: AdapterLayout,
 
 
 def train_reply_metrics(*, num_examples: int, loss: float, ledger: PrivacyLedger,
-                        cfg: AppConfig, sigma: float, steps: int, exhausted: bool,
+                        privacy: PrivacyConfig, sigma: float, steps: int, exhausted: bool,
                         moved: float) -> MetricRecord:
-    """The MetricRecord of a train reply (see :mod:`common.contract`)."""
+    """The MetricRecord of a train reply (see :mod:`common.contract`); ε at ``privacy.delta``."""
     return MetricRecord({
         contract.NUM_EXAMPLES: num_examples,
         contract.TRAIN_LOSS: loss,
-        contract.EPSILON: ledger.epsilon(cfg.privacy.delta) if cfg.privacy.is_private else math.inf,
-        contract.DELTA: cfg.privacy.delta,
+        contract.EPSILON: ledger.epsilon(privacy.delta) if privacy.is_private else math.inf,
+        contract.DELTA: privacy.delta,
         contract.NOISE_MULTIPLIER: sigma,
         contract.STEPS: steps,
         contract.BUDGET_EXHAUSTED: int(exhausted),

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.config import AppConfig, ConfigError
+from common.config import ConfigError, PrivacyConfig
 from privacy.accounting import HistoryEntry, epsilon_of
 
 CENSUS_ACTION = "census"  # the ClientApp's query handler: message type "query.census"
@@ -42,31 +42,33 @@ def census_entry(noise_multiplier: float) -> HistoryEntry:
     return (float(noise_multiplier), 1.0, 1)
 
 
-def census_epsilon(cfg: AppConfig, runs: int = 1) -> float:
+def census_epsilon(privacy: PrivacyConfig, runs: int = 1) -> float:
     """ε at ``privacy.delta`` of ``runs`` censuses alone (one per run), as the accountant counts.
 
     ``runs`` = ``privacy.trials`` for every census of the trials that share the budget
     (:mod:`privacy.trials`).
     """
-    entries = [census_entry(cfg.privacy.census_noise_multiplier)] * runs
-    return epsilon_of(cfg.privacy.accountant, entries, cfg.privacy.delta)
+    entries = [census_entry(privacy.census_noise_multiplier)] * runs
+    return epsilon_of(privacy.accountant, entries, privacy.delta)
 
 
-def check_census_budget(cfg: AppConfig) -> None:
+def check_census_budget(privacy: PrivacyConfig) -> None:
     """Refuse (ConfigError) a census whose ε alone leaves nothing of the budget for training.
 
-    With ``privacy.trials`` = K the K runs' censuses together must leave room.
+    For a run that takes a census (``data.class-prior = "census"``; the caller checks). With
+    ``privacy.trials`` = K the K runs' censuses together must leave room; a run without DP
+    passes.
     """
-    if not (cfg.data.class_prior_census and cfg.privacy.is_private):
+    if not privacy.is_private:
         return
-    trials = cfg.privacy.trials
-    spent = census_epsilon(cfg, trials)
-    if not spent < cfg.privacy.epsilon:
+    trials = privacy.trials
+    spent = census_epsilon(privacy, trials)
+    if not spent < privacy.epsilon:
         raise ConfigError([
-            f"privacy.census-noise-multiplier={cfg.privacy.census_noise_multiplier!r}: the "
+            f"privacy.census-noise-multiplier={privacy.census_noise_multiplier!r}: the "
             + ("census alone spends" if trials == 1 else
                f"censuses of the privacy.trials={trials} runs alone spend")
-            + f" ε = {spent:.3g} of privacy.epsilon={cfg.privacy.epsilon!r}, "
+            + f" ε = {spent:.3g} of privacy.epsilon={privacy.epsilon!r}, "
             "leaving nothing to train with; raise it (10 adds about 0.03 to ε = 3 beside "
             "DP-SGD) or declare a public data.class-prior"])
 

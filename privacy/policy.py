@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from common.config import AppConfig, ConfigError, PrivacyConfig
+from common.config import AppConfig, ConfigError, DataConfig, PrivacyConfig
 from privacy.accounting import HistoryEntry, PrivacyLedger
 from privacy.census import census_entry
 from privacy.trials import calibrate_trials
@@ -105,25 +105,27 @@ def plan_round(cfg: AppConfig, ledger: PrivacyLedger, *, num_examples: int,
     sigma = noise_multiplier if noise_multiplier is not None else calibrate_trials(
         history=ledger.history, target_epsilon=budget, target_delta=privacy.delta,
         sample_rate=q, steps=cfg.strategy.num_rounds * steps, trials=privacy.trials,
-        census=run_census(cfg), accountant=privacy.accountant)
+        census=run_census(cfg.data, privacy), accountant=privacy.accountant)
     after = ledger.epsilon_after(noise_multiplier=sigma, sample_rate=q, steps=steps,
                                  delta=privacy.delta)
     return RoundPrivacy(sigma, q, steps, after, exhausted=after > budget)
 
 
-def run_census(cfg: AppConfig) -> list[HistoryEntry]:
-    """What one run releases before it trains: ``[census_entry(σ_c)]`` with a census, else []."""
-    return [census_entry(cfg.privacy.census_noise)] if cfg.data.class_prior_census else []
+def run_census(data: DataConfig, privacy: PrivacyConfig) -> list[HistoryEntry]:
+    """What one run releases before it trains: ``[census_entry(σ_c)]`` with a census, else [].
+
+    A census is ``data.class-prior = "census"``; σ_c is ``privacy``'s (0 in a run without DP).
+    """
+    return [census_entry(privacy.census_noise)] if data.class_prior_census else []
 
 
-def check_census_fits(cfg: AppConfig, ledger: PrivacyLedger, *, max_epsilon: float | None,
-                      where: str) -> None:
+def check_census_fits(privacy: PrivacyConfig, ledger: PrivacyLedger, *,
+                      max_epsilon: float | None, where: str) -> None:
     """Refuse (ConfigError) a census that would take ``ledger`` to the budget or past it.
 
     The census is the Gaussian mechanism (:func:`privacy.census.census_entry`); what the ledger
     holds already (earlier runs of a node whose ledger spans runs) counts first.
     """
-    privacy = cfg.privacy
     budget = node_budget(privacy, max_epsilon)
     sigma_c, q_c, steps_c = census_entry(privacy.census_noise_multiplier)
     after = ledger.epsilon_after(noise_multiplier=sigma_c, sample_rate=q_c, steps=steps_c,

@@ -113,7 +113,7 @@ def check_reachable(cfg: AppConfig, num_examples: int, where: str) -> None:
     if problem := reach_problem(cfg.privacy, rounds=cfg.strategy.num_rounds,
                                 local_steps=cfg.train.local_steps,
                                 batch_size=cfg.train.batch_size, num_examples=num_examples,
-                                census=run_census(cfg), where=where):
+                                census=run_census(cfg.data, cfg.privacy), where=where):
         raise ConfigError([problem])
 
 

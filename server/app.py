@@ -102,7 +102,9 @@ def run(grid: Grid, context: Context) -> None:
     decision_prior = None  # data.class-prior: decisions argmax(z − τ log π), checked above
     prior, source = cfg.data.declared_prior, "declared public"
     if cfg.data.class_prior_census:  # before any training: the nodes' ledgers count it first
-        prior, source = take_census(grid, cfg, corpus.label_names, folder), "counted under DP"
+        prior = take_census(grid, cfg.strategy, corpus.label_names, folder,
+                            resume=cfg.output.resume, noise_multiplier=cfg.privacy.census_noise)
+        source = "counted under DP"
     if prior:
         strength = cfg.data.class_prior_strength
         decision_prior = decision_offsets(prior, corpus.label_names, strength)

@@ -18,7 +18,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common import contract, schema
-from common.config import AppConfig
+from common.config import StrategyConfig
 from privacy.census import CENSUS_ACTION, CENSUS_RECORD, NOISY_COUNTS, census_prior
 from strategies.sampling import log_late, split_late, wait_for_nodes, with_ttl
 
@@ -27,21 +27,23 @@ class CensusFailed(RuntimeError):
     """Too few nodes to ask or none answered, or a resumed run lacks its first census's prior."""
 
 
-def take_census(grid: Grid, cfg: AppConfig, label_names: Sequence[str],
-                folder: Path) -> dict[str, float]:
+def take_census(grid: Grid, strategy: StrategyConfig, label_names: Sequence[str], folder: Path,
+                *, resume: bool, noise_multiplier: float) -> dict[str, float]:
     """π̂ {class name: share > 0} of the nodes' noisy counts; written to ``folder``.
 
     Waits until ``strategy.min-train-nodes`` nodes are connected (fails when fewer connect
     within ``strategy.round-timeout``), then asks each connected node once and waits as long
-    for the answers. With ``output.resume`` the prior of the first attempt is read back instead.
+    for the answers. With ``resume`` (``output.resume``) the prior of the first attempt is read
+    back instead. ``noise_multiplier``: the σ_c the nodes add (``PrivacyConfig.census_noise``),
+    written beside the shares and logged.
     """
     path = folder / schema.CLASS_PRIOR_FILE
-    if cfg.output.resume:
+    if resume:
         if not path.is_file():
             raise CensusFailed(f"output.resume=true: {path} is missing, and the nodes answer one "
                                "census per run; start the run afresh (output.overwrite=true)")
         return json.loads(path.read_text(encoding="utf-8"))["shares"]
-    timeout, needed = cfg.strategy.round_timeout, cfg.strategy.min_train_nodes
+    timeout, needed = strategy.round_timeout, strategy.min_train_nodes
     nodes = sorted(wait_for_nodes(grid, needed, timeout, what="census"))
     if len(nodes) < needed:
         raise CensusFailed(f"{len(nodes)} node(s) connected within strategy.round-timeout="
@@ -72,9 +74,9 @@ def take_census(grid: Grid, cfg: AppConfig, label_names: Sequence[str],
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         "shares": shares, "partitions": sorted(answers),
-        "noise-multiplier": cfg.privacy.census_noise,
+        "noise-multiplier": noise_multiplier,
     }, indent=1) + "\n", encoding="utf-8")
     log(INFO, "census: %d partition(s) counted under DP (σ_c = %g per class count), shares %s",
-        len(answers), cfg.privacy.census_noise,
+        len(answers), noise_multiplier,
         ", ".join(f"{name} {share:.4g}" for name, share in shares.items()))
     return shares

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common import schema
-from common.config import RUN_LEDGER_DIR, AppConfig, ConfigError
+from common.config import RUN_LEDGER_DIR, AppConfig, ConfigError, OutputConfig
 from common.run_config import app_run_config
 
 if TYPE_CHECKING:
@@ -97,14 +97,16 @@ def check_run(cfg: AppConfig, *, num_partitions: int | None = None) -> Corpus:
 
     resolve_device(cfg.model.device)  # model.device='cuda' without a GPU: ValueError
     check_model(cfg.model, cfg.lora)
-    check_output_writable(cfg)
+    folder = cfg.results_folder
+    check_output_writable(folder, cfg.output)
     corpus = load_corpus(cfg.data, cfg.seed, cfg.model.task_kind)
     if cfg.lora.head_init == "class-names":  # classification only (AppConfig checks)
         check_class_names(corpus.label_names, load_tokenizer(cfg.model))
     check_class_prior(cfg.data.declared_prior, corpus.label_names)
     if cfg.privacy.is_private:  # each client checks its own partition again
         check_delta(cfg.privacy.delta, len(corpus.train), "the whole training split")
-    check_census_budget(cfg)
+    if cfg.data.class_prior_census:
+        check_census_budget(cfg.privacy)
     if num_partitions is None:
         check_reachable(cfg, len(corpus.train), "the whole training split")
     else:
@@ -113,22 +115,22 @@ def check_run(cfg: AppConfig, *, num_partitions: int | None = None) -> Corpus:
         smallest = min(range(num_partitions), key=sizes.__getitem__)
         check_reachable(cfg, sizes[smallest],
                         f"partition {smallest} of {num_partitions}, the smallest")
-    check_output_folder(cfg.results_folder, cfg)
+    check_output_folder(folder, cfg)
     return corpus
 
 
-def check_output_writable(cfg: AppConfig) -> None:
-    """Refuse (ConfigError) an ``output.dir`` under which the run's folder cannot be made.
+def check_output_writable(folder: Path, output: OutputConfig) -> None:
+    """Refuse (ConfigError) an ``output.dir`` under which the run's ``folder`` cannot be made.
 
-    The run's folder, or else the nearest of its parents that exists, must be a folder in
-    which this process can create one (tried: a temporary folder is made there and removed).
+    ``folder`` is the run's results folder (``AppConfig.results_folder``, in ``output.dir``).
+    It, or else the nearest of its parents that exists, must be a folder in which this
+    process can create one (tried: a temporary folder is made there and removed).
     """
-    folder = cfg.results_folder
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     why = (f"{existing} is a file, not a folder" if not existing.is_dir() else
            _cannot_create_in(existing))
     if why:
-        raise ConfigError([f"output.dir={cfg.output.dir!r}: the run's folder {folder} cannot "
+        raise ConfigError([f"output.dir={output.dir!r}: the run's folder {folder} cannot "
                            f"be made: {why}; set output.dir to a folder you can write"])
 
 

@@ -21,20 +21,26 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.config import AppConfig, ConfigError
+from common.config import AppConfig, ConfigError, DataConfig, PrivacyConfig
 from common.data import load_corpus, load_partition
 from common.run_config import app_run_config
 from privacy.census import census_epsilon, census_prior, noisy_label_counts
 from simulations.launch.federation import ROOT
 
 
-def spread(cfg: AppConfig, num_nodes: int, draws: int, seed: int) -> list[dict[str, float | str]]:
-    """One row per class: true share, and π̂'s mean, std and 2.5/97.5 % over ``draws`` censuses."""
-    corpus = load_corpus(cfg.data, cfg.seed)
-    labels = [np.asarray(load_partition(cfg.data, cfg.seed, i, num_nodes)[0]["label"])
+def spread(data: DataConfig, privacy: PrivacyConfig, num_nodes: int, draws: int, seed: int, *,
+           split_seed: int) -> list[dict[str, float | str]]:
+    """One row per class: true share, and π̂'s mean, std and 2.5/97.5 % over ``draws`` censuses.
+
+    The training split of ``data`` is cut into ``num_nodes`` partitions as a run of seed
+    ``split_seed`` cuts it; each census adds ``privacy.census-noise-multiplier`` σ_c noise
+    drawn from a generator of ``seed``.
+    """
+    corpus = load_corpus(data, split_seed)
+    labels = [np.asarray(load_partition(data, split_seed, i, num_nodes)[0]["label"])
               for i in range(num_nodes)]
     true = np.bincount(np.concatenate(labels), minlength=corpus.num_labels)
-    sigma = cfg.privacy.census_noise_multiplier
+    sigma = privacy.census_noise_multiplier
     rng = np.random.default_rng(seed)
     shares = np.array([list(census_prior(
         [noisy_label_counts(node, corpus.num_labels, sigma, rng) for node in labels],
@@ -62,9 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --num-nodes {args.num_nodes} must be >= 1 and --draws {args.draws} >= 2",
               file=sys.stderr)
         return 2
-    rows = spread(cfg, args.num_nodes, args.draws, args.seed)
+    rows = spread(cfg.data, cfg.privacy, args.num_nodes, args.draws, args.seed,
+                  split_seed=cfg.seed)
     sigma = cfg.privacy.census_noise_multiplier
-    eps = census_epsilon(cfg) if cfg.privacy.is_private else 0.0
+    eps = census_epsilon(cfg.privacy) if cfg.privacy.is_private else 0.0
     print(f"census of {args.num_nodes} nodes at σ_c = {sigma:g} ({cfg.privacy.accountant}: ε = "
           f"{eps:.3f} at δ = {cfg.privacy.delta:g} alone), {args.draws} simulated draws")
     print("| class | true share | π̂ mean | π̂ std | π̂ 2.5–97.5 % |")

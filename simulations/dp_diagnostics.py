@@ -71,7 +71,8 @@ def diagnose(folder: Path, *, batches: int, partition: int, num_partitions: int)
     loader = torch.utils.data.DataLoader(data.train, batch_size=cfg.train.batch_size,
                                          shuffle=True, generator=torch.Generator().manual_seed(0))
     C, sigma = cfg.privacy.max_grad_norm, _noise_multiplier(checkpoint.rows)
-    groups = clip_groups(cfg, layout, factors)  # None: one norm C for every trained tensor
+    # None: one norm C for every trained tensor
+    groups = clip_groups(cfg.privacy, layout, factors, train_head=cfg.lora.train_head)
     C_head, C_lora = (norm for _, norm in groups) if groups else (C, C)
     norms_lora, norms_head, nsr, clipped = [], [], [], []
     per_layer: dict[str, list[torch.Tensor]] = {pair.module: [] for pair in layout.pairs}

@@ -30,7 +30,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from common import schema
-from common.config import AppConfig
 from common.run_config import app_run_config
 from server.preflight import REFUSED, preflight
 from simulations.launch import console
@@ -84,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{cfg.strategy.num_rounds} rounds on {args.num_supernodes} SuperNodes; "
                 f"everything it prints goes to {log}")
     started = time.monotonic()
-    with console.output_to(log), console.following(log, _console(cfg, verbose=args.verbose)):
+    on_line = _console(cfg.strategy.num_rounds, verbose=args.verbose)
+    with console.output_to(log), console.following(log, on_line):
         code = flwr_run(ROOT, run_config=run_config, num_supernodes=args.num_supernodes,
                         cpus_per_client=args.cpus_per_client,
                         gpus_per_client=args.gpus_per_client, ray_address=args.ray_address)
@@ -93,14 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         console.say(f"[run] FAILED after {console.duration(time.monotonic() - started)}: "
                     f"{reason} (whole output: {log})")
         return code
-    console.say(_summary(folder, cfg, time.monotonic() - started))
+    console.say(_summary(folder, cfg.privacy.epsilon, time.monotonic() - started))
     return 0
 
 
-def _console(cfg: AppConfig, *, verbose: bool):
-    """``on_line`` for the run's log: round progress, warnings and errors (verbose: all)."""
-    rounds = console.Progress(console.say).cell("[run]", "", cfg.strategy.num_rounds,
-                                                rounds_after=None)
+def _console(num_rounds: int, *, verbose: bool):
+    """``on_line`` for the run's log: progress over ``num_rounds`` rounds, warnings and errors.
+
+    ``verbose``: every line.
+    """
+    rounds = console.Progress(console.say).cell("[run]", "", num_rounds, rounds_after=None)
 
     def on_line(line: str) -> None:
         if verbose:
@@ -115,14 +117,17 @@ def _console(cfg: AppConfig, *, verbose: bool):
     return on_line
 
 
-def _summary(folder: Path, cfg: AppConfig, seconds: float) -> str:
-    """The last line: final accuracy, balanced accuracy, AUC, examples, largest client ε, where."""
+def _summary(folder: Path, epsilon: float, seconds: float) -> str:
+    """The last line: final accuracy, balanced accuracy, AUC, examples, largest client ε, where.
+
+    ``epsilon`` is the run's budget, ``privacy.epsilon`` (inf: none).
+    """
     with (folder / schema.METRICS_FILE).open(newline="") as f:
         rows = list(csv.DictReader(f))
     last = rows[-1]
     epsilons = [float(r[schema.EPSILON_MAX]) for r in rows if r.get(schema.EPSILON_MAX)]
-    spent = (f"largest client ε {max(epsilons):.2f} (budget {cfg.privacy.epsilon:g})"
-             if epsilons and math.isfinite(cfg.privacy.epsilon) else "no privacy budget")
+    spent = (f"largest client ε {max(epsilons):.2f} (budget {epsilon:g})"
+             if epsilons and math.isfinite(epsilon) else "no privacy budget")
     balanced = console.class_metrics_text(last)
     return (f"[run] done in {console.duration(seconds)}: final {last[schema.EVAL_SPLIT]} "
             f"accuracy {float(last[schema.ACCURACY]):.4f}{balanced} on "

@@ -47,7 +47,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from common import schema
 from common.class_prior import STRENGTH_RULE, is_valid_strength, log_prior
-from common.config import AppConfig
+from common.config import AppConfig, DataConfig
 from common.data import load_corpus
 from common.evaluation import batch_logits, one_vs_rest_auc
 from common.model import load_tokenizer
@@ -139,25 +139,25 @@ def held_out_logits(folder: Path) -> HeldOut:
     dtype = resolve_compute_dtype(cfg.model.compute_dtype, "cpu")
     logits, labels = zip(*batch_logits(model, data, compute_dtype=dtype), strict=True)
     counts = np.bincount(np.asarray(corpus.train["label"]), minlength=num_labels)
-    prior, source = run_prior(folder, cfg, corpus.label_names)
+    prior, source = run_prior(folder, cfg.data, corpus.label_names)
     return HeldOut(torch.cat(logits).numpy(), torch.cat(labels).numpy(), counts / counts.sum(),
                    prior, corpus.eval_split, source)
 
 
-def run_prior(folder: Path, cfg: AppConfig,
+def run_prior(folder: Path, data: DataConfig,
               label_names: Sequence[str]) -> tuple[np.ndarray | None, str]:
     """π (K,) the run decided by, normalised, and where it came from; (None, "") without one.
 
     ``data.class-prior`` as declared, or with ``"census"`` the shares the nodes counted under
     DP, from the run's ``class-prior.json`` (:mod:`server.census`).
     """
-    if cfg.data.class_prior_census:
+    if data.class_prior_census:
         path = folder / schema.CLASS_PRIOR_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: a census run without the shares it decided by")
         shares, source = json.loads(path.read_text(encoding="utf-8"))["shares"], "census"
-    elif cfg.data.declared_prior:
-        shares, source = cfg.data.declared_prior, "declared"
+    elif data.declared_prior:
+        shares, source = data.declared_prior, "declared"
     else:
         return None, ""
     return log_prior(shares, label_names).double().exp().numpy(), source

@@ -116,14 +116,14 @@ def test_sigma_is_calibrated_after_the_census_for_the_census_and_every_step(acco
 def test_config_takes_census_and_refuses_a_census_that_leaves_no_budget(tiny_run_config):
     cfg = AppConfig.from_run_config({**tiny_run_config, "data.class-prior": "census"})
     assert cfg.data.class_prior_census and cfg.data.declared_prior == {}
-    check_census_budget(cfg)  # σ_c = 10 at ε = 6: about 0.4 alone
+    check_census_budget(cfg.privacy)  # σ_c = 10 at ε = 6: about 0.4 alone
     with pytest.raises(ConfigError, match="privacy.census-noise-multiplier"):
         AppConfig.from_run_config({**tiny_run_config, "privacy.census-noise-multiplier": 0.0})
     greedy = AppConfig.from_run_config({**tiny_run_config, "data.class-prior": "census",
                                         "privacy.census-noise-multiplier": 0.5,
                                         "privacy.epsilon": 1.0})
     with pytest.raises(ConfigError, match=r"census alone spends ε = .* of privacy.epsilon=1.0"):
-        check_census_budget(greedy)
+        check_census_budget(greedy.privacy)
 
 
 def test_a_node_answers_one_census_counts_it_and_trains_within_the_budget_after_it(
@@ -188,11 +188,17 @@ def test_a_resumed_run_reads_back_the_prior_of_its_census(tiny_run_config, tmp_p
 
     cfg = AppConfig.from_run_config({**tiny_run_config, "data.class-prior": "census",
                                      "output.resume": True})
+
+    def resumed_census() -> dict[str, float]:
+        return take_census(None, cfg.strategy, ["space", "sport", "tech"],  # type: ignore[arg-type]
+                           tmp_path, resume=cfg.output.resume,
+                           noise_multiplier=cfg.privacy.census_noise)
+
     with pytest.raises(CensusFailed, match="class-prior.json is missing"):
-        take_census(None, cfg, ["space", "sport", "tech"], tmp_path)  # type: ignore[arg-type]
+        resumed_census()
     shares = {"space": 0.2, "sport": 0.3, "tech": 0.5}
     (tmp_path / "class-prior.json").write_text(json.dumps({"shares": shares}))
-    assert take_census(None, cfg, ["space", "sport", "tech"], tmp_path) == shares  # type: ignore[arg-type]
+    assert resumed_census() == shares
 
 
 def test_census_spread_simulates_the_prior_of_a_file_and_refuses_bad_config(tiny_run_config,

@@ -100,7 +100,7 @@ def test_federated_evaluation_tokenizes_the_test_share_only_when_asked(tiny_run_
     assert all(torch.equal(a, b) for a, b in zip(data.test.tensors, expected.tensors,
                                                  strict=True))
     model, _ = t.build_global_model(cfg, data.num_labels, arrays)
-    loss, accuracy = evaluate_model(model, expected, compute_dtype=t.compute_dtype(cfg))
+    loss, accuracy = evaluate_model(model, expected, compute_dtype=t.compute_dtype(cfg.model))
     assert metrics[contract.NUM_EXAMPLES] == len(test) > 0
     assert metrics[contract.ACCURACY] == pytest.approx(accuracy, abs=1e-12)
     assert metrics[contract.LOSS] == pytest.approx(loss, rel=1e-6)

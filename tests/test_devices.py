@@ -46,9 +46,9 @@ def test_cuda_without_a_gpu_is_refused_before_starting(monkeypatch):
 def test_the_client_computes_where_model_device_says(monkeypatch):
     monkeypatch.setattr(devices, "cuda_available", lambda: False)
     cfg = AppConfig.from_run_config({"model.device": "cpu"})
-    assert t.device(cfg) == torch.device("cpu")
+    assert t.device(cfg.model) == torch.device("cpu")
     data = torch.utils.data.TensorDataset(torch.zeros(4, 2))
-    assert not t.train_loader(cfg, data).pin_memory  # pinned only for a GPU
+    assert not t.train_loader(data, 2, t.device(cfg.model)).pin_memory  # pinned only for a GPU
 
 
 def _aggregate(device: str) -> dict[str, torch.Tensor]:
@@ -91,7 +91,7 @@ def test_a_private_client_round_on_cuda_trains_b_there(tiny_run_config, task_ide
     reply = train(train_message(global_arrays(cfg, data.num_labels)), context)
     metrics = reply.content[contract.METRICS]
     assert metrics[contract.B_DELTA_NORM] > 0 and 0 < metrics[contract.EPSILON] <= 4.0
-    assert t.train_loader(cfg, data.train).pin_memory
+    assert t.train_loader(data.train, cfg.train.batch_size, t.device(cfg.model)).pin_memory
 
 
 def test_a_simulation_reserves_a_share_of_a_gpu_per_client_only_when_asked():

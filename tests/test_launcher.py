@@ -97,7 +97,7 @@ def test_an_output_dir_that_cannot_be_made_is_refused_naming_it(tiny_run_config,
     cfg = AppConfig.from_run_config({**tiny_run_config, "output.dir": str(tmp_path / "ro")})
     with pytest.raises(ConfigError, match=rf"cannot be made: no folder can be created in "
                                           rf"{tmp_path} \(Permission denied\)"):
-        check_output_writable(cfg)
+        check_output_writable(cfg.results_folder, cfg.output)
 
 
 def test_overwrite_removes_only_what_a_run_writes(tiny_run_config, tmp_path):

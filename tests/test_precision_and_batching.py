@@ -67,7 +67,8 @@ def test_bfloat16_path_keeps_per_sample_gradients_in_float32(tiny_run_config):
     head = model.base_model.model.classifier.modules_to_save["default"]
     head.register_forward_hook(lambda m, a, out: island_dtypes.add((a[0].dtype, out.dtype)))
     before = [p.detach().clone() for p in trainable]
-    private = private_sgd(model, trainable, data.train, loader=t.train_loader(cfg, data.train))
+    loader = t.train_loader(data.train, cfg.train.batch_size, t.device(cfg.model))
+    private = private_sgd(model, trainable, data.train, loader=loader)
     seen: list[torch.dtype] = []
     original = private.optimizer.clip_and_accumulate
 

@@ -159,10 +159,10 @@ def test_trials_must_be_a_positive_integer_and_k_censuses_must_leave_room():
     with pytest.raises(ConfigError, match=r"privacy.trials=2.5: expected int"):
         AppConfig.from_run_config({"privacy.trials": 2.5})
     census = {"data.class-prior": "census", "privacy.census-noise-multiplier": 2.0}
-    check_census_budget(AppConfig.from_run_config({**census, "privacy.epsilon": 3.0}))
+    check_census_budget(AppConfig.from_run_config({**census, "privacy.epsilon": 3.0}).privacy)
     with pytest.raises(ConfigError, match=r"censuses of the privacy.trials=4 runs alone spend"):
         check_census_budget(AppConfig.from_run_config({**census, "privacy.epsilon": 3.0,
-                                                       "privacy.trials": 4}))
+                                                       "privacy.trials": 4}).privacy)
 
 
 # --- the planner's table, and the docs' table against it ---------------------------------------

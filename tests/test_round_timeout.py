@@ -235,9 +235,11 @@ def test_the_wait_for_nodes_returns_once_enough_are_connected_or_at_the_timeout(
     assert TIMEOUT <= time.monotonic() - began < TIMEOUT + 1
 
 
-def _census_config(tmp_path: Path) -> AppConfig:
-    return AppConfig.from_run_config({"strategy.round-timeout": TIMEOUT,
-                                      "output.dir": str(tmp_path)})
+def _take_census(grid: Federation, folder: Path) -> dict[str, float]:
+    cfg = AppConfig.from_run_config({"strategy.round-timeout": TIMEOUT,
+                                     "output.dir": str(folder)})
+    return take_census(grid, cfg.strategy, ["a", "b"], folder, resume=cfg.output.resume,
+                       noise_multiplier=cfg.privacy.census_noise)
 
 
 def test_the_census_waits_for_its_answers_no_longer_than_the_timeout(tmp_path, caplog):
@@ -246,7 +248,7 @@ def test_the_census_waits_for_its_answers_no_longer_than_the_timeout(tmp_path, c
     # Execute
     began = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="flwr"), pytest.raises(CensusFailed) as failed:
-        take_census(grid, _census_config(tmp_path), ["a", "b"], tmp_path)
+        _take_census(grid, tmp_path)
     # Assert
     assert time.monotonic() - began < TIMEOUT + 4
     assert grid.timeouts == [("query.census", TIMEOUT)]
@@ -263,7 +265,7 @@ def test_the_census_fails_when_too_few_nodes_connect_in_time(tmp_path):
     with pytest.raises(CensusFailed, match=r"^1 node\(s\) connected within strategy.round-timeout"
                        r"=0.5 s, strategy.min-train-nodes=2 needed for the census: start the "
                        r"SuperNodes, or raise strategy.round-timeout$"):
-        take_census(grid, _census_config(tmp_path), ["a", "b"], tmp_path)
+        _take_census(grid, tmp_path)
     assert time.monotonic() - began < TIMEOUT + 2 and grid.pushed == []
 
 

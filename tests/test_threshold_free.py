@@ -74,14 +74,14 @@ def test_the_prior_of_a_run_is_the_declared_one_or_its_census_shares(tmp_path):
 
     names = ["ham", "spam"]
     declared = AppConfig.from_run_config({"data.class-prior": "ham=3,spam=1"})
-    prior, source = run_prior(tmp_path, declared, names)
+    prior, source = run_prior(tmp_path, declared.data, names)
     np.testing.assert_allclose(prior, [0.75, 0.25], rtol=1e-6)
     assert source == "declared"
-    assert run_prior(tmp_path, AppConfig(), names) == (None, "")
+    assert run_prior(tmp_path, AppConfig().data, names) == (None, "")
     census = AppConfig.from_run_config({"data.class-prior": "census"})
     with pytest.raises(FileNotFoundError, match="class-prior.json"):
-        run_prior(tmp_path, census, names)
+        run_prior(tmp_path, census.data, names)
     (tmp_path / "class-prior.json").write_text(json.dumps({"shares": {"spam": 0.2, "ham": 0.8}}))
-    prior, source = run_prior(tmp_path, census, names)
+    prior, source = run_prior(tmp_path, census.data, names)
     np.testing.assert_allclose(prior, [0.8, 0.2], rtol=1e-6)  # in the order of the names
     assert source == "census"
