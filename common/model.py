@@ -1,4 +1,8 @@
-"""Build the frozen pretrained model with peft LoRA adapters, strictly offline."""
+"""Build the frozen pretrained model with peft LoRA adapters from a local folder.
+
+A hub id in ``model.path`` is resolved to its snapshot folder in the Hugging Face cache first
+(:func:`common.model_path.resolve_model_path`); transformers then reads that folder only.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from common.tasks import TASKS
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """Load the tokenizer stored beside the model weights (from disk only, never a hub).
+    """Load the tokenizer stored beside the model weights (from the resolved local folder).
 
     A causal LM pads (right) with its end-of-sequence token when it has no padding token:
     padding is masked out of attention and of the loss.
@@ -43,10 +47,11 @@ def build_model(
 
     Classification adds a new head (a peft ``modules_to_save`` module, so it is part of the
     saved adapter; whether it trains is decided later by the caller); a causal LM adds none
-    (:mod:`common.tasks`). The weights are read from disk only (``local_files_only``: nothing
-    is ever downloaded). Every base weight is frozen. ``seed`` makes the head
-    and A initialisation identical on every node. The model is moved to ``device`` *before*
-    ``get_peft_model`` (Opacus #820: otherwise LoRA weights can silently never change).
+    (:mod:`common.tasks`). The weights are read from the resolved local folder only
+    (``local_files_only``; a hub id is fetched into its cache by ``resolve_model_path``). Every
+    base weight is frozen. ``seed`` makes the head and A initialisation identical on every node.
+    The model is moved to ``device`` *before* ``get_peft_model`` (Opacus #820: otherwise LoRA
+    weights can silently never change).
     With ``svd_form`` every LoRA layer computes W0 + s · B diag(σ) A with a σ (r,) of its own
     (:func:`common.singular_values.install_singular_values`; the ``merge-sv`` strategy).
     Every module that can train (LoRA A, B, σ and the head) is a float32 island under bfloat16

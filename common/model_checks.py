@@ -7,7 +7,9 @@ peft matches ``lora.target-modules``. The update ΔW = B A of a d_out × d_in we
 most min(d_out, d_in), so a ``lora.r`` above the smallest such side of any target module only
 adds parameters (and DP noise on them) and makes r × r cores the weight cannot fill: refused.
 Everything refused is a :class:`~common.config.ConfigError` naming ``model.path`` and the file,
-or ``lora.r`` / ``lora.target-modules``.
+or ``lora.r`` / ``lora.target-modules``. A hub id is first resolved to its snapshot folder
+(:func:`common.model_path.hub_snapshot`: fetched online, else the cache), or refused naming the
+id and the cache folder.
 """
 
 from __future__ import annotations

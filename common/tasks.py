@@ -1,9 +1,10 @@
 """What differs between the tasks: model class, head, how examples are encoded, the loss.
 
 ``model.task = "classification"``: a sequence classifier, the pretrained encoder plus a new
-K-way head (a peft ``modules_to_save`` module). An example is (text, label); its loss is the
-cross-entropy of the head's logits; evaluation reports the mean loss per example, accuracy and
-balanced accuracy (the mean over the classes present of each class's recall).
+K-way head (a peft ``modules_to_save`` module). An example is (text, label), or (text, second
+text, label) for a sentence-pair task (MNLI, QNLI, ...); its loss is the cross-entropy of the
+head's logits; evaluation reports the mean loss per example, accuracy and balanced accuracy
+(the mean over the classes present of each class's recall).
 
 ``model.task = "causal-lm"``: a decoder trained on next-token prediction, with no head of its
 own to train (embeddings and the LM head stay frozen). An example is one sequence: a text, or
@@ -36,6 +37,7 @@ from transformers import (
 
 from common import schema
 from common.class_prior import adjusted_decisions
+from common.data_sources import TEXT_PAIR
 from common.task_kinds import CAUSAL_LM, CLASSIFICATION, TaskKind
 
 IGNORED = -100  # a label out of the loss: prompt tokens and padding
@@ -168,8 +170,13 @@ class Classification(Task):
 
     def encode(self, dataset: Dataset, tokenizer: PreTrainedTokenizerBase,
                max_length: int) -> TensorDataset:
-        """Texts truncated and padded to ``max_length``; labels (N,) class ids."""
-        enc = tokenizer(list(dataset["text"]), truncation=True, max_length=max_length,
+        """Texts truncated and padded to ``max_length``; labels (N,) class ids.
+
+        With a ``TEXT_PAIR`` column (:mod:`common.data_sources`) each example is the tokenizer's
+        sentence pair (text, second text), cut longest first to fit ``max_length`` together.
+        """
+        pairs = list(dataset[TEXT_PAIR]) if TEXT_PAIR in dataset.column_names else None
+        enc = tokenizer(list(dataset["text"]), pairs, truncation=True, max_length=max_length,
                         padding="max_length", return_tensors="pt")
         labels = torch.tensor(dataset["label"], dtype=torch.long)
         return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
