@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import sys
 import tomllib
@@ -119,3 +121,34 @@ def supernode(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", [str(tmp_path / "bin" / "flwr-clientapp"), "--insecure"])
     monkeypatch.setenv("FLWR_HOME", str(home))
     return home
+
+
+def lay_out_hub_snapshot(cache: Path, repo_id: str, commit: str, source: Path,
+                         refs=("main",)) -> Path:
+    """``source``'s files as the snapshot ``commit`` of ``repo_id``: blobs, links and refs."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    for file in source.iterdir():
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)  # the hub writes the hash, no newline
+    return snapshot.resolve()
+
+
+@pytest.fixture()
+def hub(monkeypatch, tmp_path) -> Path:
+    """An empty Hugging Face cache under ``tmp_path``, with huggingface_hub offline."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # for any process started from here
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import: set it here too
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache

@@ -5,8 +5,6 @@ cache in a temporary folder, and where the online path is tested the hub's API i
 one that cannot be reached.
 """
 
-import hashlib
-import os
 import shutil
 from pathlib import Path
 
@@ -19,41 +17,11 @@ from common.model import build_model, load_tokenizer
 from common.model_checks import check_model
 from common.model_path import resolve_model_path
 from simulations import run as sim_run
-from tests.conftest import default_run_config
+from tests.conftest import default_run_config, lay_out_hub_snapshot
 from tests.test_launcher import _tiny_overrides
 
 MAIN_COMMIT = "a" * 40
 TAGGED_COMMIT = "b" * 40
-
-
-def _lay_out(cache: Path, repo_id: str, commit: str, source: Path, refs=("main",)) -> Path:
-    """``source``'s files as the snapshot ``commit`` of ``repo_id``: blobs, links and refs."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir(exist_ok=True)
-    (repo / "refs").mkdir(exist_ok=True)
-    for file in source.iterdir():
-        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
-        shutil.copyfile(file, blob)
-        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
-    for ref in refs:
-        (repo / "refs" / ref).write_text(commit)  # the hub writes the hash, no newline
-    return snapshot.resolve()
-
-
-@pytest.fixture()
-def hub(monkeypatch, tmp_path) -> Path:
-    """An empty Hugging Face cache under ``tmp_path``, with huggingface_hub offline."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf-home" / "hub"
-    cache.mkdir(parents=True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # for any process started from here
-    monkeypatch.setenv("HF_HOME", str(cache.parent))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import: set it here too
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    return cache
 
 
 def _trainable_weights(model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -62,7 +30,7 @@ def _trainable_weights(model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def test_a_hub_id_in_the_cache_resolves_to_its_snapshot_and_loads_offline(hub, tiny_model_dir):
-    snapshot = _lay_out(hub, "owner/tiny-bert", MAIN_COMMIT, tiny_model_dir)
+    snapshot = lay_out_hub_snapshot(hub, "owner/tiny-bert", MAIN_COMMIT, tiny_model_dir)
     hub_cfg, local_cfg = ModelConfig(path="owner/tiny-bert"), ModelConfig(path=str(tiny_model_dir))
     assert hub_cfg.problems() == []
     assert resolve_model_path(hub_cfg) == snapshot
@@ -75,8 +43,9 @@ def test_a_hub_id_in_the_cache_resolves_to_its_snapshot_and_loads_offline(hub, t
 
 
 def test_model_revision_picks_the_snapshot_of_a_tag_or_of_a_commit(hub, tiny_model_dir):
-    main = _lay_out(hub, "owner/tiny-bert", MAIN_COMMIT, tiny_model_dir)
-    tagged = _lay_out(hub, "owner/tiny-bert", TAGGED_COMMIT, tiny_model_dir, refs=("v1",))
+    main = lay_out_hub_snapshot(hub, "owner/tiny-bert", MAIN_COMMIT, tiny_model_dir)
+    tagged = lay_out_hub_snapshot(hub, "owner/tiny-bert", TAGGED_COMMIT, tiny_model_dir,
+                                  refs=("v1",))
     for revision, expected in [("", main), ("main", main), ("v1", tagged),
                                (TAGGED_COMMIT, tagged), (MAIN_COMMIT, main)]:
         cfg = AppConfig.from_run_config({**default_run_config(), "model.path": "owner/tiny-bert",
@@ -119,7 +88,7 @@ def test_model_revision_without_a_hub_id_is_refused_saying_why(tiny_model_dir):
 
 def test_a_local_folder_works_as_before_even_where_its_name_reads_as_a_hub_id(
         hub, tiny_model_dir, tmp_path, monkeypatch):
-    _lay_out(hub, "owner/tiny-bert", MAIN_COMMIT, tiny_model_dir)
+    lay_out_hub_snapshot(hub, "owner/tiny-bert", MAIN_COMMIT, tiny_model_dir)
     monkeypatch.chdir(tmp_path)
     shutil.copytree(tiny_model_dir, tmp_path / "owner" / "tiny-bert")
     assert resolve_model_path(ModelConfig(path="owner/tiny-bert")) == Path("owner/tiny-bert")
@@ -144,7 +113,7 @@ def test_online_with_the_hub_unreachable_the_cache_answers_else_the_reason_is_na
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(HfApi, "repo_info", unreachable)
     monkeypatch.setattr(HfApi, "list_repo_tree", unreachable)
-    snapshot = _lay_out(hub, "owner/tiny-bert", MAIN_COMMIT, tiny_model_dir)
+    snapshot = lay_out_hub_snapshot(hub, "owner/tiny-bert", MAIN_COMMIT, tiny_model_dir)
     assert resolve_model_path(ModelConfig(path="owner/tiny-bert")) == snapshot
     # a commit hash: snapshot_download asks the hub for its file list, and the cache answers
     pinned = ModelConfig(path="owner/tiny-bert", revision=MAIN_COMMIT)

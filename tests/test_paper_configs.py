@@ -1,4 +1,4 @@
-"""simulations/conf/paper/: the FedSVD paper's Table 2 settings parse into valid runs, and say what the paper says."""
+"""simulations/conf/paper/: the FedSVD paper's Table 2 settings, as valid runs."""
 
 import json
 import math
@@ -33,7 +33,8 @@ def test_each_task_and_head_is_a_valid_run_of_the_papers_setting(task, head):
     assert cfg.lora.target_modules == ("query", "value")
     assert (cfg.strategy.num_rounds, cfg.train.local_steps, cfg.train.batch_size) == (100, 10, 128)
     assert (cfg.strategy.fraction_train, cfg.data.dirichlet_alpha) == (0.5, 0.5)
-    assert (cfg.train.learning_rate, cfg.privacy.max_grad_norm, cfg.privacy.delta) == (0.5, 2.0, 1e-5)
+    assert (cfg.train.learning_rate, cfg.privacy.max_grad_norm) == (0.5, 2.0)
+    assert cfg.privacy.delta == 1e-5
     assert cfg.privacy.accountant == "prv" and not cfg.lora.train_head
     assert math.isinf(cfg.strategy.max_weight_ratio) and not cfg.strategy.bound_updates
     assert cfg.data.source.startswith("hf:") and cfg.data.test_split
@@ -41,25 +42,27 @@ def test_each_task_and_head_is_a_valid_run_of_the_papers_setting(task, head):
 
 
 def test_one_round_of_the_paper_config_runs_on_a_tiny_roberta_and_a_saved_glue_pair_task(
-        tmp_path, capfd):
+        hub, tmp_path, capfd):
     """The paper's MNLI config, its frozen random head, through Flower for one round.
 
-    Only what must change to run here is overridden: a tiny random RoBERTa for RoBERTa-large
-    (no hub access), a GLUE-shaped pair dataset saved with save_to_disk for nyu-mll/glue, and
-    the schedule scaled to 60 training pairs.
+    Its hub id FacebookAI/roberta-large is resolved offline from a Hugging Face cache (``hub``)
+    that holds a tiny random RoBERTa under that id; only what must change to run here is
+    overridden: a GLUE-shaped pair dataset saved with save_to_disk for nyu-mll/glue, and the
+    schedule scaled to 60 training pairs.
     """
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
     from common.run_config import override_text
     from simulations import run as sim_run
-    from tests.conftest import _with_minilm_tokenizer
+    from tests.conftest import _with_minilm_tokenizer, lay_out_hub_snapshot
     from tests.test_hf_datasets import save_glue_like
 
     config = RobertaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
                            num_attention_heads=2, intermediate_size=64,
                            max_position_embeddings=66, num_labels=3)
     roberta = _with_minilm_tokenizer(RobertaForSequenceClassification(config), tmp_path / "rb")
-    here = {"model.path": str(roberta), "model.max-length": 32, "model.compute-dtype": "float32",
+    lay_out_hub_snapshot(hub, "FacebookAI/roberta-large", "c" * 40, roberta)
+    here = {"model.max-length": 32, "model.compute-dtype": "float32",
             "data.source": str(save_glue_like(tmp_path / "glue-mnli")),
             "data.test-split": "validation", "data.min-test-examples": 10,
             "data.dirichlet-alpha": 1000.0, "strategy.num-rounds": 1, "train.local-steps": 2,
@@ -71,6 +74,7 @@ def test_one_round_of_the_paper_config_runs_on_a_tiny_roberta_and_a_saved_glue_p
                          "--num-supernodes", "6", "--results-dir", str(results)])
     assert code == 0, capfd.readouterr()
     saved = json.loads((results / "paper-smoke" / "config.json").read_text())
+    assert saved["model.path"] == "FacebookAI/roberta-large"
     assert saved["data.text-column"] == "premise,hypothesis"
     assert saved["privacy.accountant"] == "prv" and saved["lora.head-init"] == "random"
     assert "final test accuracy" in capfd.readouterr().out
