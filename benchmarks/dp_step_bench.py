@@ -73,7 +73,11 @@ def task_config(task: str):
 
 
 def real_batch(task: str, batch_size: int, max_length: int):
-    """``batch_size`` training texts of the task's data, tokenized and padded to max_length."""
+    """``batch_size`` training texts of the task's data, tokenized and padded to max_length.
+
+    Their tensors (:mod:`common.batching`: with segment ids where the tokenizer gives them)
+    and the number of classes.
+    """
     import torch
 
     from common.data import load_corpus
@@ -105,19 +109,18 @@ def build(mode: str, batch_size: int, device: str, max_length: int,
     cfg = task_config(task)
     new = mode.startswith("default")
     lora = dataclasses.replace(cfg.lora, dropout=0.0 if new or "lora0" in mode else 0.05)
-    (input_ids, mask, labels), num_labels = real_batch(task, batch_size, max_length)
+    tensors, num_labels = real_batch(task, batch_size, max_length)
     model = build_model(cfg.model, lora, num_labels=num_labels, seed=0, device=device)
     layout = AdapterLayout.from_model(model)
     trainable = layout.set_trainable(model, ("B",), train_head=cfg.lora.train_head)
-    data = TensorDataset(input_ids, mask, labels)
+    data = TensorDataset(*tensors)
     private = make_private(
         module=model, optimizer=torch.optim.SGD(trainable, lr=0.1),
         data_loader=DataLoader(data, batch_size=batch_size, collate_fn=collate_trimmed),
         noise_multiplier=0.0 if mode == "none" else 1.0, max_grad_norm=2.0,
         ledger=PrivacyLedger(), grad_sample_mode="ghost" if mode == "ghost" else "hooks",
         criterion=TASKS[task].criterion())
-    batch = (trim(input_ids, mask, labels) if new or "trim" in mode
-             else (input_ids, mask, labels))
+    batch = trim(tensors) if new or "trim" in mode else tensors
     dtype = torch.bfloat16 if "bf16" in mode else torch.float32
     train_mode(private.module, encoder_dropout=not (new or "eval" in mode))
     return private, tuple(t.to(device) for t in batch), dtype
@@ -125,12 +128,13 @@ def build(mode: str, batch_size: int, device: str, max_length: int,
 
 def step(private, batch, dtype, device: str) -> None:
     """One optimizer step on ``batch``."""
+    from common.batching import split_batch
     from common.precision import autocast
 
-    input_ids, mask, labels = batch
+    inputs, labels = split_batch(batch)
     private.optimizer.zero_grad(set_to_none=True)
     with autocast(device, dtype):
-        logits = private.module(input_ids=input_ids, attention_mask=mask).logits
+        logits = private.module(**inputs).logits
     loss = private.criterion(logits.float(), labels)
     loss.backward()
     private.optimizer.step()

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from client.step_size import parameter_groups
 from common import contract
 from common.adapter import AdapterLayout, LoraPair
-from common.batching import collate_trimmed
+from common.batching import collate_trimmed, split_batch
 from common.config import AppConfig, ModelConfig, PrivacyConfig
 from common.contract import Factor, lora_key
 from common.data import (
@@ -64,7 +64,7 @@ class LocalData:
 
     @functools.cached_property
     def test(self) -> TensorDataset:
-        """The test partition as (input_ids, attention_mask, labels) tensors."""
+        """The test partition as tensors (:meth:`common.tasks.Task.encode`)."""
         return self.task.encode(self.test_texts, self.tokenizer, self.max_length)
 
 
@@ -254,13 +254,13 @@ def run_local_steps(private: PrivateTraining, steps: int,
     losses: list[float] = []
     batches = _batches(private.data_loader)
     for _ in range(steps):
-        input_ids, mask, labels = (t.to(dev, non_blocking=True) for t in next(batches))
+        inputs, labels = split_batch(next(batches), dev)
         private.optimizer.zero_grad(set_to_none=True)
         if not labels.numel():  # an empty Poisson batch: the step is the noise alone
             empty_batch_step(private.optimizer)
             continue
         with autocast(dev, dtype):
-            logits = private.module(input_ids=input_ids, attention_mask=mask).logits
+            logits = private.module(**inputs).logits
         loss = private.criterion(logits.float(), labels)
         with frozen_input_backward():
             loss.backward()

@@ -10,7 +10,7 @@ from scipy.stats import rankdata
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.batching import length_sorted_batches
+from common.batching import length_sorted_batches, split_batch
 from common.precision import autocast
 from common.task_kinds import CLASSIFICATION
 from common.tasks import TASKS, BatchSums, Task
@@ -66,17 +66,17 @@ def one_vs_rest_auc(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
 def batch_logits(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
                  compute_dtype: torch.dtype = torch.float32,
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(float32 logits, labels) of each batch of ``dataset`` (ids, mask, labels), on its device.
+    """(float32 logits, labels) of each batch of ``dataset`` (a task's tensors), on its device.
 
     Examples in length order, each batch cut to its longest example
     (:func:`common.batching.length_sorted_batches`); the model runs under ``compute_dtype``
     autocast (:mod:`common.precision`). The caller sets eval mode and ``torch.no_grad``.
     """
     device = next(model.parameters()).device
-    for input_ids, mask, labels in length_sorted_batches(dataset, batch_size):
-        input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
+    for batch in length_sorted_batches(dataset, batch_size):
+        inputs, labels = split_batch(batch, device)
         with autocast(device, compute_dtype):
-            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+            logits = model(**inputs).logits.float()
         yield logits, labels
 
 
@@ -85,7 +85,7 @@ def evaluation(model: nn.Module, dataset: TensorDataset, batch_size: int = 128,
                compute_dtype: torch.dtype = torch.float32,
                task: Task = TASKS[CLASSIFICATION.name],
                log_prior: torch.Tensor | None = None) -> Evaluation:
-    """Loss, accuracy, balanced accuracy and AUC of ``model`` on ``dataset`` (ids, mask, labels).
+    """Loss, accuracy, balanced accuracy and AUC of ``model`` on ``dataset`` (a task's tensors).
 
     Classification: loss per example and the share of correct labels; causal LM: loss per
     predicted token and the share of correct next tokens (:meth:`common.tasks.Task.batch_sums`).

@@ -86,8 +86,7 @@ def name_features(model: PeftModel, tokenizer: PreTrainedTokenizerBase,
     try:
         device = next(model.parameters()).device
         batch = tokenizer([name_text(n) for n in label_names], padding=True, return_tensors="pt")
-        model(input_ids=batch["input_ids"].to(device),
-              attention_mask=batch["attention_mask"].to(device))
+        model(**batch.to(device))  # with the tokenizer's segment ids, if any (zeros: one text)
     finally:
         hook.remove()
         model.train(was_training)

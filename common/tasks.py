@@ -14,8 +14,10 @@ predicted tokens, so DP-SGD clips, noises and counts one sequence as one example
 a batch is the mean over its examples. Evaluation is token-weighted: the mean loss per
 predicted token, perplexity exp(loss), and next-token accuracy.
 
-Tensors are (input_ids, attention_mask, labels) with the real tokens first (right padding);
-labels are (N,) class ids or (N, T) token ids.
+Tensors are the model's inputs then the labels, with the real tokens first (right padding):
+(input_ids, attention_mask, labels), or (input_ids, attention_mask, token_type_ids, labels) for
+a classifier whose tokenizer returns segment ids (:mod:`common.batching`, which alone knows the
+layout); labels are (N,) class ids or (N, T) token ids.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from transformers import (
 )
 
 from common import schema
+from common.batching import batch_tensors
 from common.class_prior import adjusted_decisions
 from common.data_sources import TEXT_PAIR
 from common.task_kinds import CAUSAL_LM, CLASSIFICATION, TaskKind
@@ -141,7 +144,7 @@ class Task:
 
     def encode(self, dataset: Dataset, tokenizer: PreTrainedTokenizerBase,
                max_length: int) -> TensorDataset:
-        """Tokenize ``dataset`` to (input_ids, attention_mask, labels), padded to max_length."""
+        """Tokenize ``dataset`` to :mod:`common.batching`'s tensors, padded to max_length."""
         raise NotImplementedError
 
     def criterion(self) -> nn.Module:
@@ -174,12 +177,16 @@ class Classification(Task):
 
         With a ``TEXT_PAIR`` column (:mod:`common.data_sources`) each example is the tokenizer's
         sentence pair (text, second text), cut longest first to fit ``max_length`` together.
+        The tokenizer's segment ids (token_type_ids: 0 on the first text, 1 on the second) are
+        kept wherever it returns them (BERT-family tokenizers, for a single text too: zeros,
+        what the model uses when given none), so that the model reads the pair as
+        ``model(**tokenizer(text, second))`` does.
         """
         pairs = list(dataset[TEXT_PAIR]) if TEXT_PAIR in dataset.column_names else None
         enc = tokenizer(list(dataset["text"]), pairs, truncation=True, max_length=max_length,
                         padding="max_length", return_tensors="pt")
         labels = torch.tensor(dataset["label"], dtype=torch.long)
-        return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
+        return TensorDataset(*batch_tensors(enc, labels))
 
     def criterion(self) -> nn.Module:
         """Cross-entropy of the head's logits, mean over the batch."""
@@ -250,7 +257,7 @@ class CausalLM(Task):
             ids[i, :n] = torch.tensor(tokens, dtype=torch.long)
             mask[i, :n] = 1
             labels[i, n_context:n] = ids[i, n_context:n]
-        return TensorDataset(ids, mask, labels)
+        return TensorDataset(*batch_tensors({"input_ids": ids, "attention_mask": mask}, labels))
 
     def criterion(self) -> nn.Module:
         """:class:`SequenceCrossEntropy`: one sequence is one example."""

@@ -42,6 +42,7 @@ from opacus import GradSampleModule
 from client.training import clip_groups, load_local_data
 from common import schema
 from common.adapter import AdapterLayout
+from common.batching import split_batch
 from common.config import AppConfig
 from common.model import build_model
 from privacy import frozen_input_backward
@@ -76,11 +77,12 @@ def diagnose(folder: Path, *, batches: int, partition: int, num_partitions: int)
     C_head, C_lora = (norm for _, norm in groups) if groups else (C, C)
     norms_lora, norms_head, nsr, clipped = [], [], [], []
     per_layer: dict[str, list[torch.Tensor]] = {pair.module: [] for pair in layout.pairs}
-    for step, (input_ids, mask, labels) in enumerate(loader):
+    for step, batch in enumerate(loader):
         if step == batches:
             break
+        inputs, labels = split_batch(batch)
         wrapped.zero_grad(set_to_none=True)
-        logits = wrapped(input_ids=input_ids, attention_mask=mask).logits
+        logits = wrapped(**inputs).logits
         with frozen_input_backward():
             torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
         sq_lora = sum(p.grad_sample.flatten(1).pow(2).sum(1) for p in trainable if id(p) in lora)

@@ -12,6 +12,7 @@ from test_merging import random_pairs, write_adapter
 from torch.utils.data import TensorDataset
 from transformers import AutoModelForSequenceClassification
 
+from common.batching import split_batch
 from common.config import AppConfig
 from common.data import load_corpus
 from common.evaluation import evaluate
@@ -73,8 +74,8 @@ def _peft_accuracy_bounds(model: PeftModel, test: TensorDataset, relative_tolera
     (correct decided examples, correct decided + near ties) / n: exact where rounding cannot
     decide the prediction, and equal bounds when there is no near tie.
     """
-    input_ids, mask, labels = test.tensors
-    logits = model.double().eval()(input_ids=input_ids, attention_mask=mask).logits
+    inputs, labels = split_batch(test.tensors)
+    logits = model.double().eval()(**inputs).logits
     top2 = logits.topk(2, dim=1).values
     tied = (top2[:, 0] - top2[:, 1]) < relative_tolerance * logits.abs().amax(dim=1)
     decided_right = ((logits.argmax(dim=1) == labels) & ~tied).sum().item()
@@ -194,9 +195,9 @@ def test_a_declared_class_prior_decides_the_server_evaluation_as_the_saved_adapt
     model, test = _peft_model_and_test({**tiny_run_config, **extra}, folder / "adapter")
     loss, _ = evaluate(model, test)
     assert loss == pytest.approx(float(rows[-1]["loss"]), rel=1e-5)  # the model's own loss
-    input_ids, mask, labels = test.tensors
+    inputs, labels = split_batch(test.tensors)
     with torch.no_grad():
-        logits = model.eval()(input_ids=input_ids, attention_mask=mask).logits
+        logits = model.eval()(**inputs).logits
     offsets = decision_offsets(cfg.data.declared_prior, names, saved["data.class-prior-strength"])
     decided = adjusted_decisions(logits, offsets)
     assert (logits.argmax(-1) != 0).any()

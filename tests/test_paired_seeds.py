@@ -11,6 +11,7 @@ from client import training as t
 from client.app import query, train
 from common import contract
 from common.adapter import AdapterLayout
+from common.batching import split_batch
 from common.config import AppConfig
 from common.data import load_corpus
 from common.data_files import DataError
@@ -127,9 +128,9 @@ def test_class_name_head_is_centred_so_every_logit_row_sums_to_zero(tiny_run_con
     # Every text's logits (bias 0) average to zero, up to the head's float32 rounding, on the
     # test texts as on the names: no common term beside the differences that decide
     model.eval()
-    ids, mask, _ = TASKS["classification"].encode(corpus.test, tokenizer,
-                                                  cfg.model.max_length).tensors
-    logits = model(input_ids=ids, attention_mask=mask).logits.double()
+    inputs, _ = split_batch(TASKS["classification"].encode(corpus.test, tokenizer,
+                                                           cfg.model.max_length).tensors)
+    logits = model(**inputs).logits.double()
     assert logits.mean(dim=1).abs().max().item() <= 1e-4 * logits.std(dim=1).mean().item()
 
 

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from client import training as t
 from common import environment, precision
 from common.adapter import AdapterLayout
-from common.batching import collate_trimmed, length_sorted_batches, trim
+from common.batching import collate_trimmed, length_sorted_batches, split_batch, trim
 from common.config import AppConfig
 from common.evaluation import batch_logits, evaluate, evaluation
 from common.model import build_model
@@ -87,13 +87,13 @@ def test_bfloat16_path_keeps_per_sample_gradients_in_float32(tiny_run_config):
 
 def test_float32_islands_do_nothing_outside_autocast(tiny_run_config):
     cfg, model, _, data = _model_and_data(tiny_run_config)
-    input_ids, mask, _ = data.test.tensors
+    inputs, _ = split_batch(data.test.tensors)
     model.eval()
     with torch.no_grad():
-        plain = model(input_ids=input_ids, attention_mask=mask).logits
+        plain = model(**inputs).logits
         with precision.autocast("cpu", torch.bfloat16):
-            mixed = model(input_ids=input_ids, attention_mask=mask).logits
-        again = model(input_ids=input_ids, attention_mask=mask).logits
+            mixed = model(**inputs).logits
+        again = model(**inputs).logits
     assert not torch.is_autocast_enabled("cpu")
     assert torch.equal(plain, again)
     assert mixed.dtype == torch.float32
@@ -102,36 +102,43 @@ def test_float32_islands_do_nothing_outside_autocast(tiny_run_config):
 
 def test_trimmed_batches_give_the_same_logits(tiny_run_config):
     cfg, model, _, data = _model_and_data(tiny_run_config)
-    input_ids, mask, labels = data.test.tensors
-    short = trim(input_ids, mask, labels)
-    assert short[0].shape[1] == int(mask.sum(1).max()) <= input_ids.shape[1]
+    inputs, _ = split_batch(data.test.tensors)
+    short, _ = split_batch(trim(data.test.tensors))
+    assert set(short) == set(inputs) == {"input_ids", "attention_mask", "token_type_ids"}
+    width = int(inputs["attention_mask"].sum(1).max())
+    assert all(x.shape[1] == width <= inputs["input_ids"].shape[1] for x in short.values())
     model.eval()
     with torch.no_grad():
-        full = model(input_ids=input_ids, attention_mask=mask).logits
-        cut = model(input_ids=short[0], attention_mask=short[1]).logits
+        full = model(**inputs).logits
+        cut = model(**short).logits
     torch.testing.assert_close(cut, full, atol=1e-5, rtol=1e-5)
 
 
 def test_trim_cuts_only_columns_that_are_padding_in_every_row():
     ids = torch.tensor([[5, 6, 0, 0], [7, 0, 0, 0]])
     mask = (ids != 0).long()
-    cut_ids, cut_mask, _ = trim(ids, mask, torch.tensor([0, 1]))
+    cut_ids, cut_mask, _ = trim((ids, mask, torch.tensor([0, 1])))
     assert cut_ids.tolist() == [[5, 6], [7, 0]] and cut_mask.tolist() == [[1, 1], [1, 0]]
     left = torch.tensor([[0, 0, 5, 6]])  # a left-padding tokenizer: nothing may be cut
-    assert trim(left, (left != 0).long(), torch.tensor([0]))[0].shape == (1, 4)
+    assert trim((left, (left != 0).long(), torch.tensor([0])))[0].shape == (1, 4)
     rows = list(zip(ids, mask, torch.tensor([0, 1]), strict=True))
     assert collate_trimmed(rows)[0].shape == (2, 2)
+    segments = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0]])  # a pair's segment ids go with them
+    rows = list(zip(ids, mask, segments, torch.tensor([0, 1]), strict=True))
+    assert [x.tolist() for x in collate_trimmed(rows)] == [
+        [[5, 6], [7, 0]], [[1, 1], [1, 0]], [[0, 1], [0, 0]], [0, 1]]
 
 
 def test_length_sorted_evaluation_visits_every_example_once_and_matches(tiny_run_config):
     cfg, model, _, data = _model_and_data(tiny_run_config)
-    labels = torch.cat([b[2] for b in length_sorted_batches(data.test, 7)])
-    assert sorted(labels.tolist()) == sorted(data.test.tensors[2].tolist())
+    labels = torch.cat([b[-1] for b in length_sorted_batches(data.test, 7)])
+    assert sorted(labels.tolist()) == sorted(data.test.tensors[-1].tolist())
     model.eval()
     with torch.no_grad():
         correct, total = 0, 0.0
-        for ids, mask, y in DataLoader(data.test, batch_size=128):
-            logits = model(input_ids=ids, attention_mask=mask).logits
+        for batch in DataLoader(data.test, batch_size=128):
+            inputs, y = split_batch(batch)
+            logits = model(**inputs).logits
             correct += int((logits.argmax(-1) == y).sum())
             total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
     loss, accuracy = evaluate(model, data.test, batch_size=7)
@@ -145,17 +152,16 @@ def test_balanced_accuracy_is_scikit_learns_over_the_classes_present(tiny_run_co
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
     cfg, model, _, data = _model_and_data(tiny_run_config)
-    ids, mask, labels = data.test.tensors
-    keep = labels != 2  # a class absent from the examples counts for nothing
-    subset = TensorDataset(ids[keep], mask[keep], labels[keep])
+    keep = data.test.tensors[-1] != 2  # a class absent from the examples counts for nothing
+    subset = TensorDataset(*(x[keep] for x in data.test.tensors))
+    inputs, labels = split_batch(subset.tensors)
     model.eval()
     with torch.no_grad():
-        predicted = model(input_ids=subset.tensors[0],
-                          attention_mask=subset.tensors[1]).logits.argmax(-1)
+        predicted = model(**inputs).logits.argmax(-1)
     measured = evaluation(model, subset, batch_size=7)
-    want = balanced_accuracy_score(subset.tensors[2].numpy(), predicted.numpy())
+    want = balanced_accuracy_score(labels.numpy(), predicted.numpy())
     assert measured.balanced_accuracy == pytest.approx(want, abs=1e-12)
-    right = int((predicted == subset.tensors[2]).sum())
+    right = int((predicted == labels).sum())
     assert measured.accuracy == pytest.approx(right / len(subset), abs=1e-12)
     most = torch.bincount(predicted, minlength=3)
     assert measured.most_predicted == int(most.argmax())

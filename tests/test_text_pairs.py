@@ -30,10 +30,11 @@ def test_a_pair_encodes_as_the_tokenizers_own_pair_call(tokenizer):
     texts = ["a cat sat on the mat", "a long premise " * 20, "short"]
     pairs = ["an animal sat", "a hypothesis that is long as well " * 5, "x"]
     data = Dataset.from_dict({"text": texts, TEXT_PAIR: pairs, "label": [0, 1, 2]})
-    ids, mask, labels = CLASSIFICATION.encode(data, tokenizer, 32).tensors
+    ids, mask, segments, labels = CLASSIFICATION.encode(data, tokenizer, 32).tensors
     own = tokenizer(texts, pairs, truncation=True, max_length=32, padding="max_length",
                     return_tensors="pt")
     assert torch.equal(ids, own["input_ids"]) and torch.equal(mask, own["attention_mask"])
+    assert torch.equal(segments, own["token_type_ids"]) and segments.max() == 1
     assert labels.tolist() == [0, 1, 2]
     # both texts are there, separated, and cut to fit together
     sep = tokenizer.sep_token_id
@@ -44,10 +45,11 @@ def test_a_single_text_csv_encodes_exactly_as_before(tiny_run_config, tokenizer)
     cfg = AppConfig.from_run_config(tiny_run_config)
     corpus = load_corpus(cfg.data, cfg.seed)
     assert TEXT_PAIR not in corpus.train.column_names
-    ids, mask, _ = CLASSIFICATION.encode(corpus.train, tokenizer, 16).tensors
+    ids, mask, segments, _ = CLASSIFICATION.encode(corpus.train, tokenizer, 16).tensors
     before = tokenizer(list(corpus.train["text"]), truncation=True, max_length=16,
                        padding="max_length", return_tensors="pt")  # the call before pairs
     assert torch.equal(ids, before["input_ids"]) and torch.equal(mask, before["attention_mask"])
+    assert not segments.any()  # one segment: BERT's default (tests/test_segment_ids.py)
 
 
 def test_a_clients_training_data_is_the_pair_encoded(tiny_run_config, tmp_path, tokenizer):
@@ -61,6 +63,7 @@ def test_a_clients_training_data_is_the_pair_encoded(tiny_run_config, tmp_path, 
     own = tokenizer(list(train["text"]), list(train[TEXT_PAIR]), truncation=True,
                     max_length=cfg.model.max_length, padding="max_length", return_tensors="pt")
     assert torch.equal(local.train.tensors[0], own["input_ids"])
+    assert torch.equal(local.train.tensors[2], own["token_type_ids"])
     assert local.num_labels == 3 and TEXT_PAIR in test.column_names
 
 
