@@ -96,8 +96,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ray-address", metavar="HOST:PORT",
                    help=RAY_ADDRESS_HELP)
     p.add_argument("--cell-timeout", type=float, help="seconds; a slower cell fails")
-    p.add_argument("--lr-file", default=str(sweep_lr.LR_FILE),
-                   help="learning rate per method; 'none': train.learning-rate for all")
+    p.add_argument("--lr-file",
+                   help="learning rate per method (a file --tune-lr writes; --tune-lr: where "
+                        "to write it); 'none': train.learning-rate for all; default: each "
+                        "method's run config (simulations/conf/<method>.toml), unless "
+                        "--run-config sets train.learning-rate")
     p.add_argument("--tune-lr", action="store_true",
                    help="run --lrs on the validation split, write the best per method")
     p.add_argument("--lrs", type=_floats, default=[0.25, 0.5, 1.0, 2.0],
@@ -190,6 +193,9 @@ def _main(args: argparse.Namespace, argv: list[str], runner: Runner | None) -> i
                                    gpus_per_client=args.gpus_per_client,
                                    timeout=args.cell_timeout, ray_address=args.ray_address)
     if args.tune_lr:
+        if args.lr_file is None or args.lr_file.lower() in ("", "none"):
+            raise ValueError("--tune-lr writes the chosen rates: name the file with --lr-file "
+                             "(a record's learning_rates.toml, for example)")
         return tune(args, runner, command)
     cells = grid(args.methods, args.epsilons, args.alphas, args.seeds, _learning_rates(args))
     if args.dry_run:
@@ -229,6 +235,10 @@ def dry_run(cells: list[Cell], folder: Path, args: argparse.Namespace) -> int:
 
 
 def _learning_rates(args: argparse.Namespace) -> dict[str, float] | None:
+    if args.lr_file is None:  # each method's own rate, unless the run config sets one for all
+        if "train.learning-rate" in parse_config_args(run_config_args(args.run_config)):
+            return None
+        return sweep_lr.method_conf_rates(args.methods)
     if args.lr_file.lower() in ("", "none"):
         return None
     if not Path(args.lr_file).is_file():

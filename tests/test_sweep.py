@@ -496,3 +496,26 @@ def test_a_finished_cell_line_flags_a_final_model_with_one_answer(tmp_path, shar
     # Older records have none of these columns
     (tmp_path / "metrics.csv").write_text("round,accuracy\n0,0.2\n1,0.4\n")
     assert sweep_cells._final_result(tmp_path) == ": final accuracy 0.4000"
+
+
+def _dry_run_rates(capsys, *extra: str) -> dict[str, str]:
+    argv = ["--methods", "fedsvd,fedavg,ffa", "--epsilons", "3", "--seeds", "0", "--dry-run",
+            "--out", "/nonexistent/sweep", *extra]
+    assert sweep.main(argv, runner=lambda *a, **k: 0) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if "  lr " in line]
+    return {line[0].split("-")[0]: line[2] for line in lines}
+
+
+def test_without_an_lr_file_each_method_gets_its_run_configs_rate(capsys):
+    """The baselines' tuned rates live once, in their run configs; FedSVD's in pyproject."""
+    assert _dry_run_rates(capsys) == {"fedsvd": "(run", "fedavg": "0.125", "ffa": "0.5"}
+    everyone = _dry_run_rates(capsys, "--run-config", "train.learning-rate=0.3")
+    assert set(everyone.values()) == {"(run"}  # a rate in the run config is for every method
+    assert sweep_lr.method_conf_rates(["fedsvd", "flora"]) == {"flora": 0.25}
+
+
+def test_tuning_needs_a_file_to_write_its_rates_to(capsys):
+    argv = ["--tune-lr", "--methods", "fedsvd", "--dry-run", "--out", "/nonexistent/sweep"]
+    assert sweep.main(argv, runner=lambda *a, **k: 0) == 2
+    assert "--tune-lr writes the chosen rates: name the file with --lr-file" in (
+        capsys.readouterr().err)

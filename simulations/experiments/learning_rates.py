@@ -4,8 +4,10 @@
 method with ``data.validation-fraction`` > 0 (a seeded share of the training data, carved out
 before partitioning, is the evaluation split; the test split is not loaded), picks per method
 the rate with the best mean final validation accuracy (for ``model.task = "causal-lm"``: the
-lowest mean final validation loss, the log of perplexity), and writes it to
-``simulations/learning_rates.toml``, which the sweep then applies per method.
+lowest mean final validation loss, the log of perplexity), and writes it to the file
+``--lr-file`` names (a record's ``learning_rates.toml``), which a later sweep applies per method
+with the same ``--lr-file``. Without one a sweep gives each method the rate of its run config
+(:func:`method_conf_rates`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from common.methods import method_order
 from simulations.experiments.cells import ROOT, Cell
 from simulations.reports.statistics import summarize
 
-LR_FILE = ROOT / "simulations" / "learning_rates.toml"
+CONF = ROOT / "simulations" / "conf"  # <method>.toml: a method's settings, its rate among them
 HEADER = """\
 # Learning rate per method for `python -m simulations.sweep` (it sets train.learning-rate).
 # Written by `python -m simulations.sweep --tune-lr`: every method runs the same grid; the
@@ -82,6 +84,22 @@ def read_learning_rates(path: Path) -> dict[str, dict]:
     """The tables of ``path`` ({method: {"learning-rate": ..., ...}}); {} if it does not exist."""
     path = Path(path)
     return tomllib.loads(path.read_text()) if path.is_file() else {}
+
+
+def method_conf_rates(methods: Sequence[str]) -> dict[str, float]:
+    """``train.learning-rate`` of each method's ``simulations/conf/<method>.toml`` that sets one.
+
+    A method without such a file (FedSVD: its settings are the run defaults of pyproject.toml)
+    or whose file sets no rate keeps the run config's.
+    """
+    rates = {}
+    for method in methods:
+        conf = CONF / f"{method}.toml"
+        rate = (tomllib.loads(conf.read_text()).get("train", {}).get("learning-rate")
+                if conf.is_file() else None)
+        if rate is not None:
+            rates[method] = float(rate)
+    return rates
 
 
 def learning_rates_for(path: Path, methods: Sequence[str]) -> dict[str, float]:
