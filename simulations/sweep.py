@@ -2,8 +2,8 @@
 
 Examples
 --------
-python -m simulations.sweep --tune-lr --lrs 0.25,0.5,1,2   # lr per method, on validation data
-python -m simulations.sweep                                # 6 methods × ε inf,6,3,1 × seeds 0,1,2
+python -m simulations.sweep --tune-lr --lrs 0.25,0.5,1,2 --lr-file rates.toml  # on validation data
+python -m simulations.sweep --lr-file rates.toml           # 6 methods × ε inf,6,3,1 × seeds 0,1,2
 python -m simulations.sweep --methods fedsvd,ffa --epsilons 6,1 --seeds 0,1 --out results/small
     --run-config "strategy.num-rounds=3 train.local-steps=5 data.max-client-examples=200"
 python -m simulations.sweep --report-only --readme         # CSV, plots; table into its README.md

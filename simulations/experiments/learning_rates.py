@@ -108,7 +108,8 @@ def learning_rates_for(path: Path, methods: Sequence[str]) -> dict[str, float]:
     missing = [m for m in methods if "learning-rate" not in tables.get(m, {})]
     if missing:
         raise ValueError(f"{path} has no learning rate for {', '.join(missing)}: run "
-                         f"`python -m simulations.sweep --tune-lr --methods {','.join(missing)}`"
+                         f"`python -m simulations.sweep --tune-lr --methods {','.join(missing)} "
+                         f"--lr-file {path}`"
                          " or pass --lr-file none to use train.learning-rate for every method")
     return {m: float(tables[m]["learning-rate"]) for m in methods}
 
