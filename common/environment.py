@@ -25,15 +25,18 @@ from common.precision import native_bfloat16
 PACKAGES = ("torch", "transformers", "peft", "opacus", "flwr")
 
 
-def run_environment(compute_dtype: torch.dtype, device: torch.device | str) -> dict[str, object]:
+def run_environment(compute_dtype: torch.dtype, device: torch.device | str,
+                    model_commit: str = "") -> dict[str, object]:
     """The facts of this process that can change a run's numbers or its speed.
 
     ``compute-dtype`` is the frozen encoder's resolved dtype (``"float32"`` or ``"bfloat16"``),
     ``native-bfloat16`` whether ``device`` computes bfloat16 in hardware, ``cpu`` the CPU's model
     name (``/proc/cpuinfo``; the platform's processor string elsewhere), ``cpu-cores`` the cores
-    this process may use.
+    this process may use. ``model-commit`` (a hub model only): the commit its ``model.path`` and
+    ``model.revision`` resolved to here, which a branch or tag does not pin.
     """
     return {
+        **({"model-commit": model_commit} if model_commit else {}),
         "compute-dtype": str(compute_dtype).removeprefix("torch."),
         "device": str(torch.device(device)),
         "native-bfloat16": native_bfloat16(device),

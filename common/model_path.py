@@ -88,6 +88,14 @@ def cache_folder(gguf: Path) -> Path:
     return root / f"{gguf.stem}-{key.hexdigest()[:8]}"
 
 
+def hub_commit(cfg: ModelConfig) -> str:
+    """The commit a hub model's ``model.path`` and ``model.revision`` resolve to ("" otherwise).
+
+    A snapshot folder of the cache is named by its commit (``snapshots/<sha>``).
+    """
+    return hub_snapshot(cfg.path, cfg.revision).name if cfg.path and is_hub_id(cfg.path) else ""
+
+
 def hub_snapshot(repo_id: str, revision: str = "") -> Path:
     """The snapshot folder of the hub model ``repo_id`` at ``revision`` in the Hugging Face cache.
 

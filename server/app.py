@@ -18,6 +18,7 @@ from common.data import eval_subset
 from common.devices import resolve_device
 from common.environment import run_environment
 from common.model import build_model, load_tokenizer
+from common.model_path import hub_commit
 from common.precision import emulation_warning, resolve_compute_dtype
 from common.public_head import names_without_letters, set_class_name_head
 from common.schema import RoundTrainingMetrics
@@ -132,7 +133,8 @@ def run(grid: Grid, context: Context) -> None:
                         f"was saved to {folder}")
     save_run(folder, cfg, evaluator.rows, model=model, layout=layout,
              arrays=result.arrays or initial,
-             environment=run_environment(compute_dtype, model_device))
+             environment=run_environment(compute_dtype, model_device,
+                                         model_commit=hub_commit(cfg.model)))
     if task.writes_generations:  # the saved model's own words, beside its adapter
         samples = generate_samples(model, tokenizer, subset_texts, cfg.model.max_length)
         (folder / schema.GENERATIONS_FILE).write_text(json.dumps(samples, indent=2) + "\n")

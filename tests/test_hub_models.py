@@ -128,3 +128,16 @@ def test_online_with_the_hub_unreachable_the_cache_answers_else_the_reason_is_na
         "the hub could not be reached (ConnectError: no route to the hub); fetch it once on a "
         "host that reaches the hub (`hf download owner/absent`, into that cache), or set "
         "model.path to a local model folder"]
+
+
+def test_the_commit_a_hub_id_resolved_to_is_recorded_beside_the_run(hub, tiny_model_dir):
+    """A branch moves; environment.json keeps the commit the run loaded."""
+    from common.environment import run_environment
+    from common.model_path import hub_commit
+
+    lay_out_hub_snapshot(hub, "owner/tiny-bert", MAIN_COMMIT, tiny_model_dir)
+    cfg = ModelConfig(path="owner/tiny-bert")
+    assert hub_commit(cfg) == MAIN_COMMIT
+    assert run_environment(torch.float32, "cpu", hub_commit(cfg))["model-commit"] == MAIN_COMMIT
+    assert hub_commit(ModelConfig(path=str(tiny_model_dir))) == ""  # a local folder: no commit
+    assert "model-commit" not in run_environment(torch.float32, "cpu")

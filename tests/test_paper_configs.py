@@ -75,6 +75,8 @@ def test_one_round_of_the_paper_config_runs_on_a_tiny_roberta_and_a_saved_glue_p
     assert code == 0, capfd.readouterr()
     saved = json.loads((results / "paper-smoke" / "config.json").read_text())
     assert saved["model.path"] == "FacebookAI/roberta-large"
+    environment = json.loads((results / "paper-smoke" / "environment.json").read_text())
+    assert environment["model-commit"] == "c" * 40  # the snapshot the hub id resolved to
     assert saved["data.text-column"] == "premise,hypothesis"
     assert saved["privacy.accountant"] == "prv" and saved["lora.head-init"] == "random"
     assert "final test accuracy" in capfd.readouterr().out
