@@ -127,16 +127,15 @@ def reach_problem(privacy: PrivacyConfig, *, rounds: int, local_steps: int, batc
     if not privacy.is_private:
         return None
     q, trials = sample_rate(num_examples, batch_size), privacy.trials
-    short = shortfall(privacy.epsilon, delta=privacy.delta, sample_rate=q,
-                      steps=trials * rounds * local_steps, accountant=privacy.accountant,
-                      spent=[*census] * trials)
+    steps, spent = trials * rounds * local_steps, [*census] * trials
+    short = shortfall(privacy.epsilon, delta=privacy.delta, sample_rate=q, steps=steps,
+                      accountant=privacy.accountant, spent=spent)
     schedule = (f"strategy.num-rounds={rounds} × train.local-steps={local_steps}"
                 + (f" × privacy.trials={trials}" if trials > 1 else ""))
     client = (f"q = {q:.4g} ({where}, {num_examples} training examples, "
               f"train.batch-size={batch_size})")
     if short is None:
-        sigma = noise_above_bound(privacy, sample_rate=q, steps=trials * rounds * local_steps,
-                                  spent=[*census] * trials)
+        sigma = noise_above_bound(privacy, sample_rate=q, steps=steps, spent=spent)
         return None if sigma is None else (
             f"{schedule} steps at {client} need σ = {sigma:.4g} for privacy.epsilon="
             f"{privacy.epsilon!r}: above privacy.max-noise-multiplier="

@@ -235,17 +235,17 @@ def dry_run(cells: list[Cell], folder: Path, args: argparse.Namespace) -> int:
 
 
 def _learning_rates(args: argparse.Namespace) -> dict[str, float] | None:
-    if args.lr_file is None:  # each method's own rate, unless the run config sets one for all
-        if "train.learning-rate" in parse_config_args(run_config_args(args.run_config)):
-            return None
-        return sweep_lr.method_conf_rates(args.methods)
-    if args.lr_file.lower() in ("", "none"):
+    if args.lr_file is not None and args.lr_file.lower() in ("", "none"):
         return None
+    run_config_sets_rate = "train.learning-rate" in parse_config_args(
+        run_config_args(args.run_config))
+    if args.lr_file is None:  # each method's own rate, unless the run config sets one for all
+        return None if run_config_sets_rate else sweep_lr.method_conf_rates(args.methods)
     if not Path(args.lr_file).is_file():
         print(f"[sweep] no {args.lr_file}: every method uses train.learning-rate of the run "
               "config (run --tune-lr first to tune it on the validation split)")
         return None
-    if "train.learning-rate" in parse_config_args(run_config_args(args.run_config)):
+    if run_config_sets_rate:
         raise ValueError(f"--run-config sets train.learning-rate and {args.lr_file} sets one "
                          "per method: pass --lr-file none to use the run config's")
     return sweep_lr.learning_rates_for(Path(args.lr_file), args.methods)
