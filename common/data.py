@@ -176,6 +176,11 @@ def _rare_class_problems(corpus: Corpus, source: str) -> list[str]:
             for k, name in enumerate(corpus.label_names) if counts[k] < MIN_CLASS_EXAMPLES]
 
 
+def label_matches(name: str, pattern: str) -> bool:
+    """Whether the class ``name`` is one ``data.labels`` names by ``pattern`` (``"comp.*"``)."""
+    return name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
+
+
 def select_labels(corpus: Corpus, patterns: tuple[str, ...], min_classes: int = 2) -> Corpus:
     """Keep the classes named by ``patterns`` (``"sci.space"``, or a prefix: ``"comp.*"``).
 
@@ -183,14 +188,12 @@ def select_labels(corpus: Corpus, patterns: tuple[str, ...], min_classes: int = 
     others is dropped from both splits. Raise if a pattern matches no class or fewer than
     ``min_classes`` classes are kept (a classifier needs 2; the texts of a causal LM, 1).
     """
-    def matches(name: str, pattern: str) -> bool:
-        return name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
-
-    unmatched = [p for p in patterns if not any(matches(n, p) for n in corpus.label_names)]
+    unmatched = [p for p in patterns if not any(label_matches(n, p) for n in corpus.label_names)]
     if unmatched:
         raise ValueError(f"data.labels={','.join(patterns)!r}: {unmatched} match no class "
                          f"(classes: {', '.join(corpus.label_names)})")
-    kept = [i for i, n in enumerate(corpus.label_names) if any(matches(n, p) for p in patterns)]
+    kept = [i for i, n in enumerate(corpus.label_names)
+            if any(label_matches(n, p) for p in patterns)]
     if len(kept) < min_classes:
         raise ValueError(f"data.labels={','.join(patterns)!r}: keeps {len(kept)} class; a "
                          "classifier needs at least 2")

@@ -6,6 +6,8 @@ A hub id in ``model.path`` is resolved to its snapshot folder in the Hugging Fac
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -20,13 +22,15 @@ from common.singular_values import install_singular_values
 from common.tasks import TASKS
 
 
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+def load_tokenizer(cfg: ModelConfig, folder: Path | None = None) -> PreTrainedTokenizerBase:
     """Load the tokenizer stored beside the model weights (from the resolved local folder).
 
+    ``folder``: that folder, where the caller has resolved it already (None: resolve ``cfg``).
     A causal LM pads (right) with its end-of-sequence token when it has no padding token:
     padding is masked out of attention and of the loss.
     """
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg), local_files_only=True)
+    folder = resolve_model_path(cfg) if folder is None else folder
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if not cfg.task_kind.is_classification:  # a decoder
         tokenizer.padding_side = "right"
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:

@@ -38,13 +38,14 @@ HUB_PICKLED_WEIGHTS = ["pytorch_model*.bin"]
 HUB_SUBFOLDERS = ["*/*"]
 
 
-def resolve_model_path(cfg: ModelConfig) -> Path:
+def resolve_model_path(cfg: ModelConfig, *, offline: bool | None = None) -> Path:
     """Return the local model folder of ``cfg``.
 
-    A hub id: its snapshot folder (:func:`hub_snapshot`); a GGUF file: its dequantized folder.
+    A hub id: its snapshot folder (:func:`hub_snapshot`; ``offline=True``: from the cache only,
+    None: as ``HF_HUB_OFFLINE`` says); a GGUF file: its dequantized folder.
     """
     if cfg.path and is_hub_id(cfg.path):
-        path = hub_snapshot(cfg.path, cfg.revision)
+        path = hub_snapshot(cfg.path, cfg.revision, offline=offline)
     elif cfg.path:
         path = Path(cfg.path).expanduser()
     elif not cfg.task_kind.is_classification:
@@ -96,19 +97,20 @@ def hub_commit(cfg: ModelConfig) -> str:
     return hub_snapshot(cfg.path, cfg.revision).name if cfg.path and is_hub_id(cfg.path) else ""
 
 
-def hub_snapshot(repo_id: str, revision: str = "") -> Path:
+def hub_snapshot(repo_id: str, revision: str = "", *, offline: bool | None = None) -> Path:
     """The snapshot folder of the hub model ``repo_id`` at ``revision`` in the Hugging Face cache.
 
     Online, the files it lacks (:data:`HUB_FILES`) are fetched into the cache as transformers
-    would fetch them; offline (``HF_HUB_OFFLINE=1``), or where the hub cannot be reached, the
-    cache alone answers. ``revision`` is a branch, tag or commit ("": ``main``). A process
-    resolves each (id, revision) once, so that all its rounds load the same commit. What cannot
-    be had raises :class:`ConfigError` naming the id, the revision and the cache folder.
+    would fetch them; offline (``offline=True``, or None and ``HF_HUB_OFFLINE=1``), or where the
+    hub cannot be reached, the cache alone answers. ``revision`` is a branch, tag or commit
+    ("": ``main``). A process resolves each (id, revision) once, so that all its rounds load the
+    same commit. What cannot be had raises :class:`ConfigError` naming the id, the revision and
+    the cache folder.
     """
     from huggingface_hub import constants
 
-    return _snapshot(repo_id, revision, offline=constants.is_offline_mode(),
-                     cache=constants.HF_HUB_CACHE)
+    offline = constants.is_offline_mode() if offline is None else offline
+    return _snapshot(repo_id, revision, offline=offline, cache=constants.HF_HUB_CACHE)
 
 
 @functools.cache

@@ -219,16 +219,24 @@ def _scaled(folder: Path, config: LoraConfig, module: str, parts: dict[str, Tens
     if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
         raise SourceError(folder, f"module {module!r}: lora_B {tuple(B.shape)} and lora_A "
                           f"{tuple(A.shape)} are not (d_out, r) and (r, d_in)")
-    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
-    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module),
-                                     config.lora_alpha)
+    r, scale = lora_scale(config, module)
     if A.shape[0] != r:
         raise SourceError(folder, f"module {module!r} has rank {A.shape[0]} but its config "
                           f"says r = {r}")
     if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
         raise SourceError(folder, f"module {module!r} holds NaN or inf")
-    scale = alpha / r**0.5 if config.use_rslora else alpha / r
     return B * scale, A
+
+
+def lora_scale(config: LoraConfig, module: str) -> tuple[int, float]:
+    """(r, s) of ``module`` as peft resolves them: s = alpha / r, or alpha / √r with rsLoRA.
+
+    Per-module ``rank_pattern`` / ``alpha_pattern`` entries override ``r`` / ``lora_alpha``.
+    """
+    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module),
+                                     config.lora_alpha)
+    return r, alpha / r**0.5 if config.use_rslora else alpha / r
 
 
 def load_full(folder: Path, base: Path, modules: list[str], fan_in_fan_out: bool) -> Source:

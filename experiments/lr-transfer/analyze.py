@@ -1,16 +1,20 @@
 """The tables and the rules of experiments/lr-transfer/README.md, recomputed from the cells alone.
 
     python experiments/lr-transfer/analyze.py            # Markdown to stdout
+    python experiments/lr-transfer/analyze.py --write    # also rule 3's choice -> defaults.toml
 
 Reads every ``<step>/cells/*.csv`` (the final round's validation accuracy of each cell), prints
 per task and arm each method's mean ± 95 % t half-width over the seeds at each client rate, the
 paired differences of the adam arm against plain averaging (by method, rate and seed), then
 applies rules 2-5 of the README as written there. Steps with missing cells are reported as
-incomplete and no rule that needs them is applied.
+incomplete and no rule that needs them is applied. With ``--write``, rule 3's choice for each
+method (server optimizer, its rate, client rate) is written to ``defaults.toml`` beside this file:
+the shipped run configs are tested against it (tests/test_run_config_files.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -27,6 +31,7 @@ TASKS = {"20ng": "20 Newsgroups", "topics": "topic groups"}
 ARMS = ("plain", "adam", "deltaw")
 ETAS = ("0.003", "0.01", "0.03", "0.1", "0.3")
 TARGET, TIE = 0.03, 0.005
+DEFAULTS = ROOT / "defaults.toml"
 
 
 def finals(step: str) -> pd.DataFrame:
@@ -111,13 +116,26 @@ def paired(task: str, arm: str, base: pd.DataFrame, other: pd.DataFrame) -> None
     print()
 
 
-def rules(tables: dict[tuple[str, str], pd.DataFrame]) -> None:
-    """Rules 3-5 of the README, where their cells are complete."""
+def write_defaults(choices: dict[str, tuple[str, float]], eta: str) -> None:
+    """Rule 3's choice per method as TOML: server-optimizer, server-learning-rate, learning-rate."""
+    lines = ["# Rule 3 of experiments/lr-transfer/README.md, applied by analyze.py --write.", ""]
+    for method, (arm, rate) in choices.items():
+        lines += [f"[{method}]", f'server-optimizer = "{"adam" if arm == "adam" else "none"}"',
+                  f"server-learning-rate = {eta if arm == 'adam' else '1.0'}",
+                  f"learning-rate = {rate}", ""]
+    DEFAULTS.write_text("\n".join(lines))
+    print(f"Rule 3's choice written to {DEFAULTS.relative_to(ROOT.parents[1])}\n")
+
+
+def rules(tables: dict[tuple[str, str], pd.DataFrame], eta: str | None,
+          write: bool = False) -> None:
+    """Rules 3-5 of the README, where their cells are complete (``write``: rule 3 to a file)."""
     need = [(t, a) for t in TASKS for a in ("plain", "adam")]
     if not all(k in tables and complete(tables[k]) for k in need):
         print("Rules 3 and 5: not applied yet (the plain and adam arms are incomplete).\n")
     else:
         print("### Rule 3: each method's defaults\n")
+        choices = {}
         for m in METHODS:
             worst = {a: sum(min(means(tables[(t, a)])[(m, r)] for r in RATES) for t in TASKS) / 2
                      for a in ("plain", "adam")}
@@ -126,6 +144,7 @@ def rules(tables: dict[tuple[str, str], pd.DataFrame]) -> None:
             top = max(overall.values())
             near = [r for r in RATES if overall[r] >= top - TIE]
             rate = 0.5 if 0.5 in near else min(near)
+            choices[m] = (arm, rate)
             met = all(min(means(tables[(t, arm)])[(m, r)] for r in RATES)
                       >= max(means(tables[(t, arm)])[(m, r)] for r in RATES) - TARGET
                       for t in TASKS)
@@ -135,6 +154,8 @@ def rules(tables: dict[tuple[str, str], pd.DataFrame]) -> None:
                   + f"); rule 5 (every rate within {TARGET} of the best, each task): "
                   + ("met" if met else "not met"))
         print()
+        if write:
+            write_defaults(choices, eta)
     if all((t, "deltaw") in tables and complete(tables[(t, "deltaw")]) for t in TASKS):
         print("### Rule 4: one normalised rate for every method\n")
         carried = []
@@ -149,7 +170,11 @@ def rules(tables: dict[tuple[str, str], pd.DataFrame]) -> None:
 
 def main() -> None:
     """Print every table and rule to stdout."""
-    pilot()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true",
+                        help="write rule 3's choice to defaults.toml beside this script")
+    args = parser.parse_args()
+    eta = pilot()
     tables = {}
     for task in TASKS:
         for arm in ARMS:
@@ -159,7 +184,7 @@ def main() -> None:
         for arm in ("adam", "deltaw"):
             if (task, "plain") in tables and (task, arm) in tables:
                 paired(task, arm, tables[(task, "plain")], tables[(task, arm)])
-    rules(tables)
+    rules(tables, eta, write=args.write)
 
 
 if __name__ == "__main__":

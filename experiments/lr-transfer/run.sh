@@ -39,14 +39,16 @@ echo "[lr-transfer] pilot chose FedAdam η = $ETA"
 
 # 2. The grid: 3 methods × client lr 0.125, 0.5, 2 (16×) × seeds 0, 1, without and with FedAdam,
 #    on 20 Newsgroups and on its topic groups.
+#    The plain arms name their server optimizer: the defaults that this record sets may differ.
 ADAM="strategy.server-optimizer=\"adam\" strategy.server-learning-rate=$ETA"
-sweep 20ng-plain fedsvd,ffa,fedavg 0.125,0.5,2 0,1 ""
+PLAIN='strategy.server-optimizer="none"'
+sweep 20ng-plain fedsvd,ffa,fedavg 0.125,0.5,2 0,1 "$PLAIN"
 sweep 20ng-adam fedsvd,ffa,fedavg 0.125,0.5,2 0,1 "$ADAM"
-sweep topics-plain fedsvd,ffa,fedavg 0.125,0.5,2 0,1 "$TOPICS"
+sweep topics-plain fedsvd,ffa,fedavg 0.125,0.5,2 0,1 "$TOPICS $PLAIN"
 sweep topics-adam fedsvd,ffa,fedavg 0.125,0.5,2 0,1 "$TOPICS $ADAM"
 
 # 3. One normalised client rate for every method (train.learning-rate-scale = "delta-w"), plain
 #    averaging, on both tasks.
-DELTAW='train.learning-rate-scale="delta-w"'
+DELTAW="train.learning-rate-scale=\"delta-w\" $PLAIN"
 sweep 20ng-deltaw fedsvd,ffa,fedavg 0.125,0.5,2 0,1 "$DELTAW"
 sweep topics-deltaw fedsvd,ffa,fedavg 0.125,0.5,2 0,1 "$TOPICS $DELTAW"
