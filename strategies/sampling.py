@@ -66,11 +66,12 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, *, what: str) -> li
 def with_ttl(messages: list[Message], ttl: float) -> list[Message]:
     """``messages``, each to expire ``ttl`` seconds after it was made (here, the round timeout).
 
-    In flwr 1.41 (``flwr.server.superlink.linkstate``) the SuperLink hands no node an expired
-    instruction, so a node that comes back after its round never runs it nor spends privacy on
-    it; it refuses a reply to it (a simulation logs ``Message TTL has expired`` and goes on);
-    and it answers the server's next pull for it with an error reply (:data:`EXPIRED`). A
-    reply already running on a node is not stopped: its privacy is spent, its update lost.
+    In flwr 1.41 and 1.42 (``flwr.server.superlink.linkstate``) the SuperLink hands no node an
+    expired instruction, so a node that comes back after its round never runs it nor spends
+    privacy on it; it refuses a reply to it (a simulation logs ``Message TTL has expired`` and
+    goes on); and it answers the server's next pull for it with an error reply
+    (:data:`EXPIRED`). A reply already running on a node is not stopped: its privacy is spent,
+    its update lost.
     """
     for message in messages:
         message.metadata.ttl = ttl

@@ -54,7 +54,7 @@ RUN_KEYS = ("model.path", "model.max-length", "data.source", "data.text-column",
 SENT_TRAIN = re.compile(r"Sending: train message")
 RECEIVED_TRAIN = re.compile(r"Receiving: train message")
 RUN_HEADER = re.compile(r"\[RUN (\d+)")
-# Flower 1.41: a SuperNode whose TLS handshake times out (its link down) takes it for a
+# Flower 1.41 and 1.42: a SuperNode whose TLS handshake times out (its link down) takes it for a
 # certificate error and stops reconnecting for good; the process does not exit either (it
 # waits for its Runtime API's thread), so it stays offline until it is restarted.
 GAVE_UP = "SSL/TLS handshake error detected."
