@@ -146,8 +146,8 @@ class StrategyConfig:
     # "none": x ← x̄; "avgm", "adam", "yogi": x ← x + step(x̄ − x), the step of Flower's FedAvgM,
     # FedAdam, FedYogi with η = server-learning-rate, β₁ = server-momentum, β₂ = server-beta2
     # and τ = server-tau. It uses only the aggregate: no privacy cost.
-    server_optimizer: str = "none"
-    server_learning_rate: float = 1.0
+    server_optimizer: str = "adam"
+    server_learning_rate: float = 0.03
     server_momentum: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
@@ -216,7 +216,8 @@ class StrategyConfig:
                self.server_tau, "must be a finite number > 0")
         _check(p, self.server_optimizer == "none" or not self.svd_form,
                "strategy.server-optimizer", self.server_optimizer,
-               "merge-sv trains σ alone and supports only 'none'")
+               "merge-sv trains σ alone and supports only 'none': set "
+               "strategy.server-optimizer=\"none\"")
         _check(p, self.sv_rounds >= 0, "strategy.sv-rounds", self.sv_rounds,
                "must be >= 0 (0: merge-sv trains σ every round)")
         _check(p, bool(self.merged_adapter) == self.svd_form, "strategy.merged-adapter",
@@ -419,7 +420,7 @@ class TrainConfig:
     # 32 x 10, 64 x 5 and 128 x 2 (the same examples per round, all within 0.016 at their best)
     local_steps: int = 5
     batch_size: int = 64  # expected Poisson batch; sample rate q = 1 / ceil(n_local / batch)
-    learning_rate: float = 1.0
+    learning_rate: float = 2.0
     # "none": every trained tensor steps at learning-rate; "delta-w": each LoRA layer's factors at
     # learning-rate / g (g^2 without DP), g = s · max(‖A‖, ‖B‖ if A trains) / √r the gain from a
     # step in the factors to ΔW, so that one rate means the same step in ΔW for every method

@@ -138,8 +138,11 @@ def target_runs(out: Path, target: str, merges: Sequence[str], epsilons: Sequenc
     runs = []
     for seed in seeds:
         for epsilon in epsilons:
+            # plain averaging at lr 1: the settings experiments/merging ran at (the run defaults
+            # moved to FedAdam at lr 2 after it; merge-sv supports plain averaging only)
             common = {"data.labels": labels(target), "privacy.epsilon": float(epsilon),
-                      "seed": seed}
+                      "seed": seed, "strategy.server-optimizer": "none",
+                      "train.learning-rate": 1.0}
             for method in [*(f"merge-sv-{m}" for m in merges), SCRATCH]:
                 keys = {**common, "strategy.name": "fedsvd"} if method == SCRATCH else {
                     **common, "strategy.name": "merge-sv",

@@ -274,7 +274,8 @@ def test_registry_covers_every_configured_name_and_passes_the_lora_scale():
     assert set(METHODS) == set(ALL)
     layout = SimpleNamespace(modules=MODULES, scale=SCALE)
     for name in METHODS:
-        merged = {"strategy.merged-adapter": "merged/"} if name not in FROM_SCRATCH else {}
+        merged = {"strategy.merged-adapter": "merged/", "strategy.server-optimizer": "none"} \
+            if name not in FROM_SCRATCH else {}
         cfg = AppConfig.from_run_config({"strategy.name": name, "strategy.svd-period": 2,
                                          "seed": 4, **merged})
         strategy = build_strategy(cfg, layout)

@@ -144,6 +144,7 @@ def test_merge_sv_simulation_trains_only_sigma_of_the_merged_adapter(tiny_run_co
     merged = write_adapter(tmp_path / "merged", pairs, r=4, alpha=4, head=False)
     # float32 on the server too, as peft computes
     extra = {"strategy.name": "merge-sv", "strategy.merged-adapter": str(merged),
+             "strategy.server-optimizer": "none",
              "model.compute-dtype": "float32"}
     # Execute
     folder, rows = _run_tiny(tiny_run_config, tmp_path, "merge-sv", **extra)

@@ -31,7 +31,7 @@ def merge_sv_config(tiny_run_config, tmp_path) -> dict:
     """The tiny run config with strategy merge-sv on a rank-4 adapter of the tiny BERT."""
     pairs = random_pairs(np.random.default_rng(0), 4)
     folder = write_adapter(tmp_path / "merged", pairs, r=4, alpha=4, head=False)
-    return {**tiny_run_config, "strategy.name": "merge-sv",
+    return {**tiny_run_config, "strategy.name": "merge-sv", "strategy.server-optimizer": "none",
             "strategy.merged-adapter": str(folder), "lora.alpha": 8}  # s = 8 / 4 = 2
 
 

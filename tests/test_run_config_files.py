@@ -83,11 +83,44 @@ def test_a_control_character_in_a_string_reads_back_and_is_refused_naming_the_ke
         "plain text"]
 
 
-@pytest.mark.parametrize("method", ["ffa", "fedavg", "flora", "fedex", "rolora"])
-def test_each_method_conf_carries_the_rate_its_record_chose(method):
-    """A baseline run as shipped uses its tuned rate, not lr 1.0 (FedAvg-LoRA collapses there)."""
-    text = (CONF / f"{method}.toml").read_text()
+def _chosen_by_the_record_named_in(text: str, where: str) -> dict:
+    """The settings of the record ``text`` names: its defaults.toml, else learning_rates.toml."""
     record = re.search(r"experiments/([\w-]+)", text)
-    assert record, f"{method}.toml names no record for its rate"
-    rates = tomllib.loads((ROOT / "experiments" / record[1] / "learning_rates.toml").read_text())
-    assert tomllib.loads(text)["train"]["learning-rate"] == rates[method]["learning-rate"]
+    assert record, f"{where} names no record for its rate"
+    folder = ROOT / "experiments" / record[1]
+    chosen = folder / "defaults.toml"
+    chosen = chosen if chosen.is_file() else folder / "learning_rates.toml"
+    return tomllib.loads(chosen.read_text())
+
+
+def _effective(conf_args: list[str]) -> dict:
+    """The run config a run gets: pyproject's defaults, ``conf_args`` over them, as flwr reads."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pyproject = pyproject["tool"]["flwr"]["app"]["config"]
+    flat = {}
+
+    def walk(table: dict, prefix: str = "") -> None:
+        for key, value in table.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value
+    walk(pyproject)
+    return {**flat, **(parse_config_args(run_config_args(conf_args)) if conf_args else {})}
+
+
+@pytest.mark.parametrize("method", ["fedsvd", "ffa", "fedavg", "flora", "fedex", "rolora"])
+def test_each_method_runs_as_shipped_with_the_settings_its_record_chose(method):
+    """A method run as shipped uses its tuned rate (and server optimizer, where its record chose
+    one), not lr 1.0 (FedAvg-LoRA collapses there). FedSVD's are the run defaults in pyproject."""
+    if method == "fedsvd":
+        where, conf_args = ROOT / "pyproject.toml", []
+    else:
+        where, conf_args = CONF / f"{method}.toml", [str(CONF / f"{method}.toml")]
+    chosen = _chosen_by_the_record_named_in(where.read_text(), where.name)[method]
+    run = _effective(conf_args)
+    assert run["train.learning-rate"] == chosen["learning-rate"]
+    # a record that names no server optimizer chose its rate with plain averaging
+    assert run["strategy.server-optimizer"] == chosen.get("server-optimizer", "none")
+    if "server-learning-rate" in chosen:
+        assert run["strategy.server-learning-rate"] == chosen["server-learning-rate"]

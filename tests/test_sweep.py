@@ -33,9 +33,13 @@ from simulations.reports.tables import (
 INF = math.inf
 
 
-def write_run(folder: Path, *, method="fedsvd", epsilon=6.0, alpha=0.5, seed=0, lr=1.0,
+def write_run(folder: Path, *, method="fedsvd", epsilon=6.0, alpha=0.5, seed=0, lr=None,
               final=0.5, rounds=2, complete=True, validation=0.0, **config) -> Path:
-    """A run folder as the ServerApp writes it: config.json and metrics.csv (rounds 0..R)."""
+    """A run folder as the ServerApp writes it: config.json and metrics.csv (rounds 0..R).
+
+    ``lr`` None: the rate a sweep gives ``method`` without an lr file (its run config's)."""
+    if lr is None:
+        lr = sweep_lr.method_conf_rates([method]).get(method, TrainConfig().learning_rate)
     cfg = {**AppConfig().to_dict(), "strategy.name": method, "privacy.epsilon": epsilon,
            "data.dirichlet-alpha": alpha, "seed": seed, "train.learning-rate": lr,
            "strategy.num-rounds": rounds, "data.validation-fraction": validation, **config}
@@ -508,7 +512,7 @@ def _dry_run_rates(capsys, *extra: str) -> dict[str, str]:
 
 def test_without_an_lr_file_each_method_gets_its_run_configs_rate(capsys):
     """The baselines' tuned rates live once, in their run configs; FedSVD's in pyproject."""
-    assert _dry_run_rates(capsys) == {"fedsvd": "(run", "fedavg": "0.125", "ffa": "0.5"}
+    assert _dry_run_rates(capsys) == {"fedsvd": "(run", "fedavg": "0.5", "ffa": "2"}
     everyone = _dry_run_rates(capsys, "--run-config", "train.learning-rate=0.3")
     assert set(everyone.values()) == {"(run"}  # a rate in the run config is for every method
     assert sweep_lr.method_conf_rates(["fedsvd", "flora"]) == {"flora": 0.25}
