@@ -48,6 +48,7 @@ from common.model_path import resolve_model_path
 from common.out_of_domain import SOURCES, HeldOutText, out_of_domain_texts, source_problem
 from common.quiet import quiet_model_loading
 from common.tasks import TASKS
+from kernels import group_by_shape
 from kernels.spectrum import (
     count_intruders,
     effective_rank,
@@ -144,10 +145,8 @@ def layer_rows(run: Run, model: torch.nn.Module, *, top_k: int, threshold: float
         raise ValueError(f"{run.folder}: the base model {run.model_dir} has no module "
                          f"{missing[0]!r} of the adapter ({len(missing)} missing): not the "
                          "model the adapter was trained on")
-    groups: dict[tuple, list[str]] = {}  # (W0 shape, A shape) -> modules: one batch each
-    for module in order:
-        groups.setdefault((run.adapter.shapes[module],
-                           tuple(run.adapter.lora[module][1].shape)), []).append(module)
+    # one batch per (B shape, A shape): B (d_out, r) and A (r, d_in) fix W0's (d_out, d_in)
+    groups = group_by_shape({m: run.adapter.lora[m] for m in order})
     rows = {}
     for modules in groups.values():
         W0 = torch.stack([_weight(run, model, m) for m in modules])  # (L, d_out, d_in)

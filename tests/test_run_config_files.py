@@ -9,7 +9,7 @@ import pytest
 from flwr.common.config import parse_config_args
 
 from common.config import AppConfig, ConfigError
-from common.run_config import run_config_args
+from common.run_config import app_run_config, run_config_args
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "simulations" / "conf"
@@ -93,22 +93,6 @@ def _chosen_by_the_record_named_in(text: str, where: str) -> dict:
     return tomllib.loads(chosen.read_text())
 
 
-def _effective(conf_args: list[str]) -> dict:
-    """The run config a run gets: pyproject's defaults, ``conf_args`` over them, as flwr reads."""
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    pyproject = pyproject["tool"]["flwr"]["app"]["config"]
-    flat = {}
-
-    def walk(table: dict, prefix: str = "") -> None:
-        for key, value in table.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[prefix + key] = value
-    walk(pyproject)
-    return {**flat, **(parse_config_args(run_config_args(conf_args)) if conf_args else {})}
-
-
 @pytest.mark.parametrize("method", ["fedsvd", "ffa", "fedavg", "flora", "fedex", "rolora"])
 def test_each_method_runs_as_shipped_with_the_settings_its_record_chose(method):
     """A method run as shipped uses its tuned rate (and server optimizer, where its record chose
@@ -118,7 +102,7 @@ def test_each_method_runs_as_shipped_with_the_settings_its_record_chose(method):
     else:
         where, conf_args = CONF / f"{method}.toml", [str(CONF / f"{method}.toml")]
     chosen = _chosen_by_the_record_named_in(where.read_text(), where.name)[method]
-    run = _effective(conf_args)
+    run = app_run_config(ROOT, conf_args)  # pyproject's defaults, the conf over them
     assert run["train.learning-rate"] == chosen["learning-rate"]
     # a record that names no server optimizer chose its rate with plain averaging
     assert run["strategy.server-optimizer"] == chosen.get("server-optimizer", "none")
