@@ -714,6 +714,31 @@ def _build_section(cls: type, section: str, values: dict[str, Any]) -> tuple[Any
         return cls(), problems + [f"{section}: {exc}"]
 
 
+# The keys each server optimizer reads; under "none" (x ← x̄) none of them acts.
+SERVER_OPTIMIZER_KEYS = {
+    "none": (),
+    "avgm": ("strategy.server-learning-rate", "strategy.server-momentum"),
+    "adam": ("strategy.server-learning-rate", "strategy.server-momentum",
+             "strategy.server-beta2", "strategy.server-tau"),
+}
+SERVER_OPTIMIZER_KEYS["yogi"] = SERVER_OPTIMIZER_KEYS["adam"]
+
+
+def inert_settings(settings: Mapping[str, Any]) -> set[str]:
+    """Keys of a flat config (:meth:`AppConfig.to_dict`, a run's ``config.json``) that do nothing.
+
+    They are a server optimizer's rates that ``strategy.server-optimizer`` does not read (all
+    of them under ``"none"``).
+
+    Two configs that differ only in keys inert in both describe the same computation, so a
+    record made before a default such as ``strategy.server-learning-rate`` changed still
+    matches a plan that keeps plain averaging.
+    """
+    kind = settings.get("strategy.server-optimizer", "none")
+    every = set(SERVER_OPTIMIZER_KEYS["adam"])
+    return every - set(SERVER_OPTIMIZER_KEYS.get(kind, every))
+
+
 def valid_keys() -> list[str]:
     """Every run-config key, as in ``pyproject.toml`` (``seed``, ``lora.r``, ...)."""
     return list(AppConfig().to_dict())

@@ -15,12 +15,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from common.config import TrainConfig
+from common.config import SERVER_OPTIMIZER_KEYS, SERVER_OPTIMIZERS, TrainConfig, inert_settings
 from simulations import sweep
 from simulations.experiments import cells as sweep_cells
 from simulations.experiments.cells import Cell, cell_config, grid, run_cells
 from simulations.experiments.record_folder import (
     BatchCommits,
+    differing_settings,
     is_recorded,
     record_environment_path,
     record_paths,
@@ -341,6 +342,29 @@ def test_a_recorded_cell_with_other_settings_stops_the_sweep(tmp_path, capsys):
     assert "recorded in" in err and "nothing was run" in err
     assert runner.calls == []
     assert sweep.main([*argv, "--dry-run"]) == 2
+
+
+def test_a_server_rate_that_acts_in_neither_config_is_not_a_difference(tmp_path):
+    """Under plain averaging (x ← x̄) the server rates do nothing: a cell recorded with the old
+    default rate matches a plan with the new one; under FedAdam they differ, and a change of
+    the optimizer itself is a difference."""
+    plain = ['strategy.server-optimizer="none"']
+    recorded = tmp_path / "config.json"
+    config = cell_config([*plain, "strategy.server-learning-rate=1.0",
+                          "strategy.server-beta2=0.9"]).to_dict()
+    recorded.write_text(json.dumps(config))
+    new_rate = cell_config([*plain, "strategy.server-learning-rate=0.03"])
+    assert differing_settings(recorded, new_rate) == []
+    adam = cell_config(['strategy.server-optimizer="adam"', "strategy.server-learning-rate=0.03"])
+    assert differing_settings(recorded, adam) == [
+        "strategy.server-beta2: 0.9 there, 0.99 now",
+        "strategy.server-learning-rate: 1.0 there, 0.03 now",
+        "strategy.server-optimizer: 'none' there, 'adam' now"]
+    avgm = cell_config(['strategy.server-optimizer="avgm"', "strategy.server-beta2=0.5"])
+    recorded.write_text(json.dumps(cell_config(['strategy.server-optimizer="avgm"']).to_dict()))
+    assert differing_settings(recorded, avgm) == []  # FedAvgM reads no β₂
+    assert inert_settings(config) >= {"strategy.server-learning-rate", "strategy.server-tau"}
+    assert set(SERVER_OPTIMIZER_KEYS) == set(SERVER_OPTIMIZERS)
 
 
 def _git(repo, *args):

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from common import schema
-from common.config import AppConfig
+from common.config import AppConfig, inert_settings
 from simulations.reports.records import CELLS_DIR, COMMANDS_FILE, RECORD_COLUMNS, settings_digest
 
 
@@ -34,12 +34,17 @@ def has_round(table: Path, num_rounds: int) -> bool:
 
 
 def differing_settings(path: Path, cfg: AppConfig) -> list[str]:
-    """Keys whose value in the config file ``path`` differs from ``cfg`` (output.* aside)."""
+    """Keys whose value in the config file ``path`` differs from ``cfg``.
+
+    ``output.*`` aside, and keys that act in neither (:func:`common.config.inert_settings`:
+    a server rate under plain averaging).
+    """
     if not path.is_file():
         return []
     saved, want = json.loads(path.read_text()), cfg.to_dict()
+    inert = inert_settings(saved) & inert_settings(want)
     return [f"{k}: {saved[k]!r} there, {want[k]!r} now" for k in sorted(saved.keys() & want)
-            if not k.startswith("output.") and saved[k] != want[k]]
+            if not k.startswith("output.") and k not in inert and saved[k] != want[k]]
 
 
 def record_paths(record: Path, name: str) -> tuple[Path, Path]:
