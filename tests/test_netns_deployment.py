@@ -5,7 +5,9 @@ SuperNode authentication) and 3 registered SuperNodes, each in a namespace of it
 link of 50 ms round trip and 1 % frame loss each way (tests/netns_hosts.py), runs the tiny
 model, disturbs the deployment (cuts a link, kills a SuperNode, kills the SuperLink) and checks
 the results folder, every node's ε against an accountant of its own, and that no process is
-left. Each needs root and iproute2; elsewhere it is skipped, saying why.
+left. An undisturbed run has no scenario of its own: each of these completes its run, with
+every round trained by every node once the disturbance is over. Each needs root and iproute2;
+elsewhere it is skipped, saying why.
 
 The steps a node took are counted from its SuperNode's log, not from its ledger: Flower logs
 ``Sending: train message`` once a ClientApp has produced a train reply, after its DP-SGD steps
@@ -313,20 +315,6 @@ def udp_round_trip_loss(count: int, wait: float = 1.0) -> float:
                 time.sleep(0.001)
         receiver.join()
     return 1 - len(got) / count
-
-
-def test_netns_three_rounds_complete(deployment, tiny_run_config):
-    overrides = run_overrides(tiny_run_config, rounds=3)
-    cfg = AppConfig.from_run_config(tiny_run_config | overrides)
-    proc = deployment.start_run(ROOT, override_text(overrides))
-    assert wait_run(deployment, proc, 300) == "finished:completed"
-    folder = cfg.results_folder
-    rows = metrics_rows(folder)
-    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]
-    assert [int(r["clients-trained"]) for r in rows[1:]] == [3, 3, 3]
-    assert (folder / "adapter" / "adapter_model.safetensors").is_file()
-    assert check_ledgers(deployment, cfg, rows) == [6, 6, 6]
-    stop_and_check_nothing_left(deployment)
 
 
 def test_netns_link_cut_for_a_round_then_restored(deployment, tiny_run_config):
