@@ -214,10 +214,6 @@ class StrategyConfig:
                "must be in [0, 1)")
         _check(p, math.isfinite(self.server_tau) and self.server_tau > 0, "strategy.server-tau",
                self.server_tau, "must be a finite number > 0")
-        _check(p, self.server_optimizer == "none" or not self.svd_form,
-               "strategy.server-optimizer", self.server_optimizer,
-               "merge-sv trains σ alone and supports only 'none': set "
-               "strategy.server-optimizer=\"none\"")
         _check(p, self.sv_rounds >= 0, "strategy.sv-rounds", self.sv_rounds,
                "must be >= 0 (0: merge-sv trains σ every round)")
         _check(p, bool(self.merged_adapter) == self.svd_form, "strategy.merged-adapter",

@@ -139,7 +139,7 @@ def target_runs(out: Path, target: str, merges: Sequence[str], epsilons: Sequenc
     for seed in seeds:
         for epsilon in epsilons:
             # plain averaging at lr 1: the settings experiments/merging ran at (the run defaults
-            # moved to FedAdam at lr 2 after it; merge-sv supports plain averaging only)
+            # moved to FedAdam at lr 2 after it)
             common = {"data.labels": labels(target), "privacy.epsilon": float(epsilon),
                       "seed": seed, "strategy.server-optimizer": "none",
                       "train.learning-rate": 1.0}

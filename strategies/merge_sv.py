@@ -12,10 +12,14 @@ U (d_out, r) orthonormal columns and Vᵀ (r, d_in) orthonormal rows frozen (``l
    is exact: Σ_k p_k U diag(σ_k) Vᵀ = U diag(σ̄) Vᵀ.
 
 Each upload is r floats per layer instead of r · d_out (B) or r · (d_in + d_out) (A and B).
+A server optimizer (``strategy.server-optimizer``) steps σ as any array: σ ← σ + step(σ̄ − σ),
+its moments in σ's coordinates, which never turn (U and V are fixed); the update stays
+U diag(σ) Vᵀ, exact for any step.
 
 With ``sv_rounds`` = N > 0 the federation continues with FedSVD after round N: the server folds
 σ̄ into B (B ← U diag(σ̄), σ ← 1, the same update), and later rounds train B and refactorize
-B̄ A exactly as :class:`~strategies.fedsvd.FedSVD` does (σ stays 1).
+B̄ A exactly as :class:`~strategies.fedsvd.FedSVD` does (σ stays 1). The fold turns no moment:
+σ's are left behind (σ trains no more), and B's start at zero in round N + 1.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from common.methods import FROM_SCRATCH, METHODS
 from kernels import stacked_product
 from strategies import FedAvgLoRA, FedExLoRA, FedSVD, FFALoRA, FLoRA, MergeSV, RoLoRA
 from strategies.registry import build_strategy, strategy_class
+from strategies.server_optimizer import ServerOptimizer
 from tests.conftest import ROOT, default_run_config
 from tests.helpers import FakeGrid
 
@@ -355,3 +356,42 @@ def test_merge_sv_folds_sigma_into_b_then_continues_as_fedsvd():
         assert torch.equal(second.new[s_key(m)], torch.ones(R))
     with pytest.raises(ValueError, match="sv_rounds=-1"):
         _make(MergeSV, sv_rounds=-1)
+
+
+def test_merge_sv_with_fedadam_steps_sigma_and_b_starts_its_moments_after_the_fold():
+    # Prepare: σ for one round, then FedSVD, under FedAdam
+    state = _global(np.random.default_rng(0), svd=True)
+    strategy = _make(MergeSV, sv_rounds=1, server_optimizer=ServerOptimizer("adam", 0.03))
+    reference = ServerOptimizer("adam", 0.03)  # the same rule, on the arrays by hand
+    # Execute
+    first = _round(strategy, state, server_round=1)
+    second = _round(strategy, first.new, server_round=2, seed=2)
+    # Assert: round 1 moved σ by FedAdam's step from σ̄ − σ, not to σ̄; U, V unchanged; the fold
+    # carries σ into B exactly
+    deltas = {s_key(m): (_mean(first.sent, s_key(m)) - state[s_key(m)].double()).float()
+              for m in MODULES} | {HEAD: (_mean(first.sent, HEAD) - state[HEAD].double()).float()}
+    steps = reference.step(1, deltas)
+    for m in MODULES:
+        sigma = state[s_key(m)].double() + steps[s_key(m)].double()
+        assert not torch.allclose(sigma, _mean(first.sent, s_key(m)), atol=1e-3)
+        want = state[b_key(m)].double() @ torch.diag(sigma) @ state[a_key(m)].double()
+        got = first.new[b_key(m)].double() @ first.new[a_key(m)].double()
+        assert _rel(got, want) <= 1e-5
+        assert torch.equal(first.new[a_key(m)], state[a_key(m)])
+        assert torch.equal(first.new[s_key(m)], torch.ones(R))
+    head = state[HEAD].double() + steps[HEAD].double()
+    torch.testing.assert_close(first.new[HEAD].double(), head)
+    # Round 2 is FedSVD's under FedAdam: B's first step, from fresh moments, then the
+    # refactorization of B A_prev (A orthonormal rows)
+    b_steps = ServerOptimizer("adam", 0.03).step(2, {
+        b_key(m): (_mean(second.sent, b_key(m)) - first.new[b_key(m)].double()).float()
+        for m in MODULES})
+    for m in MODULES:
+        B = first.new[b_key(m)].double() + b_steps[b_key(m)].double()
+        want = B @ first.new[a_key(m)].double()
+        got = second.new[b_key(m)].double() @ second.new[a_key(m)].double()
+        assert _rel(got, want) <= 1e-5
+        assert torch.equal(second.new[s_key(m)], torch.ones(R))
+    assert AppConfig.from_run_config({**default_run_config(), "strategy.name": "merge-sv",
+                                      "strategy.merged-adapter": "x",
+                                      "strategy.server-optimizer": "adam"}).strategy.svd_form
