@@ -18,7 +18,9 @@ a cell runs, one line per round says its accuracy, ε and the cell's and the swe
 (every round) and ``.json`` (its config) as it completes; ``--commit`` commits them in batches,
 at most one commit per ``--commit-every`` minutes (30) and one when the sweep ends. A recorded
 cell is skipped even when its run folder is missing (committed or not), so the sweep resumes on
-a fresh clone, and the report is built from the records alone, into ``DIR``. ``--stop-file PATH``:
+a fresh clone, and the report is built from the records alone, into ``DIR``.
+``--record-adapters`` also keeps each cell's adapter and config in ``DIR/adapters/<cell>/``, a
+run folder without metrics that ``fedsvd-spectrum`` reads. ``--stop-file PATH``:
 once PATH exists the running cell finishes and no other starts (exit 3; rerun to go on).
 Scale with ``--run-config``: ``strategy.num-rounds`` (rounds), ``train.local-steps`` (DP-SGD
 steps per client per round), ``model.max-length`` (tokens per example),
@@ -110,6 +112,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--record", type=Path, metavar="DIR",
                    help="a folder tracked in git (e.g. experiments/main): each complete cell "
                    "to DIR/cells/<cell>.csv and .json, recorded cells skipped, report into DIR")
+    p.add_argument("--record-adapters", action="store_true",
+                   help="with --record: also keep each cell's adapter and config in "
+                        "DIR/adapters/<cell>/ (about 330 kB each for the default layout), for "
+                        "analyses of the weights such as fedsvd-spectrum")
     p.add_argument("--commit", action="store_true",
                    help="with --record: git-commit the cells' records in batches (--commit-every)"
                         " and once more when the sweep ends, stopped or failed")
@@ -174,6 +180,8 @@ def reproducing_command(argv: list[str]) -> str:
 
 
 def _main(args: argparse.Namespace, argv: list[str], runner: Runner | None) -> int:
+    if args.record_adapters and args.record is None:
+        raise ValueError("--record-adapters needs --record DIR (where to keep them)")
     if args.commit and args.record is None:
         raise ValueError("--commit needs --record DIR (the tracked folder to commit into)")
     if args.commit_every is not None and (not args.commit or args.commit_every < 0):
@@ -203,7 +211,7 @@ def _main(args: argparse.Namespace, argv: list[str], runner: Runner | None) -> i
     outcomes = run_cells(cells, args.out, overrides=args.run_config, runner=runner,
                          command=command, num_partitions=args.num_supernodes,
                          record=args.record, commit_every=_commit_every(args),
-                         stop_file=args.stop_file)
+                         stop_file=args.stop_file, record_adapters=args.record_adapters)
     code = report_outcomes(outcomes)
     if any(o.status != "failed" for o in outcomes):
         code = max(code, report(args.record or args.out, args.readme,
@@ -224,7 +232,7 @@ def _commit_every(args: argparse.Namespace) -> float | None:
 
 def dry_run(cells: list[Cell], folder: Path, args: argparse.Namespace) -> int:
     """Print each cell, its learning rate and whether it is recorded, complete or to run."""
-    states = cell_states(cells, folder, args.run_config, args.record)
+    states = cell_states(cells, folder, args.run_config, args.record, args.record_adapters)
     for cell in cells:
         lr = f"{cell.lr:g}" if cell.lr is not None else "(run config)"
         print(f"{cell.name}  lr {lr}  {states[cell]}")
@@ -261,7 +269,7 @@ def tune(args: argparse.Namespace, runner: Runner, command: str) -> int:
     outcomes = run_cells(cells, folder, overrides=args.run_config, runner=runner,
                          command=command, num_partitions=args.num_supernodes,
                          record=args.record, commit_every=_commit_every(args),
-                         stop_file=args.stop_file)
+                         stop_file=args.stop_file, record_adapters=args.record_adapters)
     code = report_outcomes(outcomes)
     if any(o.status == "stopped" for o in outcomes):
         print(f"[tune] stopped before the grid was complete: {args.lr_file} not written")

@@ -309,6 +309,53 @@ def test_sweep_with_records_resumes_on_a_fresh_clone(tmp_path, capsys):
     assert "fedsvd-eps6-a0.5-seed1" in set(pd.read_csv(rec / "sweep.csv")["run"])
 
 
+def _adapter_runner(without: frozenset = frozenset()):
+    """fake_runner whose runs also save peft's two adapter files (unless named in ``without``)."""
+    runner = fake_runner()
+
+    def run(items, log):
+        code = runner(items, log)
+        cfg = runner.calls[-1]
+        if cfg.run_name not in without:
+            adapter = Path(cfg.output.dir) / cfg.run_name / "adapter"
+            adapter.mkdir()
+            (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "run": cfg.seed}))
+            (adapter / "adapter_model.safetensors").write_bytes(bytes([cfg.seed]) * 100)
+        return code
+    run.calls = runner.calls
+    return run
+
+
+def test_record_adapters_keeps_each_cells_adapter_as_a_run_folder_and_reruns_one_without(
+        tmp_path, capsys):
+    out, rec = tmp_path / "results", tmp_path / "rec"
+    plain = ["--methods", "fedsvd", "--epsilons", "6", "--seeds", "0,1", "--out", str(out),
+             "--record", str(rec), *RC]
+    # seed 0 recorded before, without its adapter; seed 1's run saves none
+    assert sweep.main([*plain[:5], "0", *plain[6:]], runner=_adapter_runner()) == 0
+    shutil.rmtree(out)
+    runner = _adapter_runner(without=frozenset({"fedsvd-eps6-a0.5-seed1"}))
+    assert sweep.main([*plain, "--record-adapters"], runner=runner) == 1
+    # seed 0 ran again (its record had no adapter) and was kept; seed 1 is NOT RECORDED, loudly
+    assert [c.run_name for c in runner.calls] == ["fedsvd-eps6-a0.5-seed0",
+                                                  "fedsvd-eps6-a0.5-seed1"]
+    kept = rec / "adapters" / "fedsvd-eps6-a0.5-seed0"
+    assert (kept / "config.json").read_text() == (
+        out / "fedsvd-eps6-a0.5-seed0" / "config.json").read_text()
+    assert (kept / "adapter" / "adapter_model.safetensors").read_bytes() == bytes([0]) * 100
+    assert json.loads((kept / "adapter" / "adapter_config.json").read_text())["run"] == 0
+    assert not (rec / "adapters" / "fedsvd-eps6-a0.5-seed1").exists()
+    assert "fedsvd-eps6-a0.5-seed1 is done but NOT RECORDED" in capsys.readouterr().out
+    # now the run saves its adapter: only seed 1 runs; then nothing is left to run
+    runner = _adapter_runner()
+    shutil.rmtree(out / "fedsvd-eps6-a0.5-seed1")
+    assert sweep.main([*plain, "--record-adapters"], runner=runner) == 0
+    assert [c.run_name for c in runner.calls] == ["fedsvd-eps6-a0.5-seed1"]
+    runner = _adapter_runner()
+    assert sweep.main([*plain, "--record-adapters"], runner=runner) == 0 and not runner.calls
+    assert sweep.main(plain[:4] + ["--record-adapters"]) == 2  # needs --record
+
+
 def test_dry_run_says_recorded_complete_or_to_run(tmp_path, capsys):
     out, rec = tmp_path / "out", tmp_path / "rec"
     write_record(write_run(out, method="fedsvd"), rec)

@@ -34,6 +34,7 @@ from server.preflight import check_run
 from simulations.experiments.record_folder import (
     BatchCommits,
     differing_settings,
+    has_recorded_adapter,
     has_round,
     is_recorded,
     recorded_stale_settings,
@@ -124,11 +125,12 @@ def stale_settings(run_folder: Path, cfg: AppConfig) -> list[str]:
 
 
 def _record_cell(run_folder: Path, record: Path, command: str, commits: BatchCommits | None,
-                 say: Callable[[str], None]) -> bool:
+                 say: Callable[[str], None], adapter: bool = False) -> bool:
     """Record a complete run, queued for the next commit; False, said loudly, when that failed."""
     name = run_folder.name
     try:
-        paths = [*write_record(run_folder, record), record_command(record, command)]
+        paths = [*write_record(run_folder, record, adapter=adapter),
+                 record_command(record, command)]
         accuracy = _last_accuracy(run_folder)
     except (OSError, ValueError, KeyError, IndexError) as exc:
         say(f"[record] !!! {name} is done but NOT RECORDED: writing {record} failed: {exc}; "
@@ -146,9 +148,11 @@ RECORDED, COMPLETE, TO_RUN = "recorded", "complete locally", "to run"
 
 
 def plan_cells(cells: Sequence[Cell], folder: Path, configs: Mapping[Cell, AppConfig],
-               record: Path | None = None) -> dict[Cell, str]:
+               record: Path | None = None, record_adapters: bool = False) -> dict[Cell, str]:
     """The state of every cell: RECORDED (in ``record``), COMPLETE (in ``folder``) or TO_RUN.
 
+    With ``record_adapters`` a cell counts as recorded only with its adapter in the record
+    (:func:`~simulations.experiments.record_folder.has_recorded_adapter`).
     Raises ValueError, naming the cells and the keys, when a run in ``folder`` or a record in
     ``record`` has other settings than the planned config (``output.*`` aside): nothing is
     run then.
@@ -171,7 +175,8 @@ def plan_cells(cells: Sequence[Cell], folder: Path, configs: Mapping[Cell, AppCo
     states = {}
     for cell in cells:
         rounds = configs[cell].strategy.num_rounds
-        if record is not None and is_recorded(record, cell.name, rounds):
+        if record is not None and is_recorded(record, cell.name, rounds) and (
+                not record_adapters or has_recorded_adapter(record, cell.name)):
             states[cell] = RECORDED
         elif is_complete(folder / cell.name, rounds):
             states[cell] = COMPLETE
@@ -181,11 +186,11 @@ def plan_cells(cells: Sequence[Cell], folder: Path, configs: Mapping[Cell, AppCo
 
 
 def cell_states(cells: Sequence[Cell], folder: Path, overrides: Sequence[str],
-                record: Path | None = None) -> dict[Cell, str]:
+                record: Path | None = None, record_adapters: bool = False) -> dict[Cell, str]:
     """:func:`plan_cells` of the configs that ``overrides`` give the cells; nothing written."""
     folder = Path(folder)
     configs = {c: cell_config(run_config_items(c, folder, overrides)) for c in cells}
-    return plan_cells(cells, folder, configs, record)
+    return plan_cells(cells, folder, configs, record, record_adapters)
 
 
 # --- running the cells: one Flower run each, its log followed ----------------------------------
@@ -224,7 +229,7 @@ def run_cells(cells: Sequence[Cell], folder: Path, *, overrides: Sequence[str], 
               command: str, say: Callable[[str], None] = say,
               num_partitions: int | None = None, record: Path | None = None,
               commit_every: float | None = None,
-              stop_file: Path | None = None) -> list[Outcome]:
+              stop_file: Path | None = None, record_adapters: bool = False) -> list[Outcome]:
     """Run every cell not yet complete, in order; a failed cell is logged and the sweep goes on.
 
     All cell configs are built (and validated) first, and runs in ``folder`` or records in
@@ -232,7 +237,8 @@ def run_cells(cells: Sequence[Cell], folder: Path, *, overrides: Sequence[str], 
     so does any cell to run that :func:`server.preflight.check_run` refuses (data, partitions
     of ``num_partitions`` SuperNodes, results folder): a ValueError or OSError listing every
     such cell. With ``record``, a recorded cell is skipped (its run folder may be missing), and
-    every complete cell without a record gets one as it completes (:func:`write_record`). With
+    every complete cell without a record gets one as it completes (:func:`write_record`; with
+    ``record_adapters``, its adapter too, and a cell recorded without one is not skipped). With
     ``commit_every`` (minutes; None: no commits) the records are committed in batches
     (:class:`BatchCommits`): at most one commit per ``commit_every`` minutes, one more before
     this returns or raises, and the first takes the records of planned cells that an earlier
@@ -244,7 +250,7 @@ def run_cells(cells: Sequence[Cell], folder: Path, *, overrides: Sequence[str], 
     """
     folder = Path(folder)
     configs = {c: cell_config(run_config_items(c, folder, overrides)) for c in cells}
-    states = plan_cells(cells, folder, configs, record)
+    states = plan_cells(cells, folder, configs, record, record_adapters)
     todo = [c for c in cells if states[c] == TO_RUN]
     refuse_failing_runs({c.name: run_config_items(c, folder, overrides,
                                                   (folder / c.name / CHECKPOINT_FILE).is_file())
@@ -267,7 +273,7 @@ def run_cells(cells: Sequence[Cell], folder: Path, *, overrides: Sequence[str], 
             elif states[cell] == COMPLETE:
                 outcomes[cell] = Outcome(cell, "skipped", recorded=None if record is None else
                                          _record_cell(folder / cell.name, record, command,
-                                                      commits, say))
+                                                      commits, say, record_adapters))
         rounds = [configs[c].strategy.num_rounds for c in todo]
         start, spent, progress = time.monotonic(), [], Progress(say)
         for k, cell in enumerate(todo):
@@ -289,8 +295,8 @@ def run_cells(cells: Sequence[Cell], folder: Path, *, overrides: Sequence[str], 
                 f"{duration(time.monotonic() - start)} | ETA "
                 f"{duration(sum(spent) / len(spent) * left)} ({left} to run)")
             if record is not None and outcome.status == "done":
-                outcome = replace(outcome, recorded=_record_cell(folder / cell.name, record,
-                                                                 command, commits, say))
+                outcome = replace(outcome, recorded=_record_cell(
+                    folder / cell.name, record, command, commits, say, record_adapters))
             outcomes[cell] = outcome
     finally:
         uncommitted = set(commits.commit()) if commits is not None else set()

@@ -2,7 +2,9 @@
 
 Every complete cell is written at once to ``DIR/cells/<cell>.csv`` (every round), ``.json``
 (its config) and ``.environment.json`` (:func:`write_record`): a sweep resumes from these files
-alone, committed or not. With ``--commit`` they go into git through :class:`BatchCommits`: at
+alone, committed or not. With ``--record-adapters`` each cell also keeps its adapter
+(:func:`record_adapter_folder`), so that an analysis of the weights (``fedsvd-spectrum``) runs
+from the record alone. With ``--commit`` they go into git through :class:`BatchCommits`: at
 most one commit per ``--commit-every`` minutes, and one when the sweep ends, however it ends,
 so that a long sweep leaves a few commits, not one per cell.
 """
@@ -64,23 +66,51 @@ def is_recorded(record: Path, name: str, num_rounds: int) -> bool:
     return config.is_file() and has_round(table, num_rounds)
 
 
+ADAPTERS_DIR = "adapters"  # in a record: <run>/config.json and <run>/adapter/ (--record-adapters)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what peft loads
+
+
+def record_adapter_folder(record: Path, name: str) -> Path:
+    """``record/adapters/<name>``: the cell's ``config.json`` and ``adapter/`` (peft's files).
+
+    The layout of a run folder (:mod:`common.schema`), without its metrics: commands that
+    read run folders (``fedsvd-spectrum``, ``PeftModel.from_pretrained`` on ``adapter/``) read
+    it as one.
+    """
+    return Path(record) / ADAPTERS_DIR / name
+
+
+def has_recorded_adapter(record: Path, name: str) -> bool:
+    """Whether ``record`` keeps the config and every adapter file of run ``name``."""
+    folder = record_adapter_folder(record, name)
+    return (folder / schema.CONFIG_FILE).is_file() and all(
+        (folder / schema.ADAPTER_DIR / f).is_file() for f in ADAPTER_FILES)
+
+
 def recorded_stale_settings(record: Path, name: str, cfg: AppConfig) -> list[str]:
     """Keys whose value in the recorded config of ``name`` differs from ``cfg`` (output.* aside)."""
     return differing_settings(record_paths(record, name)[1], cfg)
 
 
-def write_record(run_folder: Path, record: Path) -> list[Path]:
+def write_record(run_folder: Path, record: Path, *, adapter: bool = False) -> list[Path]:
     """Write the record of a complete run: ``record/cells/<run>.csv``, ``.json``, environment.
 
     The CSV holds RECORD_COLUMNS (run, method, epsilon, alpha, seed, learning_rate,
     num_rounds, settings: :func:`simulations.reports.records.settings_digest`), all from the
     run's ``config.json``, then every column of its ``metrics.csv`` as written, one row per
     round; the JSON is the run's ``config.json``; ``<run>.environment.json`` is the run's
-    ``environment.json`` (the resolved precision, CPU and versions), when it wrote one. No
-    adapter: a few kB per cell. Each file is written to a temporary file and renamed, so a
-    reader never sees half of one. Returns the paths written, the CSV and the JSON first.
+    ``environment.json`` (the resolved precision, CPU and versions), when it wrote one: a few
+    kB per cell. With ``adapter``, also the run's peft adapter and config in
+    :func:`record_adapter_folder` (about 330 kB for the default layout); raises
+    FileNotFoundError if the run saved none. Each file is written to a temporary file and
+    renamed, so a reader never sees half of one. Returns the paths written, the CSV and the
+    JSON first.
     """
     run_folder = Path(run_folder)
+    if adapter and (missing := [f for f in ADAPTER_FILES
+                                if not (run_folder / schema.ADAPTER_DIR / f).is_file()]):
+        raise FileNotFoundError(f"{run_folder / schema.ADAPTER_DIR}: no {', '.join(missing)} "
+                                "(the run saved no adapter to record)")
     config_text = (run_folder / schema.CONFIG_FILE).read_text()
     config = json.loads(config_text)
     with (run_folder / schema.METRICS_FILE).open(newline="") as f:
@@ -101,12 +131,23 @@ def write_record(run_folder: Path, record: Path) -> list[Path]:
     if environment.is_file():
         written.append(record_environment_path(record, run_folder.name))
         _write_atomic(written[-1], environment.read_text())
+    if adapter:
+        kept = record_adapter_folder(record, run_folder.name)
+        (kept / schema.ADAPTER_DIR).mkdir(parents=True, exist_ok=True)
+        written.append(kept / schema.CONFIG_FILE)
+        _write_atomic(written[-1], config_text)
+        for name in ADAPTER_FILES:
+            written.append(kept / schema.ADAPTER_DIR / name)
+            _write_atomic(written[-1], (run_folder / schema.ADAPTER_DIR / name).read_bytes())
     return written
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, content: str | bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    if isinstance(content, bytes):
+        tmp.write_bytes(content)
+    else:
+        tmp.write_text(content)
     os.replace(tmp, path)
 
 
