@@ -68,6 +68,16 @@ def main() -> int:
               f"{t_interval(three['value'])[1]:.4f} | {t_interval(free['value'])[0]:.4f} ± "
               f"{t_interval(free['value'])[1]:.4f} | {diff:+.4f} ± {half:.4f} (n = {n}) | "
               f"{verdict} | {before} |")
+    print("\nAUC (one-vs-rest; what the model ranks, whatever argmax decides), reported beside the "
+          "rule:\n")
+    print("| task | ε = 3 | ε = ∞ | ∞ − 3, paired |")
+    print("|---|---|---|---|")
+    for task in TASKS:
+        frame = finals(ROOT / task, "auc")
+        three, free = frame[frame["epsilon"] == 3.0], frame[frame["epsilon"] == math.inf]
+        diff, half, n = paired(free, three)
+        print(f"| {task} | {t_interval(three['value'])[0]:.4f} | {t_interval(free['value'])[0]:.4f}"
+              f" | {diff:+.4f} ± {half:.4f} (n = {n}) |")
     return 0
 
 
