@@ -357,8 +357,10 @@ def test_netns_supernode_killed_mid_round_rejoins_with_its_ledger(deployment, ti
     # Node 1 is SIGKILLed (with its SuperExec and ClientApp) once it has received round 2's
     # instruction and before it trains (its ClientApp takes seconds to start). The SuperLink
     # refuses the restarted node until the dead one has missed its heartbeats, so it is started
-    # again and again until it is let in: it rejoins in round 3 or 4 (4 rounds).
-    overrides = run_overrides(tiny_run_config, rounds=4)
+    # again and again until it is let in (41-55 s after the kill here): 6 rounds, so that the
+    # last ones start after that however fast the others go (round 2 waits for it no longer than
+    # the round timeout; later rounds of the tiny model take 10-20 s).
+    overrides = run_overrides(tiny_run_config, rounds=6)
     cfg = AppConfig.from_run_config(tiny_run_config | overrides)
     victim, name = 1, "supernode-1"
     proc = deployment.start_run(ROOT, override_text(overrides))
@@ -372,16 +374,16 @@ def test_netns_supernode_killed_mid_round_rejoins_with_its_ledger(deployment, ti
     assert wait_run(deployment, proc, 300) == "finished:completed"
 
     rows = metrics_rows(cfg.results_folder)
-    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3, 4]
+    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3, 4, 5, 6]
     trained = [int(r["clients-trained"]) for r in rows[1:]]
-    assert trained[:2] == [3, 2] and trained[2] in (2, 3) and trained[3] == 3, trained
+    assert trained[:2] == [3, 2] and set(trained[2:]) <= {2, 3} and trained[-1] == 3, trained
     assert int(rows[2]["replies-late"]) + int(rows[2]["replies-failed"]) == 1
     took = float(rows[2]["wall-seconds"]) - float(rows[1]["wall-seconds"])
     assert took < ROUND_TIMEOUT + 30  # round 2 waited for the dead node no longer than that
     assert (cfg.results_folder / "adapter" / "adapter_model.safetensors").is_file()
     assert before.steps == cfg.train.local_steps  # round 1, on disk when it was killed
     steps = check_ledgers(deployment, cfg, rows)  # the restarted node went on from round 1
-    rejoined = len(train_replies(deployment, victim)) - 1  # round 4, and round 3 if in time
+    rejoined = len(train_replies(deployment, victim)) - 1  # the rounds after it was let in
     assert rejoined >= 1 and steps[victim] == cfg.train.local_steps * (1 + rejoined)
     ids = {m for p in deployment.logs(name) for m in re.findall(r"SuperNode ID: (\d+)",
                                                                  p.read_text())}
