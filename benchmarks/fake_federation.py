@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,11 +101,20 @@ def make_round(seed: int, *, rounds_before: int = 0, reference_examples: int = 1
         per_step_noise = std / math.sqrt(STEPS) * math.sqrt(direction.size)
         signal[key] = STEPS * per_step_noise / nsr * direction / np.linalg.norm(direction)
     fake = FakeRound(sent, signal, rng)
-    for _ in range(rounds_before):
+    for _ in honest_history(fake, rounds_before, reference_examples):
+        pass
+    return fake
+
+
+def honest_history(fake: FakeRound, rounds: int, reference_examples: int = 1885
+                   ) -> Iterator[list[dict[str, np.ndarray]]]:
+    """``rounds`` averaged rounds of 3 honest clients: each round's replies, then ``fake.sent``
+    moves to their plain mean (A untouched). :func:`make_round`'s history, draw for draw."""
+    for _ in range(rounds):
         replies = [fake.honest(reference_examples) for _ in range(3)]
+        yield replies
         for key in fake.trained:
             fake.sent[key] = np.mean([r[key] for r in replies], axis=0).astype(np.float32)
-    return fake
 
 
 def reply(node: int, arrays: dict[str, np.ndarray], num_examples: int) -> Message:

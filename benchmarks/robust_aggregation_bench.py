@@ -293,7 +293,8 @@ def warmed(seed: int, rounds: int, kind: str
     """(state, optimizer, the first round, the plain history) after ``rounds`` honest rounds.
 
     The replies are those ``make_round(seed, rounds_before=rounds)`` averages for its history
-    (3 of 1,885 examples a round, the same draws in the same order), their updates placed in
+    (:func:`benchmarks.fake_federation.honest_history`: 3 of 1,885 examples a round, the same
+    draws in the same order), their updates placed in
     the strategy's own coordinates, aggregated by the real strategy (the mean with the default
     screens and bounds, FedSVD) and stepped by a ``kind`` optimizer, round t = 1..``rounds``.
     The plain history is make_round's own state after them (its replies' plain means, A
@@ -302,15 +303,12 @@ def warmed(seed: int, rounds: int, kind: str
     history = ff.make_round(seed, reference_examples=HISTORY_EXAMPLES)
     first = ff.FakeRound(dict(history.sent), history.signal, history.rng)
     state, optimizer = dict(first.sent), server_optimizer(kind)
-    for t in range(1, rounds + 1):
-        replies = [history.honest(HISTORY_EXAMPLES) for _ in range(3)]
+    for t, replies in enumerate(ff.honest_history(history, rounds, HISTORY_EXAMPLES), 1):
         frame = Frame.of(state, first)
         arrays = [frame.place(u) for u in updates_of(replies, history)]
         new, _ = aggregate(SETTINGS[DEFAULTS], frame.fake, arrays, [HISTORY_EXAMPLES] * 3, 3,
                            optimizer, t)
         state = as_arrays(new) if new is not None else state
-        for key in history.trained:  # make_round's own history: the plain mean, A untouched
-            history.sent[key] = np.mean([r[key] for r in replies], axis=0).astype(np.float32)
     return state, optimizer, first, history.sent
 
 
