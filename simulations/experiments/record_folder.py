@@ -80,11 +80,15 @@ def record_adapter_folder(record: Path, name: str) -> Path:
     return Path(record) / ADAPTERS_DIR / name
 
 
+def missing_adapter_files(run_folder: Path) -> list[str]:
+    """The files of :data:`ADAPTER_FILES` that ``run_folder/adapter/`` lacks."""
+    return [f for f in ADAPTER_FILES if not (Path(run_folder) / schema.ADAPTER_DIR / f).is_file()]
+
+
 def has_recorded_adapter(record: Path, name: str) -> bool:
     """Whether ``record`` keeps the config and every adapter file of run ``name``."""
     folder = record_adapter_folder(record, name)
-    return (folder / schema.CONFIG_FILE).is_file() and all(
-        (folder / schema.ADAPTER_DIR / f).is_file() for f in ADAPTER_FILES)
+    return (folder / schema.CONFIG_FILE).is_file() and not missing_adapter_files(folder)
 
 
 def recorded_stale_settings(record: Path, name: str, cfg: AppConfig) -> list[str]:
@@ -107,8 +111,7 @@ def write_record(run_folder: Path, record: Path, *, adapter: bool = False) -> li
     JSON first.
     """
     run_folder = Path(run_folder)
-    if adapter and (missing := [f for f in ADAPTER_FILES
-                                if not (run_folder / schema.ADAPTER_DIR / f).is_file()]):
+    if adapter and (missing := missing_adapter_files(run_folder)):
         raise FileNotFoundError(f"{run_folder / schema.ADAPTER_DIR}: no {', '.join(missing)} "
                                 "(the run saved no adapter to record)")
     config_text = (run_folder / schema.CONFIG_FILE).read_text()
