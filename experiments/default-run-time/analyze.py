@@ -18,6 +18,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parents[1]))
+from simulations.reports.records import load_runs  # noqa: E402
 from simulations.reports.statistics import t_interval  # noqa: E402
 
 CANDIDATES = ("baseline", "eval-every-5", "max-length-48", "max-length-32", "rounds-4")
@@ -26,15 +27,9 @@ FLOOR = 0.44  # issue 39: no lower than today's 0.44-0.46
 
 def cells(name: str) -> pd.DataFrame:
     """seed, accuracy, server_seconds and run_seconds of each complete cell of ``name``."""
-    rows = []
-    for path in sorted((ROOT / name / "cells").glob("*.csv")):
-        cell = pd.read_csv(path)
-        last = cell[cell["round"] == cell["num_rounds"]]
-        if len(last) == 1:
-            rows.append({"run": last["run"].iloc[0], "seed": int(last["seed"].iloc[0]),
-                         "accuracy": float(last["accuracy"].iloc[0]),
-                         "server_seconds": float(last["wall-seconds"].iloc[0])})
-    frame = pd.DataFrame(rows, columns=["run", "seed", "accuracy", "server_seconds"])
+    final = load_runs(ROOT / name, records=True).final
+    frame = final[["run", "seed", "accuracy", "wall_seconds"]].rename(
+        columns={"wall_seconds": "server_seconds"})
     attempts = ROOT / name / "attempts.csv"
     if attempts.is_file():
         done = pd.read_csv(attempts).query("status == 'done'").groupby("run").last()

@@ -20,23 +20,18 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parents[1]))
+from simulations.reports.records import load_runs  # noqa: E402
 from simulations.reports.statistics import t_interval  # noqa: E402
 
-TASKS = {"sms": "balanced-accuracy", "topics": "accuracy"}
+TASKS = {"sms": "balanced_accuracy", "topics": "accuracy"}  # the tidy columns of load_runs
 # the same cells (FedSVD, ε = 3, seeds 0-2) under the defaults before FedAdam, where recorded
 PREVIOUS = {"sms": ROOT.parent / "sms-check" / "defaults-names"}
 
 
 def finals(folder: Path, metric: str) -> pd.DataFrame:
-    """epsilon, seed and the final round's ``metric`` of every cell in ``folder/cells``."""
-    rows = []
-    for path in sorted((folder / "cells").glob("*.csv")):
-        cell = pd.read_csv(path)
-        last = cell[cell["round"] == cell["num_rounds"]]
-        if len(last) == 1:
-            rows.append({"epsilon": float(last["epsilon"].iloc[0]),
-                         "seed": int(last["seed"].iloc[0]), "value": float(last[metric].iloc[0])})
-    return pd.DataFrame(rows, columns=["epsilon", "seed", "value"])
+    """epsilon, seed and the final round's ``metric`` (as "value") of every complete cell."""
+    final = load_runs(folder, records=True).final
+    return final[["epsilon", "seed", metric]].rename(columns={metric: "value"})
 
 
 def paired(left: pd.DataFrame, right: pd.DataFrame) -> tuple[float, float, int]:
